@@ -1,0 +1,99 @@
+//! The API's one error type. Every error answers JSON `{"detail": "..."}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::events::StoreError;
+use crate::events::error::current_to_wire;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed (bad JSON, bad id, bad parameter).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 422: well-formed but refused (unknown event type, payload that does not decode).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409 with `ES-CurrentVersion`: an optimistic-concurrency conflict.
+    #[error("{detail}")]
+    WrongExpectedVersion {
+        detail: String,
+        expected: i64,
+        current: i64,
+    },
+    /// 409: another kind of conflict (a publish in progress, different content).
+    #[error("{0}")]
+    Conflict(String),
+    /// 401: a token is configured and the request lacks it.
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// 503: the server is shutting down.
+    #[error("the server is shutting down")]
+    Unavailable,
+    /// 500: logged once here; the client gets a generic message.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::WrongExpectedVersion { .. } => {
+                let StoreError::WrongExpectedVersion {
+                    expected, current, ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                ApiError::WrongExpectedVersion {
+                    expected: expected.to_wire(),
+                    current: current_to_wire(*current),
+                    detail: e.to_string(),
+                }
+            }
+            StoreError::StreamNotFound(_) => ApiError::NotFound(e.to_string()),
+            StoreError::InvalidInput(m) => ApiError::BadRequest(m),
+            StoreError::Closed => ApiError::Unavailable,
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::WrongExpectedVersion { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "request failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        match self {
+            ApiError::WrongExpectedVersion {
+                detail,
+                expected,
+                current,
+            } => {
+                let mut resp = (
+                    status,
+                    Json(json!({"detail": detail, "expected": expected, "current": current})),
+                )
+                    .into_response();
+                resp.headers_mut()
+                    .insert("ES-CurrentVersion", HeaderValue::from(current));
+                resp
+            }
+            other => (status, Json(json!({"detail": other.to_string()}))).into_response(),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The ledger's HTTP face: append to a stream, read a stream, read `$all`.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::AppState;
+use super::error::ApiError;
+use super::params::{self, Params};
+use crate::events::catalogue;
+use crate::events::jsonl::WireEvent;
+use crate::events::ledger::next_after;
+use crate::events::record::validate_stream_name;
+use crate::events::{ExpectedRevision, ProposedEvent};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/streams/{stream}", get(read_stream).post(append))
+        .route("/api/events", get(read_all))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct IncomingEvent {
+    event_id: String,
+    event_type: String,
+    #[serde(default)]
+    event_version: Option<u32>,
+    data: Box<RawValue>,
+    #[serde(default)]
+    metadata: Option<Box<RawValue>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AppendReply {
+    next_expected_version: u64,
+    position: u64,
+}
+
+fn expected_revision(headers: &HeaderMap) -> Result<ExpectedRevision, ApiError> {
+    let Some(v) = headers.get("ES-ExpectedVersion") else {
+        return Ok(ExpectedRevision::Any);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .and_then(ExpectedRevision::from_wire)
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "ES-ExpectedVersion must be -2 (any), -1 (no stream), -4 (stream exists) or a revision"
+                    .into(),
+            )
+        })
+}
+
+/// Turns a client's body into proposed events, refusing the whole batch on any fault.
+pub fn parse_events(stream: &str, body: &[u8]) -> Result<Vec<ProposedEvent>, ApiError> {
+    validate_stream_name(stream).map_err(ApiError::BadRequest)?;
+    let incoming: Vec<IncomingEvent> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body must be a JSON array of {{eventId, eventType, data, metadata}}: {e}"
+        ))
+    })?;
+    if incoming.is_empty() {
+        return Err(ApiError::BadRequest("the array holds no events".into()));
+    }
+    incoming
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let event_id = uuid::Uuid::parse_str(&e.event_id).map_err(|_| {
+                ApiError::BadRequest(format!("event {i}: eventId {:?} is not a UUID", e.event_id))
+            })?;
+            let data = e.data.get().as_bytes().to_vec();
+            let version = catalogue::check(stream, &e.event_type, e.event_version, &data)
+                .map_err(|err| ApiError::Unprocessable(format!("event {i}: {err}")))?;
+            Ok(ProposedEvent {
+                event_id,
+                event_type: e.event_type,
+                event_version: version,
+                data,
+                metadata: e
+                    .metadata
+                    .map_or_else(|| b"{}".to_vec(), |m| m.get().as_bytes().to_vec()),
+            })
+        })
+        .collect()
+}
+
+async fn append(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<AppendReply>), ApiError> {
+    state.authorize(&headers)?;
+    let expected = expected_revision(&headers)?;
+    let events = parse_events(&stream, &body)?;
+    let r = state.store.append(&stream, expected, events).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(AppendReply {
+            next_expected_version: r.next_expected_version,
+            position: r.position,
+        }),
+    ))
+}
+
+#[derive(Serialize)]
+pub struct EventsPage {
+    pub events: Vec<WireEvent>,
+}
+
+#[derive(Serialize)]
+struct AllPage {
+    events: Vec<WireEvent>,
+    next: Option<u64>,
+}
+
+async fn read_stream(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    Query(p): Query<Params>,
+) -> Result<Json<EventsPage>, ApiError> {
+    validate_stream_name(&stream).map_err(ApiError::BadRequest)?;
+    let from = params::opt_u64(&p, "from")?;
+    let limit = params::limit(&p, 100)?;
+    let direction = params::direction(&p)?;
+    let store = state.store.clone();
+    let events =
+        tokio::task::spawn_blocking(move || store.read_stream(&stream, from, direction, limit))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(EventsPage {
+        events: events.iter().map(WireEvent::from).collect(),
+    }))
+}
+
+async fn read_all(
+    State(state): State<AppState>,
+    Query(p): Query<Params>,
+) -> Result<Json<AllPage>, ApiError> {
+    let from = params::opt_u64(&p, "from")?;
+    let limit = params::limit(&p, 100)?;
+    let direction = params::direction(&p)?;
+    let store = state.store.clone();
+    let (events, count) = tokio::task::spawn_blocking(move || {
+        let count = store.event_count();
+        store.read_all(from, direction, limit).map(|e| (e, count))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let next = next_after(&events, direction, limit, count);
+    Ok(Json(AllPage {
+        events: events.iter().map(WireEvent::from).collect(),
+        next,
+    }))
+}

@@ -1,0 +1,233 @@
+//! `export`, `import` and `verify`: the tools that work on the log itself.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::events::jsonl::WireEvent;
+use crate::events::ledger::RemoteLedger;
+use crate::events::{Direction, Ledger, RecordedEvent, Store};
+
+#[derive(clap::Args, Debug)]
+#[command(group = clap::ArgGroup::new("source").args(["data_dir", "url"]))]
+pub struct ExportArgs {
+    /// A ledger folder no server holds.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// A running server, read page by page over /api/events.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Bearer token for --url.
+    #[arg(long, env = "CONTIMG_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output file; standard output when absent.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// An empty (or new) ledger folder.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// A JSON Lines export.
+    pub file: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// The ledger folder (no server may hold it).
+    #[arg(long, default_value = "./var")]
+    pub data_dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+pub fn progress(len: Option<u64>, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(n) => ProgressBar::new(n).with_style(
+            ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} ({per_sec}, {eta})")
+                .expect("template"),
+        ),
+        None => ProgressBar::new_spinner(),
+    };
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Opens the ledger behind `--data-dir` or `--url`, `./var` when neither is given.
+pub fn open_source(
+    data_dir: Option<PathBuf>,
+    url: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<Ledger> {
+    match (data_dir, url) {
+        (_, Some(url)) => Ok(Ledger::Remote(RemoteLedger::new(&url, token)?)),
+        (dir, None) => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("./var"));
+            if !dir.join("log").exists() {
+                bail!(
+                    "no ledger at {} (expected a folder made by contimg serve)",
+                    dir.display()
+                );
+            }
+            let store = Store::open(&dir)
+                .with_context(|| format!("opening ledger at {}", dir.display()))?;
+            Ok(Ledger::Local(store))
+        }
+    }
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let ledger = open_source(args.data_dir, args.url, args.token)?;
+    let out: Box<dyn Write> = match &args.out {
+        Some(p) => Box::new(File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let rt = super::runtime()?;
+    let total = match &ledger {
+        Ledger::Local(s) => Some(s.event_count()),
+        Ledger::Remote(_) => None,
+    };
+    let bar = progress(total, "exporting");
+    let mut from = Some(0);
+    let mut n = 0u64;
+    while let Some(f) = from {
+        let (events, next) = rt.block_on(ledger.read_all(Some(f), Direction::Forward, 4096))?;
+        for e in &events {
+            serde_json::to_writer(&mut out, &WireEvent::from(e))?;
+            out.write_all(b"\n")?;
+        }
+        n += events.len() as u64;
+        bar.set_position(n);
+        from = next;
+    }
+    out.flush()?;
+    bar.finish_and_clear();
+    if let Ledger::Local(s) = &ledger {
+        s.close();
+    }
+    if args.out.is_some() {
+        eprintln!("exported {n} events");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_export(
+    path: &PathBuf,
+    mut f: impl FnMut(usize, RecordedEvent) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    for (i, line) in BufReader::with_capacity(1 << 20, file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let wire: WireEvent = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}: not an exported event", path.display(), i + 1))?;
+        let record = wire
+            .into_record()
+            .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), i + 1))?;
+        f(i + 1, record)?;
+    }
+    Ok(())
+}
+
+pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    // First pass: the whole file must be a well-formed log before anything is written.
+    let mut next = 0u64;
+    let mut heads = std::collections::HashMap::<String, u64>::new();
+    read_export(&args.file, |line, r| {
+        if r.position != next {
+            bail!(
+                "line {line}: position {} where {next} was expected",
+                r.position
+            );
+        }
+        let want = heads.get(&r.stream_id).map_or(0, |h| h + 1);
+        if r.revision != want {
+            bail!(
+                "line {line}: {} revision {} where {want} was expected",
+                r.stream_id,
+                r.revision
+            );
+        }
+        heads.insert(r.stream_id, r.revision);
+        next += 1;
+        Ok(())
+    })?;
+    let store = Store::open(&args.data_dir)
+        .with_context(|| format!("opening ledger at {}", args.data_dir.display()))?;
+    if store.event_count() != 0 {
+        bail!(
+            "ledger at {} already holds {} events; import only into an empty ledger",
+            args.data_dir.display(),
+            store.event_count()
+        );
+    }
+    let bar = progress(Some(next), "importing");
+    let mut batch = Vec::with_capacity(1000);
+    read_export(&args.file, |_, r| {
+        batch.push(r);
+        if batch.len() >= 1000 {
+            store.import_blocking(std::mem::take(&mut batch))?;
+            bar.set_position(store.event_count());
+        }
+        Ok(())
+    })?;
+    if !batch.is_empty() {
+        store.import_blocking(batch)?;
+    }
+    bar.finish_and_clear();
+    let n = store.event_count();
+    store.close();
+    eprintln!("imported {n} events into {}", args.data_dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if !args.data_dir.join("log").exists() {
+        bail!("no ledger at {}", args.data_dir.display());
+    }
+    let store = Store::open(&args.data_dir)
+        .with_context(|| format!("opening ledger at {}", args.data_dir.display()))?;
+    let bar = progress(Some(store.event_count()), "verifying");
+    let report = crate::events::verify::verify(&store, |n| bar.set_position(n))
+        .with_context(|| format!("reading ledger at {}", args.data_dir.display()))?;
+    bar.finish_and_clear();
+    store.close();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.ok() {
+        println!(
+            "ok: {} events in {} streams; positions gapless, checksums match, indexes agree",
+            report.events, report.streams
+        );
+    } else {
+        match report.first_bad_position() {
+            Some(p) => println!("FAILED: first bad position {p}"),
+            None => println!("FAILED"),
+        }
+        for p in &report.problems {
+            match p.position {
+                Some(pos) => println!("  position {pos}: {}", p.message),
+                None => println!("  {}", p.message),
+            }
+        }
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,436 @@
+//! The catalogue of domain events: one type per fact, each with its stream category, type
+//! name and version. `docs/events.md` describes every type; keep the two in step.
+//!
+//! Payloads are stored as JSON. Schemas evolve by adding fields with `#[serde(default)]`
+//! or by a new version with an upcaster applied on read; stored bytes are never rewritten.
+//! Streams of the domain categories (`ingest`, `group`, `mosaic`, `product`) accept only
+//! the types listed here whose payload decodes; other categories accept any type, as
+//! EventStoreDB does.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::record::{ProposedEvent, category_of};
+
+/// A fact of the domain.
+pub trait DomainEvent: Serialize + DeserializeOwned {
+    /// Stored `event_type`.
+    const TYPE: &'static str;
+    /// Current schema version.
+    const VERSION: u32;
+    /// Stream category this fact lives in.
+    const CATEGORY: &'static str;
+
+    /// A proposed event with a fresh v7 id and the given metadata.
+    fn to_proposed(&self, metadata: &EventMetadata) -> ProposedEvent {
+        ProposedEvent::new(
+            Self::TYPE,
+            Self::VERSION,
+            serde_json::to_vec(self).expect("domain events serialize"),
+        )
+        .with_metadata(serde_json::to_vec(metadata).expect("metadata serializes"))
+    }
+}
+
+/// Who caused an event and why: stored as the record's metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    #[serde(default, rename = "correlationId")]
+    pub correlation_id: Option<String>,
+    #[serde(default, rename = "causationId")]
+    pub causation_id: Option<String>,
+    #[serde(default)]
+    pub actor: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+impl EventMetadata {
+    pub fn actor(actor: impl Into<String>) -> Self {
+        EventMetadata {
+            actor: Some(actor.into()),
+            host: hostname(),
+            ..Default::default()
+        }
+    }
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+macro_rules! domain_event {
+    ($ty:ident, $name:literal, $version:literal, $category:literal) => {
+        impl DomainEvent for $ty {
+            const TYPE: &'static str = $name;
+            const VERSION: u32 = $version;
+            const CATEGORY: &'static str = $category;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// ingest-<YYYY-MM-DD>: facts about raw subband files.
+
+/// A subband file passed its checks and joined its observation's set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubbandFileAccepted {
+    pub path: String,
+    /// Observation time from the name, `YYYY-MM-DDTHH:MM:SS`.
+    pub obs_time: String,
+    /// 0..=15.
+    pub subband: u8,
+    pub size_bytes: u64,
+}
+domain_event!(SubbandFileAccepted, "SubbandFileAccepted", 1, "ingest");
+
+/// A file in the incoming folder was refused; it blocks nothing else.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubbandFileRejected {
+    pub path: String,
+    pub reason: String,
+}
+domain_event!(SubbandFileRejected, "SubbandFileRejected", 1, "ingest");
+
+/// An observation's subbands did not all arrive before the timeout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestGroupTimedOut {
+    pub obs_time: String,
+    pub present: Vec<u8>,
+    pub missing: Vec<u8>,
+    pub waited_s: f64,
+}
+domain_event!(IngestGroupTimedOut, "IngestGroupTimedOut", 1, "ingest");
+
+// ---------------------------------------------------------------------------------------
+// group-<group_id>: one 5-minute observation, from its subbands to its image.
+
+/// All 16 subbands of an observation arrived: the group exists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupFormed {
+    pub group_id: String,
+    pub obs_time: String,
+    pub files: Vec<String>,
+    #[serde(default)]
+    pub dec_deg: Option<f64>,
+}
+domain_event!(GroupFormed, "GroupFormed", 1, "group");
+
+/// A stage (convert, calibrate, image, mosaic) began for a group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageStarted {
+    pub stage: String,
+    pub attempt: u32,
+    #[serde(default)]
+    pub command: Option<String>,
+}
+domain_event!(StageStarted, "StageStarted", 1, "group");
+
+/// A stage finished and wrote its outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageCompleted {
+    pub stage: String,
+    pub attempt: u32,
+    pub duration_s: f64,
+    #[serde(default)]
+    pub exit_status: Option<i32>,
+    #[serde(default)]
+    pub outputs: Vec<String>,
+}
+domain_event!(StageCompleted, "StageCompleted", 1, "group");
+
+/// A stage failed: non-zero exit, timeout, or missing output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageFailed {
+    pub stage: String,
+    pub attempt: u32,
+    pub duration_s: f64,
+    #[serde(default)]
+    pub exit_status: Option<i32>,
+    #[serde(default)]
+    pub timed_out: bool,
+    /// Last lines of the command's stderr (at most 2,000 characters).
+    #[serde(default)]
+    pub stderr_tail: String,
+    pub error: String,
+    /// When the next attempt is due (RFC 3339), `None` when no attempt is left.
+    #[serde(default)]
+    pub next_retry_at: Option<String>,
+}
+domain_event!(StageFailed, "StageFailed", 1, "group");
+
+// ---------------------------------------------------------------------------------------
+// mosaic-<mosaic_id>: a mosaic group of consecutive tiles.
+
+/// A mosaic group passed the five safeguards; its id is derived from its members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MosaicGroupCreated {
+    pub mosaic_id: String,
+    /// Member observation group ids, in time order.
+    pub members: Vec<String>,
+    pub first_obs_time: String,
+    pub last_obs_time: String,
+}
+domain_event!(MosaicGroupCreated, "MosaicGroupCreated", 1, "mosaic");
+
+/// A mosaic group was refused by a safeguard; nothing was overwritten.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MosaicGroupRejected {
+    pub mosaic_id: String,
+    /// `id_collision`, `time_span`, `ms_stage`, `calibration_tables` or `images`.
+    pub safeguard: String,
+    /// The member at fault, when one is.
+    #[serde(default)]
+    pub member: Option<String>,
+    pub reason: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+domain_event!(MosaicGroupRejected, "MosaicGroupRejected", 1, "mosaic");
+
+// ---------------------------------------------------------------------------------------
+// product-<data_id>: a staged product and its publication.
+
+/// A product was written to the stage root.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductRegistered {
+    pub data_id: String,
+    pub data_type: String,
+    pub stage_path: String,
+    /// BLAKE3 of the staged file (or of a folder's files in name order), hex.
+    #[serde(default)]
+    pub checksum: Option<String>,
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    #[serde(default)]
+    pub qa_status: Option<String>,
+    #[serde(default)]
+    pub validation_status: Option<String>,
+    #[serde(default = "default_true")]
+    pub auto_publish: bool,
+    /// Free-form string pairs from the producer.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+domain_event!(ProductRegistered, "ProductRegistered", 1, "product");
+
+fn default_true() -> bool {
+    true
+}
+
+/// QA and validation verdicts were set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductFinalized {
+    #[serde(default)]
+    pub qa_status: Option<String>,
+    #[serde(default)]
+    pub validation_status: Option<String>,
+}
+domain_event!(ProductFinalized, "ProductFinalized", 1, "product");
+
+/// A publisher took the product's lock (appended with `Exact(revision)`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishStarted {
+    /// Automatic attempt number since the last operator retry, this one included.
+    pub attempt: u32,
+    pub destination: String,
+    /// `auto`, `manual` or `retry`.
+    pub trigger: String,
+}
+domain_event!(PublishStarted, "PublishStarted", 1, "product");
+
+/// The file is in the products root and verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishSucceeded {
+    pub published_path: String,
+    #[serde(default)]
+    pub checksum: Option<String>,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// True when recovery at start-up found the move complete.
+    #[serde(default)]
+    pub recovered: bool,
+}
+domain_event!(PublishSucceeded, "PublishSucceeded", 1, "product");
+
+/// A publish attempt failed; the product is back in staging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishFailed {
+    pub attempt: u32,
+    /// At most 500 characters.
+    pub error: String,
+    pub retryable: bool,
+    /// True when recovery at start-up found the attempt cut short by a crash.
+    #[serde(default)]
+    pub interrupted: bool,
+    /// When the next automatic attempt is due (RFC 3339); `None` when none is.
+    #[serde(default)]
+    pub next_retry_at: Option<String>,
+}
+domain_event!(PublishFailed, "PublishFailed", 1, "product");
+
+/// An operator asked for another try: the automatic attempt count starts again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryRequested {
+    #[serde(default)]
+    pub actor: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+domain_event!(RetryRequested, "RetryRequested", 1, "product");
+
+/// Why an event was refused by the catalogue.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CatalogueError {
+    #[error("event type {event_type:?} is not known in category {category:?}")]
+    UnknownType {
+        category: String,
+        event_type: String,
+    },
+    #[error("payload of {event_type} v{version} does not decode: {reason}")]
+    BadPayload {
+        event_type: String,
+        version: u32,
+        reason: String,
+    },
+    #[error("{event_type} has no version {version}; the current one is {current}")]
+    UnknownVersion {
+        event_type: String,
+        version: u32,
+        current: u32,
+    },
+}
+
+/// The domain categories: streams in these only take catalogue events.
+pub const DOMAIN_CATEGORIES: &[&str] = &["ingest", "group", "mosaic", "product"];
+
+struct Entry {
+    category: &'static str,
+    name: &'static str,
+    version: u32,
+    check: fn(&[u8]) -> Result<(), String>,
+}
+
+fn entry<T: DomainEvent>() -> Entry {
+    Entry {
+        category: T::CATEGORY,
+        name: T::TYPE,
+        version: T::VERSION,
+        check: |bytes| {
+            serde_json::from_slice::<T>(bytes)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    }
+}
+
+fn entries() -> [Entry; 15] {
+    [
+        entry::<SubbandFileAccepted>(),
+        entry::<SubbandFileRejected>(),
+        entry::<IngestGroupTimedOut>(),
+        entry::<GroupFormed>(),
+        entry::<StageStarted>(),
+        entry::<StageCompleted>(),
+        entry::<StageFailed>(),
+        entry::<MosaicGroupCreated>(),
+        entry::<MosaicGroupRejected>(),
+        entry::<ProductRegistered>(),
+        entry::<ProductFinalized>(),
+        entry::<PublishStarted>(),
+        entry::<PublishSucceeded>(),
+        entry::<PublishFailed>(),
+        entry::<RetryRequested>(),
+    ]
+}
+
+/// `(category, type, version)` of every catalogue event.
+pub fn list() -> Vec<(&'static str, &'static str, u32)> {
+    entries()
+        .iter()
+        .map(|e| (e.category, e.name, e.version))
+        .collect()
+}
+
+/// Checks an event bound for `stream` and returns the version to store. In a domain
+/// category the type must be in the catalogue and the payload must decode; `version`
+/// (when the client gives one) must be a version the catalogue knows. Elsewhere any type
+/// goes, at the version given or 1.
+pub fn check(
+    stream: &str,
+    event_type: &str,
+    version: Option<u32>,
+    data: &[u8],
+) -> Result<u32, CatalogueError> {
+    let category = category_of(stream);
+    if !DOMAIN_CATEGORIES.contains(&category) {
+        return Ok(version.unwrap_or(1));
+    }
+    let entries = entries();
+    let Some(e) = entries
+        .iter()
+        .find(|e| e.category == category && e.name == event_type)
+    else {
+        return Err(CatalogueError::UnknownType {
+            category: category.to_string(),
+            event_type: event_type.to_string(),
+        });
+    };
+    let version = version.unwrap_or(e.version);
+    if version != e.version {
+        return Err(CatalogueError::UnknownVersion {
+            event_type: event_type.to_string(),
+            version,
+            current: e.version,
+        });
+    }
+    (e.check)(data).map_err(|reason| CatalogueError::BadPayload {
+        event_type: event_type.to_string(),
+        version,
+        reason,
+    })?;
+    Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_streams_take_only_catalogue_events_that_decode() {
+        let ok = br#"{"attempt":1,"destination":"/p/x","trigger":"auto"}"#;
+        assert_eq!(check("product-x", "PublishStarted", None, ok), Ok(1));
+        assert!(matches!(
+            check("product-x", "Nonsense", None, b"{}"),
+            Err(CatalogueError::UnknownType { .. })
+        ));
+        assert!(matches!(
+            check("product-x", "PublishStarted", None, br#"{"attempt":"one"}"#),
+            Err(CatalogueError::BadPayload { .. })
+        ));
+        assert!(matches!(
+            check("product-x", "PublishStarted", Some(9), ok),
+            Err(CatalogueError::UnknownVersion { .. })
+        ));
+        // A type of another category is unknown here.
+        assert!(check("group-x", "PublishStarted", None, ok).is_err());
+    }
+
+    #[test]
+    fn other_categories_take_anything() {
+        assert_eq!(check("scratch-1", "Whatever", None, b"{}"), Ok(1));
+        assert_eq!(check("scratch-1", "Whatever", Some(3), b"{}"), Ok(3));
+    }
+
+    #[test]
+    fn every_type_is_listed_once() {
+        let l = list();
+        let mut names: Vec<_> = l.iter().map(|(_, n, _)| *n).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), l.len());
+    }
+}

@@ -1,0 +1,83 @@
+//! The wire shape of a recorded event, shared by stream reads over HTTP, `$all` pages,
+//! and export files (JSON Lines, one event per line, with EventStoreDB's field names).
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::record::RecordedEvent;
+
+/// One event as clients and export files see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    #[serde(default = "one")]
+    pub event_version: u32,
+    pub stream_id: String,
+    pub event_number: u64,
+    pub position: u64,
+    /// RFC 3339, microseconds, `Z`.
+    pub created: String,
+    pub data: Box<RawValue>,
+    pub metadata: Box<RawValue>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Payload bytes as raw JSON; bytes that are not JSON (never written by contimg) become a
+/// JSON string so that nothing is dropped.
+pub fn raw_json(bytes: &[u8]) -> Box<RawValue> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| RawValue::from_string(s.to_string()).ok())
+        .unwrap_or_else(|| {
+            let s = serde_json::to_string(&String::from_utf8_lossy(bytes)).expect("string");
+            RawValue::from_string(s).expect("a JSON string is JSON")
+        })
+}
+
+impl From<&RecordedEvent> for WireEvent {
+    fn from(r: &RecordedEvent) -> Self {
+        WireEvent {
+            event_id: r.event_id,
+            event_type: r.event_type.clone(),
+            event_version: r.event_version,
+            stream_id: r.stream_id.clone(),
+            event_number: r.revision,
+            position: r.position,
+            created: r.created_rfc3339(),
+            data: raw_json(&r.data),
+            metadata: raw_json(&r.metadata),
+        }
+    }
+}
+
+impl WireEvent {
+    /// Back to a record (checksum recomputed when it is encoded).
+    pub fn into_record(self) -> Result<RecordedEvent, String> {
+        let created = chrono::DateTime::parse_from_rfc3339(&self.created)
+            .map_err(|e| {
+                format!(
+                    "event {}: bad created time {:?}: {e}",
+                    self.event_id, self.created
+                )
+            })?
+            .with_timezone(&chrono::Utc);
+        Ok(RecordedEvent {
+            event_id: self.event_id,
+            stream_id: self.stream_id,
+            revision: self.event_number,
+            position: self.position,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            data: self.data.get().as_bytes().to_vec(),
+            metadata: self.metadata.get().as_bytes().to_vec(),
+            created_micros: created.timestamp_micros(),
+            checksum: 0,
+        })
+    }
+}

@@ -1,0 +1,890 @@
+//! The event store on sled: one writer thread with group commit, reads of streams and of
+//! `$all`, and catch-up subscriptions.
+//!
+//! Trees (all keys big-endian so that sled's byte order is numeric order):
+//! - `log`: position -> encoded record (the truth);
+//! - `heads`: stream -> last revision;
+//! - `index`: stream, 0x00, revision -> position;
+//! - `ids`: stream, 0x00, event id -> revision, position (the durable idempotency index).
+//!
+//! Stream names hold no control character, so 0x00 cannot occur inside one.
+//!
+//! Readers only see events up to the durable head: an event becomes visible after the
+//! batch holding it has been flushed and `fdatasync`ed, at the moment its writers are
+//! acknowledged. So nothing a projection folds can vanish in a crash.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
+
+use super::error::{ExpectedRevision, StoreError};
+use super::record::{ProposedEvent, RecordedEvent, validate_stream_name};
+
+/// Largest `data` or `metadata` payload accepted, in bytes. Events are facts, not files;
+/// the bound also keeps every value out of sled's separately written blob files.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Most events one group commit writes.
+const MAX_COMMIT_EVENTS: usize = 4096;
+/// Most events one append request may carry.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// What an append returns: the stream's new last revision and the global position of the
+/// last event written (or found, for an idempotent repeat).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    pub next_expected_version: u64,
+    pub position: u64,
+}
+
+struct AppendRequest {
+    stream: String,
+    expected: ExpectedRevision,
+    events: Vec<ProposedEvent>,
+    reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+struct ImportRequest {
+    records: Vec<RecordedEvent>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+enum WriterMsg {
+    Append(AppendRequest),
+    Import(ImportRequest),
+}
+
+#[derive(Clone)]
+struct Trees {
+    log: sled::Tree,
+    heads: sled::Tree,
+    index: sled::Tree,
+    ids: sled::Tree,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: sled::Db,
+    trees: Trees,
+    /// Number of durable events: positions `0..durable` are readable.
+    durable: AtomicU64,
+    head_tx: watch::Sender<u64>,
+    sender: Mutex<Option<mpsc::Sender<WriterMsg>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set after a failed flush: the state on disk is unknown, so no more appends.
+    poisoned: Arc<AtomicBool>,
+    _lock: File,
+}
+
+/// A handle to an open ledger. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+fn stream_key(stream: &str, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(stream.len() + 1 + suffix.len());
+    k.extend_from_slice(stream.as_bytes());
+    k.push(0);
+    k.extend_from_slice(suffix);
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Takes the folder's lock file, or says who holds it.
+fn lock_folder(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("contimg.lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        return Err(StoreError::Locked {
+            dir: dir.display().to_string(),
+            pid: text.trim().parse().ok(),
+        });
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    file.sync_data()?;
+    Ok(file)
+}
+
+impl Store {
+    /// Opens (creating if needed) the ledger in `dir`. Fails at once, naming the folder and
+    /// the owner's pid, when another process holds it.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::Storage(format!("creating {}: {e}", dir.display())))?;
+        let lock = lock_folder(&dir)?;
+        let sled_dir = dir.join("log");
+        let fresh = !sled_dir.exists();
+        let db = sled::Config::new()
+            .path(&sled_dir)
+            .cache_capacity(256 * 1024 * 1024)
+            .open()
+            .map_err(|e| StoreError::Storage(format!("opening {}: {e}", sled_dir.display())))?;
+        if fresh {
+            // New files exist now: make their directory entries durable.
+            File::open(&sled_dir)?.sync_all()?;
+            File::open(&dir)?.sync_all()?;
+        }
+        let trees = Trees {
+            log: db.open_tree("log")?,
+            heads: db.open_tree("heads")?,
+            index: db.open_tree("index")?,
+            ids: db.open_tree("ids")?,
+        };
+        let next_position = match trees.log.last()? {
+            Some((k, _)) => be_u64(&k) + 1,
+            None => 0,
+        };
+        let last_created = match trees.log.last()? {
+            Some((k, v)) => {
+                RecordedEvent::decode(&v)
+                    .map_err(|e| StoreError::Corrupt {
+                        position: be_u64(&k),
+                        reason: e.to_string(),
+                    })?
+                    .created_micros
+            }
+            None => i64::MIN,
+        };
+        let data_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(sled_dir.join("db"))?;
+        let (head_tx, _) = watch::channel(next_position);
+        let (tx, rx) = mpsc::channel();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(Inner {
+            dir,
+            db: db.clone(),
+            trees: trees.clone(),
+            durable: AtomicU64::new(next_position),
+            head_tx,
+            sender: Mutex::new(Some(tx)),
+            writer: Mutex::new(None),
+            poisoned: poisoned.clone(),
+            _lock: lock,
+        });
+        let writer = Writer {
+            db,
+            trees,
+            data_file,
+            next_position,
+            last_created,
+            inner: Arc::downgrade(&inner),
+            poisoned,
+        };
+        let handle = std::thread::Builder::new()
+            .name("contimg-writer".into())
+            .spawn(move || writer.run(rx))?;
+        *inner.writer.lock().expect("writer mutex") = Some(handle);
+        Ok(Store { inner })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Number of durable events; the last position is this minus one.
+    pub fn event_count(&self) -> u64 {
+        self.inner.durable.load(Ordering::Acquire)
+    }
+
+    /// The last durable position, `None` when the log is empty.
+    pub fn last_position(&self) -> Option<u64> {
+        self.event_count().checked_sub(1)
+    }
+
+    /// Appends a batch to one stream, all or nothing, acknowledged once durable.
+    pub async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: Vec<ProposedEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let rx = self.submit_append(stream, expected, events)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The same append for callers outside a runtime (import, tools, benchmarks).
+    pub fn append_blocking(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: Vec<ProposedEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let rx = self.submit_append(stream, expected, events)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn submit_append(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: Vec<ProposedEvent>,
+    ) -> Result<oneshot::Receiver<Result<AppendResult, StoreError>>, StoreError> {
+        check_append(stream, &events)?;
+        let (reply, rx) = oneshot::channel();
+        self.send(WriterMsg::Append(AppendRequest {
+            stream: stream.to_string(),
+            expected,
+            events,
+            reply,
+        }))?;
+        Ok(rx)
+    }
+
+    /// Writes records exactly as given (ids, revisions, positions, times): the other half
+    /// of an export. Each record must come next in the log and in its stream.
+    pub fn import_blocking(&self, records: Vec<RecordedEvent>) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriterMsg::Import(ImportRequest { records, reply }))?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Err(StoreError::Storage(
+                "an earlier flush failed; restart to recover".into(),
+            ));
+        }
+        let guard = self.inner.sender.lock().expect("sender mutex");
+        let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+        sender.send(msg).map_err(|_| StoreError::Closed)
+    }
+
+    /// Stops taking appends, lets the writer finish (and acknowledge) what it holds, and
+    /// waits for it. Later appends fail with [`StoreError::Closed`].
+    pub fn close(&self) {
+        drop(self.inner.sender.lock().expect("sender mutex").take());
+        if let Some(handle) = self.inner.writer.lock().expect("writer mutex").take() {
+            let _ = handle.join();
+        }
+    }
+
+    /// The last revision of a stream among durable events, `None` when it has none.
+    pub fn stream_head(&self, stream: &str) -> Result<Option<u64>, StoreError> {
+        let Some(rev) = self.inner.trees.heads.get(stream.as_bytes())? else {
+            return Ok(None);
+        };
+        let rev = be_u64(&rev);
+        // The head may be ahead of durability for a moment; step back to the durable part.
+        let durable = self.event_count();
+        let prefix = stream_key(stream, &[]);
+        for item in self
+            .inner
+            .trees
+            .index
+            .range(prefix.clone()..=stream_key(stream, &rev.to_be_bytes()))
+            .rev()
+        {
+            let (k, v) = item?;
+            if be_u64(&v) < durable {
+                return Ok(Some(be_u64(&k[prefix.len()..])));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads up to `limit` events of a stream from revision `from` (inclusive; `None`
+    /// means the start going forward and the end going backward).
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let durable = self.event_count();
+        let prefix = stream_key(stream, &[]);
+        let low = stream_key(stream, &0u64.to_be_bytes());
+        let high = stream_key(stream, &u64::MAX.to_be_bytes());
+        let exists = match self
+            .inner
+            .trees
+            .index
+            .range(low.clone()..=high.clone())
+            .next()
+        {
+            Some(item) => be_u64(&item?.1) < durable,
+            None => false,
+        };
+        if !exists {
+            return Err(StoreError::StreamNotFound(stream.to_string()));
+        }
+        let range = match (direction, from) {
+            (Direction::Forward, f) => self
+                .inner
+                .trees
+                .index
+                .range(stream_key(stream, &f.unwrap_or(0).to_be_bytes())..=high),
+            (Direction::Backward, f) => self
+                .inner
+                .trees
+                .index
+                .range(low..=stream_key(stream, &f.unwrap_or(u64::MAX).to_be_bytes())),
+        };
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match direction
+        {
+            Direction::Forward => Box::new(range),
+            Direction::Backward => Box::new(range.rev()),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            debug_assert!(k.starts_with(&prefix));
+            let position = be_u64(&v);
+            if position >= durable {
+                // Not yet durable: invisible. Going forward nothing after it is either.
+                if direction == Direction::Forward {
+                    break;
+                }
+                continue;
+            }
+            out.push(self.get(position)?);
+        }
+        Ok(out)
+    }
+
+    /// The event at a position.
+    pub fn get(&self, position: u64) -> Result<RecordedEvent, StoreError> {
+        let bytes = self
+            .inner
+            .trees
+            .log
+            .get(position.to_be_bytes())?
+            .ok_or_else(|| StoreError::Corrupt {
+                position,
+                reason: "missing from the log".into(),
+            })?;
+        decode_at(position, &bytes)
+    }
+
+    /// Reads up to `limit` events of `$all` from position `from` (inclusive; `None` means
+    /// the start going forward and the end going backward).
+    pub fn read_all(
+        &self,
+        from: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let durable = self.event_count();
+        let mut out = Vec::with_capacity(limit.min(4096));
+        match direction {
+            Direction::Forward => {
+                let start = from.unwrap_or(0);
+                if start >= durable {
+                    return Ok(out);
+                }
+                for item in self
+                    .inner
+                    .trees
+                    .log
+                    .range(start.to_be_bytes()..durable.to_be_bytes())
+                {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = item?;
+                    out.push(decode_at(be_u64(&k), &v)?);
+                }
+            }
+            Direction::Backward => {
+                let Some(last) = durable.checked_sub(1) else {
+                    return Ok(out);
+                };
+                let start = from.unwrap_or(last).min(last);
+                for item in self.inner.trees.log.range(..=start.to_be_bytes()).rev() {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = item?;
+                    out.push(decode_at(be_u64(&k), &v)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Visits every durable event from `from` (inclusive) in order, without collecting them:
+    /// the replay path of projections and `verify`.
+    pub fn for_each_from(
+        &self,
+        from: u64,
+        mut f: impl FnMut(RecordedEvent) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let durable = self.event_count();
+        let mut n = 0;
+        if from >= durable {
+            return Ok(0);
+        }
+        for item in self
+            .inner
+            .trees
+            .log
+            .range(from.to_be_bytes()..durable.to_be_bytes())
+        {
+            let (k, v) = item?;
+            f(decode_at(be_u64(&k), &v)?)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A catch-up subscription to `$all` starting after `after` (exclusive; `None` means from
+    /// the first event): history first, then live events, with no gap and no duplicate.
+    pub fn subscribe_all(&self, after: Option<u64>) -> Subscription {
+        Subscription {
+            store: self.clone(),
+            next: after.map_or(0, |p| p + 1),
+            head: self.inner.head_tx.subscribe(),
+            buf: VecDeque::new(),
+        }
+    }
+
+    /// A watch of the durable event count, updated after every acknowledged batch.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.head_tx.subscribe()
+    }
+
+    /// Raw access for `verify`.
+    pub(crate) fn raw_trees(&self) -> (sled::Tree, sled::Tree, sled::Tree, sled::Tree) {
+        let t = &self.inner.trees;
+        (
+            t.log.clone(),
+            t.heads.clone(),
+            t.index.clone(),
+            t.ids.clone(),
+        )
+    }
+
+    /// Bytes sled occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn decode_at(position: u64, bytes: &[u8]) -> Result<RecordedEvent, StoreError> {
+    let r = RecordedEvent::decode(bytes).map_err(|e| StoreError::Corrupt {
+        position,
+        reason: e.to_string(),
+    })?;
+    if r.position != position {
+        return Err(StoreError::Corrupt {
+            position,
+            reason: format!("record says position {}", r.position),
+        });
+    }
+    Ok(r)
+}
+
+/// Checks done before a request reaches the writer, so that bad input costs it nothing.
+fn check_append(stream: &str, events: &[ProposedEvent]) -> Result<(), StoreError> {
+    validate_stream_name(stream).map_err(StoreError::InvalidInput)?;
+    if events.is_empty() {
+        return Err(StoreError::InvalidInput("no events to append".into()));
+    }
+    if events.len() > MAX_BATCH_EVENTS {
+        return Err(StoreError::InvalidInput(format!(
+            "{} events in one append; at most {MAX_BATCH_EVENTS}",
+            events.len()
+        )));
+    }
+    let mut seen = HashSet::with_capacity(events.len());
+    for e in events {
+        if !seen.insert(e.event_id) {
+            return Err(StoreError::InvalidInput(format!(
+                "event id {} appears twice in one append",
+                e.event_id
+            )));
+        }
+        if e.event_type.is_empty() || e.event_type.len() > 200 {
+            return Err(StoreError::InvalidInput(
+                "event type must be 1 to 200 characters".into(),
+            ));
+        }
+        if e.data.len() > MAX_PAYLOAD_BYTES || e.metadata.len() > MAX_PAYLOAD_BYTES {
+            return Err(StoreError::InvalidInput(format!(
+                "event {} is larger than {MAX_PAYLOAD_BYTES} bytes",
+                e.event_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A catch-up subscription. History is read from the store page by page; once caught up
+/// it waits on the durable-head watch, which the writer only ever overwrites, so a slow
+/// subscriber costs the writer nothing and loses nothing (it re-reads from the store).
+pub struct Subscription {
+    store: Store,
+    next: u64,
+    head: watch::Receiver<u64>,
+    buf: VecDeque<RecordedEvent>,
+}
+
+impl Subscription {
+    /// The next event, waiting for one if caught up. `Err(Closed)` once the store is gone.
+    pub async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
+        loop {
+            if let Some(e) = self.buf.pop_front() {
+                return Ok(e);
+            }
+            if self.next < self.store.event_count() {
+                let page = self
+                    .store
+                    .read_all(Some(self.next), Direction::Forward, 1024)?;
+                if let Some(last) = page.last() {
+                    self.next = last.position + 1;
+                }
+                self.buf.extend(page);
+                continue;
+            }
+            self.head.changed().await.map_err(|_| StoreError::Closed)?;
+        }
+    }
+
+    /// The position the next event will have.
+    pub fn next_position(&self) -> u64 {
+        self.next
+    }
+}
+
+/// Planned writes of one group commit.
+#[derive(Default)]
+struct Plan {
+    log: sled::Batch,
+    heads: sled::Batch,
+    index: sled::Batch,
+    ids: sled::Batch,
+    head_overlay: HashMap<String, u64>,
+    id_overlay: HashMap<(String, Uuid), (u64, u64)>,
+    written: usize,
+}
+
+/// Owns appends. Runs on its own thread because sled and fdatasync block.
+struct Writer {
+    db: sled::Db,
+    trees: Trees,
+    data_file: File,
+    next_position: u64,
+    last_created: i64,
+    inner: std::sync::Weak<Inner>,
+    poisoned: Arc<AtomicBool>,
+}
+
+type Replies = Vec<(
+    oneshot::Sender<Result<AppendResult, StoreError>>,
+    Result<AppendResult, StoreError>,
+)>;
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
+        // recv() keeps returning queued messages after every sender is gone, so a close
+        // still answers everything that was submitted.
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let mut count = msg_len(&batch[0]);
+            while count < MAX_COMMIT_EVENTS {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        count += msg_len(&m);
+                        batch.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+        let _ = self.db.flush();
+    }
+
+    fn commit_batch(&mut self, batch: Vec<WriterMsg>) {
+        let start_position = self.next_position;
+        let start_created = self.last_created;
+        let mut plan = Plan::default();
+        let mut replies: Replies = Vec::new();
+        let mut import_replies = Vec::new();
+        for msg in batch {
+            match msg {
+                WriterMsg::Append(req) => {
+                    let result = self.plan_append(&req, &mut plan);
+                    replies.push((req.reply, result));
+                }
+                WriterMsg::Import(req) => {
+                    let result = self.plan_import(&req.records, &mut plan);
+                    import_replies.push((req.reply, result));
+                }
+            }
+        }
+        if plan.written > 0
+            && let Err(e) = self.write_durably(&plan)
+        {
+            tracing::error!(error = %e, "group commit failed; appends refused");
+            self.next_position = start_position;
+            self.last_created = start_created;
+            for (reply, result) in replies {
+                let r = match result {
+                    Ok(_) => Err(StoreError::Storage(e.to_string())),
+                    Err(other) => Err(other),
+                };
+                let _ = reply.send(r);
+            }
+            for (reply, result) in import_replies {
+                let _ = reply.send(result.and(Err(StoreError::Storage(e.to_string()))));
+            }
+            return;
+        }
+        if let Some(inner) = self.inner.upgrade() {
+            inner.durable.store(self.next_position, Ordering::Release);
+            inner.head_tx.send_replace(self.next_position);
+        }
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
+        for (reply, result) in import_replies {
+            let _ = reply.send(result);
+        }
+    }
+
+    fn write_durably(&self, plan: &Plan) -> Result<(), StoreError> {
+        let t = &self.trees;
+        (&t.log, &t.heads, &t.index, &t.ids)
+            .transaction(|(log, heads, index, ids)| {
+                // No side effects here: sled may run this closure more than once.
+                log.apply_batch(&plan.log)?;
+                heads.apply_batch(&plan.heads)?;
+                index.apply_batch(&plan.index)?;
+                ids.apply_batch(&plan.ids)?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| StoreError::Storage(format!("{e:?}")))?;
+        self.db.flush().map_err(|e| {
+            self.poisoned.store(true, Ordering::Release);
+            StoreError::Storage(format!("flush: {e}"))
+        })?;
+        // sled's flush ends in sync_file_range, which leaves the disk's write cache alone.
+        self.data_file.sync_data().map_err(|e| {
+            self.poisoned.store(true, Ordering::Release);
+            StoreError::Storage(format!("fdatasync: {e}"))
+        })?;
+        Ok(())
+    }
+
+    fn head(&self, plan: &Plan, stream: &str) -> Result<Option<u64>, StoreError> {
+        if let Some(&r) = plan.head_overlay.get(stream) {
+            return Ok(Some(r));
+        }
+        Ok(self.trees.heads.get(stream.as_bytes())?.map(|v| be_u64(&v)))
+    }
+
+    fn find_id(
+        &self,
+        plan: &Plan,
+        stream: &str,
+        id: Uuid,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        if let Some(&hit) = plan.id_overlay.get(&(stream.to_string(), id)) {
+            return Ok(Some(hit));
+        }
+        Ok(self
+            .trees
+            .ids
+            .get(stream_key(stream, id.as_bytes()))?
+            .map(|v| (be_u64(&v[..8]), be_u64(&v[8..16]))))
+    }
+
+    fn plan_append(
+        &mut self,
+        req: &AppendRequest,
+        plan: &mut Plan,
+    ) -> Result<AppendResult, StoreError> {
+        let current = self.head(plan, &req.stream)?;
+        let wrong = || StoreError::WrongExpectedVersion {
+            stream: req.stream.clone(),
+            expected: req.expected,
+            current,
+        };
+        // Idempotency: the same ids, already committed at consecutive revisions.
+        if let Some((r0, _)) = self.find_id(plan, &req.stream, req.events[0].event_id)? {
+            let mut last_position = 0;
+            for (i, e) in req.events.iter().enumerate() {
+                match self.find_id(plan, &req.stream, e.event_id)? {
+                    Some((r, p)) if r == r0 + i as u64 => last_position = p,
+                    _ => return Err(wrong()),
+                }
+            }
+            let admitted = match req.expected {
+                ExpectedRevision::Any | ExpectedRevision::StreamExists => true,
+                ExpectedRevision::NoStream => r0 == 0,
+                ExpectedRevision::Exact(n) => n.checked_add(1) == Some(r0),
+            };
+            if !admitted {
+                return Err(wrong());
+            }
+            return Ok(AppendResult {
+                next_expected_version: r0 + req.events.len() as u64 - 1,
+                position: last_position,
+            });
+        }
+        for e in &req.events[1..] {
+            if self.find_id(plan, &req.stream, e.event_id)?.is_some() {
+                return Err(wrong());
+            }
+        }
+        if !req.expected.admits(current) {
+            return Err(wrong());
+        }
+        let now = now_micros().max(self.last_created);
+        let mut revision = current.map_or(0, |c| c + 1);
+        for e in &req.events {
+            let mut record = RecordedEvent {
+                event_id: e.event_id,
+                stream_id: req.stream.clone(),
+                revision,
+                position: self.next_position,
+                event_type: e.event_type.clone(),
+                event_version: e.event_version,
+                data: e.data.clone(),
+                metadata: e.metadata.clone(),
+                created_micros: now,
+                checksum: 0,
+            };
+            self.stage_record(&mut record, plan);
+            revision += 1;
+        }
+        self.last_created = now;
+        Ok(AppendResult {
+            next_expected_version: revision - 1,
+            position: self.next_position - 1,
+        })
+    }
+
+    fn plan_import(
+        &mut self,
+        records: &[RecordedEvent],
+        plan: &mut Plan,
+    ) -> Result<(), StoreError> {
+        // Check everything before staging anything: a bad import writes nothing.
+        let mut heads: HashMap<&str, Option<u64>> = HashMap::new();
+        let mut position = self.next_position;
+        let mut created = self.last_created;
+        for r in records {
+            validate_stream_name(&r.stream_id).map_err(StoreError::InvalidInput)?;
+            if r.position != position {
+                return Err(StoreError::InvalidInput(format!(
+                    "record {} has position {}, expected {position}",
+                    r.event_id, r.position
+                )));
+            }
+            let head = match heads.get(r.stream_id.as_str()) {
+                Some(h) => *h,
+                None => self.head(plan, &r.stream_id)?,
+            };
+            if r.revision != head.map_or(0, |h| h + 1) {
+                return Err(StoreError::InvalidInput(format!(
+                    "record at position {} has revision {} in {}, expected {}",
+                    r.position,
+                    r.revision,
+                    r.stream_id,
+                    head.map_or(0, |h| h + 1)
+                )));
+            }
+            if r.created_micros < created {
+                return Err(StoreError::InvalidInput(format!(
+                    "record at position {} is older than the one before it",
+                    r.position
+                )));
+            }
+            if self.find_id(plan, &r.stream_id, r.event_id)?.is_some() {
+                return Err(StoreError::InvalidInput(format!(
+                    "event id {} already in {}",
+                    r.event_id, r.stream_id
+                )));
+            }
+            heads.insert(&r.stream_id, Some(r.revision));
+            created = r.created_micros;
+            position += 1;
+        }
+        for r in records {
+            let mut record = r.clone();
+            self.stage_record(&mut record, plan);
+        }
+        self.last_created = created;
+        Ok(())
+    }
+
+    fn stage_record(&mut self, record: &mut RecordedEvent, plan: &mut Plan) {
+        let pos = record.position.to_be_bytes();
+        let rev = record.revision.to_be_bytes();
+        plan.log.insert(&pos, record.encode());
+        plan.heads.insert(record.stream_id.as_bytes(), &rev);
+        plan.index.insert(stream_key(&record.stream_id, &rev), &pos);
+        let mut id_value = [0u8; 16];
+        id_value[..8].copy_from_slice(&rev);
+        id_value[8..].copy_from_slice(&pos);
+        plan.ids.insert(
+            stream_key(&record.stream_id, record.event_id.as_bytes()),
+            &id_value,
+        );
+        plan.head_overlay
+            .insert(record.stream_id.clone(), record.revision);
+        plan.id_overlay.insert(
+            (record.stream_id.clone(), record.event_id),
+            (record.revision, record.position),
+        );
+        plan.written += 1;
+        self.next_position = record.position + 1;
+    }
+}
+
+fn msg_len(m: &WriterMsg) -> usize {
+    match m {
+        WriterMsg::Append(r) => r.events.len(),
+        WriterMsg::Import(r) => r.records.len(),
+    }
+}

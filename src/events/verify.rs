@@ -1,0 +1,171 @@
+//! `contimg verify`: positions gapless from 0, every checksum matching, stream revisions
+//! consecutive, and the stream heads, stream index and id index agreeing with the log,
+//! entry for entry.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::record::RecordedEvent;
+use super::store::Store;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    /// The log position at fault, when one is.
+    pub position: Option<u64>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub streams: u64,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// The first bad position, the one an operator starts from.
+    pub fn first_bad_position(&self) -> Option<u64> {
+        self.problems.iter().filter_map(|p| p.position).min()
+    }
+}
+
+/// Stop collecting after this many problems: the first ones are what matters.
+const MAX_PROBLEMS: usize = 100;
+
+fn be(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+/// Checks a store opened by this process (so nobody appends meanwhile).
+pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyReport, sled::Error> {
+    let (log, heads, index, ids) = store.raw_trees();
+    let mut problems = Vec::new();
+    let mut add = |position: Option<u64>, message: String| {
+        if problems.len() < MAX_PROBLEMS {
+            problems.push(Problem { position, message });
+        }
+    };
+    // stream -> last revision seen in the log
+    let mut last_rev: HashMap<String, u64> = HashMap::new();
+    let mut expected_pos = 0u64;
+    let mut events = 0u64;
+    for item in log.iter() {
+        let (k, v) = item?;
+        let Some(pos) = be(&k).filter(|_| k.len() == 8) else {
+            add(
+                None,
+                format!("log key of {} bytes is not a position", k.len()),
+            );
+            continue;
+        };
+        if pos != expected_pos {
+            add(
+                Some(expected_pos),
+                format!("gap: positions {expected_pos}..{pos} are missing"),
+            );
+        }
+        expected_pos = pos + 1;
+        events += 1;
+        if events % 65536 == 0 {
+            progress(events);
+        }
+        let r = match RecordedEvent::decode(&v) {
+            Ok(r) => r,
+            Err(e) => {
+                add(Some(pos), format!("record does not decode: {e}"));
+                continue;
+            }
+        };
+        if r.position != pos {
+            add(Some(pos), format!("record says position {}", r.position));
+        }
+        let want_rev = last_rev.get(&r.stream_id).map_or(0, |x| x + 1);
+        if r.revision != want_rev {
+            add(
+                Some(pos),
+                format!(
+                    "{} revision {} follows {}",
+                    r.stream_id,
+                    r.revision,
+                    want_rev as i64 - 1
+                ),
+            );
+        }
+        last_rev.insert(r.stream_id.clone(), r.revision);
+        let mut key = r.stream_id.as_bytes().to_vec();
+        key.push(0);
+        let mut rev_key = key.clone();
+        rev_key.extend_from_slice(&r.revision.to_be_bytes());
+        match index.get(&rev_key)?.as_deref().and_then(be) {
+            Some(p) if p == pos => {}
+            other => add(
+                Some(pos),
+                format!(
+                    "stream index for {}@{} points at {other:?}",
+                    r.stream_id, r.revision
+                ),
+            ),
+        }
+        let mut id_key = key;
+        id_key.extend_from_slice(r.event_id.as_bytes());
+        match ids.get(&id_key)? {
+            Some(v) if be(&v) == Some(r.revision) && v.get(8..).and_then(be) == Some(pos) => {}
+            _ => add(
+                Some(pos),
+                format!(
+                    "id index lacks or misplaces event {} of {}",
+                    r.event_id, r.stream_id
+                ),
+            ),
+        }
+    }
+    progress(events);
+    // Nothing in the indexes that the log does not hold.
+    if index.len() as u64 != events {
+        add(
+            None,
+            format!(
+                "stream index has {} entries for {events} events",
+                index.len()
+            ),
+        );
+    }
+    if ids.len() as u64 != events {
+        add(
+            None,
+            format!("id index has {} entries for {events} events", ids.len()),
+        );
+    }
+    for item in heads.iter() {
+        let (k, v) = item?;
+        let stream = String::from_utf8_lossy(&k).to_string();
+        match (last_rev.get(&stream), be(&v)) {
+            (Some(&r), Some(h)) if r == h => {}
+            (seen, h) => add(
+                None,
+                format!("head of {stream} is {h:?}, log ends at {seen:?}"),
+            ),
+        }
+    }
+    if heads.len() != last_rev.len() {
+        add(
+            None,
+            format!(
+                "{} stream heads for {} streams",
+                heads.len(),
+                last_rev.len()
+            ),
+        );
+    }
+    problems.sort_by_key(|p| p.position.unwrap_or(u64::MAX));
+    Ok(VerifyReport {
+        events,
+        streams: last_rev.len() as u64,
+        problems,
+    })
+}

@@ -1,0 +1,2 @@
+//! The pipeline that produces events: ingest, grouping, stage runners, mosaicking,
+//! staging and publishing.
