@@ -116,8 +116,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // One machine-readable line for scripts and tests that listen on port 0.
+        println!("contimg: listening on http://{addr}");
         tracing::info!(
-            addr = %listener.local_addr()?,
+            %addr,
             data_dir = %args.data_dir.display(),
             events = store.event_count(),
             "contimg serving"

@@ -1,0 +1,385 @@
+//! The event store on a real sled folder: semantics against a model, concurrency,
+//! idempotency, subscriptions, ownership and reopening.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use contimg::events::{Direction, ExpectedRevision, ProposedEvent, Store, StoreError};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+fn ev(n: u32) -> ProposedEvent {
+    ProposedEvent::new("Noted", 1, format!("{{\"n\":{n}}}").into_bytes())
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append {
+        stream: usize,
+        expected: u8,
+        exact: u64,
+        count: usize,
+    },
+    /// Re-send the last successful append to a stream (same ids).
+    Repeat { stream: usize },
+    ReadStream {
+        stream: usize,
+        from: Option<u64>,
+        backward: bool,
+        limit: usize,
+    },
+    ReadAll {
+        from: Option<u64>,
+        backward: bool,
+        limit: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..3usize, 0..4u8, 0..6u64, 1..4usize).prop_map(|(stream, expected, exact, count)| Op::Append { stream, expected, exact, count }),
+        1 => (0..3usize).prop_map(|stream| Op::Repeat { stream }),
+        2 => (0..3usize, proptest::option::of(0..8u64), any::<bool>(), 1..6usize)
+            .prop_map(|(stream, from, backward, limit)| Op::ReadStream { stream, from, backward, limit }),
+        2 => (proptest::option::of(0..20u64), any::<bool>(), 1..8usize)
+            .prop_map(|(from, backward, limit)| Op::ReadAll { from, backward, limit }),
+    ]
+}
+
+/// The model: `$all` as a list of (stream, id, revision).
+#[derive(Default)]
+struct Model {
+    all: Vec<(String, Uuid, u64)>,
+    last_append: HashMap<String, (ExpectedRevision, Vec<ProposedEvent>, u64, u64)>,
+}
+
+impl Model {
+    fn head(&self, stream: &str) -> Option<u64> {
+        self.all
+            .iter()
+            .filter(|(s, _, _)| s == stream)
+            .map(|(_, _, r)| *r)
+            .max()
+    }
+    fn stream(&self, stream: &str) -> Vec<(Uuid, u64, u64)> {
+        self.all
+            .iter()
+            .enumerate()
+            .filter(|(_, (s, _, _))| s == stream)
+            .map(|(p, (_, id, r))| (*id, *r, p as u64))
+            .collect()
+    }
+}
+
+fn slice<T: Clone>(items: &[T], key: impl Fn(&T) -> u64, from: Option<u64>, backward: bool, limit: usize) -> Vec<T> {
+    if backward {
+        let from = from.unwrap_or(u64::MAX);
+        items.iter().rev().filter(|x| key(x) <= from).take(limit).cloned().collect()
+    } else {
+        let from = from.unwrap_or(0);
+        items.iter().filter(|x| key(x) >= from).take(limit).cloned().collect()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    #[test]
+    fn append_and_read_match_the_model(ops in proptest::collection::vec(op(), 1..30)) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut model = Model::default();
+        let names = ["product-a", "scratch-b", "group-c"];
+        let mut n = 0;
+        for op in ops {
+            match op {
+                Op::Append { stream, expected, exact, count } => {
+                    let name = names[stream];
+                    let expected = match expected {
+                        0 => ExpectedRevision::Any,
+                        1 => ExpectedRevision::NoStream,
+                        2 => ExpectedRevision::StreamExists,
+                        _ => ExpectedRevision::Exact(exact),
+                    };
+                    let events: Vec<_> = (0..count).map(|_| { n += 1; ev(n) }).collect();
+                    let current = model.head(name);
+                    let result = store.append_blocking(name, expected, events.clone());
+                    if expected.admits(current) {
+                        let r = result.unwrap();
+                        let first = current.map_or(0, |c| c + 1);
+                        for (i, e) in events.iter().enumerate() {
+                            model.all.push((name.to_string(), e.event_id, first + i as u64));
+                        }
+                        prop_assert_eq!(r.next_expected_version, first + count as u64 - 1);
+                        prop_assert_eq!(r.position, model.all.len() as u64 - 1);
+                        model.last_append.insert(name.to_string(), (expected, events, r.next_expected_version, r.position));
+                    } else {
+                        match result {
+                            Err(StoreError::WrongExpectedVersion { current: c, .. }) => prop_assert_eq!(c, current),
+                            other => prop_assert!(false, "expected a conflict, got {:?}", other),
+                        }
+                    }
+                }
+                Op::Repeat { stream } => {
+                    let name = names[stream];
+                    if let Some((expected, events, next, pos)) = model.last_append.get(name).cloned() {
+                        let before = store.event_count();
+                        let first = next + 1 - events.len() as u64;
+                        let r = store.append_blocking(name, expected, events.clone());
+                        // The same ids at the same place are accepted without a second write;
+                        // a NoStream repeat of a stream's first batch is still that place.
+                        let admitted = match expected {
+                            ExpectedRevision::Any | ExpectedRevision::StreamExists => true,
+                            ExpectedRevision::NoStream => first == 0,
+                            ExpectedRevision::Exact(n) => n + 1 == first,
+                        };
+                        if admitted {
+                            let r = r.unwrap();
+                            prop_assert_eq!(r.next_expected_version, next);
+                            prop_assert_eq!(r.position, pos);
+                        } else {
+                            let is_conflict = matches!(r, Err(StoreError::WrongExpectedVersion { .. }));
+                            prop_assert!(is_conflict);
+                        }
+                        prop_assert_eq!(store.event_count(), before);
+                    }
+                }
+                Op::ReadStream { stream, from, backward, limit } => {
+                    let name = names[stream];
+                    let dir = if backward { Direction::Backward } else { Direction::Forward };
+                    let want = model.stream(name);
+                    match store.read_stream(name, from, dir, limit) {
+                        Ok(got) => {
+                            let want = slice(&want, |x| x.1, from, backward, limit);
+                            let got: Vec<_> = got.iter().map(|e| (e.event_id, e.revision, e.position)).collect();
+                            prop_assert_eq!(got, want);
+                        }
+                        Err(StoreError::StreamNotFound(_)) => prop_assert!(want.is_empty()),
+                        Err(e) => prop_assert!(false, "read failed: {e}"),
+                    }
+                }
+                Op::ReadAll { from, backward, limit } => {
+                    let dir = if backward { Direction::Backward } else { Direction::Forward };
+                    let items: Vec<(u64, Uuid)> = model.all.iter().enumerate().map(|(p, (_, id, _))| (p as u64, *id)).collect();
+                    let want = slice(&items, |x| x.0, from, backward, limit);
+                    let got: Vec<_> = store.read_all(from, dir, limit).unwrap().iter().map(|e| (e.position, e.event_id)).collect();
+                    prop_assert_eq!(got, want);
+                }
+            }
+        }
+        store.close();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_racing_exact_appenders_never_share_a_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let stream = "product-race";
+    let mut successes = Vec::new();
+    let mut conflicts = 0;
+    for _round in 0..10 {
+        let head = store.stream_head(stream).unwrap();
+        let expected = head.map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
+        let barrier = Arc::new(tokio::sync::Barrier::new(64));
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    let e = ev(i);
+                    let id = e.event_id;
+                    barrier.wait().await;
+                    (id, store.append(stream, expected, vec![e]).await)
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                (id, Ok(r)) => {
+                    winners += 1;
+                    successes.push((id, r.next_expected_version));
+                }
+                (_, Err(StoreError::WrongExpectedVersion { current, .. })) => {
+                    conflicts += 1;
+                    assert!(current > head || head.is_none() && current.is_some());
+                }
+                (_, Err(e)) => panic!("unexpected {e}"),
+            }
+        }
+        assert_eq!(winners, 1, "exactly one appender wins each round");
+    }
+    assert_eq!(conflicts, 63 * 10);
+    let mut revs: Vec<u64> = successes.iter().map(|s| s.1).collect();
+    revs.sort();
+    assert_eq!(revs, (0..10).collect::<Vec<_>>());
+    let events = store.read_stream(stream, None, Direction::Forward, 1000).unwrap();
+    assert_eq!(events.len(), 10);
+    for (id, rev) in successes {
+        assert_eq!(events[rev as usize].event_id, id);
+    }
+    assert_eq!(store.event_count(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_any_appends_are_all_kept_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for j in 0..20 {
+                    store
+                        .append("scratch-shared", ExpectedRevision::Any, vec![ev(i * 100 + j)])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let events = store.read_stream("scratch-shared", None, Direction::Forward, 5000).unwrap();
+    assert_eq!(events.len(), 64 * 20);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.revision, i as u64);
+        assert_eq!(e.position, i as u64);
+    }
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn partial_overlap_of_committed_ids_is_a_conflict_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (a, b, c) = (ev(1), ev(2), ev(3));
+    store
+        .append_blocking("product-x", ExpectedRevision::NoStream, vec![a.clone(), b.clone()])
+        .unwrap();
+    // b is committed at revision 1, c is new: neither a clean repeat nor new work.
+    let r = store.append_blocking("product-x", ExpectedRevision::Any, vec![b.clone(), c.clone()]);
+    assert!(matches!(r, Err(StoreError::WrongExpectedVersion { current: Some(1), .. })));
+    let r = store.append_blocking("product-x", ExpectedRevision::Any, vec![c, a.clone()]);
+    assert!(matches!(r, Err(StoreError::WrongExpectedVersion { .. })));
+    assert_eq!(store.event_count(), 2);
+    // The same ids in another stream are other events.
+    store
+        .append_blocking("product-y", ExpectedRevision::NoStream, vec![a, b])
+        .unwrap();
+    assert_eq!(store.event_count(), 4);
+}
+
+#[test]
+fn idempotency_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = ev(7);
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .append_blocking("product-x", ExpectedRevision::NoStream, vec![e.clone()])
+            .unwrap();
+        store.close();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let r = store
+        .append_blocking("product-x", ExpectedRevision::NoStream, vec![e])
+        .unwrap();
+    assert_eq!((r.next_expected_version, r.position), (0, 0));
+    assert_eq!(store.event_count(), 1);
+    let next = store
+        .append_blocking("product-x", ExpectedRevision::Exact(0), vec![ev(8)])
+        .unwrap();
+    assert_eq!(next.position, 1);
+}
+
+#[test]
+fn a_second_opener_is_refused_at_once_naming_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Locked { pid: Some(p), .. } if p == std::process::id()));
+    assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    store.close();
+    drop(store);
+    Store::open(dir.path()).expect("free again once closed");
+}
+
+#[test]
+fn bad_appends_are_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let e = ev(1);
+    for (stream, events) in [
+        ("", vec![ev(1)]),
+        ("$all", vec![ev(1)]),
+        ("a/b", vec![ev(1)]),
+        ("ok", vec![]),
+        ("ok", vec![e.clone(), e.clone()]),
+        (
+            "ok",
+            vec![ProposedEvent::new("Big", 1, vec![b' '; contimg::events::store::MAX_PAYLOAD_BYTES + 1])],
+        ),
+    ] {
+        let r = store.append_blocking(stream, ExpectedRevision::Any, events);
+        assert!(matches!(r, Err(StoreError::InvalidInput(_))), "{stream:?}: {r:?}");
+    }
+    assert_eq!(store.event_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_switches_from_history_to_live_without_gap_or_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for i in 0..500 {
+        store.append("scratch-s", ExpectedRevision::Any, vec![ev(i)]).await.unwrap();
+    }
+    let mut sub = store.subscribe_all(Some(99));
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 500..1500 {
+                store.append("scratch-s", ExpectedRevision::Any, vec![ev(i)]).await.unwrap();
+            }
+        })
+    };
+    // A subscriber that never reads must not hold the writer back.
+    let _idle = store.subscribe_all(None);
+    let mut seen = Vec::new();
+    while seen.len() < 1400 {
+        seen.push(sub.next().await.unwrap().position);
+    }
+    writer.await.unwrap();
+    assert_eq!(seen, (100..1500).collect::<Vec<_>>());
+}
+
+#[test]
+fn verify_names_the_first_corrupt_position() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..20 {
+            store.append_blocking("scratch-v", ExpectedRevision::Any, vec![ev(i)]).unwrap();
+        }
+        store.close();
+    }
+    // Corrupt one record behind the store's back, through sled itself.
+    {
+        let db = sled::open(dir.path().join("log")).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let mut bytes = log.get(7u64.to_be_bytes()).unwrap().unwrap().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        log.insert(7u64.to_be_bytes(), bytes).unwrap();
+        log.remove(12u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(!report.ok());
+    assert_eq!(report.first_bad_position(), Some(7));
+    assert!(report.problems.iter().any(|p| p.position == Some(12) && p.message.contains("gap")));
+}
