@@ -20,14 +20,23 @@ async fn load(base: String, client_no: usize, stop: Arc<AtomicBool>, acked: Arc<
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         // Some clients send batches, some share a stream.
-        let stream = if client_no % 3 == 0 { "scratch-shared".to_string() } else { format!("scratch-{client_no}") };
+        let stream = if client_no % 3 == 0 {
+            "scratch-shared".to_string()
+        } else {
+            format!("scratch-{client_no}")
+        };
         let size = if client_no % 4 == 1 { 5 } else { 1 };
         let ids: Vec<Uuid> = (0..size).map(|_| Uuid::new_v4()).collect();
         let body: Vec<Value> = ids
             .iter()
             .map(|id| json!({"eventId": id.to_string(), "eventType": "Noted", "data": {"client": client_no, "n": n}}))
             .collect();
-        match c.post(format!("{base}/api/streams/{stream}")).json(&body).send().await {
+        match c
+            .post(format!("{base}/api/streams/{stream}"))
+            .json(&body)
+            .send()
+            .await
+        {
             Ok(resp) if resp.status().as_u16() == 201 => acked.lock().unwrap().extend(ids),
             Ok(resp) => panic!("unexpected status {}", resp.status()),
             Err(_) => return, // the server died: this append was never acknowledged
@@ -51,9 +60,16 @@ async fn read_back(base: &str) -> HashSet<Uuid> {
             .await
             .unwrap();
         for e in page["events"].as_array().unwrap() {
-            assert_eq!(e["position"].as_u64().unwrap(), expected_pos, "positions must be gapless");
+            assert_eq!(
+                e["position"].as_u64().unwrap(),
+                expected_pos,
+                "positions must be gapless"
+            );
             expected_pos += 1;
-            assert!(ids.insert(e["eventId"].as_str().unwrap().parse().unwrap()), "duplicate event");
+            assert!(
+                ids.insert(e["eventId"].as_str().unwrap().parse().unwrap()),
+                "duplicate event"
+            );
         }
         from = page["next"].as_u64();
     }
@@ -64,7 +80,12 @@ async fn run_cycle(dir: &std::path::Path, acked: &Arc<Mutex<Vec<Uuid>>>, gracefu
     let server = ChildServer::start(dir, &[]);
     // Everything acknowledged before, in any earlier life of the server, is here.
     let present = read_back(&server.base).await;
-    let missing = acked.lock().unwrap().iter().filter(|id| !present.contains(id)).count();
+    let missing = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|id| !present.contains(id))
+        .count();
     assert_eq!(missing, 0, "{missing} acknowledged events lost");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -74,10 +95,14 @@ async fn run_cycle(dir: &std::path::Path, acked: &Arc<Mutex<Vec<Uuid>>>, gracefu
     let wait = rand::thread_rng().gen_range(150..700);
     tokio::time::sleep(Duration::from_millis(wait)).await;
     if graceful {
-        let status = tokio::task::spawn_blocking(move || server.sigterm()).await.unwrap();
+        let status = tokio::task::spawn_blocking(move || server.sigterm())
+            .await
+            .unwrap();
         assert!(status.success(), "serve exits 0 on SIGTERM, got {status}");
     } else {
-        tokio::task::spawn_blocking(move || server.kill9()).await.unwrap();
+        tokio::task::spawn_blocking(move || server.kill9())
+            .await
+            .unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -95,7 +120,10 @@ async fn acknowledged_appends_survive_sigkill_and_sigterm() {
         run_cycle(&ledger, &acked, cycle % 6 == 5).await;
     }
     let total = acked.lock().unwrap().len();
-    assert!(total > 100, "the load produced only {total} acknowledged events");
+    assert!(
+        total > 100,
+        "the load produced only {total} acknowledged events"
+    );
     // A last life: everything acknowledged is present.
     let server = ChildServer::start(&ledger, &[]);
     let present = read_back(&server.base).await;

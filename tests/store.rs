@@ -71,13 +71,30 @@ impl Model {
     }
 }
 
-fn slice<T: Clone>(items: &[T], key: impl Fn(&T) -> u64, from: Option<u64>, backward: bool, limit: usize) -> Vec<T> {
+fn slice<T: Clone>(
+    items: &[T],
+    key: impl Fn(&T) -> u64,
+    from: Option<u64>,
+    backward: bool,
+    limit: usize,
+) -> Vec<T> {
     if backward {
         let from = from.unwrap_or(u64::MAX);
-        items.iter().rev().filter(|x| key(x) <= from).take(limit).cloned().collect()
+        items
+            .iter()
+            .rev()
+            .filter(|x| key(x) <= from)
+            .take(limit)
+            .cloned()
+            .collect()
     } else {
         let from = from.unwrap_or(0);
-        items.iter().filter(|x| key(x) >= from).take(limit).cloned().collect()
+        items
+            .iter()
+            .filter(|x| key(x) >= from)
+            .take(limit)
+            .cloned()
+            .collect()
     }
 }
 
@@ -213,7 +230,9 @@ async fn sixty_four_racing_exact_appenders_never_share_a_revision() {
     let mut revs: Vec<u64> = successes.iter().map(|s| s.1).collect();
     revs.sort();
     assert_eq!(revs, (0..10).collect::<Vec<_>>());
-    let events = store.read_stream(stream, None, Direction::Forward, 1000).unwrap();
+    let events = store
+        .read_stream(stream, None, Direction::Forward, 1000)
+        .unwrap();
     assert_eq!(events.len(), 10);
     for (id, rev) in successes {
         assert_eq!(events[rev as usize].event_id, id);
@@ -231,7 +250,11 @@ async fn concurrent_any_appends_are_all_kept_once() {
             tokio::spawn(async move {
                 for j in 0..20 {
                     store
-                        .append("scratch-shared", ExpectedRevision::Any, vec![ev(i * 100 + j)])
+                        .append(
+                            "scratch-shared",
+                            ExpectedRevision::Any,
+                            vec![ev(i * 100 + j)],
+                        )
                         .await
                         .unwrap();
                 }
@@ -241,7 +264,9 @@ async fn concurrent_any_appends_are_all_kept_once() {
     for t in tasks {
         t.await.unwrap();
     }
-    let events = store.read_stream("scratch-shared", None, Direction::Forward, 5000).unwrap();
+    let events = store
+        .read_stream("scratch-shared", None, Direction::Forward, 5000)
+        .unwrap();
     assert_eq!(events.len(), 64 * 20);
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.revision, i as u64);
@@ -257,11 +282,25 @@ fn partial_overlap_of_committed_ids_is_a_conflict_and_writes_nothing() {
     let store = Store::open(dir.path()).unwrap();
     let (a, b, c) = (ev(1), ev(2), ev(3));
     store
-        .append_blocking("product-x", ExpectedRevision::NoStream, vec![a.clone(), b.clone()])
+        .append_blocking(
+            "product-x",
+            ExpectedRevision::NoStream,
+            vec![a.clone(), b.clone()],
+        )
         .unwrap();
     // b is committed at revision 1, c is new: neither a clean repeat nor new work.
-    let r = store.append_blocking("product-x", ExpectedRevision::Any, vec![b.clone(), c.clone()]);
-    assert!(matches!(r, Err(StoreError::WrongExpectedVersion { current: Some(1), .. })));
+    let r = store.append_blocking(
+        "product-x",
+        ExpectedRevision::Any,
+        vec![b.clone(), c.clone()],
+    );
+    assert!(matches!(
+        r,
+        Err(StoreError::WrongExpectedVersion {
+            current: Some(1),
+            ..
+        })
+    ));
     let r = store.append_blocking("product-x", ExpectedRevision::Any, vec![c, a.clone()]);
     assert!(matches!(r, Err(StoreError::WrongExpectedVersion { .. })));
     assert_eq!(store.event_count(), 2);
@@ -321,11 +360,18 @@ fn bad_appends_are_refused_before_writing() {
         ("ok", vec![e.clone(), e.clone()]),
         (
             "ok",
-            vec![ProposedEvent::new("Big", 1, vec![b' '; contimg::events::store::MAX_PAYLOAD_BYTES + 1])],
+            vec![ProposedEvent::new(
+                "Big",
+                1,
+                vec![b' '; contimg::events::store::MAX_PAYLOAD_BYTES + 1],
+            )],
         ),
     ] {
         let r = store.append_blocking(stream, ExpectedRevision::Any, events);
-        assert!(matches!(r, Err(StoreError::InvalidInput(_))), "{stream:?}: {r:?}");
+        assert!(
+            matches!(r, Err(StoreError::InvalidInput(_))),
+            "{stream:?}: {r:?}"
+        );
     }
     assert_eq!(store.event_count(), 0);
 }
@@ -335,14 +381,20 @@ async fn subscription_switches_from_history_to_live_without_gap_or_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     for i in 0..500 {
-        store.append("scratch-s", ExpectedRevision::Any, vec![ev(i)]).await.unwrap();
+        store
+            .append("scratch-s", ExpectedRevision::Any, vec![ev(i)])
+            .await
+            .unwrap();
     }
     let mut sub = store.subscribe_all(Some(99));
     let writer = {
         let store = store.clone();
         tokio::spawn(async move {
             for i in 500..1500 {
-                store.append("scratch-s", ExpectedRevision::Any, vec![ev(i)]).await.unwrap();
+                store
+                    .append("scratch-s", ExpectedRevision::Any, vec![ev(i)])
+                    .await
+                    .unwrap();
             }
         })
     };
@@ -362,24 +414,32 @@ fn verify_names_the_first_corrupt_position() {
     {
         let store = Store::open(dir.path()).unwrap();
         for i in 0..20 {
-            store.append_blocking("scratch-v", ExpectedRevision::Any, vec![ev(i)]).unwrap();
+            store
+                .append_blocking("scratch-v", ExpectedRevision::Any, vec![ev(i)])
+                .unwrap();
         }
         store.close();
     }
     // Corrupt one record behind the store's back, through sled itself.
     {
+        let key = |p: u64| [&[b'L'][..], &p.to_be_bytes()].concat();
         let db = sled::open(dir.path().join("log")).unwrap();
-        let log = db.open_tree("log").unwrap();
-        let mut bytes = log.get(7u64.to_be_bytes()).unwrap().unwrap().to_vec();
+        let log = db.open_tree("ledger").unwrap();
+        let mut bytes = log.get(key(7)).unwrap().unwrap().to_vec();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x55;
-        log.insert(7u64.to_be_bytes(), bytes).unwrap();
-        log.remove(12u64.to_be_bytes()).unwrap();
+        log.insert(key(7), bytes).unwrap();
+        log.remove(key(12)).unwrap();
         db.flush().unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
     let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
     assert!(!report.ok());
     assert_eq!(report.first_bad_position(), Some(7));
-    assert!(report.problems.iter().any(|p| p.position == Some(12) && p.message.contains("gap")));
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.position == Some(12) && p.message.contains("gap"))
+    );
 }

@@ -1,13 +1,23 @@
 //! The event store on sled: one writer thread with group commit, reads of streams and of
 //! `$all`, and catch-up subscriptions.
 //!
-//! Trees (all keys big-endian so that sled's byte order is numeric order):
-//! - `log`: position -> encoded record (the truth);
-//! - `heads`: stream -> last revision;
-//! - `index`: stream, 0x00, revision -> position;
-//! - `ids`: stream, 0x00, event id -> revision, position (the durable idempotency index).
+//! One sled tree, `ledger`, holds four kinds of key, told apart by a first byte (numbers
+//! big-endian so that sled's byte order is numeric order):
+//! - `L` position -> encoded record (the truth, `$all`);
+//! - `H` stream -> last revision (the stream head);
+//! - `S` stream 0x00 revision -> position (the stream index);
+//! - `I` stream 0x00 event id -> revision, position (the durable idempotency index).
 //!
-//! Stream names hold no control character, so 0x00 cannot occur inside one.
+//! One tree because a sled batch on one tree is atomic, crash included: a group commit
+//! writes events, heads and both indexes in one `apply_batch`, which costs a fraction of
+//! a multi-tree transaction. Stream names hold no control character, so 0x00 cannot occur
+//! inside one.
+//!
+//! Appends go through two threads. The writer takes every queued request, decides each
+//! (expected revision, idempotency), and applies the accepted ones in one batch; the
+//! syncer then makes everything applied so far durable (sled flush, then `fdatasync` of
+//! the data file) and only then answers. While the syncer waits on the disk the writer
+//! applies the next requests, so a group commit grows with the load by itself.
 //!
 //! Readers only see events up to the durable head: an event becomes visible after the
 //! batch holding it has been flushed and `fdatasync`ed, at the moment its writers are
@@ -18,11 +28,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
 
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
@@ -68,18 +76,10 @@ enum WriterMsg {
     Import(ImportRequest),
 }
 
-#[derive(Clone)]
-struct Trees {
-    log: sled::Tree,
-    heads: sled::Tree,
-    index: sled::Tree,
-    ids: sled::Tree,
-}
-
 struct Inner {
     dir: PathBuf,
     db: sled::Db,
-    trees: Trees,
+    tree: sled::Tree,
     /// Number of durable events: positions `0..durable` are readable.
     durable: AtomicU64,
     head_tx: watch::Sender<u64>,
@@ -104,12 +104,43 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn stream_key(stream: &str, suffix: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(stream.len() + 1 + suffix.len());
-    k.extend_from_slice(stream.as_bytes());
-    k.push(0);
-    k.extend_from_slice(suffix);
-    k
+/// Key layout of the `ledger` tree.
+pub(crate) mod keys {
+    pub const LOG: u8 = b'L';
+    pub const HEAD: u8 = b'H';
+    pub const INDEX: u8 = b'S';
+    pub const ID: u8 = b'I';
+
+    pub fn log(position: u64) -> [u8; 9] {
+        let mut k = [LOG; 9];
+        k[1..].copy_from_slice(&position.to_be_bytes());
+        k
+    }
+
+    pub fn head(stream: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(stream.len() + 1);
+        k.push(HEAD);
+        k.extend_from_slice(stream.as_bytes());
+        k
+    }
+
+    /// `kind`, stream, 0x00, `suffix`.
+    pub fn in_stream(kind: u8, stream: &str, suffix: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(stream.len() + 2 + suffix.len());
+        k.push(kind);
+        k.extend_from_slice(stream.as_bytes());
+        k.push(0);
+        k.extend_from_slice(suffix);
+        k
+    }
+
+    pub fn index(stream: &str, revision: u64) -> Vec<u8> {
+        in_stream(INDEX, stream, &revision.to_be_bytes())
+    }
+
+    pub fn id(stream: &str, id: &uuid::Uuid) -> Vec<u8> {
+        in_stream(ID, stream, id.as_bytes())
+    }
 }
 
 fn be_u64(bytes: &[u8]) -> u64 {
@@ -159,7 +190,7 @@ impl Store {
         let fresh = !sled_dir.exists();
         let db = sled::Config::new()
             .path(&sled_dir)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(1024 * 1024 * 1024)
             .open()
             .map_err(|e| StoreError::Storage(format!("opening {}: {e}", sled_dir.display())))?;
         if fresh {
@@ -167,27 +198,16 @@ impl Store {
             File::open(&sled_dir)?.sync_all()?;
             File::open(&dir)?.sync_all()?;
         }
-        let trees = Trees {
-            log: db.open_tree("log")?,
-            heads: db.open_tree("heads")?,
-            index: db.open_tree("index")?,
-            ids: db.open_tree("ids")?,
-        };
-        let next_position = match trees.log.last()? {
-            Some((k, _)) => be_u64(&k) + 1,
-            None => 0,
-        };
-        let last_created = match trees.log.last()? {
-            Some((k, v)) => {
-                RecordedEvent::decode(&v)
-                    .map_err(|e| StoreError::Corrupt {
-                        position: be_u64(&k),
-                        reason: e.to_string(),
-                    })?
-                    .created_micros
-            }
-            None => i64::MIN,
-        };
+        let tree = db.open_tree("ledger")?;
+        let (next_position, last_created) =
+            match tree.range(keys::log(0)..=keys::log(u64::MAX)).next_back() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    let position = be_u64(&k[1..]);
+                    (position + 1, decode_at(position, &v)?.created_micros)
+                }
+                None => (0, i64::MIN),
+            };
         let data_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -198,7 +218,7 @@ impl Store {
         let inner = Arc::new(Inner {
             dir,
             db: db.clone(),
-            trees: trees.clone(),
+            tree: tree.clone(),
             durable: AtomicU64::new(next_position),
             head_tx,
             sender: Mutex::new(Some(tx)),
@@ -207,17 +227,21 @@ impl Store {
             _lock: lock,
         });
         let writer = Writer {
-            db,
-            trees,
-            data_file,
+            tree,
             next_position,
             last_created,
+            poisoned: poisoned.clone(),
+        };
+        let syncer = Syncer {
+            db,
+            data_file,
+            queue: Arc::new(SyncQueue::default()),
             inner: Arc::downgrade(&inner),
             poisoned,
         };
         let handle = std::thread::Builder::new()
             .name("contimg-writer".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || writer.run(rx, syncer))?;
         *inner.writer.lock().expect("writer mutex") = Some(handle);
         Ok(Store { inner })
     }
@@ -305,23 +329,21 @@ impl Store {
 
     /// The last revision of a stream among durable events, `None` when it has none.
     pub fn stream_head(&self, stream: &str) -> Result<Option<u64>, StoreError> {
-        let Some(rev) = self.inner.trees.heads.get(stream.as_bytes())? else {
+        let Some(rev) = self.inner.tree.get(keys::head(stream))? else {
             return Ok(None);
         };
-        let rev = be_u64(&rev);
         // The head may be ahead of durability for a moment; step back to the durable part.
         let durable = self.event_count();
-        let prefix = stream_key(stream, &[]);
+        let prefix_len = keys::in_stream(keys::INDEX, stream, &[]).len();
         for item in self
             .inner
-            .trees
-            .index
-            .range(prefix.clone()..=stream_key(stream, &rev.to_be_bytes()))
+            .tree
+            .range(keys::index(stream, 0)..=keys::index(stream, be_u64(&rev)))
             .rev()
         {
             let (k, v) = item?;
             if be_u64(&v) < durable {
-                return Ok(Some(be_u64(&k[prefix.len()..])));
+                return Ok(Some(be_u64(&k[prefix_len..])));
             }
         }
         Ok(None)
@@ -337,47 +359,35 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let durable = self.event_count();
-        let prefix = stream_key(stream, &[]);
-        let low = stream_key(stream, &0u64.to_be_bytes());
-        let high = stream_key(stream, &u64::MAX.to_be_bytes());
-        let exists = match self
-            .inner
-            .trees
-            .index
-            .range(low.clone()..=high.clone())
-            .next()
-        {
+        let low = keys::index(stream, 0);
+        let high = keys::index(stream, u64::MAX);
+        let exists = match self.inner.tree.range(low.clone()..=high.clone()).next() {
             Some(item) => be_u64(&item?.1) < durable,
             None => false,
         };
         if !exists {
             return Err(StoreError::StreamNotFound(stream.to_string()));
         }
-        let range = match (direction, from) {
-            (Direction::Forward, f) => self
-                .inner
-                .trees
-                .index
-                .range(stream_key(stream, &f.unwrap_or(0).to_be_bytes())..=high),
-            (Direction::Backward, f) => self
-                .inner
-                .trees
-                .index
-                .range(low..=stream_key(stream, &f.unwrap_or(u64::MAX).to_be_bytes())),
-        };
         let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match direction
         {
-            Direction::Forward => Box::new(range),
-            Direction::Backward => Box::new(range.rev()),
+            Direction::Forward => Box::new(
+                self.inner
+                    .tree
+                    .range(keys::index(stream, from.unwrap_or(0))..=high),
+            ),
+            Direction::Backward => Box::new(
+                self.inner
+                    .tree
+                    .range(low..=keys::index(stream, from.unwrap_or(u64::MAX)))
+                    .rev(),
+            ),
         };
         let mut out = Vec::new();
         for item in iter {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = item?;
-            debug_assert!(k.starts_with(&prefix));
-            let position = be_u64(&v);
+            let position = be_u64(&item?.1);
             if position >= durable {
                 // Not yet durable: invisible. Going forward nothing after it is either.
                 if direction == Direction::Forward {
@@ -392,16 +402,30 @@ impl Store {
 
     /// The event at a position.
     pub fn get(&self, position: u64) -> Result<RecordedEvent, StoreError> {
-        let bytes = self
-            .inner
-            .trees
-            .log
-            .get(position.to_be_bytes())?
-            .ok_or_else(|| StoreError::Corrupt {
-                position,
-                reason: "missing from the log".into(),
-            })?;
+        let bytes =
+            self.inner
+                .tree
+                .get(keys::log(position))?
+                .ok_or_else(|| StoreError::Corrupt {
+                    position,
+                    reason: "missing from the log".into(),
+                })?;
         decode_at(position, &bytes)
+    }
+
+    /// Raw log entries in `[from, to)`, in order, as (position, stored bytes).
+    fn log_range(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> impl DoubleEndedIterator<Item = Result<(u64, sled::IVec), StoreError>> + use<> {
+        self.inner
+            .tree
+            .range(keys::log(from)..keys::log(to))
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((be_u64(&k[1..]), v))
+            })
     }
 
     /// Reads up to `limit` events of `$all` from position `from` (inclusive; `None` means
@@ -414,38 +438,26 @@ impl Store {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let durable = self.event_count();
         let mut out = Vec::with_capacity(limit.min(4096));
-        match direction {
-            Direction::Forward => {
-                let start = from.unwrap_or(0);
-                if start >= durable {
-                    return Ok(out);
-                }
-                for item in self
-                    .inner
-                    .trees
-                    .log
-                    .range(start.to_be_bytes()..durable.to_be_bytes())
-                {
-                    if out.len() >= limit {
-                        break;
+        let entries: Box<dyn Iterator<Item = Result<(u64, sled::IVec), StoreError>>> =
+            match direction {
+                Direction::Forward => {
+                    let start = from.unwrap_or(0);
+                    if start >= durable {
+                        return Ok(out);
                     }
-                    let (k, v) = item?;
-                    out.push(decode_at(be_u64(&k), &v)?);
+                    Box::new(self.log_range(start, durable))
                 }
-            }
-            Direction::Backward => {
-                let Some(last) = durable.checked_sub(1) else {
-                    return Ok(out);
-                };
-                let start = from.unwrap_or(last).min(last);
-                for item in self.inner.trees.log.range(..=start.to_be_bytes()).rev() {
-                    if out.len() >= limit {
-                        break;
-                    }
-                    let (k, v) = item?;
-                    out.push(decode_at(be_u64(&k), &v)?);
+                Direction::Backward => {
+                    let Some(last) = durable.checked_sub(1) else {
+                        return Ok(out);
+                    };
+                    let start = from.unwrap_or(last).min(last);
+                    Box::new(self.log_range(0, start + 1).rev())
                 }
-            }
+            };
+        for entry in entries.take(limit) {
+            let (position, bytes) = entry?;
+            out.push(decode_at(position, &bytes)?);
         }
         Ok(out)
     }
@@ -459,17 +471,9 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let durable = self.event_count();
         let mut n = 0;
-        if from >= durable {
-            return Ok(0);
-        }
-        for item in self
-            .inner
-            .trees
-            .log
-            .range(from.to_be_bytes()..durable.to_be_bytes())
-        {
-            let (k, v) = item?;
-            f(decode_at(be_u64(&k), &v)?)?;
+        for entry in self.log_range(from, durable.max(from)) {
+            let (position, bytes) = entry?;
+            f(decode_at(position, &bytes)?)?;
             n += 1;
         }
         Ok(n)
@@ -492,14 +496,8 @@ impl Store {
     }
 
     /// Raw access for `verify`.
-    pub(crate) fn raw_trees(&self) -> (sled::Tree, sled::Tree, sled::Tree, sled::Tree) {
-        let t = &self.inner.trees;
-        (
-            t.log.clone(),
-            t.heads.clone(),
-            t.index.clone(),
-            t.ids.clone(),
-        )
+    pub(crate) fn raw_tree(&self) -> sled::Tree {
+        self.inner.tree.clone()
     }
 
     /// Bytes sled occupies on disk.
@@ -597,10 +595,7 @@ impl Subscription {
 /// Planned writes of one group commit.
 #[derive(Default)]
 struct Plan {
-    log: sled::Batch,
-    heads: sled::Batch,
-    index: sled::Batch,
-    ids: sled::Batch,
+    batch: sled::Batch,
     head_overlay: HashMap<String, u64>,
     id_overlay: HashMap<(String, Uuid), (u64, u64)>,
     written: usize,
@@ -608,22 +603,151 @@ struct Plan {
 
 /// Owns appends. Runs on its own thread because sled and fdatasync block.
 struct Writer {
-    db: sled::Db,
-    trees: Trees,
-    data_file: File,
+    tree: sled::Tree,
     next_position: u64,
     last_created: i64,
+    poisoned: Arc<AtomicBool>,
+}
+
+/// One applied batch waiting to be made durable, with the answers it owes.
+struct Ticket {
+    /// The log's next position once this batch is in.
+    end: u64,
+    replies: Vec<Reply>,
+}
+
+enum Reply {
+    Append(
+        oneshot::Sender<Result<AppendResult, StoreError>>,
+        Result<AppendResult, StoreError>,
+    ),
+    Import(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
+}
+
+impl Reply {
+    fn send(self) {
+        match self {
+            Reply::Append(tx, r) => drop(tx.send(r)),
+            Reply::Import(tx, r) => drop(tx.send(r)),
+        }
+    }
+
+    /// Turns a success into `err`: the batch it belongs to never became durable.
+    fn fail(self, err: &str) {
+        match self {
+            Reply::Append(tx, r) => drop(tx.send(r.and(Err(StoreError::Storage(err.into()))))),
+            Reply::Import(tx, r) => drop(tx.send(r.and(Err(StoreError::Storage(err.into()))))),
+        }
+    }
+}
+
+/// Applied batches on their way to the disk. The writer pushes; the syncer drains
+/// everything queued, makes it durable with one flush and one fdatasync, then answers.
+/// While the syncer waits on the disk the writer applies the next batches, so the size of
+/// a group commit follows the load by itself.
+#[derive(Default)]
+struct SyncQueue {
+    state: Mutex<(VecDeque<Ticket>, bool)>,
+    ready: Condvar,
+}
+
+impl SyncQueue {
+    fn push(&self, ticket: Ticket) {
+        self.state.lock().expect("sync queue").0.push_back(ticket);
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("sync queue").1 = true;
+        self.ready.notify_one();
+    }
+
+    /// Everything queued, waiting for some; `None` once closed and empty.
+    fn take(&self) -> Option<Vec<Ticket>> {
+        let mut state = self.state.lock().expect("sync queue");
+        loop {
+            if !state.0.is_empty() {
+                return Some(state.0.drain(..).collect());
+            }
+            if state.1 {
+                return None;
+            }
+            state = self.ready.wait(state).expect("sync queue");
+        }
+    }
+}
+
+struct Syncer {
+    db: sled::Db,
+    data_file: File,
+    queue: Arc<SyncQueue>,
     inner: std::sync::Weak<Inner>,
     poisoned: Arc<AtomicBool>,
 }
 
-type Replies = Vec<(
-    oneshot::Sender<Result<AppendResult, StoreError>>,
-    Result<AppendResult, StoreError>,
-)>;
+impl Syncer {
+    fn run(self) {
+        while let Some(tickets) = self.queue.take() {
+            let end = tickets.last().map_or(0, |t| t.end);
+            if self.poisoned.load(Ordering::Acquire) {
+                tickets
+                    .into_iter()
+                    .flat_map(|t| t.replies)
+                    .for_each(|r| r.fail("an earlier flush failed"));
+                continue;
+            }
+            match self.sync() {
+                Ok(()) => {
+                    if let Some(inner) = self.inner.upgrade() {
+                        inner.durable.store(end, Ordering::Release);
+                        inner.head_tx.send_replace(end);
+                    }
+                    tickets
+                        .into_iter()
+                        .flat_map(|t| t.replies)
+                        .for_each(Reply::send);
+                }
+                Err(e) => {
+                    self.poisoned.store(true, Ordering::Release);
+                    tracing::error!(error = %e, "making appends durable failed; refusing appends until restart");
+                    let e = e.to_string();
+                    tickets
+                        .into_iter()
+                        .flat_map(|t| t.replies)
+                        .for_each(|r| r.fail(&e));
+                }
+            }
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(|e| StoreError::Storage(format!("flush: {e}")))?;
+        // sled's flush ends in sync_file_range, which leaves the disk's write cache alone.
+        self.data_file
+            .sync_data()
+            .map_err(|e| StoreError::Storage(format!("fdatasync: {e}")))
+    }
+}
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
+    fn run(mut self, rx: mpsc::Receiver<WriterMsg>, syncer: Syncer) {
+        let queue = syncer.queue.clone();
+        let syncer = std::thread::Builder::new()
+            .name("contimg-sync".into())
+            .spawn(move || syncer.run());
+        let syncer = match syncer {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the sync thread");
+                self.poisoned.store(true, Ordering::Release);
+                return;
+            }
+        };
         // recv() keeps returning queued messages after every sender is gone, so a close
         // still answers everything that was submitted.
         while let Ok(first) = rx.recv() {
@@ -638,88 +762,64 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(batch);
+            self.commit_batch(batch, &queue);
         }
-        let _ = self.db.flush();
+        queue.close();
+        let _ = syncer.join();
     }
 
-    fn commit_batch(&mut self, batch: Vec<WriterMsg>) {
+    fn commit_batch(&mut self, batch: Vec<WriterMsg>, queue: &SyncQueue) {
+        if self.poisoned.load(Ordering::Acquire) {
+            // The disk failed under an earlier batch: what is in sled now is unknown.
+            for msg in batch {
+                match msg {
+                    WriterMsg::Append(r) => drop(r.reply.send(Err(StoreError::Closed))),
+                    WriterMsg::Import(r) => drop(r.reply.send(Err(StoreError::Closed))),
+                }
+            }
+            return;
+        }
         let start_position = self.next_position;
         let start_created = self.last_created;
         let mut plan = Plan::default();
-        let mut replies: Replies = Vec::new();
-        let mut import_replies = Vec::new();
+        let mut replies = Vec::with_capacity(batch.len());
         for msg in batch {
             match msg {
                 WriterMsg::Append(req) => {
                     let result = self.plan_append(&req, &mut plan);
-                    replies.push((req.reply, result));
+                    replies.push(Reply::Append(req.reply, result));
                 }
                 WriterMsg::Import(req) => {
                     let result = self.plan_import(&req.records, &mut plan);
-                    import_replies.push((req.reply, result));
+                    replies.push(Reply::Import(req.reply, result));
                 }
             }
         }
-        if plan.written > 0
-            && let Err(e) = self.write_durably(&plan)
-        {
-            tracing::error!(error = %e, "group commit failed; appends refused");
-            self.next_position = start_position;
-            self.last_created = start_created;
-            for (reply, result) in replies {
-                let r = match result {
-                    Ok(_) => Err(StoreError::Storage(e.to_string())),
-                    Err(other) => Err(other),
-                };
-                let _ = reply.send(r);
+        if plan.written > 0 {
+            // Atomic, crash included: events, heads and both indexes land together or not
+            // at all. Durability is the syncer's job.
+            if let Err(e) = self.tree.apply_batch(plan.batch) {
+                tracing::error!(error = %e, "applying a batch failed; its appends are refused");
+                self.next_position = start_position;
+                self.last_created = start_created;
+                let e = e.to_string();
+                replies.into_iter().for_each(|r| r.fail(&e));
+                return;
             }
-            for (reply, result) in import_replies {
-                let _ = reply.send(result.and(Err(StoreError::Storage(e.to_string()))));
-            }
-            return;
         }
-        if let Some(inner) = self.inner.upgrade() {
-            inner.durable.store(self.next_position, Ordering::Release);
-            inner.head_tx.send_replace(self.next_position);
-        }
-        for (reply, result) in replies {
-            let _ = reply.send(result);
-        }
-        for (reply, result) in import_replies {
-            let _ = reply.send(result);
-        }
-    }
-
-    fn write_durably(&self, plan: &Plan) -> Result<(), StoreError> {
-        let t = &self.trees;
-        (&t.log, &t.heads, &t.index, &t.ids)
-            .transaction(|(log, heads, index, ids)| {
-                // No side effects here: sled may run this closure more than once.
-                log.apply_batch(&plan.log)?;
-                heads.apply_batch(&plan.heads)?;
-                index.apply_batch(&plan.index)?;
-                ids.apply_batch(&plan.ids)?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e: TransactionError<()>| StoreError::Storage(format!("{e:?}")))?;
-        self.db.flush().map_err(|e| {
-            self.poisoned.store(true, Ordering::Release);
-            StoreError::Storage(format!("flush: {e}"))
-        })?;
-        // sled's flush ends in sync_file_range, which leaves the disk's write cache alone.
-        self.data_file.sync_data().map_err(|e| {
-            self.poisoned.store(true, Ordering::Release);
-            StoreError::Storage(format!("fdatasync: {e}"))
-        })?;
-        Ok(())
+        // Answers wait for the syncer even when nothing was written: a refusal or an
+        // idempotent repeat may rest on events of a batch that is not durable yet.
+        queue.push(Ticket {
+            end: self.next_position,
+            replies,
+        });
     }
 
     fn head(&self, plan: &Plan, stream: &str) -> Result<Option<u64>, StoreError> {
         if let Some(&r) = plan.head_overlay.get(stream) {
             return Ok(Some(r));
         }
-        Ok(self.trees.heads.get(stream.as_bytes())?.map(|v| be_u64(&v)))
+        Ok(self.tree.get(keys::head(stream))?.map(|v| be_u64(&v)))
     }
 
     fn find_id(
@@ -732,9 +832,8 @@ impl Writer {
             return Ok(Some(hit));
         }
         Ok(self
-            .trees
-            .ids
-            .get(stream_key(stream, id.as_bytes()))?
+            .tree
+            .get(keys::id(stream, &id))?
             .map(|v| (be_u64(&v[..8]), be_u64(&v[8..16]))))
     }
 
@@ -861,16 +960,16 @@ impl Writer {
     fn stage_record(&mut self, record: &mut RecordedEvent, plan: &mut Plan) {
         let pos = record.position.to_be_bytes();
         let rev = record.revision.to_be_bytes();
-        plan.log.insert(&pos, record.encode());
-        plan.heads.insert(record.stream_id.as_bytes(), &rev);
-        plan.index.insert(stream_key(&record.stream_id, &rev), &pos);
+        plan.batch
+            .insert(&keys::log(record.position), record.encode());
+        plan.batch.insert(keys::head(&record.stream_id), &rev);
+        plan.batch
+            .insert(keys::index(&record.stream_id, record.revision), &pos);
         let mut id_value = [0u8; 16];
         id_value[..8].copy_from_slice(&rev);
         id_value[8..].copy_from_slice(&pos);
-        plan.ids.insert(
-            stream_key(&record.stream_id, record.event_id.as_bytes()),
-            &id_value,
-        );
+        plan.batch
+            .insert(keys::id(&record.stream_id, &record.event_id), &id_value);
         plan.head_overlay
             .insert(record.stream_id.clone(), record.revision);
         plan.id_overlay.insert(

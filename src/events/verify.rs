@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::record::RecordedEvent;
-use super::store::Store;
+use super::store::{Store, keys};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
@@ -43,7 +43,7 @@ fn be(bytes: &[u8]) -> Option<u64> {
 
 /// Checks a store opened by this process (so nobody appends meanwhile).
 pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyReport, sled::Error> {
-    let (log, heads, index, ids) = store.raw_trees();
+    let tree = store.raw_tree();
     let mut problems = Vec::new();
     let mut add = |position: Option<u64>, message: String| {
         if problems.len() < MAX_PROBLEMS {
@@ -54,9 +54,9 @@ pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRepo
     let mut last_rev: HashMap<String, u64> = HashMap::new();
     let mut expected_pos = 0u64;
     let mut events = 0u64;
-    for item in log.iter() {
+    for item in tree.scan_prefix([keys::LOG]) {
         let (k, v) = item?;
-        let Some(pos) = be(&k).filter(|_| k.len() == 8) else {
+        let Some(pos) = be(&k[1..]).filter(|_| k.len() == 9) else {
             add(
                 None,
                 format!("log key of {} bytes is not a position", k.len()),
@@ -97,11 +97,11 @@ pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRepo
             );
         }
         last_rev.insert(r.stream_id.clone(), r.revision);
-        let mut key = r.stream_id.as_bytes().to_vec();
-        key.push(0);
-        let mut rev_key = key.clone();
-        rev_key.extend_from_slice(&r.revision.to_be_bytes());
-        match index.get(&rev_key)?.as_deref().and_then(be) {
+        match tree
+            .get(keys::index(&r.stream_id, r.revision))?
+            .as_deref()
+            .and_then(be)
+        {
             Some(p) if p == pos => {}
             other => add(
                 Some(pos),
@@ -111,9 +111,7 @@ pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRepo
                 ),
             ),
         }
-        let mut id_key = key;
-        id_key.extend_from_slice(r.event_id.as_bytes());
-        match ids.get(&id_key)? {
+        match tree.get(keys::id(&r.stream_id, &r.event_id))? {
             Some(v) if be(&v) == Some(r.revision) && v.get(8..).and_then(be) == Some(pos) => {}
             _ => add(
                 Some(pos),
@@ -126,24 +124,25 @@ pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRepo
     }
     progress(events);
     // Nothing in the indexes that the log does not hold.
-    if index.len() as u64 != events {
+    let index_len = tree.scan_prefix([keys::INDEX]).count() as u64;
+    if index_len != events {
         add(
             None,
-            format!(
-                "stream index has {} entries for {events} events",
-                index.len()
-            ),
+            format!("stream index has {index_len} entries for {events} events"),
         );
     }
-    if ids.len() as u64 != events {
+    let ids_len = tree.scan_prefix([keys::ID]).count() as u64;
+    if ids_len != events {
         add(
             None,
-            format!("id index has {} entries for {events} events", ids.len()),
+            format!("id index has {ids_len} entries for {events} events"),
         );
     }
-    for item in heads.iter() {
+    let mut heads = 0u64;
+    for item in tree.scan_prefix([keys::HEAD]) {
         let (k, v) = item?;
-        let stream = String::from_utf8_lossy(&k).to_string();
+        heads += 1;
+        let stream = String::from_utf8_lossy(&k[1..]).to_string();
         match (last_rev.get(&stream), be(&v)) {
             (Some(&r), Some(h)) if r == h => {}
             (seen, h) => add(
@@ -152,14 +151,18 @@ pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRepo
             ),
         }
     }
-    if heads.len() != last_rev.len() {
+    if heads != last_rev.len() as u64 {
         add(
             None,
-            format!(
-                "{} stream heads for {} streams",
-                heads.len(),
-                last_rev.len()
-            ),
+            format!("{heads} stream heads for {} streams", last_rev.len()),
+        );
+    }
+    let known = events + index_len + ids_len + heads;
+    let total = tree.len() as u64;
+    if total != known {
+        add(
+            None,
+            format!("{} keys of no known kind", total.saturating_sub(known)),
         );
     }
     problems.sort_by_key(|p| p.position.unwrap_or(u64::MAX));

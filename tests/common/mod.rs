@@ -99,5 +99,8 @@ impl ChildServer {
 }
 
 pub fn contimg(args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(args).output().expect("run contimg")
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run contimg")
 }
