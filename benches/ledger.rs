@@ -99,6 +99,10 @@ fn appenders(concurrency: usize) -> (f64, f64) {
         }
     });
     let rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "  ({concurrency} appenders: {:.1} events per durable commit on average)",
+        count.load(Ordering::Relaxed) as f64 / store.sync_count().max(1) as f64
+    );
     let mut l = latencies.lock().unwrap().clone();
     l.sort_by(f64::total_cmp);
     let p99 = l[(l.len() as f64 * 0.99) as usize - 1] * 1000.0;
@@ -154,6 +158,11 @@ fn replay(n: u64) -> f64 {
 fn main() {
     // `cargo test --benches` runs this binary with --bench absent: stay quick then.
     if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if let Ok(c) = std::env::var("CONTIMG_BENCH_ONLY_APPENDERS") {
+        let (rate, p99) = appenders(c.parse().unwrap());
+        println!("durable appends, {c} appenders: {rate:.0} events/s p99 {p99:.2} ms");
         return;
     }
     let raw1 = raw_ceiling(1);

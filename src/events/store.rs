@@ -82,6 +82,8 @@ struct Inner {
     tree: sled::Tree,
     /// Number of durable events: positions `0..durable` are readable.
     durable: AtomicU64,
+    /// Durability rounds (flush + fdatasync) since open.
+    syncs: AtomicU64,
     head_tx: watch::Sender<u64>,
     sender: Mutex<Option<mpsc::Sender<WriterMsg>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -220,6 +222,7 @@ impl Store {
             db: db.clone(),
             tree: tree.clone(),
             durable: AtomicU64::new(next_position),
+            syncs: AtomicU64::new(0),
             head_tx,
             sender: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
@@ -253,6 +256,11 @@ impl Store {
     /// Number of durable events; the last position is this minus one.
     pub fn event_count(&self) -> u64 {
         self.inner.durable.load(Ordering::Acquire)
+    }
+
+    /// Durability rounds (one flush and one fdatasync each) since the store was opened.
+    pub fn sync_count(&self) -> u64 {
+        self.inner.syncs.load(Ordering::Relaxed)
     }
 
     /// The last durable position, `None` when the log is empty.
@@ -463,7 +471,7 @@ impl Store {
     }
 
     /// Visits every durable event from `from` (inclusive) in order, without collecting them:
-    /// the replay path of projections and `verify`.
+    /// the replay path of projections, reports and `verify`.
     pub fn for_each_from(
         &self,
         from: u64,
@@ -702,6 +710,7 @@ impl Syncer {
             match self.sync() {
                 Ok(()) => {
                     if let Some(inner) = self.inner.upgrade() {
+                        inner.syncs.fetch_add(1, Ordering::Relaxed);
                         inner.durable.store(end, Ordering::Release);
                         inner.head_tx.send_replace(end);
                     }
