@@ -3,6 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = contimg::cli::Cli::parse();
+    let cli = match contimg::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return contimg::cli::usage_error(e),
+    };
     contimg::cli::run(cli)
 }

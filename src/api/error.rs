@@ -32,6 +32,10 @@ pub enum ApiError {
     /// 401: a token is configured and the request lacks it.
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// 500 with the error: an operation ran and failed (a publish attempt); the failure is
+    /// recorded and the text is the client's to see.
+    #[error("{0}")]
+    Failed(String),
     /// 503: the server is shutting down.
     #[error("the server is shutting down")]
     Unavailable,
@@ -73,6 +77,7 @@ impl IntoResponse for ApiError {
             ApiError::WrongExpectedVersion { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR

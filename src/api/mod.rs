@@ -3,7 +3,10 @@
 //! Only this module knows HTTP.
 
 pub mod error;
+pub mod metrics;
+pub mod monitoring;
 pub mod params;
+pub mod products;
 pub mod status;
 pub mod streams;
 
@@ -16,7 +19,10 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
 use tokio::net::TcpListener;
 
-use crate::events::Store;
+use crate::events::{Ledger, Store};
+use crate::pipeline::publish::{PublishConfig, Publisher};
+use crate::projections::Projections;
+use crate::projections::alerts::AlertThresholds;
 use error::ApiError;
 
 /// Largest request body accepted, in bytes.
@@ -26,18 +32,66 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    pub projections: Projections,
+    pub publisher: Publisher,
     pub started: Instant,
     /// When set, mutating endpoints require `Authorization: Bearer <token>`.
     pub token: Option<Arc<str>>,
+    pub thresholds: Arc<AlertThresholds>,
+    pub http: Arc<metrics::HttpMetrics>,
+}
+
+/// How the server is set up.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub token: Option<String>,
+    pub publish: PublishConfig,
+    pub thresholds: AlertThresholds,
+}
+
+impl ServerConfig {
+    /// Stage and products roots under the data folder, defaults elsewhere.
+    pub fn under(data_dir: &std::path::Path) -> Self {
+        ServerConfig {
+            token: None,
+            publish: PublishConfig::new(data_dir.join("stage"), data_dir.join("products")),
+            thresholds: AlertThresholds::default(),
+        }
+    }
 }
 
 impl AppState {
-    pub fn new(store: Store, token: Option<String>) -> Self {
-        AppState {
-            store,
-            started: Instant::now(),
-            token: token.filter(|t| !t.is_empty()).map(Arc::from),
+    /// Loads the read model, settles publishes a crash cut short, and is ready to serve.
+    pub async fn open(store: Store, config: ServerConfig) -> Result<Self, anyhow::Error> {
+        let max_attempts = config.publish.max_attempts;
+        let projections = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || Projections::open(&store, max_attempts)).await??
+        };
+        let publisher = Publisher::new(
+            Ledger::Local(store.clone()),
+            projections.clone(),
+            config.publish,
+        )?;
+        // The read model must follow the log while recovery appends.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let follower = tokio::spawn(projections.clone().run(stop_rx));
+        let recovered = publisher.recover().await;
+        let _ = stop_tx.send(true);
+        let _ = follower.await;
+        let recovered = recovered?;
+        if recovered > 0 {
+            tracing::warn!(recovered, "settled publishes interrupted by a crash");
         }
+        Ok(AppState {
+            store,
+            projections,
+            publisher,
+            started: Instant::now(),
+            token: config.token.filter(|t| !t.is_empty()).map(Arc::from),
+            thresholds: Arc::new(config.thresholds),
+            http: Arc::new(metrics::HttpMetrics::default()),
+        })
     }
 
     /// Checks the bearer token of a mutating request.
@@ -66,22 +120,37 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(streams::router())
         .merge(status::router())
+        .merge(products::router())
+        .merge(monitoring::router())
+        .merge(metrics::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
-/// Serves until `shutdown` completes, then lets in-flight requests finish and closes the
-/// store, so every append that was taken is made durable and acknowledged first.
+/// Serves until `shutdown` completes, with the read model following the log and the
+/// automatic publisher running; then lets in-flight requests finish, stops both, saves a
+/// snapshot, and closes the store, so every append that was taken is made durable and
+/// acknowledged first.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let follower = tokio::spawn(state.projections.clone().run(stop_rx.clone()));
+    let publisher = tokio::spawn(state.publisher.clone().run_auto(stop_rx));
     let store = state.store.clone();
     let result = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await;
+    let _ = stop_tx.send(true);
+    let _ = publisher.await;
+    let _ = follower.await;
     tokio::task::spawn_blocking(move || store.close())
         .await
         .map_err(std::io::Error::other)?;

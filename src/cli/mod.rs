@@ -5,6 +5,7 @@
 //! import was refused); 2 bad arguments or an unreachable server.
 
 pub mod logtools;
+pub mod monitor;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, ServerConfig};
 use crate::events::Store;
 
 #[derive(Parser, Debug)]
@@ -46,6 +47,8 @@ pub enum Command {
     Import(logtools::ImportArgs),
     /// Check a stopped ledger: gapless positions, matching checksums, agreeing indexes.
     Verify(logtools::VerifyArgs),
+    /// Watch a running server: status, alerts, retries (the old monitor script's flags).
+    Monitor(monitor::MonitorArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -59,6 +62,52 @@ pub struct ServeArgs {
     /// Bearer token required by mutating endpoints.
     #[arg(long, env = "CONTIMG_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Where staged products live (default: DATA_DIR/stage).
+    #[arg(long, env = "CONTIMG_STAGE_ROOT")]
+    pub stage_root: Option<PathBuf>,
+    /// Where published products go (default: DATA_DIR/products).
+    #[arg(long, env = "CONTIMG_PRODUCTS_ROOT")]
+    pub products_root: Option<PathBuf>,
+    /// Automatic publish attempts before a product needs an operator.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// Waits before automatic retries, in seconds, comma-separated; the last repeats.
+    #[arg(long, default_value = "60,300,1500", value_delimiter = ',')]
+    pub retry_backoff: Vec<f64>,
+    /// Alert thresholds (JSON, as `contimg monitor --alert-thresholds`) for /api/monitoring/alerts.
+    #[arg(long)]
+    pub alert_thresholds: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        let mut c = ServerConfig::under(&self.data_dir);
+        c.token = self.token.clone();
+        if let Some(p) = &self.stage_root {
+            c.publish.stage_root = p.clone();
+        }
+        if let Some(p) = &self.products_root {
+            c.publish.products_root = p.clone();
+        }
+        c.publish.max_attempts = self.max_attempts;
+        if self.retry_backoff.is_empty()
+            || self
+                .retry_backoff
+                .iter()
+                .any(|s| !s.is_finite() || *s < 0.0 || *s > 86_400.0 * 7.0)
+        {
+            anyhow::bail!("--retry-backoff takes seconds between 0 and 604800, comma-separated");
+        }
+        c.publish.backoff = self
+            .retry_backoff
+            .iter()
+            .map(|s| std::time::Duration::from_secs_f64(*s))
+            .collect();
+        if let Some(f) = &self.alert_thresholds {
+            c.thresholds = monitor::read_thresholds(f)?;
+        }
+        Ok(c)
+    }
 }
 
 /// Parses nothing: runs a parsed command and maps its outcome to an exit code.
@@ -69,6 +118,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Export(args) => logtools::export(args),
         Command::Import(args) => logtools::import(args),
         Command::Verify(args) => logtools::verify(args),
+        Command::Monitor(args) => return monitor::run(args),
     };
     match result {
         Ok(code) => code,
@@ -80,6 +130,25 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A command line clap refused. `monitor --json` promises one JSON document on standard
+/// output whatever happens, so it gets one here too; exit code 2 either way.
+pub fn usage_error(e: clap::Error) -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let monitor_json = args.iter().any(|a| a == "monitor") && args.iter().any(|a| a == "--json");
+    if monitor_json && e.use_stderr() {
+        let reason = e.to_string();
+        let first = reason
+            .lines()
+            .next()
+            .unwrap_or("bad arguments")
+            .trim_start_matches("error: ");
+        println!("{}", serde_json::json!({"error": first, "exit_code": 2}));
+        return ExitCode::from(2);
+    }
+    let _ = e.print();
+    ExitCode::from(if e.use_stderr() { 2 } else { 0 })
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -110,6 +179,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
+    let config = args.server_config()?;
     rt.block_on(async move {
         let store = Store::open(&args.data_dir)
             .with_context(|| format!("opening ledger at {}", args.data_dir.display()))?;
@@ -125,7 +195,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             events = store.event_count(),
             "contimg serving"
         );
-        let state = AppState::new(store, args.token);
+        let state = AppState::open(store, config).await?;
         api::run(listener, state, shutdown_signal()).await?;
         tracing::info!("stopped; every taken append was answered");
         Ok(ExitCode::SUCCESS)

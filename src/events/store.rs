@@ -80,6 +80,8 @@ struct Inner {
     dir: PathBuf,
     db: sled::Db,
     tree: sled::Tree,
+    /// Projection snapshots, each stored with its checkpoint in one value.
+    snapshots: sled::Tree,
     /// Number of durable events: positions `0..durable` are readable.
     durable: AtomicU64,
     /// Durability rounds (flush + fdatasync) since open.
@@ -221,6 +223,7 @@ impl Store {
             dir,
             db: db.clone(),
             tree: tree.clone(),
+            snapshots: db.open_tree("snapshots")?,
             durable: AtomicU64::new(next_position),
             syncs: AtomicU64::new(0),
             head_tx,
@@ -501,6 +504,39 @@ impl Store {
     /// A watch of the durable event count, updated after every acknowledged batch.
     pub fn watch_head(&self) -> watch::Receiver<u64> {
         self.inner.head_tx.subscribe()
+    }
+
+    /// Stores a projection snapshot together with its checkpoint (the position of the last
+    /// event folded into it), in one value so the two cannot disagree.
+    pub fn save_snapshot(
+        &self,
+        name: &str,
+        checkpoint: Option<u64>,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(bytes.len() + 9);
+        value.push(1u8);
+        value.extend_from_slice(&checkpoint.map_or(0, |c| c + 1).to_be_bytes());
+        value.extend_from_slice(bytes);
+        self.inner.snapshots.insert(name.as_bytes(), value)?;
+        Ok(())
+    }
+
+    /// The last snapshot saved under `name`, with its checkpoint.
+    pub fn load_snapshot(&self, name: &str) -> Result<Option<(Option<u64>, Vec<u8>)>, StoreError> {
+        let Some(v) = self.inner.snapshots.get(name.as_bytes())? else {
+            return Ok(None);
+        };
+        if v.len() < 9 || v[0] != 1 {
+            return Ok(None);
+        }
+        let c = be_u64(&v[1..9]);
+        Ok(Some((c.checked_sub(1), v[9..].to_vec())))
+    }
+
+    pub fn drop_snapshot(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.snapshots.remove(name.as_bytes())?;
+        Ok(())
     }
 
     /// Raw access for `verify`.

@@ -1,2 +1,5 @@
 //! The pipeline that produces events: ingest, grouping, stage runners, mosaicking,
 //! staging and publishing.
+
+pub mod paths;
+pub mod publish;

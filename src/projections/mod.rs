@@ -1,1 +1,232 @@
-//! Read models folded from the event log.
+//! Read models folded from the event log, and the engine that keeps them current.
+//!
+//! The engine loads the last snapshot (stored with its checkpoint in one sled value),
+//! catches up from the checkpoint through a catch-up subscription, and then follows the
+//! log live. `rebuild` replays from position 0 into a fresh model and swaps it in;
+//! [`replay`] folds up to any position for as-of questions. Projections never append to
+//! the log.
+
+pub mod alerts;
+pub mod product;
+pub mod publish;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::events::{Store, StoreError};
+use publish::{PublishModel, PublishSnapshot};
+
+const SNAPSHOT_NAME: &str = "publish-v1";
+/// Save a snapshot after this many events...
+const SNAPSHOT_EVERY_EVENTS: u64 = 100_000;
+/// ...or this long after the last one, when anything changed.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
+
+/// Folds every durable event up to and including `until` (all when `None`) into a fresh
+/// model: rebuilds, as-of replays and offline reports all go through here.
+pub fn replay(
+    store: &Store,
+    until: Option<u64>,
+    max_attempts: u32,
+) -> Result<PublishModel, StoreError> {
+    let mut model = PublishModel::new(max_attempts);
+    let end = until.map_or(u64::MAX, |u| u.saturating_add(1));
+    store.for_each_from(0, |e| {
+        if e.position < end {
+            model.apply(&e);
+        }
+        Ok(())
+    })?;
+    Ok(model)
+}
+
+/// Completes once a shutdown watch turns true (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+struct Shared {
+    model: RwLock<PublishModel>,
+    store: Store,
+    max_attempts: u32,
+    checkpoint_tx: watch::Sender<Option<u64>>,
+}
+
+/// The live publish read model. Cheap to clone.
+#[derive(Clone)]
+pub struct Projections {
+    shared: Arc<Shared>,
+}
+
+impl Projections {
+    /// Loads the last snapshot (or starts empty) and catches up synchronously, so that the
+    /// model is current when this returns.
+    pub fn open(store: &Store, max_attempts: u32) -> Result<Projections, StoreError> {
+        let started = Instant::now();
+        let mut model = match store.load_snapshot(SNAPSHOT_NAME)? {
+            Some((checkpoint, bytes)) => {
+                match bincode::serde::decode_from_slice::<PublishSnapshot, _>(
+                    &bytes,
+                    bincode::config::standard(),
+                ) {
+                    Ok((snap, _))
+                        if snap.last_position == checkpoint
+                            && checkpoint.is_none_or(|c| c < store.event_count()) =>
+                    {
+                        PublishModel::from_snapshot(snap, max_attempts)
+                    }
+                    Ok(_) | Err(_) => {
+                        tracing::warn!("projection snapshot unusable; replaying from the start");
+                        PublishModel::new(max_attempts)
+                    }
+                }
+            }
+            None => PublishModel::new(max_attempts),
+        };
+        let from = model.last_position().map_or(0, |p| p + 1);
+        let caught_up = store.for_each_from(from, |e| {
+            model.apply(&e);
+            Ok(())
+        })?;
+        tracing::info!(
+            from,
+            caught_up,
+            products = model.product_count(),
+            ms = started.elapsed().as_millis() as u64,
+            "projections ready"
+        );
+        let (checkpoint_tx, _) = watch::channel(model.last_position());
+        Ok(Projections {
+            shared: Arc::new(Shared {
+                model: RwLock::new(model),
+                store: store.clone(),
+                max_attempts,
+                checkpoint_tx,
+            }),
+        })
+    }
+
+    /// Reads the model under its lock. std RwLock: never held across an `.await`.
+    pub fn read<R>(&self, f: impl FnOnce(&PublishModel) -> R) -> R {
+        f(&self.shared.model.read().expect("projection lock"))
+    }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.shared.max_attempts
+    }
+
+    /// Position of the last event folded in.
+    pub fn checkpoint(&self) -> Option<u64> {
+        *self.shared.checkpoint_tx.borrow()
+    }
+
+    /// Durable events not yet folded in.
+    pub fn lag(&self) -> u64 {
+        let folded = self.checkpoint().map_or(0, |c| c + 1);
+        self.shared.store.event_count().saturating_sub(folded)
+    }
+
+    /// Waits until the model has folded `position` (or `timeout` passes).
+    pub async fn wait_for(&self, position: u64, timeout: Duration) -> bool {
+        let mut rx = self.shared.checkpoint_tx.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|c| c.is_some_and(|c| c >= position)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A receiver that changes whenever events are folded in.
+    pub fn watch(&self) -> watch::Receiver<Option<u64>> {
+        self.shared.checkpoint_tx.subscribe()
+    }
+
+    /// Follows the log until `shutdown` turns true, saving snapshots as it goes and once
+    /// more at the end.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut sub = self.shared.store.subscribe_all(self.checkpoint());
+        let mut since_snapshot = 0u64;
+        let mut last_snapshot = Instant::now();
+        loop {
+            tokio::select! {
+                _ = crate::projections::stopped(&mut shutdown) => break,
+                next = sub.next() => match next {
+                    Ok(event) => {
+                        let checkpoint = {
+                            let mut model = self.shared.model.write().expect("projection lock");
+                            // A rebuild may have swapped in a model that is already past this.
+                            if model.last_position().is_none_or(|p| p < event.position) {
+                                model.apply(&event);
+                            }
+                            model.last_position()
+                        };
+                        self.shared.checkpoint_tx.send_replace(checkpoint);
+                        since_snapshot += 1;
+                    }
+                    Err(StoreError::Closed) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "projection subscription failed; resubscribing");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        sub = self.shared.store.subscribe_all(self.checkpoint());
+                    }
+                },
+            }
+            if since_snapshot >= SNAPSHOT_EVERY_EVENTS
+                || (since_snapshot > 0 && last_snapshot.elapsed() >= SNAPSHOT_EVERY)
+            {
+                self.save_snapshot_logged();
+                since_snapshot = 0;
+                last_snapshot = Instant::now();
+            }
+        }
+        if since_snapshot > 0 {
+            self.save_snapshot_logged();
+        }
+    }
+
+    fn save_snapshot_logged(&self) {
+        if let Err(e) = self.save_snapshot() {
+            tracing::warn!(error = %e, "saving the projection snapshot failed");
+        }
+    }
+
+    /// Writes the model and its checkpoint to sled in one value.
+    pub fn save_snapshot(&self) -> Result<(), StoreError> {
+        let (checkpoint, bytes) = self.read(|m| {
+            let bytes = bincode::serde::encode_to_vec(m.snapshot(), bincode::config::standard())
+                .expect("encoding into a Vec cannot fail");
+            (m.last_position(), bytes)
+        });
+        self.shared
+            .store
+            .save_snapshot(SNAPSHOT_NAME, checkpoint, &bytes)
+    }
+
+    /// Replays the whole log into a fresh model, catches it up, and swaps it in. Returns
+    /// the number of events replayed. Blocking: call from a blocking thread.
+    pub fn rebuild(&self) -> Result<u64, StoreError> {
+        let store = &self.shared.store;
+        let mut fresh = replay(store, None, self.shared.max_attempts)?;
+        let mut model = self.shared.model.write().expect("projection lock");
+        // Fold whatever arrived during the replay, so the swap loses nothing.
+        let from = fresh.last_position().map_or(0, |p| p + 1);
+        store.for_each_from(from, |e| {
+            fresh.apply(&e);
+            Ok(())
+        })?;
+        let folded = fresh.last_position().map_or(0, |p| p + 1);
+        *model = fresh;
+        drop(model);
+        if let Some(p) = folded.checked_sub(1) {
+            self.shared.checkpoint_tx.send_if_modified(|c| {
+                let newer = c.is_none_or(|c| c < p);
+                if newer {
+                    *c = Some(p);
+                }
+                newer
+            });
+        }
+        self.save_snapshot()?;
+        Ok(folded)
+    }
+}

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use contimg::api::{self, AppState};
+use contimg::api::{self, AppState, ServerConfig};
 use contimg::events::Store;
 
 /// A server in this process, on 127.0.0.1:0, stopped through its own shutdown future.
@@ -19,11 +19,19 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(dir: &Path, token: Option<&str>) -> TestServer {
+        let mut config = ServerConfig::under(dir);
+        config.token = token.map(String::from);
+        Self::start_with(dir, config).await
+    }
+
+    pub async fn start_with(dir: &Path, config: ServerConfig) -> TestServer {
         let store = Store::open(dir).expect("open store");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = AppState::new(store.clone(), token.map(String::from));
+        let state = AppState::open(store.clone(), config)
+            .await
+            .expect("server state");
         let task = tokio::spawn(api::run(listener, state, async {
             let _ = rx.await;
         }));

@@ -1,0 +1,221 @@
+//! Products: register, finalize, publish, read state and history.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::error::ApiError;
+use super::params::{self, Params};
+use super::streams::EventsPage;
+use crate::events::StoreError;
+use crate::events::jsonl::WireEvent;
+use crate::events::record::micros_to_datetime;
+use crate::pipeline::paths::validate_data_id;
+use crate::pipeline::publish::{PublishError, RegisterProduct, Trigger};
+use crate::projections::product::ProductState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/products", post(register))
+        .route("/api/products/{id}", get(product))
+        .route("/api/products/{id}/history", get(history))
+        .route("/api/products/{id}/finalize", post(finalize))
+        .route("/api/products/{id}/publish", post(publish))
+}
+
+impl From<PublishError> for ApiError {
+    fn from(e: PublishError) -> Self {
+        match e {
+            PublishError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            PublishError::AlreadyPublished(_) | PublishError::Invalid(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            PublishError::InProgress(_) | PublishError::Conflict(_) => {
+                ApiError::Conflict(e.to_string())
+            }
+            PublishError::Failed { error, .. } => ApiError::Failed(error),
+            PublishError::Store(s) => s.into(),
+        }
+    }
+}
+
+fn secs(micros: i64) -> f64 {
+    micros as f64 / 1e6
+}
+
+fn iso(micros: Option<i64>) -> Option<String> {
+    micros.map(|m| crate::events::record::format_time(micros_to_datetime(m)))
+}
+
+/// A product as clients see it. Times are Unix seconds (as the old API had them), with
+/// RFC 3339 twins for people.
+#[derive(Serialize)]
+pub struct ProductView {
+    pub data_id: String,
+    pub data_type: String,
+    pub status: &'static str,
+    pub stage_path: String,
+    pub published_path: Option<String>,
+    pub checksum: Option<String>,
+    pub size_bytes: Option<u64>,
+    pub qa_status: Option<String>,
+    pub validation_status: Option<String>,
+    pub auto_publish: bool,
+    pub publish_attempts: u32,
+    pub total_attempts: u32,
+    pub max_attempts_exceeded: bool,
+    pub publish_error: Option<String>,
+    pub created_at: f64,
+    pub staged_at: f64,
+    pub last_failed_at: Option<f64>,
+    pub published_at: Option<f64>,
+    pub next_retry_at: Option<String>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub revision: u64,
+}
+
+impl ProductView {
+    pub fn new(p: &ProductState, max_attempts: u32) -> Self {
+        ProductView {
+            data_id: p.data_id.clone(),
+            data_type: p.data_type.clone(),
+            status: p.status.as_str(),
+            stage_path: p.stage_path.clone(),
+            published_path: p.published_path.clone(),
+            checksum: p.checksum.clone(),
+            size_bytes: p.size_bytes,
+            qa_status: p.qa_status.clone(),
+            validation_status: p.validation_status.clone(),
+            auto_publish: p.auto_publish,
+            publish_attempts: p.publish_attempts,
+            total_attempts: p.total_attempts,
+            max_attempts_exceeded: p.attempts_exhausted(max_attempts),
+            publish_error: p.last_error.clone(),
+            created_at: secs(p.created_at),
+            staged_at: secs(p.staged_at),
+            last_failed_at: p.last_failure_at.map(secs),
+            published_at: p.published_at.map(secs),
+            next_retry_at: iso(p.next_retry_at),
+            metadata: p.metadata.clone(),
+            revision: p.revision,
+        }
+    }
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::Unprocessable(format!("invalid JSON body: {e}")))
+}
+
+async fn register(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ProductView>), ApiError> {
+    state.authorize(&headers)?;
+    let req: RegisterProduct = json_body(&body)?;
+    let (product, created) = state.publisher.register(req).await?;
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        code,
+        Json(ProductView::new(
+            &product,
+            state.publisher.config().max_attempts,
+        )),
+    ))
+}
+
+async fn product(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ProductView>, ApiError> {
+    let p = state.publisher.load(&id).await?;
+    Ok(Json(ProductView::new(
+        &p,
+        state.publisher.config().max_attempts,
+    )))
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(p): Query<Params>,
+) -> Result<Json<EventsPage>, ApiError> {
+    validate_data_id(&id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let from = params::opt_u64(&p, "from")?;
+    let limit = params::limit(&p, 1000)?;
+    let direction = params::direction(&p)?;
+    let events = state
+        .store
+        .read_stream(&format!("product-{id}"), from, direction, limit)
+        .map_err(|e| match e {
+            StoreError::StreamNotFound(_) => ApiError::NotFound(format!("product {id} not found")),
+            other => other.into(),
+        })?;
+    Ok(Json(EventsPage {
+        events: events.iter().map(WireEvent::from).collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FinalizeBody {
+    #[serde(default)]
+    qa_status: Option<String>,
+    #[serde(default)]
+    validation_status: Option<String>,
+}
+
+async fn finalize(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<ProductView>, ApiError> {
+    state.authorize(&headers)?;
+    let b: FinalizeBody = json_body(&body)?;
+    if b.qa_status.is_none() && b.validation_status.is_none() {
+        return Err(ApiError::Unprocessable(
+            "give qa_status, validation_status or both".into(),
+        ));
+    }
+    let p = state
+        .publisher
+        .finalize(&id, b.qa_status, b.validation_status)
+        .await?;
+    Ok(Json(ProductView::new(
+        &p,
+        state.publisher.config().max_attempts,
+    )))
+}
+
+#[derive(Serialize)]
+pub struct PublishReply {
+    pub data_id: String,
+    pub published: bool,
+    pub status: &'static str,
+    pub published_path: String,
+}
+
+async fn publish(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<PublishReply>, ApiError> {
+    state.authorize(&headers)?;
+    let o = state.publisher.publish(&id, Trigger::Manual).await?;
+    Ok(Json(PublishReply {
+        data_id: o.data_id,
+        published: true,
+        status: "published",
+        published_path: o.published_path,
+    }))
+}

@@ -1,0 +1,339 @@
+//! The publish read model: per-product state, counters, the failed set, stuck lists, the
+//! automatic publisher's due set and failure times. Every index is kept up to date on each
+//! event, so a status read is O(1), a failed page O(limit) and a stuck list O(result),
+//! whatever the length of history.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use super::product::{ProductEvent, ProductState, ProductStatus};
+use crate::events::RecordedEvent;
+
+pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
+
+/// An event that could not be folded: kept aside with its reason, never fatal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parked {
+    pub position: u64,
+    pub stream_id: String,
+    pub event_type: String,
+    pub reason: String,
+}
+
+/// Most parked events kept in full (the count goes on).
+const MAX_PARKED_KEPT: usize = 1000;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub published: u64,
+    pub staging: u64,
+    pub publishing: u64,
+    /// In staging after at least one failed attempt.
+    pub failed: u64,
+    /// Failed with `publish_attempts >= max_attempts`.
+    pub max_attempts_exceeded: u64,
+}
+
+/// Index entries one product contributes; recomputed around every event it receives.
+#[derive(Default)]
+struct Entries {
+    failed: Option<(u32, i64)>,
+    staging_since: Option<i64>,
+    publishing_since: Option<i64>,
+    due_at: Option<i64>,
+}
+
+/// What is persisted in a snapshot; the indexes are rebuilt from it on load.
+#[derive(Serialize, Deserialize)]
+pub struct PublishSnapshot {
+    pub max_attempts: u32,
+    pub products: Vec<ProductState>,
+    pub failure_times: Vec<i64>,
+    pub parked: Vec<Parked>,
+    pub parked_total: u64,
+    pub last_position: Option<u64>,
+    pub last_time: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishModel {
+    max_attempts: u32,
+    products: HashMap<String, ProductState>,
+    counts: Counts,
+    /// (u32::MAX - attempts, last failure time, id): most attempts first, then oldest.
+    failed: BTreeSet<(u32, i64, String)>,
+    staging_by_age: BTreeSet<(i64, String)>,
+    publishing_by_age: BTreeSet<(i64, String)>,
+    /// When the automatic publisher should act on each product.
+    due: BTreeSet<(i64, String)>,
+    /// Commit times of every `PublishFailed`, in order.
+    failure_times: Vec<i64>,
+    parked: Vec<Parked>,
+    parked_total: u64,
+    last_position: Option<u64>,
+    /// Commit time of the last event folded.
+    last_time: i64,
+}
+
+impl PublishModel {
+    pub fn new(max_attempts: u32) -> Self {
+        PublishModel {
+            max_attempts,
+            products: HashMap::new(),
+            counts: Counts::default(),
+            failed: BTreeSet::new(),
+            staging_by_age: BTreeSet::new(),
+            publishing_by_age: BTreeSet::new(),
+            due: BTreeSet::new(),
+            failure_times: Vec::new(),
+            parked: Vec::new(),
+            parked_total: 0,
+            last_position: None,
+            last_time: i64::MIN,
+        }
+    }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// Position of the last event folded.
+    pub fn last_position(&self) -> Option<u64> {
+        self.last_position
+    }
+
+    pub fn last_time(&self) -> i64 {
+        self.last_time
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    pub fn product(&self, id: &str) -> Option<&ProductState> {
+        self.products.get(id)
+    }
+
+    pub fn product_count(&self) -> usize {
+        self.products.len()
+    }
+
+    pub fn parked(&self) -> (&[Parked], u64) {
+        (&self.parked, self.parked_total)
+    }
+
+    fn entries(&self, p: &ProductState) -> Entries {
+        Entries {
+            failed: p
+                .is_failed()
+                .then(|| (p.publish_attempts, p.last_failure_at.unwrap_or(p.staged_at))),
+            staging_since: (p.status == ProductStatus::Staging).then_some(p.staged_at),
+            publishing_since: p.publishing_since,
+            due_at: p.auto_due_at(self.max_attempts),
+        }
+    }
+
+    fn index(&mut self, p: &ProductState, sign: i64) {
+        let e = self.entries(p);
+        let id = p.data_id.clone();
+        let bump = |c: &mut u64| {
+            *c = if sign > 0 {
+                *c + 1
+            } else {
+                c.saturating_sub(1)
+            };
+        };
+        match p.status {
+            ProductStatus::Staging => bump(&mut self.counts.staging),
+            ProductStatus::Publishing => bump(&mut self.counts.publishing),
+            ProductStatus::Published => bump(&mut self.counts.published),
+        }
+        if p.is_failed() {
+            bump(&mut self.counts.failed);
+        }
+        if p.attempts_exhausted(self.max_attempts) {
+            bump(&mut self.counts.max_attempts_exceeded);
+        }
+        macro_rules! set {
+            ($set:expr, $key:expr) => {
+                if sign > 0 {
+                    $set.insert($key);
+                } else {
+                    $set.remove(&$key);
+                }
+            };
+        }
+        if let Some((attempts, at)) = e.failed {
+            set!(self.failed, (u32::MAX - attempts, at, id.clone()));
+        }
+        if let Some(at) = e.staging_since {
+            set!(self.staging_by_age, (at, id.clone()));
+        }
+        if let Some(at) = e.publishing_since {
+            set!(self.publishing_by_age, (at, id.clone()));
+        }
+        if let Some(at) = e.due_at {
+            set!(self.due, (at, id));
+        }
+    }
+
+    fn park(&mut self, r: &RecordedEvent, reason: String) {
+        tracing::warn!(position = r.position, stream = %r.stream_id, %reason, "parked a poison event");
+        self.parked_total += 1;
+        if self.parked.len() < MAX_PARKED_KEPT {
+            self.parked.push(Parked {
+                position: r.position,
+                stream_id: r.stream_id.clone(),
+                event_type: r.event_type.clone(),
+                reason,
+            });
+        }
+    }
+
+    /// Folds one event. Never fails: an event that cannot be folded is parked.
+    pub fn apply(&mut self, r: &RecordedEvent) {
+        self.last_position = Some(r.position);
+        self.last_time = self.last_time.max(r.created_micros);
+        let event = match ProductEvent::decode(r) {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
+            Err(reason) => return self.park(r, reason),
+        };
+        let id = r
+            .stream_id
+            .split_once('-')
+            .map_or("", |(_, id)| id)
+            .to_string();
+        match self.products.remove(&id) {
+            None => match ProductState::start(&event, r.created_micros, r.revision) {
+                Some(p) => {
+                    self.index(&p, 1);
+                    self.products.insert(id, p);
+                }
+                None => self.park(r, format!("{} before ProductRegistered", r.event_type)),
+            },
+            Some(mut p) => {
+                self.index(&p, -1);
+                p.apply(&event, r.created_micros, r.revision);
+                self.index(&p, 1);
+                self.products.insert(id, p);
+            }
+        }
+        if matches!(event, ProductEvent::PublishFailed(_)) {
+            self.failure_times.push(r.created_micros);
+        }
+    }
+
+    /// `round(published / (published + failed) * 100, 2)`, 100 when nothing counts.
+    pub fn success_rate_percent(&self) -> f64 {
+        let (p, f) = (self.counts.published as f64, self.counts.failed as f64);
+        if p + f == 0.0 {
+            100.0
+        } else {
+            (p / (p + f) * 10000.0).round() / 100.0
+        }
+    }
+
+    /// Failures whose commit time lies in `(now - window, now]`.
+    pub fn failures_within(&self, now: i64, window: i64) -> u64 {
+        let lo = self.failure_times.partition_point(|&t| t <= now - window);
+        let hi = self.failure_times.partition_point(|&t| t <= now);
+        (hi - lo) as u64
+    }
+
+    /// The failed set, most attempts first then oldest failure; `max_attempts` keeps only
+    /// products with fewer attempts than it. O(limit) without the filter.
+    pub fn failed(&self, max_attempts: Option<u32>, limit: usize) -> Vec<&ProductState> {
+        self.failed
+            .iter()
+            .filter(|(inv, _, _)| max_attempts.is_none_or(|m| u32::MAX - inv < m))
+            .take(limit)
+            .filter_map(|(_, _, id)| self.products.get(id))
+            .collect()
+    }
+
+    /// Products in staging since before `cutoff`, oldest first.
+    pub fn stuck_staging(&self, cutoff: i64) -> Vec<&ProductState> {
+        self.staging_by_age
+            .iter()
+            .take_while(|(at, _)| *at < cutoff)
+            .filter_map(|(_, id)| self.products.get(id))
+            .collect()
+    }
+
+    /// Products publishing since before `cutoff`, oldest first.
+    pub fn stuck_publishing(&self, cutoff: i64) -> Vec<&ProductState> {
+        self.publishing_by_age
+            .iter()
+            .take_while(|(at, _)| *at < cutoff)
+            .filter_map(|(_, id)| self.products.get(id))
+            .collect()
+    }
+
+    /// The oldest product in staging, if any.
+    pub fn oldest_staging(&self) -> Option<&ProductState> {
+        self.staging_by_age
+            .first()
+            .and_then(|(_, id)| self.products.get(id))
+    }
+
+    /// Ids the automatic publisher should try at `now`, soonest first.
+    pub fn due(&self, now: i64, limit: usize) -> Vec<String> {
+        self.due
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Every product currently publishing (crash recovery).
+    pub fn publishing(&self) -> Vec<&ProductState> {
+        self.publishing_by_age
+            .iter()
+            .filter_map(|(_, id)| self.products.get(id))
+            .collect()
+    }
+
+    pub fn snapshot(&self) -> PublishSnapshot {
+        PublishSnapshot {
+            max_attempts: self.max_attempts,
+            products: self.products.values().cloned().collect(),
+            failure_times: self.failure_times.clone(),
+            parked: self.parked.clone(),
+            parked_total: self.parked_total,
+            last_position: self.last_position,
+            last_time: self.last_time,
+        }
+    }
+
+    /// The model a snapshot holds, indexed for `max_attempts` (which may differ from the
+    /// one the snapshot was taken with).
+    pub fn from_snapshot(s: PublishSnapshot, max_attempts: u32) -> Self {
+        let mut m = PublishModel::new(max_attempts);
+        for p in s.products {
+            m.index(&p, 1);
+            m.products.insert(p.data_id.clone(), p);
+        }
+        m.failure_times = s.failure_times;
+        m.parked = s.parked;
+        m.parked_total = s.parked_total;
+        m.last_position = s.last_position;
+        m.last_time = s.last_time;
+        m
+    }
+
+    /// Same content, whatever the order things were inserted in.
+    pub fn same_as(&self, other: &PublishModel) -> bool {
+        self.products == other.products
+            && self.counts == other.counts
+            && self.failed == other.failed
+            && self.staging_by_age == other.staging_by_age
+            && self.publishing_by_age == other.publishing_by_age
+            && self.due == other.due
+            && self.failure_times == other.failure_times
+            && self.parked == other.parked
+            && self.last_position == other.last_position
+    }
+}
