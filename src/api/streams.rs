@@ -77,6 +77,13 @@ pub fn parse_events(stream: &str, body: &[u8]) -> Result<Vec<ProposedEvent>, Api
                 ApiError::BadRequest(format!("event {i}: eventId {:?} is not a UUID", e.event_id))
             })?;
             let data = e.data.get().as_bytes().to_vec();
+            if let Some(m) = &e.metadata
+                && !m.get().trim_start().starts_with('{')
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "event {i}: metadata must be a JSON object"
+                )));
+            }
             let version = catalogue::check(stream, &e.event_type, e.event_version, &data)
                 .map_err(|err| ApiError::Unprocessable(format!("event {i}: {err}")))?;
             Ok(ProposedEvent {

@@ -144,10 +144,15 @@ fn read_export(
 }
 
 pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
-    // First pass: the whole file must be a well-formed log before anything is written.
+    // First pass: the whole file must be a well-formed log before anything is written,
+    // so that a bad line never leaves a half-imported ledger behind.
     let mut next = 0u64;
     let mut heads = std::collections::HashMap::<String, u64>::new();
+    let mut ids = std::collections::HashSet::<(String, uuid::Uuid)>::new();
+    let mut created = i64::MIN;
     read_export(&args.file, |line, r| {
+        crate::events::record::validate_stream_name(&r.stream_id)
+            .map_err(|e| anyhow::anyhow!("line {line}: {e}"))?;
         if r.position != next {
             bail!(
                 "line {line}: position {} where {next} was expected",
@@ -162,10 +167,22 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
                 r.revision
             );
         }
+        if r.created_micros < created {
+            bail!("line {line}: created earlier than the line before it");
+        }
+        if !ids.insert((r.stream_id.clone(), r.event_id)) {
+            bail!(
+                "line {line}: event id {} appears twice in {}",
+                r.event_id,
+                r.stream_id
+            );
+        }
+        created = r.created_micros;
         heads.insert(r.stream_id, r.revision);
         next += 1;
         Ok(())
     })?;
+    drop(ids);
     let store = Store::open(&args.data_dir)
         .with_context(|| format!("opening ledger at {}", args.data_dir.display()))?;
     if store.event_count() != 0 {

@@ -1,8 +1,9 @@
 //! The `contimg` command line. `main.rs` parses; each subcommand lives in a function here
 //! (or a submodule) that returns an exit code.
 //!
-//! Exit codes: 0 success; 1 the command ran and found a fault (verify found a problem, an
-//! import was refused); 2 bad arguments or an unreachable server.
+//! Exit codes: 0 success; 1 failure (verify found a problem, an import was refused, a
+//! folder is held by another process, any other error); 2 arguments clap refused.
+//! `monitor` has its own codes (see its module).
 
 pub mod logtools;
 pub mod monitor;

@@ -379,6 +379,13 @@ pub fn check(
             event_type: event_type.to_string(),
         });
     };
+    if !data.trim_ascii_start().starts_with(b"{") {
+        return Err(CatalogueError::BadPayload {
+            event_type: event_type.to_string(),
+            version: version.unwrap_or(e.version),
+            reason: "the payload must be a JSON object".into(),
+        });
+    }
     let version = version.unwrap_or(e.version);
     if version != e.version {
         return Err(CatalogueError::UnknownVersion {
