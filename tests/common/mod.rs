@@ -13,6 +13,7 @@ use contimg::events::Store;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub store: Store,
+    pub state: AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -32,12 +33,13 @@ impl TestServer {
         let state = AppState::open(store.clone(), config)
             .await
             .expect("server state");
-        let task = tokio::spawn(api::run(listener, state, async {
+        let task = tokio::spawn(api::run(listener, state.clone(), async {
             let _ = rx.await;
         }));
         TestServer {
             addr,
             store,
+            state,
             stop: Some(tx),
             task: Some(task),
         }
@@ -111,4 +113,22 @@ pub fn contimg(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run contimg")
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, for at most `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: f64, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
