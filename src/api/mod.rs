@@ -39,6 +39,7 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     pub thresholds: Arc<AlertThresholds>,
     pub http: Arc<metrics::HttpMetrics>,
+    pub auto_publish: bool,
 }
 
 /// How the server is set up.
@@ -47,6 +48,8 @@ pub struct ServerConfig {
     pub token: Option<String>,
     pub publish: PublishConfig,
     pub thresholds: AlertThresholds,
+    /// Run the automatic publisher (on unless an operator holds it).
+    pub auto_publish: bool,
 }
 
 impl ServerConfig {
@@ -56,6 +59,7 @@ impl ServerConfig {
             token: None,
             publish: PublishConfig::new(data_dir.join("stage"), data_dir.join("products")),
             thresholds: AlertThresholds::default(),
+            auto_publish: true,
         }
     }
 }
@@ -91,6 +95,7 @@ impl AppState {
             token: config.token.filter(|t| !t.is_empty()).map(Arc::from),
             thresholds: Arc::new(config.thresholds),
             http: Arc::new(metrics::HttpMetrics::default()),
+            auto_publish: config.auto_publish,
         })
     }
 
@@ -144,13 +149,17 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let follower = tokio::spawn(state.projections.clone().run(stop_rx.clone()));
-    let publisher = tokio::spawn(state.publisher.clone().run_auto(stop_rx));
+    let publisher = state
+        .auto_publish
+        .then(|| tokio::spawn(state.publisher.clone().run_auto(stop_rx)));
     let store = state.store.clone();
     let result = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = stop_tx.send(true);
-    let _ = publisher.await;
+    if let Some(p) = publisher {
+        let _ = p.await;
+    }
     let _ = follower.await;
     tokio::task::spawn_blocking(move || store.close())
         .await

@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Waits before automatic retries, in seconds, comma-separated; the last repeats.
     #[arg(long, default_value = "60,300,1500", value_delimiter = ',')]
     pub retry_backoff: Vec<f64>,
+    /// Start with the automatic publisher off (manual publishes and retries still work):
+    /// for looking around after an incident before anything moves.
+    #[arg(long)]
+    pub no_auto_publish: bool,
     /// Alert thresholds (JSON, as `contimg monitor --alert-thresholds`) for /api/monitoring/alerts.
     #[arg(long)]
     pub alert_thresholds: Option<PathBuf>,
@@ -91,6 +95,7 @@ impl ServeArgs {
             c.publish.products_root = p.clone();
         }
         c.publish.max_attempts = self.max_attempts;
+        c.auto_publish = !self.no_auto_publish;
         if self.retry_backoff.is_empty()
             || self
                 .retry_backoff

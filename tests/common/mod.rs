@@ -108,6 +108,16 @@ impl ChildServer {
     }
 }
 
+impl Drop for ChildServer {
+    /// A test that panics must not leave a server behind (it would hold the test's pipes).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub fn contimg(args: &[&str]) -> std::process::Output {
     Command::new(bin())
         .args(args)
