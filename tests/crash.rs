@@ -20,7 +20,7 @@ async fn load(base: String, client_no: usize, stop: Arc<AtomicBool>, acked: Arc<
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         // Some clients send batches, some share a stream.
-        let stream = if client_no % 3 == 0 {
+        let stream = if client_no.is_multiple_of(3) {
             "scratch-shared".to_string()
         } else {
             format!("scratch-{client_no}")

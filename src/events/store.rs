@@ -96,6 +96,9 @@ struct Inner {
     _lock: File,
 }
 
+/// A stored projection snapshot: its checkpoint and its bytes.
+pub type Snapshot = (Option<u64>, Vec<u8>);
+
 /// A handle to an open ledger. Cheap to clone; all clones share one writer.
 #[derive(Clone)]
 pub struct Store {
@@ -550,7 +553,7 @@ impl Store {
     }
 
     /// The last snapshot saved under `name`, with its checkpoint.
-    pub fn load_snapshot(&self, name: &str) -> Result<Option<(Option<u64>, Vec<u8>)>, StoreError> {
+    pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
         let Some(v) = self.inner.snapshots.get(name.as_bytes())? else {
             return Ok(None);
         };
@@ -1018,9 +1021,8 @@ impl Writer {
         // Check everything before staging anything: a bad import writes nothing.
         let mut heads: HashMap<&str, Option<u64>> = HashMap::new();
         let mut ids: HashSet<(&str, Uuid)> = HashSet::new();
-        let mut position = self.next_position;
         let mut created = self.last_created;
-        for r in records {
+        for (position, r) in (self.next_position..).zip(records) {
             validate_stream_name(&r.stream_id).map_err(StoreError::InvalidInput)?;
             if r.position != position {
                 return Err(StoreError::InvalidInput(format!(
@@ -1057,7 +1059,6 @@ impl Writer {
             }
             heads.insert(&r.stream_id, Some(r.revision));
             created = r.created_micros;
-            position += 1;
         }
         for r in records {
             let mut record = r.clone();

@@ -71,7 +71,7 @@ pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRepo
         }
         expected_pos = pos + 1;
         events += 1;
-        if events % 65536 == 0 {
+        if events.is_multiple_of(65536) {
             progress(events);
         }
         let r = match RecordedEvent::decode(&v) {

@@ -131,7 +131,8 @@ mod tests {
     fn each_rule_fires_alone_past_its_threshold() {
         let t = AlertThresholds::default();
         assert!(evaluate(&quiet(), &t).is_empty());
-        let cases: [(fn(&mut AlertInputs), &str); 5] = [
+        type Change = fn(&mut AlertInputs);
+        let cases: [(Change, &str); 5] = [
             (|i| i.success_rate_percent = 94.99, "low_success_rate"),
             (|i| i.failed_publishes = 11, "too_many_failed"),
             (|i| i.recent_failures_1h = 6, "failure_burst"),
