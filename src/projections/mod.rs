@@ -98,14 +98,19 @@ impl Projections {
             "projections ready"
         );
         let (checkpoint_tx, _) = watch::channel(model.last_position());
-        Ok(Projections {
+        let projections = Projections {
             shared: Arc::new(Shared {
                 model: RwLock::new(model),
                 store: store.clone(),
                 max_attempts,
                 checkpoint_tx,
             }),
-        })
+        };
+        if caught_up >= SNAPSHOT_EVERY_EVENTS {
+            // A long catch-up is worth keeping: the next start begins from here.
+            projections.save_snapshot()?;
+        }
+        Ok(projections)
     }
 
     /// Reads the model under its lock. std RwLock: never held across an `.await`.
