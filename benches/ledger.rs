@@ -152,7 +152,7 @@ fn replay(n: u64) -> f64 {
     }
     let raw = scanned as f64 / start.elapsed().as_secs_f64();
     assert!(bytes > 0);
-    println!("raw sled scan of {scanned} records: {raw:>10.0} records/s (no decoding)");
+    println!("raw sled scan of {scanned} log chunks: {raw:>10.0} chunks/s (no decoding)");
     rate
 }
 

@@ -420,7 +420,8 @@ fn verify_names_the_first_corrupt_position() {
         }
         store.close();
     }
-    // Corrupt one record behind the store's back, through sled itself.
+    // Corrupt one record behind the store's back, through sled itself. Each append above
+    // was its own commit, so each record is its own chunk, keyed by its position.
     {
         let key = |p: u64| [&[b'L'][..], &p.to_be_bytes()].concat();
         let db = sled::open(dir.path().join("log")).unwrap();
@@ -442,4 +443,73 @@ fn verify_names_the_first_corrupt_position() {
             .iter()
             .any(|p| p.position == Some(12) && p.message.contains("gap"))
     );
+}
+
+#[test]
+fn large_commits_split_into_chunks_and_read_back_in_both_directions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // 5 events of ~40 KiB in one append: more than one log chunk.
+    let big = |i: u32| {
+        ProposedEvent::new(
+            "Big",
+            1,
+            format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(40_000)).into_bytes(),
+        )
+    };
+    store
+        .append_blocking("scratch-a", ExpectedRevision::Any, vec![ev(0)])
+        .unwrap();
+    store
+        .append_blocking(
+            "scratch-big",
+            ExpectedRevision::NoStream,
+            (1..6).map(big).collect(),
+        )
+        .unwrap();
+    store
+        .append_blocking("scratch-a", ExpectedRevision::Any, vec![ev(6)])
+        .unwrap();
+    let forward: Vec<u64> = store
+        .read_all(None, Direction::Forward, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(forward, (0..7).collect::<Vec<_>>());
+    let backward: Vec<u64> = store
+        .read_all(Some(4), Direction::Backward, 3)
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(backward, vec![4, 3, 2]);
+    for p in 0..7 {
+        assert_eq!(store.get(p).unwrap().position, p);
+    }
+    let page: Vec<u64> = store
+        .read_all(Some(3), Direction::Forward, 2)
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(page, vec![3, 4]);
+    let big_stream = store
+        .read_stream("scratch-big", Some(2), Direction::Backward, 10)
+        .unwrap();
+    assert_eq!(
+        big_stream.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![2, 1, 0]
+    );
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.events, 7);
+    store.close();
+    drop(store);
+    // Reopened, the log continues after the last chunk.
+    let store = Store::open(dir.path()).unwrap();
+    let r = store
+        .append_blocking("scratch-a", ExpectedRevision::Any, vec![ev(7)])
+        .unwrap();
+    assert_eq!(r.position, 7);
 }

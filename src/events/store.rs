@@ -3,7 +3,8 @@
 //!
 //! One sled tree, `ledger`, holds four kinds of key, told apart by a first byte (numbers
 //! big-endian so that sled's byte order is numeric order):
-//! - `L` position -> encoded record (the truth, `$all`);
+//! - `L` position -> a chunk: the encoded records of one commit from that position on
+//!   (the truth, `$all`);
 //! - `H` stream -> last revision (the stream head);
 //! - `S` stream 0x00 revision -> position (the stream index);
 //! - `I` stream 0x00 event id -> revision, position (the durable idempotency index).
@@ -152,6 +153,103 @@ pub(crate) mod keys {
     }
 }
 
+/// A log value holds the records of one commit (or a part of one, up to
+/// [`chunk::MAX_BYTES`]), keyed by the first one's position: one sled insert per commit
+/// instead of one per event, and one sled step per chunk when replaying.
+/// Layout: `[TAG]` then, per record, `[length: u32 LE][record]`.
+pub(crate) mod chunk {
+    use std::ops::Range;
+
+    pub const TAG: u8 = 0xC1;
+    /// Records are added to a chunk while it stays under this size (a single larger
+    /// record gets a chunk of its own).
+    pub const MAX_BYTES: usize = 64 * 1024;
+
+    pub fn encode(records: &[Vec<u8>]) -> Vec<u8> {
+        let len = 1 + records.iter().map(|r| r.len() + 4).sum::<usize>();
+        let mut out = Vec::with_capacity(len);
+        out.push(TAG);
+        for r in records {
+            out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+            out.extend_from_slice(r);
+        }
+        out
+    }
+
+    /// Byte ranges of the records in a chunk.
+    pub fn entries(bytes: &[u8]) -> Result<Vec<Range<usize>>, String> {
+        if bytes.first() != Some(&TAG) {
+            return Err("log value is not a chunk".into());
+        }
+        let mut out = Vec::new();
+        let mut at = 1;
+        while at < bytes.len() {
+            let Some(len) = bytes.get(at..at + 4) else {
+                return Err(format!("chunk truncated at byte {at}"));
+            };
+            let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+            let start = at + 4;
+            if start + len > bytes.len() {
+                return Err(format!("chunk truncated at byte {at}"));
+            }
+            out.push(start..start + len);
+            at = start + len;
+        }
+        if out.is_empty() {
+            return Err("empty chunk".into());
+        }
+        Ok(out)
+    }
+}
+
+/// One record's place: its position and its bytes inside a chunk value.
+type LogEntry = (u64, sled::IVec, std::ops::Range<usize>);
+
+/// Walks log chunks lazily, yielding the records whose positions lie in `[from, to)`.
+struct LogIter {
+    chunks: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>,
+    pending: VecDeque<LogEntry>,
+    from: u64,
+    to: u64,
+    backward: bool,
+}
+
+impl Iterator for LogIter {
+    type Item = Result<LogEntry, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(Ok(e));
+            }
+            let (k, v) = match self.chunks.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let start = be_u64(&k[1..]);
+            let ranges = match chunk::entries(&v) {
+                Ok(r) => r,
+                Err(reason) => {
+                    return Some(Err(StoreError::Corrupt {
+                        position: start,
+                        reason,
+                    }));
+                }
+            };
+            let mut entries: Vec<LogEntry> = ranges
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (start + i as u64, v.clone(), r))
+                .filter(|(p, _, _)| *p >= self.from && *p < self.to)
+                .collect();
+            if self.backward {
+                entries.reverse();
+            }
+            self.pending.extend(entries);
+        }
+    }
+}
+
 fn be_u64(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
 }
@@ -214,16 +312,26 @@ impl Store {
         {
             Some(item) => {
                 let (k, v) = item?;
-                let position = be_u64(&k[1..]);
-                // A damaged last record must not keep `verify` from reporting on it.
-                let created = decode_at(position, &v).map_or_else(
-                        |e| {
-                            tracing::error!(error = %e, "the last record is damaged; run contimg verify");
-                            now_micros()
-                        },
-                        |r| r.created_micros,
-                    );
-                (position + 1, created)
+                let start = be_u64(&k[1..]);
+                // A damaged last chunk must not keep `verify` from reporting on it.
+                match chunk::entries(&v) {
+                    Ok(ranges) => {
+                        let last = start + ranges.len() as u64 - 1;
+                        let r = ranges.last().expect("a chunk is never empty").clone();
+                        let created = decode_at(last, &v[r]).map_or_else(
+                            |e| {
+                                tracing::error!(error = %e, "the last record is damaged; run contimg verify");
+                                now_micros()
+                            },
+                            |r| r.created_micros,
+                        );
+                        (last + 1, created)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, position = start, "the last log chunk is damaged; run contimg verify");
+                        (start + 1, now_micros())
+                    }
+                }
             }
             None => (0, i64::MIN),
         };
@@ -443,30 +551,64 @@ impl Store {
                 "position {position} is past the end of the log"
             )));
         }
-        let bytes =
-            self.inner
-                .tree
-                .get(keys::log(position))?
-                .ok_or_else(|| StoreError::Corrupt {
-                    position,
-                    reason: "missing from the log".into(),
-                })?;
-        decode_at(position, &bytes)
+        match self.log_range(position, position + 1).next() {
+            Some(entry) => {
+                let (p, bytes, r) = entry?;
+                decode_at(p, &bytes[r])
+            }
+            None => Err(StoreError::Corrupt {
+                position,
+                reason: "missing from the log".into(),
+            }),
+        }
     }
 
-    /// Raw log entries in `[from, to)`, in order, as (position, stored bytes).
-    fn log_range(
-        &self,
-        from: u64,
-        to: u64,
-    ) -> impl DoubleEndedIterator<Item = Result<(u64, sled::IVec), StoreError>> + use<> {
-        self.inner
+    /// The key of the chunk holding `position` (its first position).
+    fn chunk_start(&self, position: u64) -> Result<u64, StoreError> {
+        Ok(
+            match self
+                .inner
+                .tree
+                .range(keys::log(0)..=keys::log(position))
+                .next_back()
+            {
+                Some(item) => be_u64(&item?.0[1..]),
+                None => position,
+            },
+        )
+    }
+
+    /// Records in `[from, to)`, in order, read lazily chunk by chunk.
+    fn log_range(&self, from: u64, to: u64) -> LogIter {
+        self.log_iter(from, to, false)
+    }
+
+    /// Records in `[from, to)`, last first.
+    fn log_range_rev(&self, from: u64, to: u64) -> LogIter {
+        self.log_iter(from, to, true)
+    }
+
+    fn log_iter(&self, from: u64, to: u64, backward: bool) -> LogIter {
+        let first = if from >= to {
+            to
+        } else {
+            self.chunk_start(from).unwrap_or(from)
+        };
+        let range = self
+            .inner
             .tree
-            .range(keys::log(from)..keys::log(to))
-            .map(|item| {
-                let (k, v) = item?;
-                Ok((be_u64(&k[1..]), v))
-            })
+            .range(keys::log(first)..keys::log(to.max(first)));
+        LogIter {
+            chunks: if backward {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            },
+            pending: VecDeque::new(),
+            from,
+            to,
+            backward,
+        }
     }
 
     /// Reads up to `limit` events of `$all` from position `from` (inclusive; `None` means
@@ -479,26 +621,25 @@ impl Store {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let durable = self.event_count();
         let mut out = Vec::with_capacity(limit.min(4096));
-        let entries: Box<dyn Iterator<Item = Result<(u64, sled::IVec), StoreError>>> =
-            match direction {
-                Direction::Forward => {
-                    let start = from.unwrap_or(0);
-                    if start >= durable {
-                        return Ok(out);
-                    }
-                    Box::new(self.log_range(start, durable))
+        let entries: LogIter = match direction {
+            Direction::Forward => {
+                let start = from.unwrap_or(0);
+                if start >= durable {
+                    return Ok(out);
                 }
-                Direction::Backward => {
-                    let Some(last) = durable.checked_sub(1) else {
-                        return Ok(out);
-                    };
-                    let start = from.unwrap_or(last).min(last);
-                    Box::new(self.log_range(0, start + 1).rev())
-                }
-            };
+                self.log_range(start, durable)
+            }
+            Direction::Backward => {
+                let Some(last) = durable.checked_sub(1) else {
+                    return Ok(out);
+                };
+                let start = from.unwrap_or(last).min(last);
+                self.log_range_rev(0, start + 1)
+            }
+        };
         for entry in entries.take(limit) {
-            let (position, bytes) = entry?;
-            out.push(decode_at(position, &bytes)?);
+            let (position, bytes, r) = entry?;
+            out.push(decode_at(position, &bytes[r])?);
         }
         Ok(out)
     }
@@ -513,8 +654,8 @@ impl Store {
         let durable = self.event_count();
         let mut n = 0;
         for entry in self.log_range(from, durable.max(from)) {
-            let (position, bytes) = entry?;
-            f(decode_at(position, &bytes)?)?;
+            let (position, bytes, r) = entry?;
+            f(decode_at(position, &bytes[r])?)?;
             n += 1;
         }
         Ok(n)
@@ -673,6 +814,10 @@ impl Subscription {
 #[derive(Default)]
 struct Plan {
     batch: sled::Batch,
+    /// Encoded records of the chunk being filled, and the position of its first one.
+    chunk: Vec<Vec<u8>>,
+    chunk_start: u64,
+    chunk_bytes: usize,
     head_overlay: HashMap<String, u64>,
     id_overlay: HashMap<(String, Uuid), (u64, u64)>,
     written: usize,
@@ -905,6 +1050,7 @@ impl Writer {
                 }
             }
         }
+        plan.seal_chunk();
         if plan.written > 0 {
             // Atomic, crash included: events, heads and both indexes land together or not
             // at all. Durability is the syncer's job.
@@ -1071,8 +1217,15 @@ impl Writer {
     fn stage_record(&mut self, record: &mut RecordedEvent, plan: &mut Plan) {
         let pos = record.position.to_be_bytes();
         let rev = record.revision.to_be_bytes();
-        plan.batch
-            .insert(&keys::log(record.position), record.encode());
+        let encoded = record.encode();
+        if !plan.chunk.is_empty() && plan.chunk_bytes + encoded.len() > chunk::MAX_BYTES {
+            plan.seal_chunk();
+        }
+        if plan.chunk.is_empty() {
+            plan.chunk_start = record.position;
+        }
+        plan.chunk_bytes += encoded.len() + 4;
+        plan.chunk.push(encoded);
         plan.batch.insert(keys::head(&record.stream_id), &rev);
         plan.batch
             .insert(keys::index(&record.stream_id, record.revision), &pos);
@@ -1089,6 +1242,18 @@ impl Writer {
         );
         plan.written += 1;
         self.next_position = record.position + 1;
+    }
+}
+
+impl Plan {
+    /// Moves the chunk being filled into the batch.
+    fn seal_chunk(&mut self) {
+        if !self.chunk.is_empty() {
+            self.batch
+                .insert(&keys::log(self.chunk_start), chunk::encode(&self.chunk));
+            self.chunk.clear();
+            self.chunk_bytes = 0;
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::record::RecordedEvent;
-use super::store::{Store, keys};
+use super::store::{Store, chunk, keys};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
@@ -54,72 +54,89 @@ pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRepo
     let mut last_rev: HashMap<String, u64> = HashMap::new();
     let mut expected_pos = 0u64;
     let mut events = 0u64;
+    let mut records = Vec::new();
+    let mut chunks = 0u64;
     for item in tree.scan_prefix([keys::LOG]) {
         let (k, v) = item?;
-        let Some(pos) = be(&k[1..]).filter(|_| k.len() == 9) else {
+        chunks += 1;
+        let Some(start) = be(&k[1..]).filter(|_| k.len() == 9) else {
             add(
                 None,
                 format!("log key of {} bytes is not a position", k.len()),
             );
             continue;
         };
-        if pos != expected_pos {
+        if start != expected_pos {
             add(
-                Some(expected_pos),
-                format!("gap: positions {expected_pos}..{pos} are missing"),
+                Some(expected_pos.min(start)),
+                format!("gap: positions {expected_pos}..{start} are missing"),
             );
         }
-        expected_pos = pos + 1;
-        events += 1;
-        if events.is_multiple_of(65536) {
-            progress(events);
-        }
-        let r = match RecordedEvent::decode(&v) {
+        let ranges = match chunk::entries(&v) {
             Ok(r) => r,
             Err(e) => {
-                add(Some(pos), format!("record does not decode: {e}"));
+                add(Some(start), format!("log chunk does not parse: {e}"));
+                expected_pos = start + 1;
                 continue;
             }
         };
-        if r.position != pos {
-            add(Some(pos), format!("record says position {}", r.position));
+        records.clear();
+        for (i, r) in ranges.into_iter().enumerate() {
+            records.push((start + i as u64, RecordedEvent::decode(&v[r])));
         }
-        let want_rev = last_rev.get(&r.stream_id).map_or(0, |x| x + 1);
-        if r.revision != want_rev {
-            add(
-                Some(pos),
-                format!(
-                    "{} revision {} follows {}",
-                    r.stream_id,
-                    r.revision,
-                    want_rev as i64 - 1
+        expected_pos = start + records.len() as u64;
+        for (pos, decoded) in records.drain(..) {
+            events += 1;
+            if events.is_multiple_of(65536) {
+                progress(events);
+            }
+            let r = match decoded {
+                Ok(r) => r,
+                Err(e) => {
+                    add(Some(pos), format!("record does not decode: {e}"));
+                    continue;
+                }
+            };
+            if r.position != pos {
+                add(Some(pos), format!("record says position {}", r.position));
+            }
+            let want_rev = last_rev.get(&r.stream_id).map_or(0, |x| x + 1);
+            if r.revision != want_rev {
+                add(
+                    Some(pos),
+                    format!(
+                        "{} revision {} follows {}",
+                        r.stream_id,
+                        r.revision,
+                        want_rev as i64 - 1
+                    ),
+                );
+            }
+            last_rev.insert(r.stream_id.clone(), r.revision);
+            match tree
+                .get(keys::index(&r.stream_id, r.revision))?
+                .as_deref()
+                .and_then(be)
+            {
+                Some(p) if p == pos => {}
+                other => add(
+                    Some(pos),
+                    format!(
+                        "stream index for {}@{} points at {other:?}",
+                        r.stream_id, r.revision
+                    ),
                 ),
-            );
-        }
-        last_rev.insert(r.stream_id.clone(), r.revision);
-        match tree
-            .get(keys::index(&r.stream_id, r.revision))?
-            .as_deref()
-            .and_then(be)
-        {
-            Some(p) if p == pos => {}
-            other => add(
-                Some(pos),
-                format!(
-                    "stream index for {}@{} points at {other:?}",
-                    r.stream_id, r.revision
+            }
+            match tree.get(keys::id(&r.stream_id, &r.event_id))? {
+                Some(v) if be(&v) == Some(r.revision) && v.get(8..).and_then(be) == Some(pos) => {}
+                _ => add(
+                    Some(pos),
+                    format!(
+                        "id index lacks or misplaces event {} of {}",
+                        r.event_id, r.stream_id
+                    ),
                 ),
-            ),
-        }
-        match tree.get(keys::id(&r.stream_id, &r.event_id))? {
-            Some(v) if be(&v) == Some(r.revision) && v.get(8..).and_then(be) == Some(pos) => {}
-            _ => add(
-                Some(pos),
-                format!(
-                    "id index lacks or misplaces event {} of {}",
-                    r.event_id, r.stream_id
-                ),
-            ),
+            }
         }
     }
     progress(events);
@@ -157,7 +174,7 @@ pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRepo
             format!("{heads} stream heads for {} streams", last_rev.len()),
         );
     }
-    let known = events + index_len + ids_len + heads;
+    let known = chunks + index_len + ids_len + heads;
     let total = tree.len() as u64;
     if total != known {
         add(
