@@ -58,6 +58,57 @@ fn raw_ceiling(batch: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The same, with the keys the ledger writes per event (one log chunk per batch, and per
+/// event a stream head, a stream-index entry and an id-index entry): sled and the disk
+/// doing the ledger's writes with none of its logic.
+fn raw_ceiling_ledger_shaped(batch: usize) -> f64 {
+    let dir = bench_dir(&format!("raw-shaped-{batch}"));
+    let db = sled::open(&dir).unwrap();
+    let tree = db.open_tree("ledger").unwrap();
+    let data = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))
+        .unwrap();
+    let record = vec![7u8; 220];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < RUN {
+        let mut b = sled::Batch::default();
+        let mut chunk = vec![0xC1u8];
+        for i in 0..batch {
+            let stream = format!("product-bench-{i}");
+            let rev = (n / batch as u64).to_be_bytes();
+            chunk.extend_from_slice(&(record.len() as u32).to_le_bytes());
+            chunk.extend_from_slice(&record);
+            b.insert([&[b'H'][..], stream.as_bytes()].concat(), &rev);
+            b.insert(
+                [&[b'S'][..], stream.as_bytes(), &[0], &rev].concat(),
+                &n.to_be_bytes(),
+            );
+            b.insert(
+                [
+                    &[b'I'][..],
+                    stream.as_bytes(),
+                    &[0],
+                    uuid::Uuid::new_v4().as_bytes(),
+                ]
+                .concat(),
+                &[0u8; 16],
+            );
+            n += 1;
+        }
+        b.insert(
+            [&[b'L'][..], &(n - batch as u64).to_be_bytes()].concat(),
+            chunk,
+        );
+        tree.apply_batch(b).unwrap();
+        db.flush().unwrap();
+        data.sync_data().unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 fn appenders(concurrency: usize) -> (f64, f64) {
     let dir = bench_dir(&format!("append-{concurrency}"));
     let store = Store::open(&dir).unwrap();
@@ -106,6 +157,13 @@ fn appenders(concurrency: usize) -> (f64, f64) {
     let mut l = latencies.lock().unwrap().clone();
     l.sort_by(f64::total_cmp);
     let p99 = l[(l.len() as f64 * 0.99) as usize - 1] * 1000.0;
+    // Replay the log these appenders wrote: the shape a live ledger has.
+    let start = Instant::now();
+    let n = store.for_each_from(0, |_| Ok(())).unwrap();
+    println!(
+        "  $all replay of this log ({n} events): {:.0} events/s",
+        n as f64 / start.elapsed().as_secs_f64()
+    );
     store.close();
     (rate, p99)
 }
@@ -170,6 +228,10 @@ fn main() {
     println!("raw ceiling, batch of 1:   {raw1:>10.0} events/s  (sled batch + flush + fdatasync)");
     let raw64 = raw_ceiling(64);
     println!("raw ceiling, batch of 64:  {raw64:>10.0} events/s");
+    let shaped1 = raw_ceiling_ledger_shaped(1);
+    println!("raw ceiling, ledger's keys, batch of 1:  {shaped1:>10.0} events/s");
+    let shaped64 = raw_ceiling_ledger_shaped(64);
+    println!("raw ceiling, ledger's keys, batch of 64: {shaped64:>10.0} events/s");
     let (one, p99_one) = appenders(1);
     println!(
         "durable appends, 1 appender:   {one:>10.0} events/s  p99 {p99_one:.2} ms  ({:.0}% of raw batch-1)",
@@ -185,5 +247,5 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2_000_000);
     let r = replay(n);
-    println!("$all replay of {n} events:  {r:>10.0} events/s");
+    println!("$all replay of {n} bulk-written events:  {r:>10.0} events/s");
 }

@@ -307,6 +307,16 @@ async fn bad_input_is_refused_with_a_detail_and_nothing_is_written() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        resp.json::<Value>().await.unwrap()["detail"].is_string(),
+        "413 has a JSON detail"
+    );
+    let resp = c.delete(server.url("/api/events")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(
+        resp.json::<Value>().await.unwrap()["detail"].is_string(),
+        "405 has a JSON detail"
+    );
 
     assert_eq!(server.store.event_count(), 0);
     // And the server still serves.

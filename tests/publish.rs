@@ -674,3 +674,119 @@ async fn recent_failures_are_counted_by_failure_time_not_staging_time() {
     );
     server.stop().await;
 }
+
+/// A product event whose payload does not decode (it can arrive through an import) is
+/// parked and counted; the rest of the model is built as usual. A restart loads the
+/// snapshot saved at shutdown and catches up from its checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_are_parked_and_snapshots_survive_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = contimg::events::record::format_time(chrono::Utc::now());
+    let lines = [
+        (
+            "product-good",
+            0,
+            "ProductRegistered",
+            json!({"data_id": "good", "data_type": "ms", "stage_path": "/s/good.ms", "auto_publish": false}),
+        ),
+        (
+            "product-good",
+            1,
+            "PublishFailed",
+            json!({"attempt": "first", "error": 7}),
+        ),
+        (
+            "product-good",
+            2,
+            "PublishStarted",
+            json!({"attempt": 1, "destination": "/p/good.ms", "trigger": "manual"}),
+        ),
+        (
+            "product-good",
+            3,
+            "PublishSucceeded",
+            json!({"published_path": "/p/good.ms"}),
+        ),
+    ];
+    let export: String = lines
+        .iter()
+        .enumerate()
+        .map(|(pos, (stream, rev, kind, data))| {
+            json!({"eventId": uuid::Uuid::new_v4(), "eventType": kind, "eventVersion": 1, "streamId": stream,
+                   "eventNumber": rev, "position": pos, "created": now, "data": data, "metadata": {}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let file = dir.path().join("poison.jsonl");
+    std::fs::write(&file, export).unwrap();
+    let ledger = dir.path().join("ledger");
+    assert!(
+        common::contimg(&[
+            "import",
+            "--data-dir",
+            ledger.to_str().unwrap(),
+            file.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let server = TestServer::start(&ledger, None).await;
+    let c = reqwest::Client::new();
+    let sys: Value = c
+        .get(server.url("/api/metrics/system"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sys["projection"]["parked_events"], json!(1));
+    let status: Value = c
+        .get(server.url("/api/monitoring/publish/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["total_published"], json!(1));
+    assert_eq!(status["ledger_position"], json!(3));
+    server.stop().await;
+    // The snapshot was saved at shutdown with its checkpoint.
+    {
+        let store = contimg::events::Store::open(&ledger).unwrap();
+        let (checkpoint, bytes) = store
+            .load_snapshot("publish-v1")
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(checkpoint, Some(3));
+        assert!(!bytes.is_empty());
+        store.close();
+    }
+    let server = TestServer::start(&ledger, None).await;
+    let again: Value = c
+        .get(server.url("/api/monitoring/publish/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["total_published"], json!(1));
+    assert_eq!(again["ledger_position"], json!(3));
+    let sys: Value = c
+        .get(server.url("/api/metrics/system"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        sys["projection"]["parked_events"],
+        json!(1),
+        "parked events are part of the snapshot"
+    );
+    server.stop().await;
+}

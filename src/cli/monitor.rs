@@ -33,7 +33,7 @@ pub struct MonitorArgs {
     #[arg(long, conflicts_with = "daemon")]
     pub retry_all: bool,
     /// With --retry-all: how many at most.
-    #[arg(long, default_value_t = 10, requires = "retry_all")]
+    #[arg(long, default_value_t = 10, requires = "retry_all", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub limit: u32,
     /// With --retry-all: only products with fewer attempts than this.
     #[arg(long, requires = "retry_all")]
@@ -239,9 +239,11 @@ async fn daemon(
         match status_doc(client, t).await {
             Ok((doc, _)) => emit(json_mode, &doc, || human_status(&doc)),
             // A daemon outlives a restart of the server: report and keep going.
-            Err(Unreachable(reason)) => emit(json_mode, &json!({"error": reason}), || {
-                format!("unreachable: {reason}")
-            }),
+            Err(Unreachable(reason)) => {
+                emit(json_mode, &json!({"error": reason, "exit_code": 2}), || {
+                    format!("unreachable: {reason}")
+                })
+            }
         }
         tokio::select! {
             _ = &mut stop => return Ok(ExitCode::SUCCESS),

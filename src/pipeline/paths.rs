@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 /// Why a path or id was refused. Rejected input: HTTP 400/422.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
-    #[error("data_id must be 1 to 200 characters of letters, digits and ._:+- (got {0:?})")]
+    #[error("data_id must be 1 to 192 characters of letters, digits and ._:+- (got {0:?})")]
     BadDataId(String),
     #[error("path {0:?} holds a NUL or control character")]
     ControlCharacter(String),
@@ -21,11 +21,15 @@ pub enum PathError {
     Unresolvable { path: String, reason: String },
 }
 
-/// `data_id`: letters, digits and `._:+-`, at most 200 characters, no `/`, and not `.`
-/// or `..` (which would name a folder rather than a product).
+/// Longest `data_id`: `product-` plus this fills a stream name's 200 characters.
+pub const MAX_DATA_ID: usize = 192;
+
+/// `data_id`: letters, digits and `._:+-`, no `/`, not `.` or `..` (which would name a
+/// folder rather than a product), and at most [`MAX_DATA_ID`] characters so that its
+/// stream, `product-<data_id>`, stays within the ledger's 200.
 pub fn validate_data_id(id: &str) -> Result<(), PathError> {
     let ok = !id.is_empty()
-        && id.chars().count() <= 200
+        && id.chars().count() <= MAX_DATA_ID
         && id != "."
         && id != ".."
         && id
@@ -118,7 +122,8 @@ mod tests {
         for ok in ["img_2026-11-30T10:00:00", "a..b.fits", "x+y-z.ms", "A1"] {
             assert!(validate_data_id(ok).is_ok(), "{ok}");
         }
-        let long = "x".repeat(201);
+        let long = "x".repeat(193);
+        assert!(validate_data_id(&"x".repeat(192)).is_ok());
         for bad in [
             "",
             ".",

@@ -278,18 +278,7 @@ impl Publisher {
                 req.data_type
             )));
         }
-        for (name, v) in [
-            ("qa_status", &req.qa_status),
-            ("validation_status", &req.validation_status),
-        ] {
-            if let Some(v) = v
-                && (v.is_empty() || v.len() > 64 || v.chars().any(char::is_control))
-            {
-                return Err(PublishError::Invalid(format!(
-                    "{name} must be 1 to 64 printable characters"
-                )));
-            }
-        }
+        check_status_words(&req.qa_status, &req.validation_status)?;
         let stage_root = self.inner.config.stage_root.clone();
         let stage_path = req.stage_path.clone();
         let (real, checksum, size) = tokio::task::spawn_blocking(move || {
@@ -368,9 +357,13 @@ impl Publisher {
         qa_status: Option<String>,
         validation_status: Option<String>,
     ) -> Result<ProductState, PublishError> {
+        check_status_words(&qa_status, &validation_status)?;
         let state = self.load(id).await?;
-        if state.status == ProductStatus::Published {
-            return Err(PublishError::AlreadyPublished(id.into()));
+        match state.status {
+            ProductStatus::Published => return Err(PublishError::AlreadyPublished(id.into())),
+            // Its outcome is appended at the next revision: finalizing now would strand it.
+            ProductStatus::Publishing => return Err(PublishError::InProgress(id.into())),
+            ProductStatus::Staging => {}
         }
         let e = ProductFinalized {
             qa_status,
@@ -409,7 +402,12 @@ impl Publisher {
             ProductStatus::Staging => {}
         }
         let cfg = &self.inner.config;
-        if trigger == Trigger::Auto && state.auto_due_at(cfg.max_attempts).is_none() {
+        let now = chrono::Utc::now().timestamp_micros();
+        if trigger == Trigger::Auto
+            && state
+                .auto_due_at(cfg.max_attempts)
+                .is_none_or(|at| at > now)
+        {
             return Err(PublishError::Invalid(format!(
                 "{id} is not due for automatic publishing"
             )));
@@ -668,6 +666,22 @@ impl Publisher {
     }
 }
 
+fn check_status_words(
+    qa: &Option<String>,
+    validation: &Option<String>,
+) -> Result<(), PublishError> {
+    for (name, v) in [("qa_status", qa), ("validation_status", validation)] {
+        if let Some(v) = v
+            && (v.is_empty() || v.len() > 64 || v.chars().any(char::is_control))
+        {
+            return Err(PublishError::Invalid(format!(
+                "{name} must be 1 to 64 printable characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// BLAKE3 of a file, or of a folder's files (relative names and contents, in name order).
 pub fn checksum_path(path: &Path) -> std::io::Result<(String, u64)> {
     let meta = std::fs::metadata(path)?;
@@ -695,7 +709,18 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Re
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
-        if entry.file_type()?.is_dir() {
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            // Following it could pull in a file from outside the stage root.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is a symbolic link inside a staged folder",
+                    path.display()
+                ),
+            ));
+        }
+        if kind.is_dir() {
             collect_files(root, &path, out)?;
         } else {
             out.push(path.strip_prefix(root).unwrap_or(&path).to_path_buf());
@@ -837,7 +862,12 @@ pub fn move_product(
             source.display()
         )));
     }
-    remove_path(source).map_err(|e| MoveError::io("removing the staged file", e))?;
+    // The copy is verified: the product is published. A staged copy that will not go away
+    // is worth a warning, not a failed publish (which would retry against a half-removed
+    // source).
+    if let Err(e) = remove_path(source) {
+        tracing::warn!(path = %source.display(), error = %e, "published, but the staged copy could not be removed");
+    }
     if let Some(parent) = source.parent() {
         let _ = fsync_dir(parent);
     }

@@ -49,6 +49,8 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 struct Shared {
     model: RwLock<PublishModel>,
+    /// Checkpoint of the snapshot last saved or loaded (`None`: there is none).
+    saved: std::sync::Mutex<Option<Option<u64>>>,
     store: Store,
     max_attempts: u32,
     checkpoint_tx: watch::Sender<Option<u64>>,
@@ -65,6 +67,7 @@ impl Projections {
     /// model is current when this returns.
     pub fn open(store: &Store, max_attempts: u32) -> Result<Projections, StoreError> {
         let started = Instant::now();
+        let mut loaded = None;
         let mut model = match store.load_snapshot(SNAPSHOT_NAME)? {
             Some((checkpoint, bytes)) => {
                 match bincode::serde::decode_from_slice::<PublishSnapshot, _>(
@@ -75,6 +78,7 @@ impl Projections {
                         if snap.last_position == checkpoint
                             && checkpoint.is_none_or(|c| c < store.event_count()) =>
                     {
+                        loaded = Some(checkpoint);
                         PublishModel::from_snapshot(snap, max_attempts)
                     }
                     Ok(_) | Err(_) => {
@@ -101,6 +105,7 @@ impl Projections {
         let projections = Projections {
             shared: Arc::new(Shared {
                 model: RwLock::new(model),
+                saved: std::sync::Mutex::new(loaded),
                 store: store.clone(),
                 max_attempts,
                 checkpoint_tx,
@@ -184,7 +189,9 @@ impl Projections {
                 last_snapshot = Instant::now();
             }
         }
-        if since_snapshot > 0 {
+        // Leave a snapshot of the final state unless the saved one already is.
+        let saved = *self.shared.saved.lock().expect("saved checkpoint");
+        if saved != Some(self.checkpoint()) {
             self.save_snapshot_logged();
         }
     }
@@ -204,7 +211,9 @@ impl Projections {
         });
         self.shared
             .store
-            .save_snapshot(SNAPSHOT_NAME, checkpoint, &bytes)
+            .save_snapshot(SNAPSHOT_NAME, checkpoint, &bytes)?;
+        *self.shared.saved.lock().expect("saved checkpoint") = Some(checkpoint);
+        Ok(())
     }
 
     /// Replays the whole log into a fresh model, catches it up, and swaps it in. Returns

@@ -100,7 +100,15 @@ pub struct ProductState {
 }
 
 /// Data types whose QA must have passed before an automatic publish.
-pub const QA_GATED: &[&str] = &["image", "mosaic", "calib_ms", "caltable"];
+pub const QA_GATED: &[&str] = &[
+    "image",
+    "images",
+    "mosaic",
+    "mosaics",
+    "calib_ms",
+    "caltable",
+    "caltables",
+];
 
 pub fn truncate_error(e: &str) -> String {
     e.chars().take(MAX_ERROR_CHARS).collect()

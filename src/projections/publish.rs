@@ -207,7 +207,10 @@ impl PublishModel {
             .to_string();
         match self.products.remove(&id) {
             None => match ProductState::start(&event, r.created_micros, r.revision) {
-                Some(p) => {
+                Some(mut p) => {
+                    // The stream names the product; a payload that says otherwise does not
+                    // get to file it under another id.
+                    p.data_id.clone_from(&id);
                     self.index(&p, 1);
                     self.products.insert(id, p);
                 }
