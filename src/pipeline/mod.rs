@@ -1,2 +1,3 @@
 //! The pipeline that produces events: ingest, grouping, stage runners, mosaicking,
 //! staging and publishing.
+pub mod mosaic;
