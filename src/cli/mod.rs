@@ -5,6 +5,7 @@
 //! import was refused); 2 bad arguments or an unreachable server.
 
 pub mod logtools;
+pub mod mosaic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ pub enum Command {
     Import(logtools::ImportArgs),
     /// Check a stopped ledger: gapless positions, matching checksums, agreeing indexes.
     Verify(logtools::VerifyArgs),
+    /// Reproject FITS tiles onto one grid and co-add them weighted by B^2/sigma^2.
+    Mosaic(mosaic::MosaicArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -69,6 +72,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Export(args) => logtools::export(args),
         Command::Import(args) => logtools::import(args),
         Command::Verify(args) => logtools::verify(args),
+        Command::Mosaic(args) => mosaic::run(args),
     };
     match result {
         Ok(code) => code,

@@ -136,45 +136,46 @@ impl Rng {
     }
 }
 
-/// `n` sources placed uniformly (in the projection plane) within `radius_deg` of
-/// (ra, dec), fluxes log-uniform between `min_jy` and `max_jy`, kept at least `min_sep_deg`
-/// apart.
+/// `n` sources placed uniformly in a box of half-sizes `half_deg` (east, north) in the SIN
+/// plane about (ra, dec), fluxes log-uniform between `min_jy` and `max_jy`, kept at least
+/// `min_sep_deg` apart.
 pub fn random_sources(
-    ra_deg: f64,
-    dec_deg: f64,
-    radius_deg: f64,
+    (ra_deg, dec_deg): (f64, f64),
+    half_deg: (f64, f64),
     n: usize,
     (min_jy, max_jy): (f64, f64),
     min_sep_deg: f64,
     seed: u64,
 ) -> Vec<PointSource> {
     let mut rng = Rng::new(seed);
-    let w = CelestialWcs::north_up(ProjectionKind::Sin, [ra_deg, dec_deg], [1.0, 1.0], 1.0)
-        .expect("valid centre");
+    // A plane in degrees: x grows to the east.
+    let w = CelestialWcs::new(
+        ProjectionKind::Sin,
+        [ra_deg, dec_deg],
+        [1.0, 1.0],
+        [[1.0, 0.0], [0.0, 1.0]],
+    )
+    .expect("valid centre");
     let mut out: Vec<PointSource> = Vec::with_capacity(n);
+    let mut dirs: Vec<[f64; 3]> = Vec::with_capacity(n);
     let mut tries = 0;
     while out.len() < n && tries < 100 * n + 100 {
         tries += 1;
-        let (x, y) = (
-            (2.0 * rng.uniform() - 1.0) * radius_deg,
-            (2.0 * rng.uniform() - 1.0) * radius_deg,
-        );
-        if x.hypot(y) > radius_deg {
-            continue;
-        }
-        let Some((ra, dec)) = w.pix_to_world(x, y) else {
+        let x = (2.0 * rng.uniform() - 1.0) * half_deg.0;
+        let y = (2.0 * rng.uniform() - 1.0) * half_deg.1;
+        let Some(v) = w.pix_to_xyz(x, y) else {
             continue;
         };
-        let close = out.iter().any(|s| {
-            let a = super::wcs::radec_to_xyz(s.ra_deg, s.dec_deg);
-            let b = super::wcs::radec_to_xyz(ra, dec);
-            beam::angle_between([a.x(), a.y(), a.z()], [b.x(), b.y(), b.z()]).to_degrees()
-                < min_sep_deg
-        });
-        if close {
+        let d = [v.x(), v.y(), v.z()];
+        if dirs
+            .iter()
+            .any(|o| beam::angle_between(*o, d).to_degrees() < min_sep_deg)
+        {
             continue;
         }
+        let (ra, dec) = super::wcs::xyz_to_radec(&v);
         let flux = min_jy * (max_jy / min_jy).powf(rng.uniform());
+        dirs.push(d);
         out.push(PointSource {
             ra_deg: ra,
             dec_deg: dec,
