@@ -339,10 +339,14 @@ fn add_sources(
         let Some((px, py)) = wcs.world_to_pix(s.ra_deg, s.dec_deg) else {
             continue;
         };
-        if px < -0.5 || py < -0.5 || px > n as f64 - 0.5 || py > n as f64 - 0.5 {
+        // Sources just off the tile still put their wings on it.
+        let rf = r as f64;
+        if px < -rf || py < -rf || px > n as f64 + rf || py > n as f64 + rf {
             continue;
         }
-        landed += 1;
+        if px >= -0.5 && py >= -0.5 && px <= n as f64 - 0.5 && py <= n as f64 - 0.5 {
+            landed += 1;
+        }
         let (cx, cy) = (px.round() as i64, py.round() as i64);
         for y in (cy - r).max(0)..=(cy + r).min(n - 1) {
             for x in (cx - r).max(0)..=(cx + r).min(n - 1) {
