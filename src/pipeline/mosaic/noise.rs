@@ -26,7 +26,7 @@ fn median_in_place(values: &mut [f32]) -> f32 {
     let mid = n / 2;
     let (_, upper, _) = values.select_nth_unstable_by(mid, f32::total_cmp);
     let upper = *upper;
-    if n % 2 == 1 {
+    if !n.is_multiple_of(2) {
         upper
     } else {
         // The lower middle is the largest of the left part after the selection.
@@ -45,7 +45,7 @@ pub fn sample_stride(n: usize) -> usize {
         1
     } else {
         let s = n.div_ceil(MAX_SAMPLES);
-        if s % 2 == 0 { s + 1 } else { s }
+        if s.is_multiple_of(2) { s + 1 } else { s }
     }
 }
 
@@ -70,6 +70,6 @@ mod tests {
         assert_eq!(sample_stride(1000), 1);
         let n = 4800 * 4800;
         let s = sample_stride(n);
-        assert!(s % 2 == 1 && n / s <= MAX_SAMPLES);
+        assert!(!s.is_multiple_of(2) && n / s <= MAX_SAMPLES);
     }
 }

@@ -39,10 +39,16 @@ impl BeamSource<'_> {
         x: f64,
         y: f64,
     ) -> Option<f64> {
+        let corner = Corner::at(data_shape.1, data_shape.0, x, y)?;
+        self.at_corner(wcs, data_shape.1, corner, x, y)
+    }
+
+    #[inline(always)]
+    fn at_corner(&self, wcs: &CelestialWcs, nx: usize, c: Corner, x: f64, y: f64) -> Option<f64> {
         let b = match self {
             BeamSource::Image(img) => {
                 let s = img.as_slice().expect("standard layout");
-                f64::from(bilinear(s, data_shape.1, data_shape.0, x, y)?)
+                f64::from(c.sample(s, nx))
             }
             BeamSource::Model { pointing, fwhm_rad } => {
                 let n = wcs.pix_to_native(x, y)?;
@@ -58,22 +64,47 @@ impl BeamSource<'_> {
 /// any of the four neighbours is NaN.
 #[inline]
 pub fn bilinear(data: &[f32], nx: usize, ny: usize, x: f64, y: f64) -> Option<f32> {
-    if !(x >= -0.5 && y >= -0.5 && x <= nx as f64 - 0.5 && y <= ny as f64 - 0.5) {
-        return None;
-    }
-    let xc = x.clamp(0.0, (nx - 1) as f64);
-    let yc = y.clamp(0.0, (ny - 1) as f64);
-    let x0 = (xc.floor() as usize).min(nx.saturating_sub(2));
-    let y0 = (yc.floor() as usize).min(ny.saturating_sub(2));
-    let fx = (xc - x0 as f64) as f32;
-    let fy = (yc - y0 as f64) as f32;
-    let i = y0 * nx + x0;
-    let (a, b) = (data[i], data[i + 1]);
-    let (c, d) = (data[i + nx], data[i + nx + 1]);
-    let top = a + (b - a) * fx;
-    let bottom = c + (d - c) * fx;
-    let v = top + (bottom - top) * fy;
+    let c = Corner::at(nx, ny, x, y)?;
+    let v = c.sample(data, nx);
     v.is_finite().then_some(v)
+}
+
+/// The top-left neighbour and the fractions of a bilinear sample, shared by the tile and
+/// its beam image (same grid).
+#[derive(Clone, Copy)]
+pub struct Corner {
+    index: usize,
+    fx: f32,
+    fy: f32,
+}
+
+impl Corner {
+    #[inline(always)]
+    pub fn at(nx: usize, ny: usize, x: f64, y: f64) -> Option<Corner> {
+        if !(x >= -0.5 && y >= -0.5 && x <= nx as f64 - 0.5 && y <= ny as f64 - 0.5) {
+            return None;
+        }
+        let xc = x.clamp(0.0, (nx - 1) as f64);
+        let yc = y.clamp(0.0, (ny - 1) as f64);
+        // Non-negative, so truncation is floor (and needs no libm call).
+        let x0 = (xc as usize).min(nx.saturating_sub(2));
+        let y0 = (yc as usize).min(ny.saturating_sub(2));
+        Some(Corner {
+            index: y0 * nx + x0,
+            fx: (xc - x0 as f64) as f32,
+            fy: (yc - y0 as f64) as f32,
+        })
+    }
+
+    /// May be NaN when a neighbour is.
+    #[inline(always)]
+    pub fn sample(self, data: &[f32], nx: usize) -> f32 {
+        let top = &data[self.index..self.index + 2];
+        let bottom = &data[self.index + nx..self.index + nx + 2];
+        let t = top[0] + (top[1] - top[0]) * self.fx;
+        let b = bottom[0] + (bottom[1] - bottom[0]) * self.fx;
+        t + (b - t) * self.fy
+    }
 }
 
 /// An inclusive box of output pixels.
@@ -263,34 +294,49 @@ pub fn accumulate(
                 }
             }
             let mut count = 0u64;
-            for ox in b.x0..=b.x1 {
-                let c = ox - b.x0;
-                let k = (c / map.step).min(map.cols.saturating_sub(2));
-                let fx = (c as f64 - (k * map.step) as f64) / h;
-                let (mut tx, mut ty) = if map.cols >= 2 {
-                    (
-                        rx[k] + (rx[k + 1] - rx[k]) * fx,
-                        ry[k] + (ry[k + 1] - ry[k]) * fx,
-                    )
-                } else {
-                    (f64::NAN, f64::NAN)
+            let mut add = |ox: usize, tx: f64, ty: f64| {
+                let Some(corner) = Corner::at(nx, ny, tx, ty) else {
+                    return;
                 };
-                if tx.is_nan() || ty.is_nan() {
-                    match exact(out, tile_wcs, ox as f64, oy as f64) {
-                        Some(p) => (tx, ty) = p,
-                        None => continue,
-                    }
+                let v = corner.sample(slice, nx);
+                if !v.is_finite() {
+                    return;
                 }
-                let Some(v) = bilinear(slice, nx, ny, tx, ty) else {
-                    continue;
+                let Some(bv) = beam.at_corner(tile_wcs, nx, corner, tx, ty) else {
+                    return;
                 };
-                let Some(bv) = beam.at(tile_wcs, (ny, nx), tx, ty) else {
-                    continue;
-                };
-                let w = bv * bv * inv_var;
-                nrow[ox] += (w * f64::from(v)) as f32;
-                wrow[ox] += w as f32;
+                let w = (bv * bv * inv_var) as f32;
+                nrow[ox] += w * v;
+                wrow[ox] += w;
                 count += 1;
+            };
+            // Cell by cell along the row: the map is linear within a cell, so it advances
+            // by a constant step per pixel (no division in the inner loop).
+            let cells = map.cols.saturating_sub(1);
+            for k in 0..cells.max(1) {
+                let xs = b.x0 + k * map.step;
+                let xe = if k + 1 >= cells {
+                    b.x1 + 1
+                } else {
+                    xs + map.step
+                };
+                let usable = cells > 0
+                    && [rx[k], rx[k + 1], ry[k], ry[k + 1]]
+                        .iter()
+                        .all(|v| !v.is_nan());
+                if !usable {
+                    for ox in xs..xe {
+                        if let Some((tx, ty)) = exact(out, tile_wcs, ox as f64, oy as f64) {
+                            add(ox, tx, ty);
+                        }
+                    }
+                    continue;
+                }
+                let (dx, dy) = ((rx[k + 1] - rx[k]) / h, (ry[k + 1] - ry[k]) / h);
+                for (j, ox) in (xs..xe).enumerate() {
+                    let j = j as f64;
+                    add(ox, rx[k] + j * dx, ry[k] + j * dy);
+                }
             }
             count
         })
