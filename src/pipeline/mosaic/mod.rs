@@ -266,7 +266,7 @@ pub fn build_mosaic(
         };
         let (source, used) = match &beam_img {
             Some(img) => (
-                BeamSource::Image(img),
+                BeamSource::Image(img.as_slice().expect("standard layout")),
                 BeamUsed::Image(beams.unwrap()[i].clone()),
             ),
             None => {
@@ -287,6 +287,7 @@ pub fn build_mosaic(
                 )
             }
         };
+        let read_s = t0.elapsed().as_secs_f64();
         let sigma = tile_sigma(&data, &h.wcs, &source).ok_or_else(|| MosaicError::NoNoise {
             path: h.path.clone(),
         })?;
@@ -294,6 +295,7 @@ pub fn build_mosaic(
         else {
             continue;
         };
+        let t1 = Instant::now();
         let c = reproject::accumulate(
             &grid.wcs, grid.nx, &mut num, &mut wsum, pbox, &h.wcs, &data, &source, sigma,
         );
@@ -303,6 +305,8 @@ pub fn build_mosaic(
             pixels = c.pixels,
             grid_step = c.grid_step,
             map_error_px = c.map_error_px,
+            read_s,
+            reproject_s = t1.elapsed().as_secs_f64(),
             seconds = t0.elapsed().as_secs_f64(),
             "tile added"
         );
@@ -344,6 +348,7 @@ pub fn build_mosaic(
         extra_str: vec![("ORIGIN".into(), "contimg mosaic".into())],
         extra_f64: vec![("NTILES".into(), summaries.len() as f64)],
     };
+    let t_write = Instant::now();
     let mut outputs = vec![opts.out.clone()];
     io::write_plane(&opts.out, &num, grid.ny, grid.nx, &grid.wcs, &keys, false)?;
     drop(num);
@@ -361,6 +366,7 @@ pub fn build_mosaic(
         io::write_plane(p, &wsum, grid.ny, grid.nx, &grid.wcs, &keys, false)?;
         outputs.push(p.clone());
     }
+    tracing::info!(seconds = t_write.elapsed().as_secs_f64(), "outputs written");
     Ok(MosaicSummary {
         grid,
         tiles: summaries,
@@ -405,7 +411,7 @@ pub fn tile_sigma(data: &Array2<f32>, wcs: &CelestialWcs, beam: &BeamSource<'_>)
             }
             let (x, y) = ((i % nx) as f64, (i / nx) as f64);
             let b = match beam {
-                BeamSource::Image(img) => f64::from(*img.as_slice()?.get(i)?),
+                BeamSource::Image(img) => f64::from(*img.get(i)?),
                 _ => beam.at(wcs, (ny, nx), x, y)?,
             };
             (b > 0.0 && b.is_finite()).then(|| (f64::from(v) * b) as f32)

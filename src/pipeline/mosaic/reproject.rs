@@ -22,8 +22,8 @@ pub const MAX_MAP_ERROR_PX: f64 = 1e-3;
 
 /// Where a tile's primary-beam response comes from.
 pub enum BeamSource<'a> {
-    /// An image on the tile's pixel grid.
-    Image(&'a Array2<f32>),
+    /// An image on the tile's pixel grid, row-major like the tile.
+    Image(&'a [f32]),
     /// The Gaussian dish model: the pointing as a native-frame direction of the tile's
     /// projection, and the FWHM in radians.
     Model { pointing: [f64; 3], fwhm_rad: f64 },
@@ -46,10 +46,7 @@ impl BeamSource<'_> {
     #[inline(always)]
     fn at_corner(&self, wcs: &CelestialWcs, nx: usize, c: Corner, x: f64, y: f64) -> Option<f64> {
         let b = match self {
-            BeamSource::Image(img) => {
-                let s = img.as_slice().expect("standard layout");
-                f64::from(c.sample(s, nx))
-            }
+            BeamSource::Image(img) => f64::from(c.sample(img, nx)),
             BeamSource::Model { pointing, fwhm_rad } => {
                 let n = wcs.pix_to_native(x, y)?;
                 beam::response(beam::angle_between(n, *pointing), *fwhm_rad)
@@ -235,6 +232,30 @@ impl CoarseMap {
     }
 }
 
+/// Weight and value of a tile at one of its (fractional) pixels.
+struct Sampler<'a> {
+    data: &'a [f32],
+    nx: usize,
+    ny: usize,
+    beam: &'a BeamSource<'a>,
+    wcs: &'a CelestialWcs,
+    inv_var: f64,
+}
+
+impl Sampler<'_> {
+    /// (B^2 / sigma^2, value), or `None` outside, on NaN, or where B is not positive.
+    #[inline(always)]
+    fn get(&self, tx: f64, ty: f64) -> Option<(f32, f32)> {
+        let corner = Corner::at(self.nx, self.ny, tx, ty)?;
+        let v = corner.sample(self.data, self.nx);
+        if !v.is_finite() {
+            return None;
+        }
+        let b = self.beam.at_corner(self.wcs, self.nx, corner, tx, ty)?;
+        Some(((b * b * self.inv_var) as f32, v))
+    }
+}
+
 /// What one tile contributed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Contribution {
@@ -273,6 +294,14 @@ pub fn accumulate(
     let slice = data.as_slice().expect("standard layout");
     let inv_var = 1.0 / (sigma * sigma);
     let h = map.step as f64;
+    let sampler = Sampler {
+        data: slice,
+        nx,
+        ny,
+        beam,
+        wcs: tile_wcs,
+        inv_var,
+    };
     let rows = &mut num[b.y0 * out_nx..(b.y1 + 1) * out_nx];
     let wrows = &mut wsum[b.y0 * out_nx..(b.y1 + 1) * out_nx];
     let pixels: u64 = rows
@@ -294,22 +323,6 @@ pub fn accumulate(
                 }
             }
             let mut count = 0u64;
-            let mut add = |ox: usize, tx: f64, ty: f64| {
-                let Some(corner) = Corner::at(nx, ny, tx, ty) else {
-                    return;
-                };
-                let v = corner.sample(slice, nx);
-                if !v.is_finite() {
-                    return;
-                }
-                let Some(bv) = beam.at_corner(tile_wcs, nx, corner, tx, ty) else {
-                    return;
-                };
-                let w = (bv * bv * inv_var) as f32;
-                nrow[ox] += w * v;
-                wrow[ox] += w;
-                count += 1;
-            };
             // Cell by cell along the row: the map is linear within a cell, so it advances
             // by a constant step per pixel (no division in the inner loop).
             let cells = map.cols.saturating_sub(1);
@@ -320,22 +333,34 @@ pub fn accumulate(
                 } else {
                     xs + map.step
                 };
+                let (nseg, wseg) = (&mut nrow[xs..xe], &mut wrow[xs..xe]);
                 let usable = cells > 0
                     && [rx[k], rx[k + 1], ry[k], ry[k + 1]]
                         .iter()
                         .all(|v| !v.is_nan());
                 if !usable {
-                    for ox in xs..xe {
-                        if let Some((tx, ty)) = exact(out, tile_wcs, ox as f64, oy as f64) {
-                            add(ox, tx, ty);
+                    for (j, (n, w)) in nseg.iter_mut().zip(wseg.iter_mut()).enumerate() {
+                        let Some((tx, ty)) = exact(out, tile_wcs, (xs + j) as f64, oy as f64)
+                        else {
+                            continue;
+                        };
+                        if let Some((wv, v)) = sampler.get(tx, ty) {
+                            *n += wv * v;
+                            *w += wv;
+                            count += 1;
                         }
                     }
                     continue;
                 }
                 let (dx, dy) = ((rx[k + 1] - rx[k]) / h, (ry[k + 1] - ry[k]) / h);
-                for (j, ox) in (xs..xe).enumerate() {
+                let (x0, y0) = (rx[k], ry[k]);
+                for (j, (n, w)) in nseg.iter_mut().zip(wseg.iter_mut()).enumerate() {
                     let j = j as f64;
-                    add(ox, rx[k] + j * dx, ry[k] + j * dy);
+                    if let Some((wv, v)) = sampler.get(x0 + j * dx, y0 + j * dy) {
+                        *n += wv * v;
+                        *w += wv;
+                        count += 1;
+                    }
                 }
             }
             count
