@@ -39,16 +39,20 @@ timed() { # name, command...
   local wall rss
   wall=$(grep "Elapsed (wall clock)" "$WORK/$name.time" | awk '{print $NF}')
   rss=$(grep "Maximum resident set size" "$WORK/$name.time" | awk '{print $NF}')
-  printf '%-10s wall %s  peak RSS %.2f GiB\n' "$name" "$wall" "$(echo "$rss/1048576" | bc -l)" | tee -a "$WORK/summary.txt"
+  printf '%-14s wall %s  peak RSS %.2f GiB\n' "$name" "$wall" "$(echo "$rss/1048576" | bc -l)" | tee -a "$WORK/summary.txt"
 }
 
 CONTIMG_LOG=warn timed contimg "$TARGET/release/contimg" mosaic --out "$WORK/contimg.fits" \
   --weights "$WORK/contimg.weights.fits" --noise "$WORK/contimg.noise.fits" "${tiles[@]}" --beams "${beams[@]}"
+# The same without beam images: the Gaussian dish model at RESTFRQ.
+CONTIMG_LOG=warn timed contimg-model "$TARGET/release/contimg" mosaic --out "$WORK/contimg.model.fits" "${tiles[@]}"
 if [ "${SKIP_REPROJECT:-0}" != 1 ]; then
   timed reproject "$VENV/bin/python" tools/mosaic_compare.py coadd --template "$WORK/contimg.fits" \
     --out "$WORK/reproject.fits" --tiles "${tiles[@]}" --beams "${beams[@]}"
   "$VENV/bin/python" tools/mosaic_compare.py compare --truth "$WORK/sources.csv" \
     --mosaic contimg="$WORK/contimg.fits" --mosaic reproject="$WORK/reproject.fits" | tee -a "$WORK/summary.txt"
+  "$VENV/bin/python" tools/mosaic_compare.py compare --truth "$WORK/sources.csv" \
+    --mosaic contimg-model="$WORK/contimg.model.fits" | tee -a "$WORK/summary.txt"
 else
   "$VENV/bin/python" tools/mosaic_compare.py compare --truth "$WORK/sources.csv" \
     --mosaic contimg="$WORK/contimg.fits" | tee -a "$WORK/summary.txt"
