@@ -636,3 +636,68 @@ fn the_binary_reports_bad_input_without_panicking_and_mosaics_good_input() {
     // Two tiles overlapping near their centres: about 1/sqrt(2) of one tile's noise.
     assert!(best > 0.6e-3 && best < 0.8e-3, "{best}");
 }
+
+#[test]
+fn a_tile_with_a_cd_matrix_gives_the_same_mosaic_as_its_north_up_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let sp = TileSpec {
+        cube: false,
+        npix: 200,
+        ..spec(0.0, 1e-3, 5)
+    };
+    let sources = synth::random_sources((RA, DEC), (0.8, 0.8), 8, (0.3, 3.0), 0.3, 3);
+    let plain = dir.path().join("plain.fits");
+    synth::write_tile(&sp, &sources, &plain, None).unwrap();
+    // The same sky stored transposed: pixel (i, j) holds what (j, i) held, so
+    // CD = CDELT x swap = [[0, -s], [s, 0]] and the reference pixel swaps its axes.
+    let data = read2(&plain);
+    let h = io::read_header(&plain).unwrap();
+    let cd = h.wcs.cd();
+    let crpix = h.wcs.crpix();
+    let wcs_t = mosaic::CelestialWcs::new(
+        ProjectionKind::Sin,
+        h.wcs.crval(),
+        [crpix[1], crpix[0]],
+        [[cd[0][1], cd[0][0]], [cd[1][1], cd[1][0]]],
+    )
+    .unwrap();
+    let t = data.t().as_standard_layout().to_owned();
+    let keys = io::OutputKeys {
+        bunit: h.bunit.clone(),
+        beam: h.beam,
+        freq_hz: h.freq_hz,
+        date_obs: h.date_obs.clone(),
+        ..Default::default()
+    };
+    let rotated = dir.path().join("cd.fits");
+    let (ny, nx) = t.dim();
+    io::write_plane(
+        &rotated,
+        t.as_slice().unwrap(),
+        ny,
+        nx,
+        &wcs_t,
+        &keys,
+        false,
+    )
+    .unwrap();
+    assert!(
+        key_f64(&rotated, "CD1_2") != 0.0,
+        "written with a CD matrix"
+    );
+
+    let (m1, m2) = (dir.path().join("m1.fits"), dir.path().join("m2.fits"));
+    let s1 = mosaic::build_mosaic(&[plain], None, &MosaicOptions::new(&m1)).unwrap();
+    let s2 = mosaic::build_mosaic(&[rotated], None, &MosaicOptions::new(&m2)).unwrap();
+    assert_eq!((s1.grid.nx, s1.grid.ny), (s2.grid.nx, s2.grid.ny));
+    assert!((s1.tiles[0].sigma / s2.tiles[0].sigma - 1.0).abs() < 1e-3);
+    let (a, b) = (read2(&m1), read2(&m2));
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(b.iter()) {
+        assert_eq!(x.is_finite(), y.is_finite());
+        if x.is_finite() {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst < 1e-4, "largest difference {worst} Jy/beam");
+}

@@ -49,7 +49,7 @@ impl BeamSource<'_> {
             BeamSource::Image(img) => f64::from(c.sample(img, nx)),
             BeamSource::Model { pointing, fwhm_rad } => {
                 let n = wcs.pix_to_native(x, y)?;
-                beam::response(beam::angle_between(n, *pointing), *fwhm_rad)
+                beam::response_between(n, *pointing, *fwhm_rad)
             }
         };
         (b > 0.0).then_some(b)
