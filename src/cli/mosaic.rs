@@ -16,8 +16,7 @@ pub enum ProjectionArg {
     Tan,
 }
 
-/// Put `--beams` after the tiles (or end its list with `--`): it takes every following
-/// value.
+/// Arguments of `contimg mosaic`.
 #[derive(clap::Args, Debug)]
 pub struct MosaicArgs {
     /// The mosaic to write (float32 FITS; replaced if present).
@@ -30,7 +29,8 @@ pub struct MosaicArgs {
     #[arg(long)]
     pub noise: Option<PathBuf>,
     /// Primary-beam images, one per tile in the same order. Without them a Gaussian
-    /// model of a 4.65 m dish at each tile's RESTFRQ is used.
+    /// model of a 4.65 m dish at each tile's RESTFRQ is used. Put --beams after the
+    /// tiles: it takes every value that follows (or end its list with --).
     #[arg(long, num_args = 1.., value_name = "BEAM.fits")]
     pub beams: Vec<PathBuf>,
     /// Projection of the output grid.

@@ -355,12 +355,28 @@ pub fn build_mosaic(
     };
     let t_write = Instant::now();
     let mut outputs = vec![opts.out.clone()];
-    io::write_plane(&opts.out, &num, grid.ny, grid.nx, &grid.wcs, &keys, false)?;
-    drop(num);
     let unit = first.bunit.clone().unwrap_or_else(|| "JY/BEAM".into());
+    // The mosaic and the weights are written at the same time (separate files).
+    let weight_keys = io::OutputKeys {
+        bunit: Some(format!("({unit})**-2")),
+        ..keys.clone()
+    };
+    let (mosaic_written, weights_written) = std::thread::scope(|scope| {
+        let mosaic = scope
+            .spawn(|| io::write_plane(&opts.out, &num, grid.ny, grid.nx, &grid.wcs, &keys, false));
+        let weights = match &opts.weights_out {
+            Some(p) => io::write_plane(p, &wsum, grid.ny, grid.nx, &grid.wcs, &weight_keys, false),
+            None => Ok(()),
+        };
+        (
+            mosaic.join().expect("the mosaic writer does not panic"),
+            weights,
+        )
+    });
+    mosaic_written?;
+    weights_written?;
+    drop(num);
     if let Some(p) = &opts.weights_out {
-        keys.bunit = Some(format!("({unit})**-2"));
-        io::write_plane(p, &wsum, grid.ny, grid.nx, &grid.wcs, &keys, false)?;
         outputs.push(p.clone());
     }
     if let Some(p) = &opts.noise_out {
