@@ -701,3 +701,22 @@ fn a_tile_with_a_cd_matrix_gives_the_same_mosaic_as_its_north_up_twin() {
     }
     assert!(worst < 1e-4, "largest difference {worst} Jy/beam");
 }
+
+#[test]
+fn refuses_tiles_on_opposite_sides_of_the_sky() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = small_tile(dir.path(), "a.fits", spec(0.0, 1e-3, 1));
+    let far = TileSpec {
+        ra_deg: RA + 180.0,
+        dec_deg: -DEC,
+        ..spec(0.0, 1e-3, 2)
+    };
+    let b = small_tile(dir.path(), "b.fits", far);
+    let err = mosaic::build_mosaic(
+        &[a, b],
+        None,
+        &MosaicOptions::new(dir.path().join("m.fits")),
+    )
+    .unwrap_err();
+    assert!(matches!(err, MosaicError::TooWide), "{err}");
+}

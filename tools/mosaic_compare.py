@@ -102,6 +102,7 @@ def measure(path, truth, radius_beams=2.5):
 
 def compare(args):
     truth = np.loadtxt(args.truth, delimiter=",", skiprows=1, ndmin=2)
+    truth_all = truth
     truth = truth[truth[:, 2] >= args.min_flux]
     report = {}
     maps = {}
@@ -132,7 +133,33 @@ def compare(args):
             "rms_of_" + names[1]: float(robust_sigma(b[both])),
             "max_abs_difference": float(np.max(np.abs(diff))),
         }
+    if args.noise_map:
+        report["noise_map"] = noise_check(args.noise_map, maps[names[0]], truth_all)
     print(json.dumps(report, indent=2))
+
+
+def noise_check(noise_path, mosaic, truth):
+    """Robust std of mosaic / noise map over pixels at least 5 BMAJ from every source."""
+    with fits.open(noise_path) as h:
+        noise = np.asarray(h[0].data, dtype=np.float32).squeeze()
+        hdr = h[0].header
+    w = WCS(hdr).celestial
+    bmaj = hdr["BMAJ"] / abs(hdr["CDELT1"])
+    ok = np.isfinite(mosaic) & np.isfinite(noise)
+    px, py = w.world_to_pixel_values(truth[:, 0], truth[:, 1])
+    r = int(np.ceil(5 * bmaj))
+    yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
+    disc = xx * xx + yy * yy <= r * r
+    ny, nx = ok.shape
+    for x, y in zip(px, py):
+        ix, iy = int(round(x)), int(round(y))
+        x0, x1, y0, y1 = ix - r, ix + r + 1, iy - r, iy + r + 1
+        if x1 <= 0 or y1 <= 0 or x0 >= nx or y0 >= ny:
+            continue
+        sub = disc[max(0, -y0): disc.shape[0] - max(0, y1 - ny), max(0, -x0): disc.shape[1] - max(0, x1 - nx)]
+        ok[max(0, y0): min(ny, y1), max(0, x0): min(nx, x1)] &= ~sub
+    z = (mosaic[ok] / noise[ok]).astype(np.float64)
+    return {"source_free_pixels": int(ok.sum()), "robust_std_mosaic_over_noise_map": float(robust_sigma(z))}
 
 
 def main():
@@ -147,6 +174,7 @@ def main():
     k.add_argument("--truth", required=True)
     k.add_argument("--mosaic", action="append", required=True)
     k.add_argument("--min-flux", type=float, default=0.1)
+    k.add_argument("--noise-map", help="check this noise map against the first mosaic")
     a = p.parse_args()
     coadd(a) if a.cmd == "coadd" else compare(a)
 

@@ -50,12 +50,13 @@ if [ "${SKIP_REPROJECT:-0}" != 1 ]; then
   timed reproject "$VENV/bin/python" tools/mosaic_compare.py coadd --template "$WORK/contimg.fits" \
     --out "$WORK/reproject.fits" --tiles "${tiles[@]}" --beams "${beams[@]}"
   "$VENV/bin/python" tools/mosaic_compare.py compare --truth "$WORK/sources.csv" \
-    --mosaic contimg="$WORK/contimg.fits" --mosaic reproject="$WORK/reproject.fits" | tee -a "$WORK/summary.txt"
+    --mosaic contimg="$WORK/contimg.fits" --mosaic reproject="$WORK/reproject.fits" \
+    --noise-map "$WORK/contimg.noise.fits" | tee -a "$WORK/summary.txt"
   "$VENV/bin/python" tools/mosaic_compare.py compare --truth "$WORK/sources.csv" \
     --mosaic contimg-model="$WORK/contimg.model.fits" | tee -a "$WORK/summary.txt"
 else
   "$VENV/bin/python" tools/mosaic_compare.py compare --truth "$WORK/sources.csv" \
-    --mosaic contimg="$WORK/contimg.fits" | tee -a "$WORK/summary.txt"
+    --mosaic contimg="$WORK/contimg.fits" --noise-map "$WORK/contimg.noise.fits" | tee -a "$WORK/summary.txt"
 fi
 cat "$WORK/contimg.out" >> "$WORK/summary.txt"
 if [ "${KEEP:-0}" != 1 ]; then

@@ -6,8 +6,8 @@ use super::io::TileHeader;
 use super::reproject::outline;
 use super::wcs::{CelestialWcs, ProjectionKind, xyz_to_radec};
 
-/// Larger grids are refused: 2^31 pixels is 8 GiB per float32 plane.
-const MAX_PIXELS: usize = 1 << 31;
+/// Larger grids are refused: 2^30 pixels is 4 GiB per float32 plane, and there are two.
+const MAX_PIXELS: usize = 1 << 30;
 
 #[derive(Debug, Clone)]
 pub struct OutputGrid {
@@ -41,22 +41,19 @@ impl OutputGrid {
             sz += v.z();
         }
         let norm = (sx * sx + sy * sy + sz * sz).sqrt();
-        let too_large = || MosaicError::TooLarge {
-            nx: usize::MAX,
-            ny: usize::MAX,
-        };
+        let too_wide = || MosaicError::TooWide;
         if norm == 0.0 || pts.is_empty() {
-            return Err(too_large());
+            return Err(too_wide());
         }
         let mut centre = xyz_to_radec(&mapproj::XYZ::new(sx / norm, sy / norm, sz / norm));
         let mut half = (0.0, 0.0);
         for _ in 0..3 {
             let probe = CelestialWcs::north_up(kind, [centre.0, centre.1], [1.0, 1.0], scale_deg)
-                .ok_or_else(too_large)?;
+                .ok_or_else(too_wide)?;
             let (mut xmin, mut xmax, mut ymin, mut ymax) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
             for v in &pts {
                 // A point off this projection means the tiles span a hemisphere.
-                let (x, y) = probe.xyz_to_pix(v).ok_or_else(too_large)?;
+                let (x, y) = probe.xyz_to_pix(v).ok_or_else(too_wide)?;
                 xmin = xmin.min(x);
                 xmax = xmax.max(x);
                 ymin = ymin.min(y);
@@ -64,7 +61,7 @@ impl OutputGrid {
             }
             let (cx, cy) = (0.5 * (xmin + xmax), 0.5 * (ymin + ymax));
             half = (0.5 * (xmax - xmin), 0.5 * (ymax - ymin));
-            let c = probe.pix_to_xyz(cx, cy).ok_or_else(too_large)?;
+            let c = probe.pix_to_xyz(cx, cy).ok_or_else(too_wide)?;
             centre = xyz_to_radec(&c);
         }
         // Odd sizes with the reference pixel in the middle; the half-extent is rounded up
@@ -81,7 +78,7 @@ impl OutputGrid {
             [(hx + 1) as f64, (hy + 1) as f64],
             scale_deg,
         )
-        .ok_or_else(too_large)?;
+        .ok_or_else(too_wide)?;
         Ok(OutputGrid { wcs, nx, ny })
     }
 }

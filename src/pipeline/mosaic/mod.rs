@@ -97,6 +97,9 @@ pub enum MosaicError {
     /// No frequency in the header, and no beam image to replace the model.
     #[error("{}: no RESTFRQ (or FREQ axis) for the primary-beam model; add the key or give --beams", path.display())]
     NoFrequency { path: PathBuf },
+    /// The tiles are spread over more than one hemisphere: no SIN or TAN grid holds them.
+    #[error("the tiles span more than a hemisphere; no single SIN or TAN grid can hold them")]
+    TooWide,
     /// The output grid would be unreasonably large (tiles far apart on the sky).
     #[error("the output grid would be {nx} x {ny} pixels; are the tiles really neighbours?")]
     TooLarge { nx: usize, ny: usize },
