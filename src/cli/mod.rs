@@ -7,6 +7,7 @@
 
 pub mod logtools;
 pub mod monitor;
+pub mod mosaic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ pub enum Command {
     Verify(logtools::VerifyArgs),
     /// Watch a running server: status, alerts, retries (the old monitor script's flags).
     Monitor(monitor::MonitorArgs),
+    /// Reproject FITS tiles onto one grid and co-add them weighted by B^2/sigma^2.
+    Mosaic(mosaic::MosaicArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -125,6 +128,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Import(args) => logtools::import(args),
         Command::Verify(args) => logtools::verify(args),
         Command::Monitor(args) => return monitor::run(args),
+        Command::Mosaic(args) => mosaic::run(args),
     };
     match result {
         Ok(code) => code,
