@@ -790,3 +790,65 @@ async fn poison_events_are_parked_and_snapshots_survive_restarts() {
     );
     server.stop().await;
 }
+
+/// The server answers "what did the status say at position P (or time T)" by replaying,
+/// and the answer is what it showed live at that position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_as_of_a_position_is_what_the_server_showed_then() {
+    let f = fixture(3, 3600.0, None).await;
+    let mut seen = Vec::new();
+    let mut record = |s: Value| seen.push(s);
+    for i in 0..4 {
+        f.stage_file(&format!("h{i}.fits"), 50);
+        f.register(&format!("h{i}"), &format!("h{i}.fits"), "image", false)
+            .await;
+        record(f.status().await);
+    }
+    std::fs::remove_file(f.stage.join("h1.fits")).unwrap();
+    f.post("/api/products/h1/publish", None).await;
+    record(f.status().await);
+    f.post("/api/products/h0/publish", None).await;
+    record(f.status().await);
+    f.stage_file("h1.fits", 50);
+    f.post("/api/monitoring/publish/retry/h1", None).await;
+    record(f.status().await);
+    for live in &seen {
+        let p = live["ledger_position"].as_u64().unwrap();
+        let (code, mut past) = f
+            .get(&format!("/api/monitoring/publish/status?position={p}"))
+            .await;
+        assert_eq!(code, StatusCode::OK);
+        past["timestamp"] = live["timestamp"].clone();
+        assert_eq!(&past, live, "status at position {p}");
+    }
+    // By time: just after the failure of h1, one failed product.
+    let (_, h) = f.get("/api/products/h1/history").await;
+    let failed_at = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["eventType"] == "PublishFailed")
+        .unwrap()["created"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, past) = f
+        .get(&format!("/api/monitoring/publish/failed?as_of={failed_at}"))
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(past["count"], json!(1), "as of {failed_at}: {past}");
+    assert_eq!(past["failed_publishes"][0]["data_id"], json!("h1"));
+    let (_, now) = f.get("/api/monitoring/publish/failed").await;
+    assert_eq!(now["count"], json!(0));
+    for bad in [
+        "position=999999",
+        "as_of=yesterday",
+        "position=1&as_of=2026-01-01T00:00:00Z",
+    ] {
+        let (code, body) = f
+            .get(&format!("/api/monitoring/publish/status?{bad}"))
+            .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    f.server.stop().await;
+}

@@ -10,11 +10,12 @@ use serde::Serialize;
 use super::AppState;
 use super::error::ApiError;
 use super::params::{self, Params};
-use crate::events::record::format_time;
 use crate::pipeline::publish::Trigger;
-use crate::projections::alerts::{self, Alert, AlertInputs, AlertThresholds};
+use crate::projections::alerts::{self, Alert, AlertThresholds};
 use crate::projections::product::ProductState;
 use crate::projections::publish::{MICROS_PER_HOUR, PublishModel};
+pub use crate::projections::status::{FailedRow, PublishStatus, alert_inputs, publish_status};
+use crate::projections::{AsOf, fold_as_of};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -31,89 +32,54 @@ fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-/// The publish status, as the old endpoint answered it, plus new fields beside.
-#[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct PublishStatus {
-    pub total_published: u64,
-    pub total_staging: u64,
-    pub total_publishing: u64,
-    pub failed_publishes: u64,
-    pub max_attempts_exceeded: u64,
-    pub success_rate_percent: f64,
-    pub recent_failures_24h: u64,
-    pub recent_failures_1h: u64,
-    pub oldest_staging_hours: Option<f64>,
-    pub ledger_position: Option<u64>,
-    pub timestamp: String,
-}
-
-/// The status the model gives at time `now` (microseconds).
-pub fn publish_status(m: &PublishModel, now: i64) -> PublishStatus {
-    let c = m.counts();
-    PublishStatus {
-        total_published: c.published,
-        total_staging: c.staging,
-        total_publishing: c.publishing,
-        failed_publishes: c.failed,
-        max_attempts_exceeded: c.max_attempts_exceeded,
-        success_rate_percent: m.success_rate_percent(),
-        recent_failures_24h: m.failures_within(now, 24 * MICROS_PER_HOUR),
-        recent_failures_1h: m.failures_within(now, MICROS_PER_HOUR),
-        oldest_staging_hours: m.oldest_staging().map(|p| {
-            ((now - p.staged_at).max(0) as f64 / MICROS_PER_HOUR as f64 * 100.0).round() / 100.0
-        }),
-        ledger_position: m.last_position(),
-        timestamp: format_time(crate::events::record::micros_to_datetime(now)),
+/// `?as_of=TIME` (RFC 3339) or `?position=P`, when the question is about the past.
+pub fn as_of_param(p: &Params) -> Result<Option<AsOf>, ApiError> {
+    let position = params::opt_u64(p, "position")?;
+    let time = match p.get("as_of").map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(t) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|_| {
+                    ApiError::BadRequest(format!("as_of must be an RFC 3339 time, not {t:?}"))
+                })?
+                .timestamp_micros(),
+        ),
+    };
+    match (position, time) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "give as_of or position, not both".into(),
+        )),
+        (Some(p), None) => Ok(Some(AsOf::Position(p))),
+        (None, Some(t)) => Ok(Some(AsOf::Time(t))),
+        (None, None) => Ok(None),
     }
 }
 
-pub fn alert_inputs(s: &PublishStatus) -> AlertInputs {
-    AlertInputs {
-        success_rate_percent: s.success_rate_percent,
-        failed_publishes: s.failed_publishes,
-        recent_failures_1h: s.recent_failures_1h,
-        oldest_staging_hours: s.oldest_staging_hours,
-        max_attempts_exceeded: s.max_attempts_exceeded,
-    }
+/// Replays the log up to `as_of` off the async threads; cost grows with the position.
+async fn model_as_of(
+    state: &AppState,
+    as_of: AsOf,
+) -> Result<(PublishModel, Option<u64>, i64), ApiError> {
+    let store = state.store.clone();
+    let max_attempts = state.projections.max_attempts();
+    tokio::task::spawn_blocking(move || fold_as_of(store.events_from(0), as_of, max_attempts))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
 }
 
-async fn status(State(state): State<AppState>) -> Json<PublishStatus> {
-    let now = now_micros();
-    Json(state.projections.read(|m| publish_status(m, now)))
-}
-
-/// One row of the failed list, with the old field names.
-#[derive(Serialize)]
-pub struct FailedRow {
-    pub data_id: String,
-    pub data_type: String,
-    pub stage_path: String,
-    pub publish_attempts: u32,
-    pub publish_error: Option<String>,
-    pub staged_at: f64,
-    pub created_at: f64,
-    pub total_attempts: u32,
-    pub last_failed_at: Option<f64>,
-    pub next_retry_at: Option<String>,
-    pub retryable: bool,
-}
-
-impl FailedRow {
-    pub fn new(p: &ProductState) -> Self {
-        FailedRow {
-            data_id: p.data_id.clone(),
-            data_type: p.data_type.clone(),
-            stage_path: p.stage_path.clone(),
-            publish_attempts: p.publish_attempts,
-            publish_error: p.last_error.clone(),
-            staged_at: p.staged_at as f64 / 1e6,
-            created_at: p.created_at as f64 / 1e6,
-            total_attempts: p.total_attempts,
-            last_failed_at: p.last_failure_at.map(|t| t as f64 / 1e6),
-            next_retry_at: p
-                .next_retry_at
-                .map(|t| format_time(crate::events::record::micros_to_datetime(t))),
-            retryable: p.last_error_retryable,
+async fn status(
+    State(state): State<AppState>,
+    Query(p): Query<Params>,
+) -> Result<Json<PublishStatus>, ApiError> {
+    match as_of_param(&p)? {
+        None => {
+            let now = now_micros();
+            Ok(Json(state.projections.read(|m| publish_status(m, now))))
+        }
+        Some(as_of) => {
+            let (model, _, now) = model_as_of(&state, as_of).await?;
+            Ok(Json(publish_status(&model, now)))
         }
     }
 }
@@ -138,12 +104,22 @@ async fn failed(
 ) -> Result<Json<FailedList>, ApiError> {
     let limit = params::limit(&p, 50)?;
     let max_attempts = max_attempts_param(&p)?;
-    let rows: Vec<FailedRow> = state.projections.read(|m| {
-        m.failed(max_attempts, limit)
-            .into_iter()
-            .map(FailedRow::new)
-            .collect()
-    });
+    let rows: Vec<FailedRow> = match as_of_param(&p)? {
+        None => state.projections.read(|m| {
+            m.failed(max_attempts, limit)
+                .into_iter()
+                .map(FailedRow::new)
+                .collect()
+        }),
+        Some(as_of) => {
+            let (model, _, _) = model_as_of(&state, as_of).await?;
+            model
+                .failed(max_attempts, limit)
+                .into_iter()
+                .map(FailedRow::new)
+                .collect()
+        }
+    };
     Ok(Json(FailedList {
         count: rows.len(),
         failed_publishes: rows,

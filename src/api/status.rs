@@ -1,4 +1,5 @@
-//! `GET /api/status`: health, version and the ledger's position.
+//! `GET /api/status`: health, version, the ledger's position, the read model's lag, the
+//! automatic publisher and free space per root.
 
 use axum::extract::State;
 use axum::routing::get;
@@ -19,6 +20,12 @@ struct LedgerStatus {
 }
 
 #[derive(Serialize)]
+struct ProjectionStatus {
+    checkpoint: Option<u64>,
+    lag_events: u64,
+}
+
+#[derive(Serialize)]
 struct Status {
     status: &'static str,
     service: &'static str,
@@ -26,6 +33,10 @@ struct Status {
     uptime_s: f64,
     timestamp: String,
     ledger: LedgerStatus,
+    projection: ProjectionStatus,
+    auto_publish: bool,
+    /// Free bytes of the file system under each root (`null` when unreadable).
+    disk_free_bytes: std::collections::BTreeMap<&'static str, Option<u64>>,
 }
 
 async fn status(State(state): State<AppState>) -> Json<Status> {
@@ -39,5 +50,18 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
             events: state.store.event_count(),
             position: state.store.last_position(),
         },
+        projection: ProjectionStatus {
+            checkpoint: state.projections.checkpoint(),
+            lag_events: state.projections.lag(),
+        },
+        auto_publish: state.auto_publish,
+        disk_free_bytes: [
+            ("data", state.store.dir()),
+            ("stage", state.publisher.config().stage_root.as_path()),
+            ("products", state.publisher.config().products_root.as_path()),
+        ]
+        .into_iter()
+        .map(|(name, path)| (name, super::metrics::disk_space(path).map(|(free, _)| free)))
+        .collect(),
     })
 }

@@ -661,6 +661,16 @@ impl Store {
         Ok(n)
     }
 
+    /// Every durable event from `from` on, decoded lazily, in order.
+    pub fn events_from(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = Result<RecordedEvent, StoreError>> + use<> {
+        let durable = self.event_count();
+        self.log_range(from, durable.max(from))
+            .map(|entry| entry.and_then(|(p, bytes, r)| decode_at(p, &bytes[r])))
+    }
+
     /// A catch-up subscription to `$all` starting after `after` (exclusive; `None` means from
     /// the first event): history first, then live events, with no gap and no duplicate.
     pub fn subscribe_all(&self, after: Option<u64>) -> Subscription {

@@ -9,6 +9,7 @@
 pub mod alerts;
 pub mod product;
 pub mod publish;
+pub mod status;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -45,6 +46,56 @@ pub fn replay(
 /// Completes once a shutdown watch turns true (or its sender is gone).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Where an as-of question stops: at a log position, or at a time (the last position whose
+/// commit time is at or before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    Position(u64),
+    /// Microseconds since the epoch, UTC.
+    Time(i64),
+}
+
+/// The read model as it stood at `as_of`, folded from `events` (any source, in position
+/// order), with the position it corresponds to (`None`: before the first event) and the
+/// time at which its time windows are evaluated (the as-of time, or the commit time of
+/// the position asked for).
+pub fn fold_as_of(
+    events: impl Iterator<Item = Result<crate::events::RecordedEvent, StoreError>>,
+    as_of: AsOf,
+    max_attempts: u32,
+) -> Result<(PublishModel, Option<u64>, i64), StoreError> {
+    let mut model = PublishModel::new(max_attempts);
+    let mut at = None;
+    let mut now = match as_of {
+        AsOf::Time(t) => t,
+        AsOf::Position(_) => i64::MIN,
+    };
+    for e in events {
+        let e = e?;
+        let past = match as_of {
+            AsOf::Position(p) => e.position > p,
+            AsOf::Time(t) => e.created_micros > t,
+        };
+        if past {
+            break;
+        }
+        model.apply(&e);
+        at = Some(e.position);
+        if let AsOf::Position(_) = as_of {
+            now = e.created_micros;
+        }
+    }
+    if let AsOf::Position(p) = as_of
+        && at != Some(p)
+    {
+        return Err(StoreError::InvalidInput(format!(
+            "position {p} is past the end of the log (last: {})",
+            at.map_or("none".to_string(), |a| a.to_string())
+        )));
+    }
+    Ok((model, at, now))
 }
 
 struct Shared {
