@@ -5,6 +5,7 @@
 //! folder is held by another process, any other error); 2 arguments clap refused.
 //! `monitor` has its own codes (see its module).
 
+pub mod audit;
 pub mod logtools;
 pub mod monitor;
 pub mod mosaic;
@@ -49,6 +50,8 @@ pub enum Command {
     Import(logtools::ImportArgs),
     /// Check a stopped ledger: gapless positions, matching checksums, agreeing indexes.
     Verify(logtools::VerifyArgs),
+    /// What the ledger knew and when: timelines, status and failed list as of any time.
+    Audit(audit::AuditArgs),
     /// Watch a running server: status, alerts, retries (the old monitor script's flags).
     Monitor(monitor::MonitorArgs),
     /// Reproject FITS tiles onto one grid and co-add them weighted by B^2/sigma^2.
@@ -128,6 +131,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Import(args) => logtools::import(args),
         Command::Verify(args) => logtools::verify(args),
         Command::Monitor(args) => return monitor::run(args),
+        Command::Audit(args) => audit::run(args),
         Command::Mosaic(args) => mosaic::run(args),
     };
     match result {
@@ -197,35 +201,48 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        // One machine-readable line for scripts and tests that listen on port 0.
+        let stop = shutdown_signal();
+        let events = store.event_count();
+        let state = AppState::open(store, config).await?;
+        // One machine-readable line for scripts and tests that listen on port 0, written
+        // once recovery is done and the signals are watched.
         println!("contimg: listening on http://{addr}");
         tracing::info!(
             %addr,
             data_dir = %args.data_dir.display(),
-            events = store.event_count(),
+            events,
             "contimg serving"
         );
-        let state = AppState::open(store, config).await?;
-        api::run(listener, state, shutdown_signal()).await?;
+        api::run(listener, state, stop).await?;
         tracing::info!("stopped; every taken append was answered");
         Ok(ExitCode::SUCCESS)
     })
 }
 
 /// Completes on SIGINT or SIGTERM. Signal handling stays in the binary's layer.
-pub async fn shutdown_signal() {
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    // Registered now, not at the first poll: a signal that arrives before the future is
+    // awaited is still caught (and no longer kills the process outright).
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            (term, int) => {
+                tracing::warn!(
+                    term = term.is_ok(),
+                    int = int.is_ok(),
+                    "cannot watch SIGTERM and SIGINT; falling back to Ctrl-C"
+                );
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
