@@ -95,8 +95,8 @@ impl PointInTime {
     }
 }
 
-/// Where events come from.
-enum Source {
+/// Where events come from: shared by `audit` and `report`.
+pub(crate) enum Source {
     Local(Store),
     Export(PathBuf),
     Remote(RemoteLedger, Arc<tokio::runtime::Runtime>),
@@ -106,24 +106,46 @@ type Events = Box<dyn Iterator<Item = Result<RecordedEvent, StoreError>>>;
 
 impl Source {
     fn open(args: &AuditArgs) -> anyhow::Result<Source> {
-        if let Some(url) = &args.url {
+        Self::open_any(
+            args.data_dir.clone(),
+            args.export.clone(),
+            args.url.clone(),
+            args.token.clone(),
+        )
+    }
+
+    /// A server when `url` is given, else an export file, else a ledger folder (`./var`).
+    pub(crate) fn open_any(
+        data_dir: Option<PathBuf>,
+        export: Option<PathBuf>,
+        url: Option<String>,
+        token: Option<String>,
+    ) -> anyhow::Result<Source> {
+        if let Some(url) = &url {
             return Ok(Source::Remote(
-                RemoteLedger::new(url, args.token.clone())?,
+                RemoteLedger::new(url, token)?,
                 Arc::new(super::runtime()?),
             ));
         }
-        if let Some(f) = &args.export {
+        if let Some(f) = &export {
             File::open(f).with_context(|| format!("opening {}", f.display()))?;
             return Ok(Source::Export(f.clone()));
         }
-        match super::logtools::open_source(args.data_dir.clone(), None, None)? {
+        match super::logtools::open_source(data_dir, None, None)? {
             crate::events::Ledger::Local(s) => Ok(Source::Local(s)),
             crate::events::Ledger::Remote(_) => unreachable!("no URL given"),
         }
     }
 
+    /// Lets go of a ledger folder.
+    pub(crate) fn close(&self) {
+        if let Source::Local(s) = self {
+            s.close();
+        }
+    }
+
     /// The whole log, in position order, read lazily.
-    fn events(&self) -> anyhow::Result<Events> {
+    pub(crate) fn events(&self) -> anyhow::Result<Events> {
         Ok(match self {
             Source::Local(s) => Box::new(s.events_from(0)),
             Source::Export(path) => {
@@ -428,8 +450,6 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if let Source::Local(s) = &source {
-        s.close();
-    }
+    source.close();
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod logtools;
 pub mod monitor;
 pub mod mosaic;
+pub mod report;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +53,8 @@ pub enum Command {
     Verify(logtools::VerifyArgs),
     /// What the ledger knew and when: timelines, status and failed list as of any time.
     Audit(audit::AuditArgs),
+    /// The weekly review, rebuilt offline: report.json, report.md, report.html with charts.
+    Report(report::ReportArgs),
     /// Watch a running server: status, alerts, retries (the old monitor script's flags).
     Monitor(monitor::MonitorArgs),
     /// Reproject FITS tiles onto one grid and co-add them weighted by B^2/sigma^2.
@@ -132,6 +135,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Verify(args) => logtools::verify(args),
         Command::Monitor(args) => return monitor::run(args),
         Command::Audit(args) => audit::run(args),
+        Command::Report(args) => report::run(args),
         Command::Mosaic(args) => mosaic::run(args),
     };
     match result {

@@ -7,6 +7,7 @@
 //! the log.
 
 pub mod alerts;
+pub mod metrics;
 pub mod product;
 pub mod publish;
 pub mod status;

@@ -1,0 +1,273 @@
+//! `contimg report` on a generated week of DSA-110-like load: every chart present, and the
+//! figures equal to what the generator put in and to the projections' own answers.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::contimg;
+use serde_json::{Value, json};
+
+struct Week {
+    lines: Vec<String>,
+    position: u64,
+    revisions: BTreeMap<String, u64>,
+}
+
+impl Week {
+    fn push(&mut self, stream: &str, kind: &str, data: Value, at: chrono::DateTime<chrono::Utc>) {
+        let rev = self.revisions.entry(stream.to_string()).or_insert(0);
+        self.lines.push(
+            json!({"eventId": uuid::Uuid::new_v4(), "eventType": kind, "eventVersion": 1, "streamId": stream,
+                   "eventNumber": *rev, "position": self.position, "created": contimg::events::record::format_time(at),
+                   "data": data, "metadata": {"actor": "generator"}})
+            .to_string(),
+        );
+        *rev += 1;
+        self.position += 1;
+    }
+}
+
+#[test]
+fn weekly_report_from_an_export_matches_the_generated_load() {
+    let start = chrono::DateTime::parse_from_rfc3339("2026-11-16T00:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let mut w = Week {
+        lines: Vec::new(),
+        position: 0,
+        revisions: BTreeMap::new(),
+    };
+    let (mut staged, mut published, mut failed) = (0u64, 0u64, 0u64);
+    let mut per_day_published = vec![0u64; 7];
+    let mut stage_runs = 0u64;
+    let mut disk_full = 0u64;
+    let mut missing_registered = Vec::new();
+    let mut stage_failures = 0u64;
+    // One observation every 5 minutes for a week: 2016 tiles; each image published a
+    // minute later, except every 25th (fails once with "disk full", published at the retry
+    // 5 minutes on) and every 97th (fails with a missing file and stays failed).
+    for i in 0..2016u32 {
+        let t0 = start + chrono::Duration::minutes(5 * i as i64);
+        let day = (i / 288) as usize;
+        let group = format!("group-{}", t0.format("%Y-%m-%dT%H:%M:%S"));
+        for (k, stage) in ["convert", "calibrate", "image"].iter().enumerate() {
+            let at = t0 + chrono::Duration::seconds(10 * (k as i64 + 1));
+            if i % 50 == 7 && *stage == "calibrate" {
+                w.push(
+                    &group,
+                    "StageFailed",
+                    json!({"stage": stage, "attempt": 1, "duration_s": 3.0, "error": "exit 1"}),
+                    at,
+                );
+                stage_failures += 1;
+            } else {
+                w.push(
+                    &group,
+                    "StageCompleted",
+                    json!({"stage": stage, "attempt": 1, "duration_s": 10.0 + k as f64}),
+                    at,
+                );
+            }
+            stage_runs += 1;
+        }
+        let id = format!("img{i:04}");
+        let stream = format!("product-{id}");
+        let t1 = t0 + chrono::Duration::seconds(40);
+        w.push(
+            &stream,
+            "ProductRegistered",
+            json!({"data_id": id, "data_type": "image", "stage_path": format!("/s/{id}.fits")}),
+            t1,
+        );
+        staged += 1;
+        let start_pub = |w: &mut Week, at| {
+            w.push(
+                &stream,
+                "PublishStarted",
+                json!({"attempt": 1, "destination": "/p", "trigger": "auto"}),
+                at,
+            )
+        };
+        let t2 = t1 + chrono::Duration::seconds(60);
+        if i % 97 == 5 {
+            start_pub(&mut w, t2);
+            w.push(&stream, "PublishFailed", json!({"attempt": 1, "error": "staged file /s/x: No such file or directory (os error 2)", "retryable": false}), t2);
+            failed += 1;
+            missing_registered.push(t1);
+            continue;
+        }
+        if i % 25 == 3 {
+            start_pub(&mut w, t2);
+            w.push(&stream, "PublishFailed", json!({"attempt": 1, "error": "copying into the products root: No space left on device (os error 28)", "retryable": true}), t2);
+            failed += 1;
+            disk_full += 1;
+            let t3 = t2 + chrono::Duration::seconds(120);
+            w.push(
+                &stream,
+                "PublishStarted",
+                json!({"attempt": 2, "destination": "/p", "trigger": "auto"}),
+                t3,
+            );
+            w.push(
+                &stream,
+                "PublishSucceeded",
+                json!({"published_path": format!("/p/{id}.fits")}),
+                t3,
+            );
+        } else {
+            start_pub(&mut w, t2);
+            w.push(
+                &stream,
+                "PublishSucceeded",
+                json!({"published_path": format!("/p/{id}.fits")}),
+                t2,
+            );
+        }
+        published += 1;
+        per_day_published[day] += 1;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("week.jsonl");
+    std::fs::write(&export, w.lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("report");
+    let from = "2026-11-16T00:00:00Z";
+    let to = "2026-11-22T23:59:59Z";
+    let run = contimg(&[
+        "report",
+        "--export",
+        export.to_str().unwrap(),
+        "--from",
+        from,
+        "--to",
+        to,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let m = &report["metrics"];
+    assert_eq!(
+        m["totals"],
+        json!({"staged": staged, "published": published, "failed": failed})
+    );
+    let days = m["days"].as_array().unwrap();
+    assert_eq!(days.len(), 7);
+    for (d, want) in days.iter().zip(&per_day_published) {
+        assert_eq!(d["published"].as_u64().unwrap(), *want, "{}", d["date"]);
+        assert_eq!(d["time_to_publish_p50_s"], json!(60.0));
+    }
+    let rate = ((published as f64 / (published + failed) as f64) * 10000.0).round() / 100.0;
+    assert_eq!(m["success_rate_percent"], json!(rate));
+    let reasons = m["top_failure_reasons"].as_array().unwrap();
+    assert_eq!(
+        reasons[0],
+        json!([
+            "copying into the products root: No space left on device",
+            disk_full
+        ])
+    );
+    assert_eq!(
+        reasons[1],
+        json!([
+            "staged file <path>: No such file or directory",
+            missing_registered.len()
+        ])
+    );
+    let stages: BTreeMap<String, Value> = m["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["stage"].as_str().unwrap().to_string(), s.clone()))
+        .collect();
+    assert_eq!(
+        stages
+            .values()
+            .map(|s| s["runs"].as_u64().unwrap())
+            .sum::<u64>(),
+        stage_runs
+    );
+    assert_eq!(
+        stages["calibrate"]["failures"].as_u64().unwrap(),
+        stage_failures
+    );
+    assert_eq!(stages["image"]["mean_duration_s"], json!(12.0));
+
+    // The status at the end of the window is the projections' own answer for that time.
+    let audit = contimg(&[
+        "audit",
+        "--json",
+        "--export",
+        export.to_str().unwrap(),
+        "status",
+        "--as-of",
+        to,
+    ]);
+    let audit: Value = serde_json::from_slice(&audit.stdout).unwrap();
+    assert_eq!(report["status_at_end"], audit["status"]);
+    assert_eq!(
+        report["status_at_end"]["failed_publishes"],
+        json!(missing_registered.len())
+    );
+    let end = chrono::DateTime::parse_from_rfc3339(to)
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let stuck = missing_registered
+        .iter()
+        .filter(|t| end - **t > chrono::Duration::hours(24))
+        .count();
+    assert!(stuck > 0 && stuck < missing_registered.len());
+    assert_eq!(report["stuck_at_end"].as_array().unwrap().len(), stuck);
+
+    // Every chart is there, inline; nothing is fetched.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for id in [
+        "published-failed",
+        "success-rate",
+        "time-to-publish",
+        "failure-reasons",
+        "stage-durations",
+        "stage-failures",
+    ] {
+        assert!(
+            html.contains(&format!(r#"<svg id="{id}""#)),
+            "chart {id} missing"
+        );
+    }
+    assert!(html.contains(r#"<table id="stuck">"#));
+    for forbidden in ["http://", "https://", "<script src", "<link"] {
+        assert!(!html.contains(forbidden), "the page refers to {forbidden}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Per day") && md.contains("| 2026-11-22 |"));
+
+    // Bad windows are clear errors.
+    let bad = contimg(&[
+        "report",
+        "--export",
+        export.to_str().unwrap(),
+        "--last",
+        "7x",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let backwards = contimg(&[
+        "report",
+        "--export",
+        export.to_str().unwrap(),
+        "--from",
+        to,
+        "--to",
+        from,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(backwards.status.code(), Some(1));
+}
