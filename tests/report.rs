@@ -271,3 +271,97 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
     ]);
     assert_eq!(backwards.status.code(), Some(1));
 }
+
+/// The page opens in headless Chromium (Debian's package, installed by `.ci/run`) with every
+/// network lookup failing, and every chart is in the rendered document.
+#[test]
+fn the_report_opens_in_headless_chromium_without_network() {
+    let chromium = std::path::Path::new("/usr/bin/chromium");
+    if !chromium.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Debian's chromium (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let now = contimg::events::record::format_time(chrono::Utc::now());
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            json!({"eventId": uuid::Uuid::new_v4(), "eventType": "ProductRegistered", "eventVersion": 1,
+                   "streamId": format!("product-p{i}"), "eventNumber": 0, "position": i, "created": now,
+                   "data": {"data_id": format!("p{i}"), "data_type": "image", "stage_path": "/s/p.fits"}, "metadata": {}})
+            .to_string()
+        })
+        .collect();
+    let export = dir.path().join("e.jsonl");
+    std::fs::write(&export, lines.join("\n")).unwrap();
+    let out = dir.path().join("r");
+    let run = contimg(&[
+        "report",
+        "--export",
+        export.to_str().unwrap(),
+        "--last",
+        "1d",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let page = format!("file://{}", out.join("report.html").display());
+    let shot = out.join("report.png");
+    let browse = |extra: &[&str]| {
+        std::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--host-resolver-rules=MAP * ~NOTFOUND",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.path().join("profile").display()
+            ))
+            .args(extra)
+            .arg(&page)
+            .output()
+            .expect("run chromium")
+    };
+    let dom = browse(&["--dump-dom"]);
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for id in [
+        "published-failed",
+        "success-rate",
+        "time-to-publish",
+        "failure-reasons",
+        "stage-durations",
+        "stage-failures",
+    ] {
+        assert!(
+            dom.contains(&format!("id=\"{id}\"")),
+            "chart {id} not in the rendered page"
+        );
+    }
+    assert!(dom.contains("contimg weekly report"));
+    let shot_arg = format!("--screenshot={}", shot.display());
+    let s = browse(&["--window-size=820,2000", &shot_arg]);
+    assert!(s.status.success());
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "a screenshot with content"
+    );
+}

@@ -250,6 +250,15 @@ fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[Stuck]) -> String {
     m
 }
 
+/// Axis label: `MM-DD` for a date, the label itself otherwise.
+fn short(label: &str) -> &str {
+    if label.len() == 10 && label.as_bytes()[4] == b'-' {
+        &label[5..]
+    } else {
+        label
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -306,7 +315,7 @@ fn bars(id: &str, title: &str, labels: &[String], series: &[(&str, &str, Vec<f64
             r#"<text x="{:.1}" y="{}" font-size="10">{}</text>"#,
             x0,
             H - PAD + 14.0,
-            esc(&label[label.len().saturating_sub(5)..])
+            esc(short(label))
         );
     }
     for (k, (name, color, _)) in series.iter().enumerate() {
@@ -341,6 +350,12 @@ fn line(
     );
     let _ = write!(
         svg,
+        r#"<text x="4" y="{:.1}" font-size="11">{hi}%</text><text x="4" y="{:.1}" font-size="11">{lo}%</text>"#,
+        y(hi) + 4.0,
+        y(lo)
+    );
+    let _ = write!(
+        svg,
         r##"<line x1="{PAD}" y1="{r:.1}" x2="{x2}" y2="{r:.1}" stroke="#c33" stroke-dasharray="4 3"/><text x="{x2}" y="{r:.1}" font-size="11" fill="#c33">{reference}%</text>"##,
         r = y(reference),
         x2 = W - PAD
@@ -368,7 +383,7 @@ fn line(
             r#"<text x="{:.1}" y="{}" font-size="10">{}</text>"#,
             x(i) - 12.0,
             H - PAD + 14.0,
-            esc(&labels[i][labels[i].len().saturating_sub(5)..])
+            esc(short(&labels[i]))
         );
     }
     svg.push_str("</svg>");
