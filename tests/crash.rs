@@ -51,14 +51,8 @@ async fn read_back(base: &str) -> HashSet<Uuid> {
     let mut from = Some(0u64);
     let mut expected_pos = 0u64;
     while let Some(f) = from {
-        let page: Value = c
-            .get(format!("{base}/api/events?from={f}&limit=5000"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value =
+            common::get_json(&c, format!("{base}/api/events?from={f}&limit=5000")).await;
         for e in page["events"].as_array().unwrap() {
             assert_eq!(
                 e["position"].as_u64().unwrap(),

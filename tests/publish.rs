@@ -591,10 +591,7 @@ async fn recent_failures_are_counted_by_failure_time_not_staging_time() {
         .iter()
         .enumerate()
         .map(|(pos, (stream, rev, kind, data, created))| {
-            json!({"eventId": uuid::Uuid::new_v4(), "eventType": kind, "eventVersion": 1, "streamId": stream,
-                   "eventNumber": rev, "position": pos, "created": created, "data": data, "metadata": {}})
-            .to_string()
-                + "\n"
+            common::export_line(stream, *rev, pos as u64, kind, data.clone(), created)
         })
         .collect();
     let file = dir.path().join("history.jsonl");
@@ -615,14 +612,7 @@ async fn recent_failures_are_counted_by_failure_time_not_staging_time() {
     config.publish.stage_root = stage.clone();
     let server = TestServer::start_with(&ledger, config).await;
     let c = reqwest::Client::new();
-    let status: Value = c
-        .get(server.url("/api/monitoring/publish/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = common::get_json(&c, server.url("/api/monitoring/publish/status")).await;
     assert_eq!(status["failed_publishes"], json!(1));
     assert_eq!(
         status["recent_failures_24h"],
@@ -636,35 +626,14 @@ async fn recent_failures_are_counted_by_failure_time_not_staging_time() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    let status: Value = c
-        .get(server.url("/api/monitoring/publish/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = common::get_json(&c, server.url("/api/monitoring/publish/status")).await;
     assert_eq!(status["recent_failures_24h"], json!(1));
     assert_eq!(status["recent_failures_1h"], json!(1));
     assert_eq!(status["failed_publishes"], json!(2));
     // Both have been in staging for 48 h: the stuck list and its alert see them.
-    let stuck: Value = c
-        .get(server.url("/api/monitoring/publish/stuck"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stuck: Value = common::get_json(&c, server.url("/api/monitoring/publish/stuck")).await;
     assert_eq!(stuck["stuck_staging"].as_array().unwrap().len(), 2);
-    let alerts: Value = c
-        .get(server.url("/api/monitoring/alerts"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let alerts: Value = common::get_json(&c, server.url("/api/monitoring/alerts")).await;
     assert!(
         alerts["alerts"]
             .as_array()
@@ -712,10 +681,7 @@ async fn poison_events_are_parked_and_snapshots_survive_restarts() {
         .iter()
         .enumerate()
         .map(|(pos, (stream, rev, kind, data))| {
-            json!({"eventId": uuid::Uuid::new_v4(), "eventType": kind, "eventVersion": 1, "streamId": stream,
-                   "eventNumber": rev, "position": pos, "created": now, "data": data, "metadata": {}})
-            .to_string()
-                + "\n"
+            common::export_line(stream, *rev, pos as u64, kind, data.clone(), &now)
         })
         .collect();
     let file = dir.path().join("poison.jsonl");
@@ -733,23 +699,9 @@ async fn poison_events_are_parked_and_snapshots_survive_restarts() {
     );
     let server = TestServer::start(&ledger, None).await;
     let c = reqwest::Client::new();
-    let sys: Value = c
-        .get(server.url("/api/metrics/system"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sys: Value = common::get_json(&c, server.url("/api/metrics/system")).await;
     assert_eq!(sys["projection"]["parked_events"], json!(1));
-    let status: Value = c
-        .get(server.url("/api/monitoring/publish/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = common::get_json(&c, server.url("/api/monitoring/publish/status")).await;
     assert_eq!(status["total_published"], json!(1));
     assert_eq!(status["ledger_position"], json!(3));
     server.stop().await;
@@ -765,24 +717,10 @@ async fn poison_events_are_parked_and_snapshots_survive_restarts() {
         store.close();
     }
     let server = TestServer::start(&ledger, None).await;
-    let again: Value = c
-        .get(server.url("/api/monitoring/publish/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again: Value = common::get_json(&c, server.url("/api/monitoring/publish/status")).await;
     assert_eq!(again["total_published"], json!(1));
     assert_eq!(again["ledger_position"], json!(3));
-    let sys: Value = c
-        .get(server.url("/api/metrics/system"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sys: Value = common::get_json(&c, server.url("/api/metrics/system")).await;
     assert_eq!(
         sys["projection"]["parked_events"],
         json!(1),

@@ -38,13 +38,7 @@ fn temporaries(root: &Path) -> Vec<String> {
 }
 
 async fn product(c: &reqwest::Client, base: &str, id: &str) -> Value {
-    c.get(format!("{base}/api/products/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::get_json(c, format!("{base}/api/products/{id}")).await
 }
 
 /// The invariant that must hold right after any restart.
@@ -175,14 +169,7 @@ async fn sigkill_while_publishing_loses_nothing() {
     let server = ChildServer::start(&ledger, &args);
     // Interrupted publishes are retried automatically; in the end all are published once.
     let all = eventually(30.0, || async {
-        let s: Value = c
-            .get(server.url("/api/monitoring/publish/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s: Value = common::get_json(&c, server.url("/api/monitoring/publish/status")).await;
         (s["total_published"] == json!(sums.len())).then_some(s)
     })
     .await
@@ -193,14 +180,8 @@ async fn sigkill_while_publishing_loses_nothing() {
         sums.len()
     );
     for id in sums.keys() {
-        let h: Value = c
-            .get(server.url(&format!("/api/products/{id}/history")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let h: Value =
+            common::get_json(&c, server.url(&format!("/api/products/{id}/history"))).await;
         let events = h["events"].as_array().unwrap();
         let successes = events
             .iter()

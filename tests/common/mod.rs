@@ -142,3 +142,24 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// GET a URL and parse its JSON body.
+pub async fn get_json(c: &reqwest::Client, url: String) -> serde_json::Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// One line of an export file (EventStoreDB field names), for histories written by tests.
+pub fn export_line(
+    stream: &str,
+    revision: u64,
+    position: u64,
+    event_type: &str,
+    data: serde_json::Value,
+    created: &str,
+) -> String {
+    serde_json::json!({"eventId": uuid::Uuid::new_v4(), "eventType": event_type, "eventVersion": 1,
+        "streamId": stream, "eventNumber": revision, "position": position, "created": created,
+        "data": data, "metadata": {}})
+    .to_string()
+        + "\n"
+}
