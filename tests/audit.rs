@@ -24,7 +24,7 @@ fn audit(source: &[&str], what: &[&str]) -> Value {
 }
 
 async fn status(c: &reqwest::Client, base: &str) -> Value {
-    common::get_json(&c, format!("{base}/api/monitoring/publish/status")).await
+    common::get_json(c, format!("{base}/api/monitoring/publish/status")).await
 }
 
 fn same_but_time(mut offline: Value, live: &Value) -> bool {
