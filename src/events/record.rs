@@ -77,7 +77,11 @@ struct RecordV1 {
     position: u64,
     event_type: String,
     event_version: u32,
+    // serde_bytes: the same bytes on disk as a sequence of u8 (a varint length, then one
+    // byte each), read in one copy instead of one visitor call per byte.
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     metadata: Vec<u8>,
     created_micros: i64,
 }
@@ -231,6 +235,42 @@ mod tests {
         let mut r = sample();
         let bytes = r.encode();
         assert_eq!(RecordedEvent::decode(&bytes).unwrap(), r);
+    }
+
+    /// Records written before `data` and `metadata` were declared as bytes encoded them as
+    /// sequences of u8; bincode lays both out alike, so those records still decode.
+    #[test]
+    fn byte_fields_keep_the_sequence_layout() {
+        #[derive(Serialize)]
+        struct AsSequences {
+            event_id: [u8; 16],
+            stream_id: String,
+            revision: u64,
+            position: u64,
+            event_type: String,
+            event_version: u32,
+            data: Vec<u8>,
+            metadata: Vec<u8>,
+            created_micros: i64,
+        }
+        let mut r = sample();
+        let new = r.encode();
+        let old_body = bincode::serde::encode_to_vec(
+            AsSequences {
+                event_id: *r.event_id.as_bytes(),
+                stream_id: r.stream_id.clone(),
+                revision: r.revision,
+                position: r.position,
+                event_type: r.event_type.clone(),
+                event_version: r.event_version,
+                data: r.data.clone(),
+                metadata: r.metadata.clone(),
+                created_micros: r.created_micros,
+            },
+            config(),
+        )
+        .unwrap();
+        assert_eq!(&new[5..], &old_body[..]);
     }
 
     #[test]
