@@ -61,11 +61,6 @@ impl ProposedEvent {
         self.metadata = metadata;
         self
     }
-
-    pub fn with_id(mut self, id: Uuid) -> Self {
-        self.event_id = id;
-        self
-    }
 }
 
 /// The body as bincode sees it. Field order is the stored contract.

@@ -682,11 +682,6 @@ impl Store {
         }
     }
 
-    /// A watch of the durable event count, updated after every acknowledged batch.
-    pub fn watch_head(&self) -> watch::Receiver<u64> {
-        self.inner.head_tx.subscribe()
-    }
-
     /// Stores a projection snapshot together with its checkpoint (the position of the last
     /// event folded into it), in one value so the two cannot disagree.
     pub fn save_snapshot(
@@ -713,11 +708,6 @@ impl Store {
         }
         let c = be_u64(&v[1..9]);
         Ok(Some((c.checked_sub(1), v[9..].to_vec())))
-    }
-
-    pub fn drop_snapshot(&self, name: &str) -> Result<(), StoreError> {
-        self.inner.snapshots.remove(name.as_bytes())?;
-        Ok(())
     }
 
     /// Raw access for `verify`.
