@@ -77,13 +77,8 @@ impl AppState {
             projections.clone(),
             config.publish,
         )?;
-        // The read model must follow the log while recovery appends.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let follower = tokio::spawn(projections.clone().run(stop_rx));
-        let recovered = publisher.recover().await;
-        let _ = stop_tx.send(true);
-        let _ = follower.await;
-        let recovered = recovered?;
+        // Recovery appends; the follower started by `run` folds what it wrote.
+        let recovered = publisher.recover().await?;
         if recovered > 0 {
             tracing::warn!(recovered, "settled publishes interrupted by a crash");
         }

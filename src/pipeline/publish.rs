@@ -260,6 +260,27 @@ impl Publisher {
             .await;
     }
 
+    /// Appends one event at `Exact(revision)` to the product's stream and waits for the
+    /// read model to fold it.
+    async fn append_settled(
+        &self,
+        id: &str,
+        revision: u64,
+        event: crate::events::ProposedEvent,
+    ) -> Result<(), StoreError> {
+        let r = self
+            .inner
+            .ledger
+            .append(
+                &stream_of(id),
+                ExpectedRevision::Exact(revision),
+                vec![event],
+            )
+            .await?;
+        self.settle(r.position).await;
+        Ok(())
+    }
+
     /// Registers a staged product. `Ok(true)` when new, `Ok(false)` for an identical repeat.
     pub async fn register(
         &self,
@@ -369,14 +390,7 @@ impl Publisher {
             qa_status,
             validation_status,
         };
-        let r = self
-            .inner
-            .ledger
-            .append(
-                &stream_of(id),
-                ExpectedRevision::Exact(state.revision),
-                vec![e.to_proposed(&meta("finalize"))],
-            )
+        self.append_settled(id, state.revision, e.to_proposed(&meta("finalize")))
             .await
             .map_err(|e| match e {
                 StoreError::WrongExpectedVersion { .. } => {
@@ -384,7 +398,6 @@ impl Publisher {
                 }
                 other => other.into(),
             })?;
-        self.settle(r.position).await;
         self.load(id).await
     }
 
@@ -486,16 +499,8 @@ impl Publisher {
                     duration_ms: clock.elapsed().as_millis() as u64,
                     recovered: false,
                 };
-                let r = self
-                    .inner
-                    .ledger
-                    .append(
-                        &stream_of(id),
-                        ExpectedRevision::Exact(revision),
-                        vec![e.to_proposed(&meta(trigger.as_str()))],
-                    )
+                self.append_settled(id, revision, e.to_proposed(&meta(trigger.as_str())))
                     .await?;
-                self.settle(r.position).await;
                 Ok(PublishOutcome {
                     data_id: id.into(),
                     published_path: path.display().to_string(),
@@ -515,16 +520,8 @@ impl Publisher {
                     interrupted: false,
                     next_retry_at,
                 };
-                let r = self
-                    .inner
-                    .ledger
-                    .append(
-                        &stream_of(id),
-                        ExpectedRevision::Exact(revision),
-                        vec![e.to_proposed(&meta(trigger.as_str()))],
-                    )
+                self.append_settled(id, revision, e.to_proposed(&meta(trigger.as_str())))
                     .await?;
-                self.settle(r.position).await;
                 Err(PublishError::Failed {
                     id: id.into(),
                     error: err.message,
@@ -616,8 +613,8 @@ impl Publisher {
                     .to_proposed(&meta("recovery"))
                 }
             };
-            let r = self
-                .inner
+            // No settle: nothing follows the log yet; the server's follower folds these.
+            self.inner
                 .ledger
                 .append(
                     &stream_of(&id),
@@ -625,7 +622,6 @@ impl Publisher {
                     vec![event],
                 )
                 .await?;
-            self.settle(r.position).await;
             tracing::warn!(data_id = %id, "recovered a publish cut short by a crash");
             settled += 1;
         }
