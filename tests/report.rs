@@ -8,6 +8,16 @@ use std::collections::BTreeMap;
 use common::contimg;
 use serde_json::{Value, json};
 
+/// The ids of the report's six charts.
+const CHARTS: [&str; 6] = [
+    "published-failed",
+    "success-rate",
+    "time-to-publish",
+    "failure-reasons",
+    "stage-durations",
+    "stage-failures",
+];
+
 struct Week {
     lines: Vec<String>,
     position: u64,
@@ -227,14 +237,7 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
 
     // Every chart is there, inline; nothing is fetched.
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    for id in [
-        "published-failed",
-        "success-rate",
-        "time-to-publish",
-        "failure-reasons",
-        "stage-durations",
-        "stage-failures",
-    ] {
+    for id in CHARTS {
         assert!(
             html.contains(&format!(r#"<svg id="{id}""#)),
             "chart {id} missing"
@@ -343,14 +346,7 @@ fn the_report_opens_in_headless_chromium_without_network() {
         String::from_utf8_lossy(&dom.stderr)
     );
     let dom = String::from_utf8_lossy(&dom.stdout);
-    for id in [
-        "published-failed",
-        "success-rate",
-        "time-to-publish",
-        "failure-reasons",
-        "stage-durations",
-        "stage-failures",
-    ] {
+    for id in CHARTS {
         assert!(
             dom.contains(&format!("id=\"{id}\"")),
             "chart {id} not in the rendered page"
