@@ -9,10 +9,12 @@
 //! - [`projections`]: read models folded from the log.
 //! - [`pipeline`]: ingest, grouping, stage runners, mosaicking, staging and publishing.
 //! - [`api`]: the axum routers, errors and the server loop.
+//! - [`config`]: the TOML configuration file and its embedded defaults.
 //! - [`cli`]: the `contimg` subcommands; `main.rs` only parses and dispatches.
 
 pub mod api;
 pub mod cli;
+pub mod config;
 pub mod events;
 pub mod pipeline;
 pub mod projections;

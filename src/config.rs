@@ -1,0 +1,475 @@
+//! The configuration file (TOML). Every key is optional: with no file at all, contimg runs
+//! on the embedded defaults below, with every folder under `data_dir`. `serve`, `demo`
+//! and `validate` read the same file (`--config FILE` or `CONTIMG_CONFIG`); flags given on
+//! the command line win over it. The bearer token is never read from here: it comes from
+//! `CONTIMG_API_TOKEN` (the service's environment file), so the file can be world-readable.
+//!
+//! ```toml
+//! data_dir = "/var/lib/contimg"     # the ledger folder
+//! listen = "127.0.0.1:8000"
+//!
+//! [paths]                           # each defaults to a folder under data_dir
+//! incoming = "/data/incoming"       # where the correlator writes *_sbNN.hdf5
+//! stage_root = "/data/stage"
+//! products_root = "/data/products"
+//! work_root = "/data/work"          # Measurement Sets, calibration tables, tiles
+//!
+//! [ingest]
+//! poll_interval_s = 2.0
+//! stable_s = 5.0                    # a file's size must hold this long before it is taken
+//! group_tolerance_s = 30.0
+//! group_timeout_s = 600.0
+//!
+//! [stages]
+//! runner = "external"               # or "simulate" (no CASA needed)
+//! timeout_s = 3600.0
+//! max_attempts = 3
+//! backoff_s = [60.0, 300.0, 1500.0]
+//! [stages.convert]
+//! command = "dsa110-convert --out {output} {input}"
+//! [stages.calibrate]
+//! command = "dsa110-calibrate --ms {input} --tables {output}"
+//! [stages.image]
+//! command = "dsa110-image --ms {input} --fits {tile} --beam {beam}"
+//! timeout_s = 7200.0
+//!
+//! [mosaic]
+//! tiles = 10
+//! overlap = 2
+//! max_span_min = 60.0
+//! max_gap_min = 6.0
+//! max_dec_spread_deg = 0.1
+//!
+//! [publish]
+//! max_attempts = 3
+//! backoff_s = [60.0, 300.0, 1500.0]
+//!
+//! [validate]
+//! stage_min_free_gb = 500.0
+//! products_min_free_gb = 2000.0
+//! state_min_free_gb = 10.0
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The ledger folder; the other folders default to places inside it.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// The API server a `--mode stream` worker appends through.
+    pub url: Option<String>,
+    pub paths: PathsConfig,
+    pub ingest: IngestConfig,
+    pub stages: StagesConfig,
+    pub mosaic: MosaicConfig,
+    pub publish: PublishSection,
+    pub validate: ValidateConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./var"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            url: None,
+            paths: PathsConfig::default(),
+            ingest: IngestConfig::default(),
+            stages: StagesConfig::default(),
+            mosaic: MosaicConfig::default(),
+            publish: PublishSection::default(),
+            validate: ValidateConfig::default(),
+        }
+    }
+}
+
+/// Folders; each defaults to a folder of that name under `data_dir`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    pub incoming: Option<PathBuf>,
+    pub stage_root: Option<PathBuf>,
+    pub products_root: Option<PathBuf>,
+    pub work_root: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// How often the incoming folder is scanned.
+    pub poll_interval_s: f64,
+    /// A file is taken only once its size and modification time held this long.
+    pub stable_s: f64,
+    /// Subbands whose names differ by at most this belong to one observation.
+    pub group_tolerance_s: f64,
+    /// An observation still missing subbands this long after its first file is given up.
+    pub group_timeout_s: f64,
+    /// Subbands per observation (sb00..sb15 for DSA-110).
+    pub subbands: u8,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            poll_interval_s: 2.0,
+            stable_s: 5.0,
+            group_tolerance_s: 30.0,
+            group_timeout_s: 600.0,
+            subbands: 16,
+        }
+    }
+}
+
+/// Which implementation runs conversion, calibration and imaging.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerKind {
+    /// The built-in simulator: realistic outputs, no CASA or WSClean.
+    #[default]
+    Simulate,
+    /// The command templates of `[stages.convert]`, `[stages.calibrate]`, `[stages.image]`.
+    External,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StagesConfig {
+    pub runner: RunnerKind,
+    /// Default timeout of one stage run.
+    pub timeout_s: f64,
+    /// Runs of one stage before the group is given up.
+    pub max_attempts: u32,
+    /// Waits before the 2nd, 3rd... run; the last repeats.
+    pub backoff_s: Vec<f64>,
+    pub convert: Option<StageCommand>,
+    pub calibrate: Option<StageCommand>,
+    pub image: Option<StageCommand>,
+    pub simulate: SimulateConfig,
+}
+
+impl Default for StagesConfig {
+    fn default() -> Self {
+        StagesConfig {
+            runner: RunnerKind::Simulate,
+            timeout_s: 3600.0,
+            max_attempts: 3,
+            backoff_s: vec![60.0, 300.0, 1500.0],
+            convert: None,
+            calibrate: None,
+            image: None,
+            simulate: SimulateConfig::default(),
+        }
+    }
+}
+
+/// One external stage: a command template run by `/bin/sh -c`. Placeholders (each
+/// replaced by a shell-quoted value): `{input}`, `{output}`, `{group}`, `{tile}`,
+/// `{beam}`, `{obs_time}`, `{work}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StageCommand {
+    pub command: String,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+}
+
+/// What the simulator makes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulateConfig {
+    /// Pixels per side of a tile (4800 for DSA-110's real size).
+    pub tile_size: usize,
+    pub cell_arcsec: f64,
+    /// Noise at the beam centre, Jy/beam.
+    pub noise_jy: f64,
+    /// Point sources per square degree.
+    pub sources_per_deg2: f64,
+}
+
+impl Default for SimulateConfig {
+    fn default() -> Self {
+        SimulateConfig {
+            tile_size: 512,
+            cell_arcsec: 3.0,
+            noise_jy: 1e-3,
+            sources_per_deg2: 40.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MosaicConfig {
+    /// Tiles per mosaic.
+    pub tiles: usize,
+    /// Tiles shared by consecutive mosaics.
+    pub overlap: usize,
+    /// First to last tile, at most.
+    pub max_span_min: f64,
+    /// Between consecutive tiles, under.
+    pub max_gap_min: f64,
+    /// Every tile's declination within this of the group mean.
+    pub max_dec_spread_deg: f64,
+}
+
+impl Default for MosaicConfig {
+    fn default() -> Self {
+        MosaicConfig {
+            tiles: 10,
+            overlap: 2,
+            max_span_min: 60.0,
+            max_gap_min: 6.0,
+            max_dec_spread_deg: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishSection {
+    pub max_attempts: u32,
+    pub backoff_s: Vec<f64>,
+    pub auto_publish: bool,
+}
+
+impl Default for PublishSection {
+    fn default() -> Self {
+        PublishSection {
+            max_attempts: 3,
+            backoff_s: vec![60.0, 300.0, 1500.0],
+            auto_publish: true,
+        }
+    }
+}
+
+/// Free-space thresholds of `contimg validate`, in GB (10^9 bytes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidateConfig {
+    pub stage_min_free_gb: f64,
+    pub products_min_free_gb: f64,
+    pub state_min_free_gb: f64,
+}
+
+impl Default for ValidateConfig {
+    fn default() -> Self {
+        ValidateConfig {
+            stage_min_free_gb: 500.0,
+            products_min_free_gb: 2000.0,
+            state_min_free_gb: 10.0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("parsing the configuration {}", path.display()))?;
+        config
+            .check()
+            .with_context(|| format!("checking the configuration {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The file when one is given, the embedded defaults otherwise.
+    pub fn load_or_default(path: Option<&Path>) -> anyhow::Result<Config> {
+        match path {
+            Some(p) => Config::load(p),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// Values that parse but make no sense.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let i = &self.ingest;
+        positive("ingest.poll_interval_s", i.poll_interval_s, 3600.0)?;
+        non_negative("ingest.stable_s", i.stable_s, 3600.0)?;
+        non_negative("ingest.group_tolerance_s", i.group_tolerance_s, 3600.0)?;
+        positive("ingest.group_timeout_s", i.group_timeout_s, 7.0 * 86_400.0)?;
+        anyhow::ensure!(
+            (1..=64).contains(&i.subbands),
+            "ingest.subbands must be 1..=64 (got {})",
+            i.subbands
+        );
+        let s = &self.stages;
+        positive("stages.timeout_s", s.timeout_s, 7.0 * 86_400.0)?;
+        anyhow::ensure!(
+            (1..=100).contains(&s.max_attempts),
+            "stages.max_attempts must be 1..=100 (got {})",
+            s.max_attempts
+        );
+        backoff("stages.backoff_s", &s.backoff_s)?;
+        for (name, c) in [
+            ("convert", &s.convert),
+            ("calibrate", &s.calibrate),
+            ("image", &s.image),
+        ] {
+            match c {
+                Some(c) => {
+                    anyhow::ensure!(
+                        !c.command.trim().is_empty(),
+                        "stages.{name}.command is empty"
+                    );
+                    if let Some(t) = c.timeout_s {
+                        positive(&format!("stages.{name}.timeout_s"), t, 7.0 * 86_400.0)?;
+                    }
+                }
+                None if s.runner == RunnerKind::External => {
+                    anyhow::bail!(
+                        "stages.runner is \"external\" but [stages.{name}] has no command"
+                    )
+                }
+                None => {}
+            }
+        }
+        let sim = &s.simulate;
+        anyhow::ensure!(
+            (16..=8192).contains(&sim.tile_size),
+            "stages.simulate.tile_size must be 16..=8192 pixels (got {})",
+            sim.tile_size
+        );
+        positive("stages.simulate.cell_arcsec", sim.cell_arcsec, 3600.0)?;
+        positive("stages.simulate.noise_jy", sim.noise_jy, 1e3)?;
+        non_negative(
+            "stages.simulate.sources_per_deg2",
+            sim.sources_per_deg2,
+            1e5,
+        )?;
+        let m = &self.mosaic;
+        anyhow::ensure!(
+            (1..=1000).contains(&m.tiles),
+            "mosaic.tiles must be 1..=1000 (got {})",
+            m.tiles
+        );
+        anyhow::ensure!(
+            m.overlap < m.tiles,
+            "mosaic.overlap ({}) must be smaller than mosaic.tiles ({})",
+            m.overlap,
+            m.tiles
+        );
+        positive("mosaic.max_span_min", m.max_span_min, 100_000.0)?;
+        positive("mosaic.max_gap_min", m.max_gap_min, 100_000.0)?;
+        positive("mosaic.max_dec_spread_deg", m.max_dec_spread_deg, 180.0)?;
+        let p = &self.publish;
+        anyhow::ensure!(
+            (1..=100).contains(&p.max_attempts),
+            "publish.max_attempts must be 1..=100 (got {})",
+            p.max_attempts
+        );
+        backoff("publish.backoff_s", &p.backoff_s)?;
+        let v = &self.validate;
+        non_negative("validate.stage_min_free_gb", v.stage_min_free_gb, 1e9)?;
+        non_negative("validate.products_min_free_gb", v.products_min_free_gb, 1e9)?;
+        non_negative("validate.state_min_free_gb", v.state_min_free_gb, 1e9)?;
+        if let Some(u) = &self.url {
+            reqwest::Url::parse(u).with_context(|| format!("url {u:?} is not a URL"))?;
+        }
+        Ok(())
+    }
+
+    fn under(&self, given: &Option<PathBuf>, name: &str) -> PathBuf {
+        given.clone().unwrap_or_else(|| self.data_dir.join(name))
+    }
+
+    /// The ledger folder: `data_dir` itself (what `serve --data-dir` has always owned).
+    pub fn ledger_dir(&self) -> PathBuf {
+        self.data_dir.clone()
+    }
+    pub fn incoming(&self) -> PathBuf {
+        self.under(&self.paths.incoming, "incoming")
+    }
+    pub fn stage_root(&self) -> PathBuf {
+        self.under(&self.paths.stage_root, "stage")
+    }
+    pub fn products_root(&self) -> PathBuf {
+        self.under(&self.paths.products_root, "products")
+    }
+    pub fn work_root(&self) -> PathBuf {
+        self.under(&self.paths.work_root, "work")
+    }
+}
+
+/// Seconds as durations, for backoff lists.
+pub fn durations(seconds: &[f64]) -> Vec<Duration> {
+    seconds
+        .iter()
+        .map(|s| Duration::from_secs_f64(*s))
+        .collect()
+}
+
+fn positive(name: &str, v: f64, max: f64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        v.is_finite() && v > 0.0 && v <= max,
+        "{name} must be above 0 and at most {max} (got {v})"
+    );
+    Ok(())
+}
+
+fn non_negative(name: &str, v: f64, max: f64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        v.is_finite() && (0.0..=max).contains(&v),
+        "{name} must be between 0 and {max} (got {v})"
+    );
+    Ok(())
+}
+
+fn backoff(name: &str, v: &[f64]) -> anyhow::Result<()> {
+    anyhow::ensure!(!v.is_empty(), "{name} is empty");
+    for s in v {
+        non_negative(name, *s, 7.0 * 86_400.0)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses_and_checks() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: Config = toml::from_str(&example).unwrap();
+        c.check().unwrap();
+        assert_eq!(c.stages.runner, RunnerKind::External);
+        assert_eq!(c.incoming(), PathBuf::from("/data/incoming"));
+        assert_eq!(c.stages.image.as_ref().unwrap().timeout_s, Some(7200.0));
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c, Config::default());
+        c.check().unwrap();
+        assert_eq!(c.stage_root(), PathBuf::from("./var/stage"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = toml::from_str::<Config>("[ingest]\nstable = 3\n").unwrap_err();
+        assert!(e.to_string().contains("stable"), "{e}");
+        let c: Config = toml::from_str("[mosaic]\ntiles = 4\noverlap = 4\n").unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("mosaic.overlap"), "{e}");
+        let c: Config = toml::from_str("[stages]\nrunner = \"external\"\n").unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("[stages.convert]"), "{e}");
+    }
+}
