@@ -19,7 +19,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::api::{self, AppState, ServerConfig};
-use crate::events::Store;
+use crate::config::Config;
+use crate::events::{Ledger, Store};
+use crate::pipeline::{Pipeline, PipelineConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,15 +63,36 @@ pub enum Command {
     Mosaic(mosaic::MosaicArgs),
 }
 
+/// What `serve` runs: the API, the pipeline, or both in one process.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Own the ledger and serve the HTTP API (and the publisher); no ingest.
+    Api,
+    /// Run ingest and the stages, appending through a running API server (`--url`).
+    Stream,
+    /// Both in one process, on the ledger this process owns.
+    Both,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Ledger folder (created if missing).
-    #[arg(long, default_value = "./var", env = "CONTIMG_DATA_DIR")]
-    pub data_dir: PathBuf,
-    /// Address to listen on; loopback unless you mean otherwise.
-    #[arg(long, default_value = "127.0.0.1:8000", env = "CONTIMG_LISTEN")]
-    pub listen: SocketAddr,
-    /// Bearer token required by mutating endpoints.
+    /// Configuration file (TOML); without one the embedded defaults apply.
+    #[arg(long, env = "CONTIMG_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// api: the ledger and HTTP API; stream: the pipeline, appending through --url;
+    /// both: the two in one process.
+    #[arg(long, value_enum, default_value_t = Mode::Both, env = "CONTIMG_MODE")]
+    pub mode: Mode,
+    /// Ledger folder (created if missing) [default: ./var].
+    #[arg(long, env = "CONTIMG_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on; loopback unless you mean otherwise [default: 127.0.0.1:8000].
+    #[arg(long, env = "CONTIMG_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The API server a `--mode stream` worker appends through.
+    #[arg(long, env = "CONTIMG_URL")]
+    pub url: Option<String>,
+    /// Bearer token required by mutating endpoints (and sent by a stream worker).
     #[arg(long, env = "CONTIMG_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Where staged products live (default: DATA_DIR/stage).
@@ -78,12 +101,19 @@ pub struct ServeArgs {
     /// Where published products go (default: DATA_DIR/products).
     #[arg(long, env = "CONTIMG_PRODUCTS_ROOT")]
     pub products_root: Option<PathBuf>,
-    /// Automatic publish attempts before a product needs an operator.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub max_attempts: u32,
-    /// Waits before automatic retries, in seconds, comma-separated; the last repeats.
-    #[arg(long, default_value = "60,300,1500", value_delimiter = ',')]
-    pub retry_backoff: Vec<f64>,
+    /// Where the correlator writes subband files (default: DATA_DIR/incoming).
+    #[arg(long, env = "CONTIMG_INCOMING")]
+    pub incoming: Option<PathBuf>,
+    /// Where Measurement Sets, calibration tables and tiles go (default: DATA_DIR/work).
+    #[arg(long, env = "CONTIMG_WORK_ROOT")]
+    pub work_root: Option<PathBuf>,
+    /// Automatic publish attempts before a product needs an operator [default: 3].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: Option<u32>,
+    /// Waits before automatic retries, in seconds, comma-separated; the last repeats
+    /// [default: 60,300,1500].
+    #[arg(long, value_delimiter = ',')]
+    pub retry_backoff: Option<Vec<f64>>,
     /// Start with the automatic publisher off (manual publishes and retries still work):
     /// for looking around after an incident before anything moves.
     #[arg(long)]
@@ -94,35 +124,68 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
-        let mut c = ServerConfig::under(&self.data_dir);
-        c.token = self.token.clone();
-        if let Some(p) = &self.stage_root {
-            c.publish.stage_root = p.clone();
+    /// The configuration file (or the defaults) with the flags laid over it.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load_or_default(self.config.as_deref())?;
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
         }
-        if let Some(p) = &self.products_root {
-            c.publish.products_root = p.clone();
+        if let Some(l) = self.listen {
+            c.listen = l;
         }
-        c.publish.max_attempts = self.max_attempts;
-        c.auto_publish = !self.no_auto_publish;
-        if self.retry_backoff.is_empty()
-            || self
-                .retry_backoff
-                .iter()
-                .any(|s| !s.is_finite() || *s < 0.0 || *s > 86_400.0 * 7.0)
-        {
-            anyhow::bail!("--retry-backoff takes seconds between 0 and 604800, comma-separated");
+        if let Some(u) = &self.url {
+            c.url = Some(u.clone());
         }
-        c.publish.backoff = self
-            .retry_backoff
-            .iter()
-            .map(|s| std::time::Duration::from_secs_f64(*s))
-            .collect();
-        if let Some(f) = &self.alert_thresholds {
-            c.thresholds = monitor::read_thresholds(f)?;
+        for (flag, slot) in [
+            (&self.stage_root, &mut c.paths.stage_root),
+            (&self.products_root, &mut c.paths.products_root),
+            (&self.incoming, &mut c.paths.incoming),
+            (&self.work_root, &mut c.paths.work_root),
+        ] {
+            if let Some(p) = flag {
+                *slot = Some(p.clone());
+            }
         }
+        if let Some(m) = self.max_attempts {
+            c.publish.max_attempts = m;
+        }
+        if let Some(b) = &self.retry_backoff {
+            if b.is_empty()
+                || b.iter()
+                    .any(|s| !s.is_finite() || *s < 0.0 || *s > 86_400.0 * 7.0)
+            {
+                anyhow::bail!(
+                    "--retry-backoff takes seconds between 0 and 604800, comma-separated"
+                );
+            }
+            c.publish.backoff_s = b.clone();
+        }
+        if self.no_auto_publish {
+            c.publish.auto_publish = false;
+        }
+        c.check()?;
         Ok(c)
     }
+
+    pub fn server_config(&self, c: &Config) -> anyhow::Result<ServerConfig> {
+        let mut s = server_config(c);
+        s.token = self.token.clone();
+        if let Some(f) = &self.alert_thresholds {
+            s.thresholds = monitor::read_thresholds(f)?;
+        }
+        Ok(s)
+    }
+}
+
+/// The server's settings from a configuration.
+pub fn server_config(c: &Config) -> ServerConfig {
+    let mut s = ServerConfig::under(&c.data_dir);
+    s.publish.stage_root = c.stage_root();
+    s.publish.products_root = c.products_root();
+    s.publish.max_attempts = c.publish.max_attempts;
+    s.publish.backoff = crate::config::durations(&c.publish.backoff_s);
+    s.auto_publish = c.publish.auto_publish;
+    s
 }
 
 /// Parses nothing: runs a parsed command and maps its outcome to an exit code.
@@ -197,23 +260,47 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
-    let config = args.server_config()?;
+    let config = args.resolve()?;
+    if args.mode == Mode::Stream {
+        return rt.block_on(serve_stream(config, args.token.clone()));
+    }
+    let server = args.server_config(&config)?;
+    let mode = args.mode;
     rt.block_on(async move {
-        let store = Store::open(&args.data_dir)
-            .with_context(|| format!("opening ledger at {}", args.data_dir.display()))?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let data_dir = config.ledger_dir();
+        let store = Store::open(&data_dir)
+            .with_context(|| format!("opening ledger at {}", data_dir.display()))?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .with_context(|| format!("listening on {}", args.listen))?;
+            .with_context(|| format!("listening on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let stop = shutdown_signal();
+        let signal = shutdown_signal();
         let events = store.event_count();
-        let state = AppState::open(store, config).await?;
+        let state = AppState::open(store.clone(), server).await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let pipeline = if mode == Mode::Both {
+            let p =
+                Pipeline::open(Ledger::Local(store), PipelineConfig::from_config(&config)).await?;
+            Some(tokio::spawn(p.run(stop_rx)))
+        } else {
+            None
+        };
+        // The pipeline stops (and its last appends are answered) before the server
+        // closes the store.
+        let stop = async move {
+            signal.await;
+            let _ = stop_tx.send(true);
+            if let Some(p) = pipeline {
+                let _ = p.await;
+            }
+        };
         // One machine-readable line for scripts and tests that listen on port 0, written
         // once recovery is done and the signals are watched.
         println!("contimg: listening on http://{addr}");
         tracing::info!(
             %addr,
-            data_dir = %args.data_dir.display(),
+            data_dir = %data_dir.display(),
+            mode = ?mode,
             events,
             "contimg serving"
         );
@@ -221,6 +308,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("stopped; every taken append was answered");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `serve --mode stream`: the pipeline in a process of its own, appending through a
+/// running API server (a ledger has exactly one owner).
+async fn serve_stream(config: Config, token: Option<String>) -> anyhow::Result<ExitCode> {
+    let url = config
+        .url
+        .clone()
+        .context("--mode stream needs the API server's --url (or url in the configuration)")?;
+    let ledger = Ledger::Remote(crate::events::ledger::RemoteLedger::new(&url, token)?);
+    let signal = shutdown_signal();
+    let pipeline = Pipeline::open(ledger, PipelineConfig::from_config(&config))
+        .await
+        .with_context(|| format!("reading the ledger through {url}"))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(pipeline.run(stop_rx));
+    println!(
+        "contimg: stream worker watching {} through {url}",
+        config.incoming().display()
+    );
+    signal.await;
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    tracing::info!("stream worker stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Completes on SIGINT or SIGTERM. Signal handling stays in the binary's layer.

@@ -84,6 +84,11 @@ pub struct SubbandFileAccepted {
     /// 0..=15.
     pub subband: u8,
     pub size_bytes: u64,
+    /// The observation this file joined: the name time of the set's first file (subbands
+    /// within the grouping tolerance of it belong together). Recorded so that a replay
+    /// rebuilds the same sets whatever the configuration says today.
+    #[serde(default)]
+    pub group_obs_time: Option<String>,
 }
 domain_event!(SubbandFileAccepted, "SubbandFileAccepted", 1, "ingest");
 
@@ -119,7 +124,8 @@ pub struct GroupFormed {
 }
 domain_event!(GroupFormed, "GroupFormed", 1, "group");
 
-/// A stage (convert, calibrate, image, mosaic) began for a group.
+/// A stage began: convert, calibrate or image in a `group-` stream, mosaic in a `mosaic-`
+/// stream. Appended with `Exact(revision)`, so of two workers one runs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageStarted {
     pub stage: String,
@@ -315,8 +321,13 @@ struct Entry {
 }
 
 fn entry<T: DomainEvent>() -> Entry {
+    entry_in::<T>(T::CATEGORY)
+}
+
+/// A type that is also stored in a second category (the stage events in `mosaic-`).
+fn entry_in<T: DomainEvent>(category: &'static str) -> Entry {
     Entry {
-        category: T::CATEGORY,
+        category,
         name: T::TYPE,
         version: T::VERSION,
         check: |bytes| {
@@ -327,7 +338,7 @@ fn entry<T: DomainEvent>() -> Entry {
     }
 }
 
-fn entries() -> [Entry; 15] {
+fn entries() -> [Entry; 18] {
     [
         entry::<SubbandFileAccepted>(),
         entry::<SubbandFileRejected>(),
@@ -338,6 +349,9 @@ fn entries() -> [Entry; 15] {
         entry::<StageFailed>(),
         entry::<MosaicGroupCreated>(),
         entry::<MosaicGroupRejected>(),
+        entry_in::<StageStarted>("mosaic"),
+        entry_in::<StageCompleted>("mosaic"),
+        entry_in::<StageFailed>("mosaic"),
         entry::<ProductRegistered>(),
         entry::<ProductFinalized>(),
         entry::<PublishStarted>(),
@@ -433,11 +447,23 @@ mod tests {
     }
 
     #[test]
-    fn every_type_is_listed_once() {
+    fn every_type_is_listed_once_per_category() {
         let l = list();
+        let mut pairs: Vec<_> = l.iter().map(|(c, n, _)| (*c, *n)).collect();
+        pairs.sort();
+        pairs.dedup();
+        assert_eq!(pairs.len(), l.len());
         let mut names: Vec<_> = l.iter().map(|(_, n, _)| *n).collect();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), l.len());
+        assert_eq!(names.len(), 15);
+    }
+
+    #[test]
+    fn stage_events_live_in_group_and_mosaic_streams() {
+        let started = br#"{"stage":"mosaic","attempt":1}"#;
+        assert!(check("mosaic-x", "StageStarted", None, started).is_ok());
+        assert!(check("group-x", "StageStarted", None, started).is_ok());
+        assert!(check("product-x", "StageStarted", None, started).is_err());
     }
 }

@@ -1,6 +1,14 @@
 //! The pipeline that produces events: ingest, grouping, stage runners, mosaicking,
 //! staging and publishing.
 
+pub mod ingest;
 pub mod mosaic;
 pub mod paths;
 pub mod publish;
+pub mod safeguards;
+pub mod sim;
+pub mod stages;
+pub mod state;
+pub mod worker;
+
+pub use worker::{Pipeline, PipelineConfig};

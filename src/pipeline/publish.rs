@@ -190,6 +190,93 @@ struct Inner {
     moves: std::sync::atomic::AtomicU64,
 }
 
+/// Checks a staged product (id, type, verdict words, a path inside the stage root),
+/// checksums it and appends its `ProductRegistered` with `NoStream`. Returns whether it
+/// was new (an identical repeat is not) and the position written. Other content under an
+/// existing id is a conflict. The publisher and the pipeline (in any process) register
+/// through here.
+pub async fn register_product(
+    ledger: &Ledger,
+    stage_root: &Path,
+    req: RegisterProduct,
+    actor: &str,
+) -> Result<(bool, Option<u64>), PublishError> {
+    paths::validate_data_id(&req.data_id)?;
+    if req.data_type.is_empty()
+        || req.data_type.len() > 64
+        || !req
+            .data_type
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_')
+    {
+        return Err(PublishError::Invalid(format!(
+            "data_type must be lowercase letters and '_' (got {:?})",
+            req.data_type
+        )));
+    }
+    check_status_words(&req.qa_status, &req.validation_status)?;
+    let stage_root = stage_root.to_path_buf();
+    let stage_path = req.stage_path.clone();
+    let (real, checksum, size) = tokio::task::spawn_blocking(move || {
+        let real = paths::resolve_inside(&stage_root, &stage_path)?;
+        let (checksum, size) = checksum_path(&real)
+            .map_err(|e| PublishError::Invalid(format!("reading {}: {e}", real.display())))?;
+        Ok::<_, PublishError>((real, checksum, size))
+    })
+    .await
+    .map_err(|e| PublishError::Store(StoreError::Storage(e.to_string())))??;
+    let metadata = req
+        .metadata
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, s)
+        })
+        .collect();
+    let event = ProductRegistered {
+        data_id: req.data_id.clone(),
+        data_type: req.data_type,
+        stage_path: real.display().to_string(),
+        checksum: Some(checksum),
+        size_bytes: Some(size),
+        qa_status: req.qa_status,
+        validation_status: req.validation_status,
+        auto_publish: req.auto_publish.unwrap_or(true),
+        metadata,
+    };
+    let stream = stream_of(&req.data_id);
+    match ledger
+        .append(
+            &stream,
+            ExpectedRevision::NoStream,
+            vec![event.to_proposed(&meta(actor))],
+        )
+        .await
+    {
+        Ok(r) => Ok((true, Some(r.position))),
+        Err(StoreError::WrongExpectedVersion { .. }) => {
+            let events = ledger
+                .read_stream(&stream, Some(0), Direction::Forward, 1)
+                .await?;
+            let first: Option<ProductRegistered> = events
+                .first()
+                .and_then(|e| serde_json::from_slice(&e.data).ok());
+            match first {
+                Some(existing) if existing == event => Ok((false, None)),
+                _ => Err(PublishError::Conflict(format!(
+                    "product {} is already registered with other content",
+                    req.data_id
+                ))),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn stream_of(id: &str) -> String {
     format!("product-{id}")
 }
@@ -286,89 +373,18 @@ impl Publisher {
         &self,
         req: RegisterProduct,
     ) -> Result<(ProductState, bool), PublishError> {
-        paths::validate_data_id(&req.data_id)?;
-        if req.data_type.is_empty()
-            || req.data_type.len() > 64
-            || !req
-                .data_type
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c == '_')
-        {
-            return Err(PublishError::Invalid(format!(
-                "data_type must be lowercase letters and '_' (got {:?})",
-                req.data_type
-            )));
+        let id = req.data_id.clone();
+        let (created, position) = register_product(
+            &self.inner.ledger,
+            &self.inner.config.stage_root,
+            req,
+            "register",
+        )
+        .await?;
+        if let Some(p) = position {
+            self.settle(p).await;
         }
-        check_status_words(&req.qa_status, &req.validation_status)?;
-        let stage_root = self.inner.config.stage_root.clone();
-        let stage_path = req.stage_path.clone();
-        let (real, checksum, size) = tokio::task::spawn_blocking(move || {
-            let real = paths::resolve_inside(&stage_root, &stage_path)?;
-            let (checksum, size) = checksum_path(&real)
-                .map_err(|e| PublishError::Invalid(format!("reading {}: {e}", real.display())))?;
-            Ok::<_, PublishError>((real, checksum, size))
-        })
-        .await
-        .map_err(|e| PublishError::Store(StoreError::Storage(e.to_string())))??;
-        let metadata = req
-            .metadata
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| {
-                let s = match v {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                (k, s)
-            })
-            .collect();
-        let event = ProductRegistered {
-            data_id: req.data_id.clone(),
-            data_type: req.data_type,
-            stage_path: real.display().to_string(),
-            checksum: Some(checksum),
-            size_bytes: Some(size),
-            qa_status: req.qa_status,
-            validation_status: req.validation_status,
-            auto_publish: req.auto_publish.unwrap_or(true),
-            metadata,
-        };
-        let stream = stream_of(&req.data_id);
-        match self
-            .inner
-            .ledger
-            .append(
-                &stream,
-                ExpectedRevision::NoStream,
-                vec![event.to_proposed(&meta("register"))],
-            )
-            .await
-        {
-            Ok(r) => {
-                self.settle(r.position).await;
-                Ok((self.load(&req.data_id).await?, true))
-            }
-            Err(StoreError::WrongExpectedVersion { .. }) => {
-                let events = self
-                    .inner
-                    .ledger
-                    .read_stream(&stream, Some(0), Direction::Forward, 1)
-                    .await?;
-                let first: Option<ProductRegistered> = events
-                    .first()
-                    .and_then(|e| serde_json::from_slice(&e.data).ok());
-                match first {
-                    Some(existing) if existing == event => {
-                        Ok((self.load(&req.data_id).await?, false))
-                    }
-                    _ => Err(PublishError::Conflict(format!(
-                        "product {} is already registered with other content",
-                        req.data_id
-                    ))),
-                }
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok((self.load(&id).await?, created))
     }
 
     /// Sets QA and validation verdicts; may make the product due for automatic publishing.

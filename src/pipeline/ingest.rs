@@ -1,0 +1,376 @@
+//! Ingest: watch the incoming folder for `YYYY-MM-DDTHH:MM:SS_sbNN.hdf5`, check each file,
+//! gather subbands into observations, form a group when all subbands are in, and give up
+//! an observation that stays incomplete past the timeout. Every decision is an event:
+//! `SubbandFileAccepted` / `SubbandFileRejected` / `IngestGroupTimedOut` in
+//! `ingest-<date>`, `GroupFormed` in `group-<id>`.
+//!
+//! A file is examined only once its size and modification time have held still for
+//! `stable_s` (a file still being written is never taken). A bad file is refused with its
+//! reason and blocks nothing. Files whose names do not end in `.hdf5`, and hidden files,
+//! are not ours and are left alone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+use super::state::{PipelineState, file_name};
+use crate::config::IngestConfig;
+use crate::events::catalogue::{
+    GroupFormed, IngestGroupTimedOut, SubbandFileAccepted, SubbandFileRejected,
+};
+
+/// The HDF5 format signature; the superblock sits at 0, 512, 1024, 2048... bytes.
+pub const HDF5_SIGNATURE: [u8; 8] = [0x89, b'H', b'D', b'F', b'\r', b'\n', 0x1a, b'\n'];
+
+/// The name time format, `2026-11-30T10:05:00`.
+pub const NAME_TIME: &str = "%Y-%m-%dT%H:%M:%S";
+
+/// A well-formed subband file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubbandName {
+    pub obs_time: NaiveDateTime,
+    pub subband: u8,
+}
+
+impl SubbandName {
+    pub fn time_text(&self) -> String {
+        self.obs_time.format(NAME_TIME).to_string()
+    }
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS_sbNN.hdf5` (NN below `subbands`).
+pub fn parse_name(name: &str, subbands: u8) -> Result<SubbandName, String> {
+    let stem = name
+        .strip_suffix(".hdf5")
+        .ok_or_else(|| format!("{name:?} does not end in .hdf5"))?;
+    let (time, sb) = stem
+        .rsplit_once("_sb")
+        .ok_or_else(|| format!("{name:?} is not YYYY-MM-DDTHH:MM:SS_sbNN.hdf5"))?;
+    if time.len() != 19 || sb.len() != 2 || !sb.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{name:?} is not YYYY-MM-DDTHH:MM:SS_sbNN.hdf5"));
+    }
+    let obs_time = NaiveDateTime::parse_from_str(time, NAME_TIME)
+        .map_err(|e| format!("{name:?}: bad observation time {time:?} ({e})"))?;
+    let subband: u8 = sb.parse().map_err(|_| format!("{name:?}: bad subband"))?;
+    if subband >= subbands {
+        return Err(format!(
+            "{name:?}: subband sb{subband:02} is out of range (sb00..sb{:02})",
+            subbands - 1
+        ));
+    }
+    Ok(SubbandName { obs_time, subband })
+}
+
+/// Checks a stable file's content: not empty, and an HDF5 superblock signature.
+pub fn check_file(path: &Path) -> Result<u64, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let size = meta.len();
+    if size == 0 {
+        return Err("empty file".into());
+    }
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let mut offset = 0u64;
+    let mut buf = [0u8; 8];
+    while offset + 8 <= size {
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if buf == HDF5_SIGNATURE {
+            return Ok(size);
+        }
+        offset = if offset == 0 { 512 } else { offset * 2 };
+    }
+    Err(format!(
+        "no HDF5 signature (first bytes {:02x?}): corrupt or not HDF5",
+        &buf[..buf.len().min(size as usize)]
+    ))
+}
+
+/// A file seen in the incoming folder, waiting for its size to hold still.
+#[derive(Debug, Clone)]
+struct Watched {
+    size: u64,
+    modified: Option<SystemTime>,
+    since: Instant,
+}
+
+/// What one scan decided, in the order to append it.
+#[derive(Debug, Default)]
+pub struct ScanOutcome {
+    /// `ingest-<date>` stream to its events (accepted and rejected files, timeouts).
+    pub ingest: BTreeMap<String, Vec<IngestFact>>,
+    /// Groups to form, in observation order.
+    pub formed: Vec<GroupFormed>,
+    /// Files still settling.
+    pub settling: usize,
+}
+
+impl ScanOutcome {
+    pub fn is_empty(&self) -> bool {
+        self.ingest.is_empty() && self.formed.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum IngestFact {
+    Accepted(SubbandFileAccepted),
+    Rejected(SubbandFileRejected),
+    TimedOut(IngestGroupTimedOut),
+}
+
+/// The stateful half of ingest: what is settling in the folder.
+pub struct Ingest {
+    pub dir: PathBuf,
+    pub config: IngestConfig,
+    watching: HashMap<String, Watched>,
+}
+
+impl Ingest {
+    pub fn new(dir: PathBuf, config: IngestConfig) -> Self {
+        Ingest {
+            dir,
+            config,
+            watching: HashMap::new(),
+        }
+    }
+
+    /// Looks at the folder once and decides, against what the ledger already knows.
+    /// Nothing is appended here; the caller appends the outcome and folds it back.
+    pub fn scan(
+        &mut self,
+        state: &PipelineState,
+        now: DateTime<Utc>,
+    ) -> std::io::Result<ScanOutcome> {
+        let mut out = ScanOutcome::default();
+        let stable = Duration::from_secs_f64(self.config.stable_s);
+        let mut ready: Vec<(String, PathBuf)> = Vec::new();
+        let mut present = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !name.ends_with(".hdf5") || state.files.contains_key(&name)
+            {
+                continue;
+            }
+            present.insert(name.clone());
+            let Ok(meta) = entry.metadata() else { continue };
+            let (size, modified) = (meta.len(), meta.modified().ok());
+            let w = self.watching.entry(name.clone()).or_insert(Watched {
+                size,
+                modified,
+                since: Instant::now(),
+            });
+            if w.size != size || w.modified != modified {
+                *w = Watched {
+                    size,
+                    modified,
+                    since: Instant::now(),
+                };
+            }
+            if w.since.elapsed() >= stable {
+                ready.push((name, entry.path()));
+            } else {
+                out.settling += 1;
+            }
+        }
+        self.watching.retain(|n, _| present.contains(n));
+        ready.sort();
+
+        // Decide against a scratch copy of the open observations, so that files of one
+        // scan group together exactly as the fold will group them.
+        let mut pending: BTreeMap<String, BTreeMap<u8, String>> = state
+            .pending
+            .iter()
+            .map(|(k, p)| (k.clone(), p.subbands.clone()))
+            .collect();
+        let tolerance =
+            chrono::Duration::milliseconds((self.config.group_tolerance_s * 1e3) as i64);
+        for (name, path) in ready {
+            self.watching.remove(&name);
+            let path_text = path.display().to_string();
+            let parsed = parse_name(&name, self.config.subbands);
+            let stream = ingest_stream(parsed.as_ref().ok().map(|p| p.obs_time), now);
+            let fact = match parsed.and_then(|p| check_file(&path).map(|size| (p, size))) {
+                Err(reason) => IngestFact::Rejected(SubbandFileRejected {
+                    path: path_text,
+                    reason,
+                }),
+                Ok((p, size)) => {
+                    let obs = assign(&pending, state, p.obs_time, tolerance);
+                    match obs {
+                        Assign::Closed(key, how) => IngestFact::Rejected(SubbandFileRejected {
+                            path: path_text,
+                            reason: format!("late file: observation {key} already {how}"),
+                        }),
+                        Assign::Into(key) => {
+                            let set = pending.entry(key.clone()).or_default();
+                            if let Some(existing) = set.get(&p.subband) {
+                                IngestFact::Rejected(SubbandFileRejected {
+                                    path: path_text,
+                                    reason: format!(
+                                        "duplicate subband sb{:02} of observation {key}: {} was taken first",
+                                        p.subband,
+                                        file_name(existing)
+                                    ),
+                                })
+                            } else {
+                                set.insert(p.subband, path_text.clone());
+                                IngestFact::Accepted(SubbandFileAccepted {
+                                    path: path_text,
+                                    obs_time: p.time_text(),
+                                    subband: p.subband,
+                                    size_bytes: size,
+                                    group_obs_time: Some(key),
+                                })
+                            }
+                        }
+                    }
+                }
+            };
+            out.ingest.entry(stream).or_default().push(fact);
+        }
+
+        // Complete observations form groups, oldest first; stale ones time out.
+        let timeout = chrono::Duration::milliseconds((self.config.group_timeout_s * 1e3) as i64);
+        for (key, set) in &pending {
+            if set.len() >= self.config.subbands as usize {
+                let files: Vec<String> = set.values().cloned().collect();
+                out.formed.push(GroupFormed {
+                    group_id: group_id(key, &files),
+                    obs_time: key.clone(),
+                    files,
+                    dec_deg: None,
+                });
+            } else if let Some(p) = state.pending.get(key)
+                && now - p.first_seen >= timeout
+            {
+                let present: Vec<u8> = set.keys().copied().collect();
+                let missing = (0..self.config.subbands)
+                    .filter(|s| !set.contains_key(s))
+                    .collect();
+                let stream = ingest_stream(NaiveDateTime::parse_from_str(key, NAME_TIME).ok(), now);
+                out.ingest
+                    .entry(stream)
+                    .or_default()
+                    .push(IngestFact::TimedOut(IngestGroupTimedOut {
+                        obs_time: key.clone(),
+                        present,
+                        missing,
+                        waited_s: (now - p.first_seen).num_milliseconds() as f64 / 1e3,
+                    }));
+            }
+        }
+        Ok(out)
+    }
+}
+
+enum Assign {
+    Into(String),
+    Closed(String, &'static str),
+}
+
+/// The observation a file with name time `t` joins: the nearest open one within the
+/// tolerance, else a closed one within it (a late file), else a new one keyed by `t`.
+fn assign(
+    pending: &BTreeMap<String, BTreeMap<u8, String>>,
+    state: &PipelineState,
+    t: NaiveDateTime,
+    tolerance: chrono::Duration,
+) -> Assign {
+    let near = |key: &String| {
+        NaiveDateTime::parse_from_str(key, NAME_TIME)
+            .ok()
+            .map(|k| (k - t).abs())
+            .filter(|d| *d <= tolerance)
+    };
+    if let Some((key, _)) = pending
+        .keys()
+        .filter_map(|k| near(k).map(|d| (k, d)))
+        .min_by_key(|(_, d)| *d)
+    {
+        return Assign::Into(key.clone());
+    }
+    if let Some((key, outcome)) = state
+        .closed
+        .iter()
+        .filter_map(|(k, o)| near(k).map(|d| ((k, o), d)))
+        .min_by_key(|(_, d)| *d)
+        .map(|(x, _)| x)
+    {
+        let how = match outcome {
+            super::state::ObsOutcome::Formed(_) => "formed its group",
+            super::state::ObsOutcome::TimedOut => "timed out",
+        };
+        return Assign::Closed(key.clone(), how);
+    }
+    Assign::Into(t.format(NAME_TIME).to_string())
+}
+
+/// `ingest-<date>` of an observation (today's date for names that do not parse).
+pub fn ingest_stream(obs: Option<NaiveDateTime>, now: DateTime<Utc>) -> String {
+    let date = obs.map_or_else(|| now.date_naive(), |t| t.date());
+    format!("ingest-{}", date.format("%Y-%m-%d"))
+}
+
+/// A group id from its members: the compact observation time and a short hash of the
+/// member file names, `20261130T100500-1a2b3c4d`.
+pub fn group_id(obs_time: &str, files: &[String]) -> String {
+    let compact: String = obs_time
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
+    format!(
+        "{compact}-{}",
+        short_hash(files.iter().map(|f| file_name(f)))
+    )
+}
+
+/// The first 8 hex digits of BLAKE3 over the items, each followed by a newline.
+pub fn short_hash<S: AsRef<str>>(items: impl Iterator<Item = S>) -> String {
+    let mut h = blake3::Hasher::new();
+    for i in items {
+        h.update(i.as_ref().as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().to_hex()[..8].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let n = parse_name("2026-11-30T10:05:00_sb03.hdf5", 16).unwrap();
+        assert_eq!(n.subband, 3);
+        assert_eq!(n.time_text(), "2026-11-30T10:05:00");
+        for bad in [
+            "2026-11-30T10:05:00_sb16.hdf5",
+            "2026-11-30T10:05_sb03.hdf5",
+            "2026-13-30T10:05:00_sb03.hdf5",
+            "2026-11-30T10:05:00_sb3.hdf5",
+            "2026-11-30T10:05:00_sbxx.hdf5",
+            "2026-11-30T10:05:00.hdf5",
+            "notes.txt",
+        ] {
+            assert!(parse_name(bad, 16).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn group_ids_follow_members() {
+        let a = group_id("2026-11-30T10:05:00", &["x/a".into(), "x/b".into()]);
+        let b = group_id("2026-11-30T10:05:00", &["y/a".into(), "y/b".into()]);
+        let c = group_id("2026-11-30T10:05:00", &["x/a".into(), "x/c".into()]);
+        assert!(a.starts_with("20261130T100500-"), "{a}");
+        assert_eq!(a, b, "the folder is not part of the identity");
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,214 @@
+//! The safeguards a mosaic group must pass before it is formed (DESIGN section 5). The
+//! first, the group id collision, needs the ledger and lives with the worker; the other
+//! four look at the members' ledger records and their files here. Each refusal names the
+//! safeguard and the member at fault.
+
+use std::path::Path;
+
+use chrono::NaiveDateTime;
+
+use super::ingest::NAME_TIME;
+use super::mosaic::io::{read_header, read_plane};
+use super::state::GroupState;
+use crate::config::MosaicConfig;
+
+/// Names of the safeguards, as recorded in `MosaicGroupRejected.safeguard`.
+pub const ID_COLLISION: &str = "id_collision";
+pub const TIME_SPAN: &str = "time_span";
+pub const MS_STAGE: &str = "ms_stage";
+pub const CALIBRATION_TABLES: &str = "calibration_tables";
+pub const IMAGES: &str = "images";
+
+/// Why a group was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub safeguard: &'static str,
+    pub member: Option<String>,
+    pub reason: String,
+}
+
+fn refuse(safeguard: &'static str, member: Option<&str>, reason: String) -> Refusal {
+    Refusal {
+        safeguard,
+        member: member.map(str::to_string),
+        reason,
+    }
+}
+
+/// Runs safeguards 2 to 5 in order and returns the first refusal.
+pub fn check(members: &[&GroupState], cfg: &MosaicConfig) -> Result<(), Refusal> {
+    time_span(members, cfg)?;
+    ms_stage(members)?;
+    calibration_tables(members)?;
+    images(members)
+}
+
+/// 2. First to last tile within the span, consecutive tiles under the gap, declinations
+///    within the spread of the group mean (from the tiles' headers, or the ledger).
+pub fn time_span(members: &[&GroupState], cfg: &MosaicConfig) -> Result<(), Refusal> {
+    let mut times = Vec::with_capacity(members.len());
+    for m in members {
+        let t = NaiveDateTime::parse_from_str(&m.obs_time, NAME_TIME).map_err(|e| {
+            refuse(
+                TIME_SPAN,
+                Some(&m.id),
+                format!("observation time {:?} does not parse: {e}", m.obs_time),
+            )
+        })?;
+        times.push(t);
+    }
+    let minutes = |d: chrono::Duration| d.num_milliseconds() as f64 / 60_000.0;
+    if let (Some(first), Some(last)) = (times.first(), times.last()) {
+        let span = minutes(*last - *first);
+        if span > cfg.max_span_min {
+            return Err(refuse(
+                TIME_SPAN,
+                members.last().map(|m| m.id.as_str()),
+                format!(
+                    "the tiles span {span:.1} min from first to last, more than {} min",
+                    cfg.max_span_min
+                ),
+            ));
+        }
+    }
+    for (i, w) in times.windows(2).enumerate() {
+        let gap = minutes(w[1] - w[0]);
+        if gap >= cfg.max_gap_min || gap <= 0.0 {
+            return Err(refuse(
+                TIME_SPAN,
+                Some(&members[i + 1].id),
+                format!(
+                    "{:.1} min after the previous tile {} (consecutive tiles must be under {} min apart)",
+                    gap, members[i].id, cfg.max_gap_min
+                ),
+            ));
+        }
+    }
+    let decs: Vec<(&GroupState, f64)> = members
+        .iter()
+        .filter_map(|m| declination(m).map(|d| (*m, d)))
+        .collect();
+    if !decs.is_empty() {
+        let mean = decs.iter().map(|(_, d)| d).sum::<f64>() / decs.len() as f64;
+        if let Some((m, d)) = decs
+            .iter()
+            .filter(|(_, d)| (d - mean).abs() > cfg.max_dec_spread_deg)
+            .max_by(|a, b| (a.1 - mean).abs().total_cmp(&(b.1 - mean).abs()))
+        {
+            return Err(refuse(
+                TIME_SPAN,
+                Some(&m.id),
+                format!(
+                    "declination {d:.4} deg is {:.4} deg from the group mean {mean:.4} (at most {})",
+                    (d - mean).abs(),
+                    cfg.max_dec_spread_deg
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A member's pointing declination: its tile's header, else what ingest recorded.
+fn declination(m: &GroupState) -> Option<f64> {
+    m.outputs(2)
+        .first()
+        .and_then(|t| read_header(Path::new(t)).ok())
+        .map(|h| h.pointing_deg.1)
+        .or(m.dec_deg)
+}
+
+/// 3. Every member converted, calibrated and imaged according to the ledger, and its
+///    Measurement Set on disk.
+pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
+    for m in members {
+        for (i, name) in super::state::GROUP_STAGES.iter().enumerate() {
+            let s = &m.stages[i];
+            if s.completed.is_none() {
+                let why = match (&s.last_error, s.given_up) {
+                    (Some(e), true) => format!("{name} failed after {} attempts: {e}", s.attempts),
+                    (Some(e), false) => format!("{name} has not completed (last error: {e})"),
+                    _ => format!("{name} has not completed"),
+                };
+                return Err(refuse(MS_STAGE, Some(&m.id), why));
+            }
+        }
+        let ms = m.outputs(0).first().cloned().unwrap_or_default();
+        if ms.is_empty() || !Path::new(&ms).is_dir() {
+            return Err(refuse(
+                MS_STAGE,
+                Some(&m.id),
+                format!("the Measurement Set {ms:?} is not on disk"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 4. Every calibration table a member used exists: a folder holding `table.dat`.
+pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
+    for m in members {
+        let tables = m.outputs(1);
+        if tables.is_empty() {
+            return Err(refuse(
+                CALIBRATION_TABLES,
+                Some(&m.id),
+                "calibration recorded no table".into(),
+            ));
+        }
+        for t in tables {
+            let dat = Path::new(t).join("table.dat");
+            if !dat.is_file() {
+                return Err(refuse(
+                    CALIBRATION_TABLES,
+                    Some(&m.id),
+                    format!("calibration table {t} is missing its table.dat"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// 5. Every member's image exists, opens as FITS, has a celestial WCS, shares the first
+///    image's pixel scale (within 1%), and is not entirely blank.
+pub fn images(members: &[&GroupState]) -> Result<(), Refusal> {
+    let mut scale: Option<f64> = None;
+    for m in members {
+        let Some(tile) = m.outputs(2).first() else {
+            return Err(refuse(
+                IMAGES,
+                Some(&m.id),
+                "imaging recorded no tile".into(),
+            ));
+        };
+        let header =
+            read_header(Path::new(tile)).map_err(|e| refuse(IMAGES, Some(&m.id), e.to_string()))?;
+        let s = header.wcs.pixel_scale_deg();
+        match scale {
+            None => scale = Some(s),
+            Some(first) if ((s - first) / first).abs() > 0.01 => {
+                return Err(refuse(
+                    IMAGES,
+                    Some(&m.id),
+                    format!(
+                        "{tile}: pixel scale {:.4} arcsec differs from the first tile's {:.4} arcsec",
+                        s * 3600.0,
+                        first * 3600.0
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        let plane =
+            read_plane(Path::new(tile)).map_err(|e| refuse(IMAGES, Some(&m.id), e.to_string()))?;
+        if !plane.iter().any(|v| v.is_finite() && *v != 0.0) {
+            return Err(refuse(
+                IMAGES,
+                Some(&m.id),
+                format!("{tile} is blank (every pixel NaN or zero)"),
+            ));
+        }
+    }
+    Ok(())
+}

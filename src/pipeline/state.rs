@@ -1,0 +1,408 @@
+//! What the pipeline knows, folded from the ledger: which incoming files were taken or
+//! refused, the observations still collecting subbands, the groups and how far each got
+//! through its stages, and the mosaic groups decided so far. A worker rebuilds this from
+//! position 0 when it starts and folds new events (its own and other workers') as they
+//! commit, so a restart resumes exactly where the log says it stood: no file is taken
+//! twice and none is forgotten.
+//!
+//! Folding is idempotent per fact (a file name, a group's stage attempt, a mosaic id), and
+//! the fold takes nothing from the configuration: an event carries every decision it
+//! records (the observation a file joined, the members of a group).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use crate::events::RecordedEvent;
+use crate::events::catalogue::{
+    DomainEvent, EventMetadata, GroupFormed, IngestGroupTimedOut, MosaicGroupCreated,
+    MosaicGroupRejected, ProductRegistered, StageCompleted, StageFailed, StageStarted,
+    SubbandFileAccepted, SubbandFileRejected,
+};
+
+/// The three per-group stages, in order.
+pub const GROUP_STAGES: [&str; 3] = ["convert", "calibrate", "image"];
+/// The stage of a mosaic group.
+pub const MOSAIC_STAGE: &str = "mosaic";
+
+/// An observation still collecting subbands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingObs {
+    /// Commit time of its first accepted file (the timeout counts from here).
+    pub first_seen: DateTime<Utc>,
+    /// Subband number to file path.
+    pub subbands: BTreeMap<u8, String>,
+}
+
+/// How an observation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ObsOutcome {
+    Formed(String),
+    TimedOut,
+}
+
+/// One stage of one group (or of a mosaic).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageProgress {
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// An attempt started and not yet finished: its number, start and the host running it.
+    pub running: Option<(u32, DateTime<Utc>, Option<String>)>,
+    pub completed: Option<Vec<String>>,
+    pub last_error: Option<String>,
+    /// When the next attempt may start; `None` with `last_error` set means given up.
+    pub next_retry_at: Option<DateTime<Utc>>,
+    pub given_up: bool,
+}
+
+impl StageProgress {
+    fn started(&mut self, attempt: u32, at: DateTime<Utc>, host: Option<String>) {
+        self.attempts = self.attempts.max(attempt);
+        if self.completed.is_none() && !self.given_up {
+            self.running = Some((attempt, at, host));
+        }
+    }
+
+    fn completed(&mut self, attempt: u32, outputs: Vec<String>) {
+        self.attempts = self.attempts.max(attempt);
+        self.running = None;
+        self.completed = Some(outputs);
+        self.next_retry_at = None;
+    }
+
+    fn failed(&mut self, f: &StageFailed) {
+        self.attempts = self.attempts.max(f.attempt);
+        self.running = None;
+        self.last_error = Some(f.error.clone());
+        self.next_retry_at = f
+            .next_retry_at
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        self.given_up = self.next_retry_at.is_none();
+    }
+
+    /// Done, one way or the other.
+    pub fn settled(&self) -> bool {
+        self.completed.is_some() || self.given_up
+    }
+}
+
+/// A formed group: one observation's 16 subbands, on its way to an image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupState {
+    pub id: String,
+    pub obs_time: String,
+    pub files: Vec<String>,
+    pub dec_deg: Option<f64>,
+    /// Progress of convert, calibrate, image (the order of [`GROUP_STAGES`]).
+    pub stages: [StageProgress; 3],
+    /// Revision of the last event in `group-<id>`.
+    pub head: u64,
+}
+
+impl GroupState {
+    /// The first stage not yet completed, unless a stage was given up.
+    pub fn next_stage(&self) -> Option<usize> {
+        if self.failed() {
+            return None;
+        }
+        self.stages.iter().position(|s| s.completed.is_none())
+    }
+
+    /// A stage was given up: the group will never have an image.
+    pub fn failed(&self) -> bool {
+        self.stages.iter().any(|s| s.given_up)
+    }
+
+    /// Imaged or failed: a mosaic may be decided over it.
+    pub fn settled(&self) -> bool {
+        self.failed() || self.stages[2].completed.is_some()
+    }
+
+    pub fn outputs(&self, stage: usize) -> &[String] {
+        self.stages[stage].completed.as_deref().unwrap_or(&[])
+    }
+}
+
+/// A mosaic group the ledger decided on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MosaicState {
+    pub id: String,
+    pub members: Vec<String>,
+    /// `None` when created; the safeguard that refused it otherwise.
+    pub rejected: Option<String>,
+    pub build: StageProgress,
+    pub head: u64,
+}
+
+/// The fold.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineState {
+    /// The next log position to fold.
+    pub next_position: u64,
+    /// Last revision of the `ingest-` streams (appends use `Exact`).
+    pub ingest_heads: HashMap<String, u64>,
+    /// File name to its fate: `Ok(observation)` when accepted, `Err(reason)` when refused.
+    pub files: HashMap<String, Result<String, String>>,
+    /// Observations collecting subbands, by the name time of their first file.
+    pub pending: BTreeMap<String, PendingObs>,
+    /// Observations that formed a group or timed out.
+    pub closed: BTreeMap<String, ObsOutcome>,
+    /// Formed groups by observation time (so iteration is in observation order).
+    pub groups: BTreeMap<String, GroupState>,
+    /// Group id to observation time.
+    pub group_obs: HashMap<String, String>,
+    /// Mosaic groups by id, and the order they were decided in.
+    pub mosaics: HashMap<String, MosaicState>,
+    pub mosaic_order: Vec<String>,
+    /// Every registered product id.
+    pub products: HashSet<String>,
+    pub rejected_files: u64,
+    pub timed_out: u64,
+}
+
+impl PipelineState {
+    /// Folds one event (others are ignored).
+    pub fn apply(&mut self, e: &RecordedEvent) {
+        self.next_position = self.next_position.max(e.position + 1);
+        let at = e.created();
+        match e.category() {
+            "ingest" => {
+                let head = self.ingest_heads.entry(e.stream_id.clone()).or_insert(0);
+                *head = (*head).max(e.revision);
+                self.apply_ingest(e, at);
+            }
+            "group" => self.apply_group(e, at),
+            "mosaic" => self.apply_mosaic(e, at),
+            "product" if e.event_type == ProductRegistered::TYPE => {
+                if let Ok(p) = serde_json::from_slice::<ProductRegistered>(&e.data) {
+                    self.products.insert(p.data_id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn apply_ingest(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {
+        match e.event_type.as_str() {
+            SubbandFileAccepted::TYPE => {
+                let Ok(f) = serde_json::from_slice::<SubbandFileAccepted>(&e.data) else {
+                    return;
+                };
+                let name = file_name(&f.path);
+                if self.files.contains_key(&name) {
+                    return;
+                }
+                let obs = f.group_obs_time.unwrap_or(f.obs_time);
+                self.files.insert(name, Ok(obs.clone()));
+                if self.closed.contains_key(&obs) {
+                    return;
+                }
+                self.pending
+                    .entry(obs)
+                    .or_insert_with(|| PendingObs {
+                        first_seen: at,
+                        subbands: BTreeMap::new(),
+                    })
+                    .subbands
+                    .entry(f.subband)
+                    .or_insert(f.path);
+            }
+            SubbandFileRejected::TYPE => {
+                if let Ok(f) = serde_json::from_slice::<SubbandFileRejected>(&e.data) {
+                    let name = file_name(&f.path);
+                    if let std::collections::hash_map::Entry::Vacant(v) = self.files.entry(name) {
+                        v.insert(Err(f.reason));
+                        self.rejected_files += 1;
+                    }
+                }
+            }
+            IngestGroupTimedOut::TYPE => {
+                if let Ok(t) = serde_json::from_slice::<IngestGroupTimedOut>(&e.data)
+                    && !self.closed.contains_key(&t.obs_time)
+                {
+                    self.pending.remove(&t.obs_time);
+                    self.closed.insert(t.obs_time, ObsOutcome::TimedOut);
+                    self.timed_out += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn apply_group(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {
+        let id = e.stream_id["group-".len()..].to_string();
+        if e.event_type == GroupFormed::TYPE {
+            let Ok(g) = serde_json::from_slice::<GroupFormed>(&e.data) else {
+                return;
+            };
+            if self.group_obs.contains_key(&id) {
+                return;
+            }
+            self.pending.remove(&g.obs_time);
+            self.closed
+                .insert(g.obs_time.clone(), ObsOutcome::Formed(id.clone()));
+            self.group_obs.insert(id.clone(), g.obs_time.clone());
+            self.groups.insert(
+                g.obs_time.clone(),
+                GroupState {
+                    id,
+                    obs_time: g.obs_time,
+                    files: g.files,
+                    dec_deg: g.dec_deg,
+                    stages: Default::default(),
+                    head: e.revision,
+                },
+            );
+            return;
+        }
+        let Some(group) = self
+            .group_obs
+            .get(&id)
+            .and_then(|obs| self.groups.get_mut(obs))
+        else {
+            return;
+        };
+        group.head = group.head.max(e.revision);
+        let stage_of = |name: &str| GROUP_STAGES.iter().position(|s| *s == name);
+        match e.event_type.as_str() {
+            StageStarted::TYPE => {
+                if let Ok(s) = serde_json::from_slice::<StageStarted>(&e.data)
+                    && let Some(i) = stage_of(&s.stage)
+                {
+                    group.stages[i].started(s.attempt, at, host_of(e));
+                }
+            }
+            StageCompleted::TYPE => {
+                if let Ok(s) = serde_json::from_slice::<StageCompleted>(&e.data)
+                    && let Some(i) = stage_of(&s.stage)
+                {
+                    group.stages[i].completed(s.attempt, s.outputs);
+                }
+            }
+            StageFailed::TYPE => {
+                if let Ok(s) = serde_json::from_slice::<StageFailed>(&e.data)
+                    && let Some(i) = stage_of(&s.stage)
+                {
+                    group.stages[i].failed(&s);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn apply_mosaic(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {
+        let id = e.stream_id["mosaic-".len()..].to_string();
+        match e.event_type.as_str() {
+            MosaicGroupCreated::TYPE => {
+                if let Ok(m) = serde_json::from_slice::<MosaicGroupCreated>(&e.data)
+                    && !self.mosaics.contains_key(&id)
+                {
+                    self.mosaic_order.push(id.clone());
+                    self.mosaics.insert(
+                        id.clone(),
+                        MosaicState {
+                            id,
+                            members: m.members,
+                            rejected: None,
+                            build: StageProgress::default(),
+                            head: e.revision,
+                        },
+                    );
+                }
+            }
+            MosaicGroupRejected::TYPE => {
+                let Ok(m) = serde_json::from_slice::<MosaicGroupRejected>(&e.data) else {
+                    return;
+                };
+                match self.mosaics.get_mut(&id) {
+                    // A collision recorded after the created group: that group stands,
+                    // and the refused window is a decision of its own.
+                    Some(existing) => {
+                        existing.head = existing.head.max(e.revision);
+                        let key = format!("{id}@{}", e.revision);
+                        if !self.mosaics.contains_key(&key) {
+                            self.mosaic_order.push(key.clone());
+                            self.mosaics.insert(
+                                key.clone(),
+                                MosaicState {
+                                    id: key,
+                                    members: m.members,
+                                    rejected: Some(m.safeguard),
+                                    build: StageProgress::default(),
+                                    head: e.revision,
+                                },
+                            );
+                        }
+                    }
+                    None => {
+                        self.mosaic_order.push(id.clone());
+                        self.mosaics.insert(
+                            id.clone(),
+                            MosaicState {
+                                id,
+                                members: m.members,
+                                rejected: Some(m.safeguard),
+                                build: StageProgress::default(),
+                                head: e.revision,
+                            },
+                        );
+                    }
+                }
+            }
+            StageStarted::TYPE | StageCompleted::TYPE | StageFailed::TYPE => {
+                let Some(m) = self.mosaics.get_mut(&id) else {
+                    return;
+                };
+                m.head = m.head.max(e.revision);
+                match e.event_type.as_str() {
+                    StageStarted::TYPE => {
+                        if let Ok(s) = serde_json::from_slice::<StageStarted>(&e.data) {
+                            m.build.started(s.attempt, at, host_of(e));
+                        }
+                    }
+                    StageCompleted::TYPE => {
+                        if let Ok(s) = serde_json::from_slice::<StageCompleted>(&e.data) {
+                            m.build.completed(s.attempt, s.outputs);
+                        }
+                    }
+                    _ => {
+                        if let Ok(s) = serde_json::from_slice::<StageFailed>(&e.data) {
+                            m.build.failed(&s);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The group of an id.
+    pub fn group(&self, id: &str) -> Option<&GroupState> {
+        self.group_obs.get(id).and_then(|o| self.groups.get(o))
+    }
+
+    /// The last decided mosaic group (created or refused), in log order.
+    pub fn last_mosaic(&self) -> Option<&MosaicState> {
+        self.mosaic_order
+            .iter()
+            .rev()
+            .filter_map(|id| self.mosaics.get(id))
+            .next()
+    }
+}
+
+fn host_of(e: &RecordedEvent) -> Option<String> {
+    serde_json::from_slice::<EventMetadata>(&e.metadata)
+        .ok()
+        .and_then(|m| m.host)
+}
+
+/// The last component of a path (the whole string when it has none).
+pub fn file_name(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
+}
