@@ -6,6 +6,7 @@
 //! `monitor` has its own codes (see its module).
 
 pub mod audit;
+pub mod demo;
 pub mod logtools;
 pub mod monitor;
 pub mod mosaic;
@@ -45,7 +46,9 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Own a ledger and serve its HTTP API.
+    /// Simulate two hours of observing through the real pipeline, with faults, and summarize.
+    Demo(demo::DemoArgs),
+    /// Own a ledger and serve its HTTP API, run the pipeline, or both (`--mode`).
     Serve(ServeArgs),
     /// Write every event as JSON Lines (EventStoreDB field names).
     Export(logtools::ExportArgs),
@@ -190,9 +193,12 @@ pub fn server_config(c: &Config) -> ServerConfig {
 
 /// Parses nothing: runs a parsed command and maps its outcome to an exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    init_tracing(cli.log_format);
+    // The demo prints its own summary; its info lines would drown it.
+    let quiet = matches!(cli.command, Command::Demo(_));
+    init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Demo(args) => demo::run(args),
         Command::Export(args) => logtools::export(args),
         Command::Import(args) => logtools::import(args),
         Command::Verify(args) => logtools::verify(args),
@@ -239,9 +245,10 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CONTIMG_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("CONTIMG_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
