@@ -1,0 +1,533 @@
+//! The pipeline on a real ledger folder: ingest (half-written, corrupt, duplicate and late
+//! files, timeouts, out-of-order arrival, restarts), the stage runners with real child
+//! processes, and the demo end to end.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use contimg::config::{Config, RunnerKind, StageCommand};
+use contimg::events::catalogue::{
+    GroupFormed, IngestGroupTimedOut, StageFailed, SubbandFileAccepted, SubbandFileRejected,
+};
+use contimg::events::{Direction, Ledger, RecordedEvent, Store};
+use contimg::pipeline::ingest::{Ingest, group_id};
+use contimg::pipeline::stages::{GroupPaths, run_stage};
+use contimg::pipeline::state::{GroupState, StageProgress};
+use contimg::pipeline::{Pipeline, PipelineConfig, sim};
+
+const T0: &str = "2026-11-30T10:00:00";
+const T1: &str = "2026-11-30T10:05:00";
+const T2: &str = "2026-11-30T10:10:00";
+
+fn config(root: &Path) -> Config {
+    let mut c = Config::default();
+    c.data_dir = root.join("ledger");
+    c.paths.incoming = Some(root.join("incoming"));
+    c.paths.work_root = Some(root.join("work"));
+    c.paths.stage_root = Some(root.join("stage"));
+    c.paths.products_root = Some(root.join("products"));
+    c.ingest.poll_interval_s = 0.05;
+    c.ingest.stable_s = 0.2;
+    c.ingest.group_timeout_s = 600.0;
+    c.stages.backoff_s = vec![0.05];
+    c.stages.simulate.tile_size = 32;
+    c
+}
+
+struct Rig {
+    store: Store,
+    pipeline: Pipeline,
+    ingest: Ingest,
+    incoming: PathBuf,
+}
+
+async fn rig(root: &Path, c: &Config) -> Rig {
+    let store = Store::open(c.ledger_dir()).unwrap();
+    let pipeline = Pipeline::open(Ledger::Local(store.clone()), PipelineConfig::from_config(c))
+        .await
+        .unwrap();
+    let ingest = Ingest::new(c.incoming(), c.ingest.clone());
+    let _ = root;
+    Rig {
+        store,
+        pipeline,
+        ingest,
+        incoming: c.incoming(),
+    }
+}
+
+impl Rig {
+    /// Scans until the folder has been quiet for longer than the stability window.
+    async fn settle(&mut self) {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            self.pipeline.ingest_once(&mut self.ingest).await.unwrap();
+        }
+    }
+
+    fn events(&self) -> Vec<RecordedEvent> {
+        self.store
+            .read_all(Some(0), Direction::Forward, 100_000)
+            .unwrap()
+    }
+
+    fn of<T: contimg::events::catalogue::DomainEvent>(&self) -> Vec<T> {
+        self.events()
+            .iter()
+            .filter(|e| e.event_type == T::TYPE)
+            .map(|e| serde_json::from_slice(&e.data).unwrap())
+            .collect()
+    }
+
+    async fn close(self) {
+        drop(self.pipeline);
+        let store = self.store;
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    }
+}
+
+fn subband(dir: &Path, t: &str, sb: u8) -> PathBuf {
+    let p = dir.join(format!("{t}_sb{sb:02}.hdf5"));
+    sim::write_subband(&p, 71.6, 2048, None).unwrap();
+    p
+}
+
+fn observation(dir: &Path, t: &str, skip: &[u8]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for sb in 0..16u8 {
+        if !skip.contains(&sb) {
+            subband(dir, t, sb);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_growing_file_is_taken_only_once_it_holds_still() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let mut r = rig(dir.path(), &c).await;
+    observation(&r.incoming, T0, &[15]);
+    // sb15 is still being written: it grows between every scan.
+    let growing = r.incoming.join(format!("{T0}_sb15.hdf5"));
+    let mut f = std::fs::File::create(&growing).unwrap();
+    f.write_all(&contimg::pipeline::ingest::HDF5_SIGNATURE)
+        .unwrap();
+    for _ in 0..8 {
+        f.write_all(&[0u8; 512]).unwrap();
+        f.flush().unwrap();
+        r.pipeline.ingest_once(&mut r.ingest).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let accepted = r.of::<SubbandFileAccepted>();
+    assert!(
+        accepted.iter().all(|a| a.subband != 15),
+        "the growing file was taken: {accepted:?}"
+    );
+    assert!(
+        r.of::<GroupFormed>().is_empty(),
+        "formed before sb15 settled"
+    );
+    drop(f);
+    r.settle().await;
+    let accepted = r.of::<SubbandFileAccepted>();
+    assert_eq!(accepted.len(), 16);
+    let sb15 = accepted.iter().find(|a| a.subband == 15).unwrap();
+    assert_eq!(sb15.size_bytes, 8 + 8 * 512, "taken at its final size");
+    let formed = r.of::<GroupFormed>();
+    assert_eq!(formed.len(), 1);
+    assert_eq!(formed[0].obs_time, T0);
+    assert_eq!(formed[0].files.len(), 16);
+    assert_eq!(formed[0].dec_deg, Some(71.6));
+    r.close().await;
+}
+
+#[tokio::test]
+async fn bad_files_are_refused_with_their_reason_and_block_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let mut r = rig(dir.path(), &c).await;
+    observation(&r.incoming, T0, &[]);
+    // A corrupt header, an empty file, a bad name, a subband out of range, and a second
+    // sb03 of the same observation (one second later in its name).
+    std::fs::write(r.incoming.join(format!("{T1}_sb00.hdf5")), vec![0x42; 4096]).unwrap();
+    std::fs::write(r.incoming.join(format!("{T1}_sb01.hdf5")), b"").unwrap();
+    sim::write_subband(
+        &r.incoming.join("2026-11-30T10:05_sb02.hdf5"),
+        71.6,
+        2048,
+        None,
+    )
+    .unwrap();
+    sim::write_subband(
+        &r.incoming.join(format!("{T1}_sb16.hdf5")),
+        71.6,
+        2048,
+        None,
+    )
+    .unwrap();
+    subband(&r.incoming, "2026-11-30T10:00:01", 3);
+    // Not ours: left alone, never recorded.
+    std::fs::write(r.incoming.join("notes.txt"), b"hello").unwrap();
+    std::fs::write(r.incoming.join(".partial_sb04.hdf5"), b"x").unwrap();
+    r.settle().await;
+
+    let rejected = r.of::<SubbandFileRejected>();
+    let reason = |name: &str| {
+        rejected
+            .iter()
+            .find(|x| x.path.ends_with(name))
+            .map(|x| x.reason.clone())
+            .unwrap_or_else(|| panic!("{name} not refused: {rejected:?}"))
+    };
+    assert!(reason(&format!("{T1}_sb00.hdf5")).contains("no HDF5 signature"));
+    assert!(reason(&format!("{T1}_sb01.hdf5")).contains("empty"));
+    assert!(reason("2026-11-30T10:05_sb02.hdf5").contains("YYYY-MM-DDTHH:MM:SS_sbNN"));
+    assert!(reason(&format!("{T1}_sb16.hdf5")).contains("out of range"));
+    let dup = reason("2026-11-30T10:00:01_sb03.hdf5");
+    assert!(dup.contains("duplicate subband sb03"), "{dup}");
+    assert!(dup.contains(&format!("{T0}_sb03.hdf5")), "{dup}");
+    assert_eq!(rejected.len(), 5, "{rejected:?}");
+    // The good observation formed regardless.
+    let formed = r.of::<GroupFormed>();
+    assert_eq!(formed.len(), 1);
+    assert_eq!(formed[0].files.len(), 16);
+    // Nothing is looked at twice.
+    let before = r.events().len();
+    r.settle().await;
+    assert_eq!(r.events().len(), before);
+    r.close().await;
+}
+
+#[tokio::test]
+async fn an_incomplete_observation_times_out_and_late_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.ingest.group_timeout_s = 0.6;
+    let mut r = rig(dir.path(), &c).await;
+    observation(&r.incoming, T0, &[9]);
+    r.settle().await;
+    assert!(
+        r.of::<IngestGroupTimedOut>().is_empty(),
+        "timed out too early"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    r.pipeline.ingest_once(&mut r.ingest).await.unwrap();
+    let t = r.of::<IngestGroupTimedOut>();
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].obs_time, T0);
+    assert_eq!(t[0].missing, vec![9]);
+    assert_eq!(t[0].present.len(), 15);
+    assert!(t[0].waited_s >= 0.6);
+    // The missing subband turns up after all: too late, and said so.
+    subband(&r.incoming, T0, 9);
+    r.settle().await;
+    let late = r.of::<SubbandFileRejected>();
+    assert_eq!(late.len(), 1);
+    assert!(late[0].reason.contains("late file"), "{}", late[0].reason);
+    assert!(r.of::<GroupFormed>().is_empty());
+    r.close().await;
+}
+
+#[tokio::test]
+async fn groups_go_on_in_observation_order_whatever_the_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let mut r = rig(dir.path(), &c).await;
+    // The later observation arrives first, the earlier one complete in the same scan.
+    observation(&r.incoming, T2, &[]);
+    observation(&r.incoming, T1, &[]);
+    observation(&r.incoming, T0, &[]);
+    r.settle().await;
+    let formed = r.of::<GroupFormed>();
+    let order: Vec<&str> = formed.iter().map(|g| g.obs_time.as_str()).collect();
+    assert_eq!(order, vec![T0, T1, T2]);
+    // The stages run oldest group first: the first StageStarted is in T0's stream.
+    for _ in 0..3 {
+        r.pipeline.step().await.unwrap();
+    }
+    let first_stage = r
+        .events()
+        .into_iter()
+        .find(|e| e.event_type == "StageStarted")
+        .unwrap();
+    assert_eq!(
+        first_stage.stream_id,
+        format!("group-{}", formed[0].group_id)
+    );
+    r.close().await;
+}
+
+#[tokio::test]
+async fn a_restart_resumes_from_the_ledger_without_taking_a_file_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let mut r = rig(dir.path(), &c).await;
+    observation(&r.incoming, T0, &[]);
+    observation(&r.incoming, T1, &(8..16).collect::<Vec<_>>());
+    r.settle().await;
+    assert_eq!(r.of::<SubbandFileAccepted>().len(), 24);
+    assert_eq!(r.of::<GroupFormed>().len(), 1);
+    r.close().await;
+
+    // The rest of T1 arrives while nothing runs.
+    for sb in 8..16 {
+        subband(&c.incoming(), T1, sb);
+    }
+    let mut r = rig(dir.path(), &c).await;
+    r.settle().await;
+    let accepted = r.of::<SubbandFileAccepted>();
+    assert_eq!(accepted.len(), 32, "each file exactly once");
+    let mut names: Vec<&str> = accepted.iter().map(|a| a.path.as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 32);
+    let formed = r.of::<GroupFormed>();
+    assert_eq!(formed.len(), 2);
+    assert_eq!(formed[1].obs_time, T1);
+    // Its members are the 8 files from before the restart and the 8 after.
+    assert_eq!(formed[1].files.len(), 16);
+    r.close().await;
+}
+
+fn fixture_group(root: &Path, id: &str) -> (GroupState, GroupPaths) {
+    let paths = GroupPaths::new(root, id);
+    std::fs::create_dir_all(&paths.work).unwrap();
+    let files: Vec<String> = (0..16u8)
+        .map(|sb| {
+            let p = paths.work.join(format!("{T0}_sb{sb:02}.hdf5"));
+            sim::write_subband(&p, 71.6, 1024, None).unwrap();
+            p.display().to_string()
+        })
+        .collect();
+    let g = GroupState {
+        id: id.into(),
+        obs_time: T0.into(),
+        files,
+        dec_deg: Some(71.6),
+        stages: Default::default(),
+        head: 0,
+    };
+    (g, paths)
+}
+
+fn external(
+    convert: &str,
+    calibrate: &str,
+    image: &str,
+    timeout: f64,
+) -> contimg::config::StagesConfig {
+    let mut s = Config::default().stages;
+    s.runner = RunnerKind::External;
+    s.timeout_s = timeout;
+    let cmd = |c: &str| {
+        Some(StageCommand {
+            command: c.into(),
+            timeout_s: None,
+        })
+    };
+    s.convert = cmd(convert);
+    s.calibrate = cmd(calibrate);
+    s.image = cmd(image);
+    s
+}
+
+#[tokio::test]
+async fn external_stages_succeed_fail_with_stderr_and_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, paths) = fixture_group(dir.path(), "g1");
+    let cfg = external(
+        "mkdir -p {output} && touch {output}/table.dat && echo converted {group} {obs_time}",
+        "echo 'SEVERE: calibrater::solve no valid data for field J1459+7140' >&2; exit 3",
+        "sleep 30",
+        0.5,
+    );
+    let ok = run_stage(&cfg, 0, &g, &paths, 71.6).await;
+    assert_eq!(ok.exit_status, Some(0));
+    assert_eq!(
+        ok.outcome.as_ref().unwrap(),
+        &vec![paths.ms.display().to_string()]
+    );
+    assert!(paths.ms.join("table.dat").is_file());
+    let log = std::fs::read_to_string(paths.work.join("convert.stdout.log")).unwrap();
+    assert!(log.contains(&format!("converted g1 {T0}")), "{log}");
+    // The template's {input} gave the 16 files, quoted.
+    assert!(ok.command.as_ref().unwrap().contains("mkdir -p"));
+
+    let failed = run_stage(&cfg, 1, &g, &paths, 71.6).await;
+    assert_eq!(failed.exit_status, Some(3));
+    let f = failed.outcome.unwrap_err();
+    assert!(!f.timed_out);
+    assert!(f.error.contains("exited with status 3"), "{}", f.error);
+    assert!(
+        f.stderr_tail.contains("no valid data for field J1459+7140"),
+        "{}",
+        f.stderr_tail
+    );
+
+    let hung = run_stage(&cfg, 2, &g, &paths, 71.6).await;
+    let f = hung.outcome.unwrap_err();
+    assert!(f.timed_out, "{f:?}");
+    assert!(f.error.contains("timed out"), "{}", f.error);
+    assert_eq!(hung.exit_status, None);
+
+    // Exit 0 without the expected output is a failure too.
+    let cfg = external("true", "true", "true", 5.0);
+    let (g2, paths2) = fixture_group(dir.path(), "g2");
+    let empty = run_stage(&cfg, 0, &g2, &paths2, 71.6).await;
+    let f = empty.outcome.unwrap_err();
+    assert!(f.error.contains("wrote no Measurement Set"), "{}", f.error);
+}
+
+#[tokio::test]
+async fn a_failing_stage_is_retried_with_backoff_then_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.stages = external("echo 'cannot open UVH5' >&2; exit 2", "true", "true", 5.0);
+    c.stages.max_attempts = 3;
+    c.stages.backoff_s = vec![0.1, 0.2];
+    let mut r = rig(dir.path(), &c).await;
+    observation(&r.incoming, T0, &[]);
+    r.settle().await;
+    let _ = common::eventually(10.0, || async {
+        let _ = r.pipeline.step().await.unwrap();
+        let s = r.pipeline.snapshot().await;
+        s.groups.values().next().filter(|g| g.failed()).map(|_| ())
+    })
+    .await
+    .expect("the group was never given up");
+    let failures = r.of::<StageFailed>();
+    assert_eq!(failures.len(), 3);
+    assert_eq!(
+        failures.iter().map(|f| f.attempt).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(failures[0].next_retry_at.is_some());
+    assert!(failures[1].next_retry_at.is_some());
+    assert_eq!(failures[2].next_retry_at, None, "no attempt left");
+    assert!(failures.iter().all(|f| f.exit_status == Some(2)));
+    assert!(failures[2].stderr_tail.contains("cannot open UVH5"));
+    // Backoff: the second attempt started no sooner than 0.1 s after the first failed.
+    let events = r.events();
+    let times: Vec<i64> = events
+        .iter()
+        .filter(|e| e.event_type == "StageStarted" || e.event_type == "StageFailed")
+        .map(|e| e.created_micros)
+        .collect();
+    assert!(times[2] - times[1] >= 100_000, "{times:?}");
+    let s = r.pipeline.snapshot().await;
+    let g = s.groups.values().next().unwrap();
+    assert!(matches!(
+        g.stages[0],
+        StageProgress {
+            given_up: true,
+            attempts: 3,
+            ..
+        }
+    ));
+    assert_eq!(g.next_stage(), None);
+    r.close().await;
+}
+
+#[test]
+fn group_ids_are_the_observation_and_a_hash_of_the_members() {
+    let files: Vec<String> = (0..16)
+        .map(|sb| format!("/in/{T0}_sb{sb:02}.hdf5"))
+        .collect();
+    let id = group_id(T0, &files);
+    assert!(id.starts_with("20261130T100000-"), "{id}");
+    assert_eq!(id.len(), "20261130T100000-".len() + 8);
+}
+
+#[test]
+fn the_demo_runs_end_to_end_and_its_summary_matches_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let out = common::contimg(&[
+        "demo",
+        "--dir",
+        demo.to_str().unwrap(),
+        "--tile-size",
+        "48",
+        "--cadence-ms",
+        "120",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The injected faults, each where it shows.
+    assert_eq!(s["files_rejected"].as_array().unwrap().len(), 1);
+    assert!(
+        s["files_rejected"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no HDF5 signature")
+    );
+    assert_eq!(s["groups_timed_out"], 1);
+    assert_eq!(s["groups_formed"], 23);
+    assert_eq!(s["tiles_imaged"], 23);
+    assert_eq!(s["mosaics_created"], 1);
+    assert_eq!(s["mosaics_refused"][0]["safeguard"], "calibration_tables");
+    assert_eq!(s["mosaics_published"], 1);
+    assert_eq!(s["publish_failures_healed"], 1);
+    assert_eq!(s["files_accepted"], 23 * 16 + 15);
+
+    // The same figures from the ledger the demo left behind, through the audit command.
+    let ledger = demo.join("ledger");
+    let status = common::contimg(&[
+        "audit",
+        "status",
+        "--data-dir",
+        ledger.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = status.get("status").unwrap_or(&status);
+    for field in [
+        "total_published",
+        "total_staging",
+        "total_publishing",
+        "failed_publishes",
+        "max_attempts_exceeded",
+        "success_rate_percent",
+    ] {
+        assert_eq!(status[field], s["status"][field], "{field}");
+    }
+    assert_eq!(status["total_published"], 24, "23 images and 1 mosaic");
+    let events = common::contimg(&["export", "--data-dir", ledger.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&events.stdout);
+    let count = |t: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("\"eventType\":\"{t}\"")))
+            .count()
+    };
+    assert_eq!(count("PublishFailed"), 1);
+    assert_eq!(count("MosaicGroupRejected"), 1);
+    assert_eq!(count("IngestGroupTimedOut"), 1);
+    assert_eq!(
+        text.lines().count() as u64,
+        s["ledger_events"].as_u64().unwrap()
+    );
+    // The mosaic is in the products root, with its weight and noise maps.
+    let mosaics: Vec<PathBuf> = std::fs::read_dir(demo.join("products/mosaics"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(mosaics.len(), 1);
+    for f in ["mosaic.fits", "weights.fits", "noise.fits"] {
+        assert!(mosaics[0].join(f).is_file(), "{f}");
+    }
+}
