@@ -383,13 +383,19 @@ impl PipelineState {
         self.group_obs.get(id).and_then(|o| self.groups.get(o))
     }
 
-    /// The last decided mosaic group (created or refused), in log order.
+    /// Every member is a group this ledger formed (not another writer's squatting id).
+    pub fn known_members(&self, m: &MosaicState) -> bool {
+        m.members.iter().all(|g| self.group_obs.contains_key(g))
+    }
+
+    /// The last decided mosaic group (created or refused, in log order) over groups this
+    /// ledger formed; a group over unknown members (another writer's) does not count.
     pub fn last_mosaic(&self) -> Option<&MosaicState> {
         self.mosaic_order
             .iter()
             .rev()
             .filter_map(|id| self.mosaics.get(id))
-            .next()
+            .find(|m| self.known_members(m))
     }
 }
 

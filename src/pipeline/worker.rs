@@ -317,7 +317,7 @@ impl Pipeline {
         };
         for id in &s.mosaic_order {
             let m = &s.mosaics[id];
-            if m.rejected.is_some() {
+            if m.rejected.is_some() || !s.known_members(m) {
                 continue;
             }
             if m.build.completed.is_some() && !s.products.contains(&mosaic_product(&m.id)) {
@@ -340,7 +340,7 @@ impl Pipeline {
         }
         for id in &s.mosaic_order {
             let m = &s.mosaics[id];
-            if m.rejected.is_none() && due(&m.build) {
+            if m.rejected.is_none() && s.known_members(m) && due(&m.build) {
                 return Ok(Work::Build {
                     mosaic: m.id.clone(),
                 });
@@ -701,7 +701,7 @@ impl Pipeline {
                 return Ok(());
             }
             std::fs::create_dir_all(&dir)?;
-            let tmp = dir.join(format!(".partial-{name}"));
+            let tmp = dir.join(format!(".partial-{}-{name}", uuid::Uuid::new_v4()));
             std::fs::copy(&src, &tmp)?;
             std::fs::File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, &dst)
