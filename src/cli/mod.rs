@@ -10,6 +10,7 @@ pub mod logtools;
 pub mod monitor;
 pub mod mosaic;
 pub mod report;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +60,8 @@ pub enum Command {
     Monitor(monitor::MonitorArgs),
     /// Reproject FITS tiles onto one grid and co-add them weighted by B^2/sigma^2.
     Mosaic(mosaic::MosaicArgs),
+    /// Pre-deployment checks: config, folders, free space, ledger, port, units, clock.
+    Validate(validate::ValidateArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -134,6 +137,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Import(args) => logtools::import(args),
         Command::Verify(args) => logtools::verify(args),
         Command::Monitor(args) => return monitor::run(args),
+        Command::Validate(args) => return validate::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Report(args) => report::run(args),
         Command::Mosaic(args) => mosaic::run(args),
