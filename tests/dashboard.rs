@@ -260,6 +260,64 @@ async fn dashboard_escapes_data_and_shows_a_timeline() {
     server.stop().await;
 }
 
+/// With a token on the server and none in the tab, a Retry is refused with 401: the page
+/// opens its token form, says why, and nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_without_the_token_is_refused_and_shown() {
+    if !Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Debian's chromium"
+        );
+        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("var");
+    let mut config = ServerConfig::under(&ledger);
+    config.token = Some("secret".into());
+    let stage = config.publish.stage_root.clone();
+    std::fs::create_dir_all(&stage).unwrap();
+    let server = TestServer::start_with(&ledger, config).await;
+    let c = reqwest::Client::new();
+    std::fs::write(stage.join("t1.fits"), b"x").unwrap();
+    let r = c
+        .post(server.url("/api/products"))
+        .bearer_auth("secret")
+        .json(&json!({"data_id": "t1", "data_type": "image", "stage_path": "t1.fits", "auto_publish": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    std::fs::remove_file(stage.join("t1.fits")).unwrap();
+    let r = c
+        .post(server.url("/api/products/t1/publish"))
+        .bearer_auth("secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    std::fs::write(stage.join("t1.fits"), b"x").unwrap();
+
+    let (b, p) = (server.url("/?autoretry=t1"), dir.path().join("profile"));
+    let out = tokio::task::spawn_blocking(move || browse(&p, &b, &["--dump-dom"]))
+        .await
+        .unwrap();
+    assert_eq!(console(&out), Vec::<String>::new());
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(dom.contains("data-last-retry=\"t1:failed\""), "{dom}");
+    assert!(dom.contains("HTTP 401"), "{dom}");
+    assert!(
+        dom.contains("data-needs-token=\"1\""),
+        "the token form is open:\n{dom}"
+    );
+    assert!(dom.contains("This server needs a bearer token."), "{dom}");
+    assert_eq!(figure(&dom, "failed_publishes"), "1");
+    let p = get_json(&c, server.url("/api/products/t1")).await;
+    assert_eq!(p["status"], json!("staging"));
+    server.stop().await;
+}
+
 /// The page is served by every server, needs no other origin, and says so in its policy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_is_self_contained() {

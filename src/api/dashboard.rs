@@ -1,7 +1,7 @@
 //! `GET /`: the operators' dashboard, one self-contained page (inline CSS and JS, no
 //! network beyond this server) that polls the monitoring endpoints every 10 s, retries
-//! failed publishes, and shows a product's timeline. It asks for the bearer token when a
-//! call answers 401 and keeps it in the tab's sessionStorage.
+//! failed publishes, and shows a product's timeline. When a call answers 401 it opens a
+//! form for the bearer token (never a blocking dialog) and keeps it in sessionStorage.
 
 use axum::Router;
 use axum::http::header;

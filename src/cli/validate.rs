@@ -242,7 +242,7 @@ fn check_folder(f: &mut Findings, name: &str, path: &Path) {
         Ok(m) if !m.is_dir() => f.error(
             &check,
             format!("{name} path {shown} exists but is not a folder"),
-            format!("move the file away or point the configuration at a folder"),
+            "move the file away or point the configuration at a folder".into(),
         ),
         Ok(_) => {
             let probe = path.join(format!(".contimg-validate-{}", std::process::id()));
@@ -288,10 +288,7 @@ fn check_space(f: &mut Findings, name: &str, path: &Path, min_gb: f64) {
         f.warn(
             &check,
             message,
-            format!(
-                "free space there, or lower validate.{}_min_free_gb if this is expected",
-                if name == "state" { "state" } else { name }
-            ),
+            format!("free space there, or lower validate.{name}_min_free_gb if this is expected"),
         );
     } else {
         f.ok(&check, message);
@@ -503,8 +500,7 @@ fn check_unit(f: &mut Findings, dir: &Path, unit: &str, exec: &std::io::Result<P
 fn exec_start(unit: &str) -> Option<String> {
     unit.lines()
         .filter_map(|l| l.trim().strip_prefix("ExecStart="))
-        .filter(|v| !v.trim().is_empty())
-        .last()
+        .rfind(|v| !v.trim().is_empty())
         .and_then(|v| {
             v.trim()
                 .trim_start_matches(['@', '-', ':', '+', '!'])
