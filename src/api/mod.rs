@@ -2,6 +2,7 @@
 //! [`run`] takes its shutdown signal as a parameter so tests can pass their own.
 //! Only this module knows HTTP.
 
+pub mod dashboard;
 pub mod error;
 pub mod metrics;
 pub mod monitoring;
@@ -124,6 +125,7 @@ pub fn app(state: AppState) -> Router {
         .merge(products::router())
         .merge(monitoring::router())
         .merge(metrics::router())
+        .merge(dashboard::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(error::json_errors))

@@ -11,6 +11,7 @@ pub mod logtools;
 pub mod monitor;
 pub mod mosaic;
 pub mod report;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +65,8 @@ pub enum Command {
     Monitor(monitor::MonitorArgs),
     /// Reproject FITS tiles onto one grid and co-add them weighted by B^2/sigma^2.
     Mosaic(mosaic::MosaicArgs),
+    /// Pre-deployment checks: config, folders, free space, ledger, port, units, clock.
+    Validate(validate::ValidateArgs),
 }
 
 /// What `serve` runs: the API, the pipeline, or both in one process.
@@ -203,6 +206,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Import(args) => logtools::import(args),
         Command::Verify(args) => logtools::verify(args),
         Command::Monitor(args) => return monitor::run(args),
+        Command::Validate(args) => return validate::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Report(args) => report::run(args),
         Command::Mosaic(args) => mosaic::run(args),

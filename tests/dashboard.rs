@@ -1,0 +1,353 @@
+//! The dashboard at `GET /` in headless Chromium (Debian's package, installed by `.ci/run`)
+//! against a real server holding a failed publish: the figures appear, the console stays
+//! silent, the Retry button publishes the product and the page shows it. A screenshot is
+//! kept in `target/test-artifacts/dashboard.png`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{TestServer, get_json};
+use contimg::api::ServerConfig;
+use reqwest::StatusCode;
+use serde_json::json;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Headless Chromium on one URL, with every lookup but loopback failing and console
+/// messages on stderr.
+fn browse(profile: &Path, url: &str, extra: &[&str]) -> Output {
+    std::process::Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--enable-logging=stderr",
+            "--v=0",
+            // Virtual time waits for pending fetches, then runs timers up to the budget.
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run chromium")
+}
+
+/// The page's console messages (`console.*`, uncaught exceptions, CSP violations).
+fn console(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains(":CONSOLE"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The text of the element carrying `attr="value"` (a `<dd data-figure=…>` here).
+fn figure(dom: &str, name: &str) -> String {
+    let tag = format!("data-figure=\"{name}\">");
+    let start = dom
+        .find(&tag)
+        .unwrap_or_else(|| panic!("{name} not in page"))
+        + tag.len();
+    dom[start..].split('<').next().unwrap().to_string()
+}
+
+fn artifacts() -> PathBuf {
+    // CARGO_TARGET_TMPDIR is <target>/tmp.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_a_failed_publish_and_its_retry_publishes_it() {
+    if !Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Debian's chromium (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+        return;
+    }
+    // Given a server with one published product and one whose staged file vanished.
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("var");
+    let config = ServerConfig::under(&ledger);
+    let stage = config.publish.stage_root.clone();
+    std::fs::create_dir_all(&stage).unwrap();
+    let server = TestServer::start_with(&ledger, config).await;
+    let c = reqwest::Client::new();
+    let register = |id: &'static str| {
+        let c = c.clone();
+        let url = server.url("/api/products");
+        async move {
+            let r = c
+                .post(url)
+                .json(&json!({"data_id": id, "data_type": "image", "stage_path": format!("{id}.fits"),
+                              "qa_status": "passed", "validation_status": "validated", "auto_publish": false}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+        }
+    };
+    std::fs::write(stage.join("good_1.fits"), vec![7u8; 2048]).unwrap();
+    register("good_1").await;
+    let r = c
+        .post(server.url("/api/products/good_1/publish"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let bad = "img_2026-11-30T10:00:00";
+    std::fs::write(stage.join(format!("{bad}.fits")), vec![9u8; 2048]).unwrap();
+    register(bad).await;
+    std::fs::remove_file(stage.join(format!("{bad}.fits"))).unwrap();
+    let r = c
+        .post(server.url(&format!("/api/products/{bad}/publish")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let status = get_json(&c, server.url("/api/monitoring/publish/status")).await;
+    assert_eq!(status["failed_publishes"], json!(1));
+
+    // When the page loads: the server's figures, the failed row, a silent console.
+    let base = server.url("/");
+    let profile = dir.path().join("profile");
+    let (b, p) = (base.clone(), profile.clone());
+    let first = tokio::task::spawn_blocking(move || browse(&p, &b, &["--dump-dom"]))
+        .await
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(console(&first), Vec::<String>::new());
+    let dom = String::from_utf8_lossy(&first.stdout).to_string();
+    assert!(
+        dom.contains("data-refreshes=\"1\""),
+        "the page loaded its data:\n{dom}"
+    );
+    assert_eq!(figure(&dom, "total_published"), "1");
+    assert_eq!(figure(&dom, "failed_publishes"), "1");
+    assert_eq!(figure(&dom, "success_rate_percent"), "50");
+    assert!(dom.contains(&format!("data-retry=\"{bad}\"")), "{dom}");
+    assert!(
+        dom.contains("low_success_rate"),
+        "the alert is shown:\n{dom}"
+    );
+
+    // The screenshot, for people: the failed row and its Retry button.
+    let shot = artifacts().join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let (b, p, s) = (base.clone(), profile.clone(), shot.clone());
+    let taken = tokio::task::spawn_blocking(move || {
+        browse(
+            &p,
+            &b,
+            &[
+                "--window-size=1200,900",
+                &format!("--screenshot={}", s.display()),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        taken.status.success(),
+        "{}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "a screenshot with content"
+    );
+
+    // When the file is back and the Retry button is pressed (?autoretry presses it).
+    std::fs::write(stage.join(format!("{bad}.fits")), vec![9u8; 2048]).unwrap();
+    let url = format!("{base}?autoretry={}", urlencode(bad));
+    let p = profile.clone();
+    let second = tokio::task::spawn_blocking(move || browse(&p, &url, &["--dump-dom"]))
+        .await
+        .unwrap();
+    assert!(second.status.success());
+    assert_eq!(console(&second), Vec::<String>::new());
+    let dom = String::from_utf8_lossy(&second.stdout).to_string();
+
+    // Then the product is published, and the page says so after its refresh.
+    assert!(
+        dom.contains(&format!("data-last-retry=\"{bad}:published\"")),
+        "{dom}"
+    );
+    assert!(dom.contains("data-refreshes=\"2\""), "{dom}");
+    assert_eq!(figure(&dom, "total_published"), "2");
+    assert_eq!(figure(&dom, "failed_publishes"), "0");
+    assert!(!dom.contains("data-retry="), "no failed row left:\n{dom}");
+    let p = get_json(&c, server.url(&format!("/api/products/{bad}"))).await;
+    assert_eq!(p["status"], json!("published"));
+    server.stop().await;
+}
+
+/// Markup in the data appears as text, never as elements; `?product=ID` opens a timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_escapes_data_and_shows_a_timeline() {
+    if !Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Debian's chromium"
+        );
+        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("var");
+    let config = ServerConfig::under(&ledger);
+    let stage = config.publish.stage_root.clone();
+    std::fs::create_dir_all(&stage).unwrap();
+    let server = TestServer::start_with(&ledger, config).await;
+    let c = reqwest::Client::new();
+    // Ids are restricted; stage paths, and so failure messages, may hold markup.
+    let evil = "<img src=x onerror=alert(1)>.fits";
+    std::fs::write(stage.join(evil), b"x").unwrap();
+    let r = c
+        .post(server.url("/api/products"))
+        .json(&json!({"data_id": "x1", "data_type": "image", "stage_path": evil, "auto_publish": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    std::fs::remove_file(stage.join(evil)).unwrap();
+    let r = c
+        .post(server.url("/api/products/x1/publish"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+
+    let (b, p) = (server.url("/?product=x1"), dir.path().join("profile"));
+    let out = tokio::task::spawn_blocking(move || browse(&p, &b, &["--dump-dom"]))
+        .await
+        .unwrap();
+    assert_eq!(console(&out), Vec::<String>::new());
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(dom.contains("data-failed=\"x1\""), "{dom}");
+    assert!(
+        !dom.contains("<img"),
+        "markup from the data became an element:\n{dom}"
+    );
+    assert!(dom.contains("&lt;img src=x onerror=alert(1)&gt;"), "{dom}");
+    // The timeline: the product's events in order.
+    let timeline = &dom[dom.find("data-timeline=\"x1\"").expect("timeline shown")..];
+    let (a, b, f) = (
+        timeline.find(">ProductRegistered<").expect("registered"),
+        timeline.find(">PublishStarted<").expect("started"),
+        timeline.find(">PublishFailed<").expect("failed"),
+    );
+    assert!(a < b && b < f, "{timeline}");
+    server.stop().await;
+}
+
+/// With a token on the server and none in the tab, a Retry is refused with 401: the page
+/// opens its token form, says why, and nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_without_the_token_is_refused_and_shown() {
+    if !Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Debian's chromium"
+        );
+        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("var");
+    let mut config = ServerConfig::under(&ledger);
+    config.token = Some("secret".into());
+    let stage = config.publish.stage_root.clone();
+    std::fs::create_dir_all(&stage).unwrap();
+    let server = TestServer::start_with(&ledger, config).await;
+    let c = reqwest::Client::new();
+    std::fs::write(stage.join("t1.fits"), b"x").unwrap();
+    let r = c
+        .post(server.url("/api/products"))
+        .bearer_auth("secret")
+        .json(&json!({"data_id": "t1", "data_type": "image", "stage_path": "t1.fits", "auto_publish": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    std::fs::remove_file(stage.join("t1.fits")).unwrap();
+    let r = c
+        .post(server.url("/api/products/t1/publish"))
+        .bearer_auth("secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    std::fs::write(stage.join("t1.fits"), b"x").unwrap();
+
+    let (b, p) = (server.url("/?autoretry=t1"), dir.path().join("profile"));
+    let out = tokio::task::spawn_blocking(move || browse(&p, &b, &["--dump-dom"]))
+        .await
+        .unwrap();
+    assert_eq!(console(&out), Vec::<String>::new());
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(dom.contains("data-last-retry=\"t1:failed\""), "{dom}");
+    assert!(dom.contains("HTTP 401"), "{dom}");
+    assert!(
+        dom.contains("data-needs-token=\"1\""),
+        "the token form is open:\n{dom}"
+    );
+    assert!(dom.contains("This server needs a bearer token."), "{dom}");
+    assert_eq!(figure(&dom, "failed_publishes"), "1");
+    let p = get_json(&c, server.url("/api/products/t1")).await;
+    assert_eq!(p["status"], json!("staging"));
+    server.stop().await;
+}
+
+/// The page is served by every server, needs no other origin, and says so in its policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_self_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Some("secret")).await;
+    // GET needs no token, even when the server has one.
+    let r = reqwest::get(server.url("/")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let headers = r.headers().clone();
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert!(
+        headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+    let page = r.text().await.unwrap();
+    assert!(page.starts_with("<!doctype html>"));
+    for external in ["http://", "https://", "//cdn", "src=\""] {
+        assert!(!page.contains(external), "the page refers to {external}");
+    }
+    assert!(!page.contains(".innerHTML"), "data goes in as text only");
+    server.stop().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

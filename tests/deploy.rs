@@ -1,0 +1,209 @@
+//! `tools/deploy.sh` run by bash into a temporary prefix with the debug binary: a dry run
+//! changes nothing, an install puts every file in place, a second run changes nothing, a
+//! new binary keeps the previous one as `contimg.prev`, and existing config is kept.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::SystemTime;
+
+use common::bin;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/deploy.sh")
+}
+
+/// A prefix and the folders `validate` should look at instead of /var/lib and /data.
+struct Target {
+    dir: tempfile::TempDir,
+}
+
+impl Target {
+    fn new() -> Target {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        Target { dir }
+    }
+    fn prefix(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    fn deploy(&self, binary: &Path, extra: &[&str]) -> Output {
+        let data = self.dir.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut cmd = Command::new("bash");
+        cmd.arg(script())
+            .args(["--mode", "both", "--prefix"])
+            .arg(self.prefix())
+            .arg("--binary")
+            .arg(binary)
+            .args(extra);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CONTIMG_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("CONTIMG_DATA_DIR", data.join("var"))
+            .env("CONTIMG_STAGE_ROOT", data.join("stage"))
+            .env("CONTIMG_PRODUCTS_ROOT", data.join("products"))
+            .env("CONTIMG_INCOMING", data.join("incoming"))
+            .env("CONTIMG_LISTEN", port.to_string())
+            .output()
+            .expect("run bash tools/deploy.sh")
+    }
+    /// Every file under the prefix with its size and modification time.
+    fn files(&self) -> BTreeMap<PathBuf, (u64, SystemTime)> {
+        fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, (u64, SystemTime)>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let e = e.unwrap();
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    walk(&e.path(), out);
+                }
+                out.insert(e.path(), (m.len(), m.modified().unwrap()));
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(&self.prefix(), &mut out);
+        out
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn dry_run_prints_every_action_and_changes_nothing() {
+    let t = Target::new();
+    let out = t.deploy(&bin(), &["--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(t.files().is_empty(), "{:?}", t.files());
+    let said = text(&out);
+    for action in [
+        "+ install -m 0755",
+        "contimg-api.service",
+        "contimg-stream.service",
+        "contimg.toml",
+        "contimg.env",
+        " validate --config ",
+    ] {
+        assert!(said.contains(action), "{action} not printed:\n{said}");
+    }
+    assert!(said.contains("skipping systemctl"), "{said}");
+}
+
+#[test]
+fn install_into_a_prefix_then_again_is_idempotent() {
+    let t = Target::new();
+    let p = t.prefix();
+    let first = t.deploy(&bin(), &[]);
+    assert!(first.status.success(), "{}", text(&first));
+    let installed = p.join("usr/local/bin/contimg");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(bin()).unwrap()
+    );
+    for f in [
+        "etc/systemd/system/contimg-api.service",
+        "etc/systemd/system/contimg-stream.service",
+        "etc/contimg/contimg.toml",
+        "etc/contimg/contimg.env",
+    ] {
+        assert!(p.join(f).is_file(), "{f} missing:\n{}", text(&first));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let env_mode = std::fs::metadata(p.join("etc/contimg/contimg.env"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(env_mode & 0o777, 0o600, "the env file holds the token");
+    assert!(!p.join("usr/local/bin/contimg.prev").exists());
+    // validate ran with the installed binary and found no error.
+    assert!(text(&first).contains("error(s)"), "{}", text(&first));
+
+    // Same binary again: nothing changes.
+    let before = t.files();
+    let second = t.deploy(&bin(), &[]);
+    assert!(second.status.success(), "{}", text(&second));
+    assert_eq!(t.files(), before, "{}", text(&second));
+    assert!(
+        text(&second).contains("binary unchanged"),
+        "{}",
+        text(&second)
+    );
+    assert!(!text(&second).contains("+ install"), "{}", text(&second));
+
+    // An operator's edits to config survive; a new binary keeps the old one as .prev.
+    std::fs::write(p.join("etc/contimg/contimg.toml"), "# edited\n").unwrap();
+    let other = t.dir.path().join("contimg-new");
+    std::fs::copy(bin(), &other).unwrap();
+    // Same program, different bytes: the deploy sees a new binary.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&other)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\0"))
+        .unwrap();
+    let third = t.deploy(&other, &[]);
+    assert!(third.status.success(), "{}", text(&third));
+    assert_eq!(
+        std::fs::read_to_string(p.join("etc/contimg/contimg.toml")).unwrap(),
+        "# edited\n"
+    );
+    assert_eq!(
+        std::fs::read(p.join("usr/local/bin/contimg.prev")).unwrap(),
+        std::fs::read(bin()).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(&other).unwrap()
+    );
+}
+
+#[test]
+fn a_failing_validate_rolls_the_binary_back() {
+    let t = Target::new();
+    let p = t.prefix();
+    let first = t.deploy(&bin(), &[]);
+    assert!(first.status.success(), "{}", text(&first));
+    // A config validate refuses; the next deploy must not leave the new binary in place.
+    std::fs::write(
+        p.join("etc/contimg/contimg.toml"),
+        "[mosaic]\ntiles = 2\noverlap = 5\n",
+    )
+    .unwrap();
+    let other = t.dir.path().join("contimg-new");
+    std::fs::copy(bin(), &other).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&other)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\0"))
+        .unwrap();
+    let out = t.deploy(&other, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("rolling back"), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(p.join("usr/local/bin/contimg")).unwrap(),
+        std::fs::read(bin()).unwrap()
+    );
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    let out = Command::new("bash")
+        .arg(script())
+        .args(["--mode", "sideways"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = Command::new("bash").arg(script()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
