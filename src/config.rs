@@ -1,7 +1,8 @@
 //! The configuration file (TOML). Every key is optional: with no file at all, contimg runs
-//! on the embedded defaults below, with every folder under `data_dir`. `serve`, `demo`
-//! and `validate` read the same file (`--config FILE` or `CONTIMG_CONFIG`); flags given on
-//! the command line win over it. The bearer token is never read from here: it comes from
+//! on the embedded defaults below, with every folder under `data_dir`. `serve` and
+//! `validate` read the same file (`--config FILE` or `CONTIMG_CONFIG`); flags given on the
+//! command line win over it. `demo` runs on an embedded configuration of its own (these
+//! defaults in accelerated time, every folder under its `--dir`). The bearer token is never read from here: it comes from
 //! `CONTIMG_API_TOKEN` (the service's environment file), so the file can be world-readable.
 //!
 //! ```toml

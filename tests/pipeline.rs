@@ -294,6 +294,100 @@ async fn a_restart_resumes_from_the_ledger_without_taking_a_file_twice() {
     r.close().await;
 }
 
+/// Safeguard 1 at group formation: an id held by other members is refused and recorded
+/// (the held group untouched); the same members under it are an idempotent repeat.
+#[tokio::test]
+async fn a_group_id_held_by_other_members_is_refused_and_the_same_members_are_idempotent() {
+    use contimg::events::ExpectedRevision;
+    use contimg::events::catalogue::{DomainEvent, EventMetadata, GroupRejected};
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let r = rig(dir.path(), &c).await;
+    let files = |t: &str| -> Vec<String> {
+        (0..16u8)
+            .map(|sb| {
+                c.incoming()
+                    .join(format!("{t}_sb{sb:02}.hdf5"))
+                    .display()
+                    .to_string()
+            })
+            .collect()
+    };
+    let meta = EventMetadata::actor("another-writer");
+    // T0's id is squatted by a group of other files; T1's is held by its own members.
+    let squatter = GroupFormed {
+        group_id: group_id(T0, &files(T0)),
+        obs_time: "2026-11-29T23:55:00".into(),
+        files: files("2026-11-29T23:55:00"),
+        dec_deg: None,
+    };
+    let same = GroupFormed {
+        group_id: group_id(T1, &files(T1)),
+        obs_time: T1.into(),
+        files: files(T1),
+        dec_deg: None,
+    };
+    for g in [&squatter, &same] {
+        r.store
+            .append(
+                &format!("group-{}", g.group_id),
+                ExpectedRevision::NoStream,
+                vec![g.to_proposed(&meta)],
+            )
+            .await
+            .unwrap();
+    }
+    let mut r = rig_again(r, dir.path(), &c).await;
+    observation(&r.incoming, T0, &[]);
+    observation(&r.incoming, T1, &[]);
+    r.settle().await;
+    let refused = r.of::<GroupRejected>();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].obs_time, T0);
+    assert_eq!(refused[0].group_id, squatter.group_id);
+    assert!(
+        refused[0].reason.contains("2026-11-29T23:55:00"),
+        "{}",
+        refused[0].reason
+    );
+    let held = r
+        .store
+        .read_stream(
+            &format!("group-{}", squatter.group_id),
+            Some(0),
+            Direction::Forward,
+            10,
+        )
+        .unwrap();
+    assert_eq!(held.len(), 1, "the held group is not touched");
+    let same_stream = r
+        .store
+        .read_stream(
+            &format!("group-{}", same.group_id),
+            Some(0),
+            Direction::Forward,
+            10,
+        )
+        .unwrap();
+    assert_eq!(same_stream.len(), 1, "the same members again write nothing");
+    assert_eq!(r.of::<GroupFormed>().len(), 2);
+    assert!(
+        r.of::<SubbandFileRejected>().is_empty(),
+        "the held group's own files are taken, not late"
+    );
+    // Nothing is refused or formed again on later scans.
+    let before = r.events().len();
+    r.settle().await;
+    assert_eq!(r.events().len(), before);
+    r.close().await;
+}
+
+/// The rig again on the same ledger (the pipeline refolds what was appended meanwhile).
+async fn rig_again(r: Rig, root: &Path, c: &Config) -> Rig {
+    r.close().await;
+    rig(root, c).await
+}
+
 fn fixture_group(root: &Path, id: &str) -> (GroupState, GroupPaths) {
     let paths = GroupPaths::new(root, id);
     std::fs::create_dir_all(&paths.work).unwrap();

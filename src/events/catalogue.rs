@@ -110,6 +110,18 @@ pub struct IngestGroupTimedOut {
 }
 domain_event!(IngestGroupTimedOut, "IngestGroupTimedOut", 1, "ingest");
 
+/// An observation's subbands would form a group under an id the ledger already holds with
+/// other members (safeguard 1 at group formation): refused and recorded; the existing
+/// group is not touched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRejected {
+    pub obs_time: String,
+    pub group_id: String,
+    pub files: Vec<String>,
+    pub reason: String,
+}
+domain_event!(GroupRejected, "GroupRejected", 1, "ingest");
+
 // ---------------------------------------------------------------------------------------
 // group-<group_id>: one 5-minute observation, from its subbands to its image.
 
@@ -338,11 +350,12 @@ fn entry_in<T: DomainEvent>(category: &'static str) -> Entry {
     }
 }
 
-fn entries() -> [Entry; 18] {
+fn entries() -> [Entry; 19] {
     [
         entry::<SubbandFileAccepted>(),
         entry::<SubbandFileRejected>(),
         entry::<IngestGroupTimedOut>(),
+        entry::<GroupRejected>(),
         entry::<GroupFormed>(),
         entry::<StageStarted>(),
         entry::<StageCompleted>(),
@@ -456,7 +469,7 @@ mod tests {
         let mut names: Vec<_> = l.iter().map(|(_, n, _)| *n).collect();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), 15);
+        assert_eq!(names.len(), 16);
     }
 
     #[test]

@@ -284,6 +284,9 @@ fn assign(
     t: NaiveDateTime,
     tolerance: chrono::Duration,
 ) -> Assign {
+    // Keys are name times, so string order is time order: look only within the tolerance.
+    let lo = (t - tolerance).format(NAME_TIME).to_string();
+    let hi = (t + tolerance).format(NAME_TIME).to_string();
     let near = |key: &String| {
         NaiveDateTime::parse_from_str(key, NAME_TIME)
             .ok()
@@ -291,15 +294,15 @@ fn assign(
             .filter(|d| *d <= tolerance)
     };
     if let Some((key, _)) = pending
-        .keys()
-        .filter_map(|k| near(k).map(|d| (k, d)))
+        .range(lo.clone()..=hi.clone())
+        .filter_map(|(k, _)| near(k).map(|d| (k, d)))
         .min_by_key(|(_, d)| *d)
     {
         return Assign::Into(key.clone());
     }
     if let Some((key, outcome)) = state
         .closed
-        .iter()
+        .range(lo..=hi)
         .filter_map(|(k, o)| near(k).map(|d| ((k, o), d)))
         .min_by_key(|(_, d)| *d)
         .map(|(x, _)| x)
@@ -307,6 +310,7 @@ fn assign(
         let how = match outcome {
             super::state::ObsOutcome::Formed(_) => "formed its group",
             super::state::ObsOutcome::TimedOut => "timed out",
+            super::state::ObsOutcome::Refused => "was refused (group id collision)",
         };
         return Assign::Closed(key.clone(), how);
     }

@@ -15,9 +15,9 @@ use chrono::{DateTime, Utc};
 
 use crate::events::RecordedEvent;
 use crate::events::catalogue::{
-    DomainEvent, EventMetadata, GroupFormed, IngestGroupTimedOut, MosaicGroupCreated,
-    MosaicGroupRejected, ProductRegistered, StageCompleted, StageFailed, StageStarted,
-    SubbandFileAccepted, SubbandFileRejected,
+    DomainEvent, EventMetadata, GroupFormed, GroupRejected, IngestGroupTimedOut,
+    MosaicGroupCreated, MosaicGroupRejected, ProductRegistered, StageCompleted, StageFailed,
+    StageStarted, SubbandFileAccepted, SubbandFileRejected,
 };
 
 /// The three per-group stages, in order.
@@ -39,6 +39,8 @@ pub struct PendingObs {
 pub enum ObsOutcome {
     Formed(String),
     TimedOut,
+    /// Its group id was held by other members (see `GroupRejected`).
+    Refused,
 }
 
 /// One stage of one group (or of a mosaic).
@@ -160,6 +162,7 @@ pub struct PipelineState {
     pub products: HashSet<String>,
     pub rejected_files: u64,
     pub timed_out: u64,
+    pub refused_groups: u64,
 }
 
 impl PipelineState {
@@ -227,6 +230,15 @@ impl PipelineState {
                     self.timed_out += 1;
                 }
             }
+            GroupRejected::TYPE => {
+                if let Ok(r) = serde_json::from_slice::<GroupRejected>(&e.data)
+                    && !self.closed.contains_key(&r.obs_time)
+                {
+                    self.pending.remove(&r.obs_time);
+                    self.closed.insert(r.obs_time, ObsOutcome::Refused);
+                    self.refused_groups += 1;
+                }
+            }
             _ => {}
         }
     }
@@ -243,6 +255,12 @@ impl PipelineState {
             self.pending.remove(&g.obs_time);
             self.closed
                 .insert(g.obs_time.clone(), ObsOutcome::Formed(id.clone()));
+            // Its files are taken, whoever recorded their acceptance.
+            for f in &g.files {
+                self.files
+                    .entry(file_name(f))
+                    .or_insert_with(|| Ok(g.obs_time.clone()));
+            }
             self.group_obs.insert(id.clone(), g.obs_time.clone());
             self.groups.insert(
                 g.obs_time.clone(),

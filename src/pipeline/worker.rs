@@ -28,8 +28,8 @@ use super::stages::{GroupPaths, RunResult, run_stage};
 use super::state::{GROUP_STAGES, GroupState, MOSAIC_STAGE, PipelineState, StageProgress};
 use crate::config::{Config, IngestConfig, MosaicConfig, StagesConfig};
 use crate::events::catalogue::{
-    DomainEvent, EventMetadata, MosaicGroupCreated, MosaicGroupRejected, StageCompleted,
-    StageFailed, StageStarted,
+    DomainEvent, EventMetadata, GroupFormed, GroupRejected, MosaicGroupCreated,
+    MosaicGroupRejected, StageCompleted, StageFailed, StageStarted,
 };
 use crate::events::record::format_time;
 use crate::events::{Direction, ExpectedRevision, Ledger, ProposedEvent, StoreError};
@@ -217,16 +217,64 @@ impl Pipeline {
                     written += 1;
                 }
                 Err(StoreError::WrongExpectedVersion { .. }) => {
-                    if self.state.lock().await.group(&g.group_id).map(|s| &s.files)
-                        != Some(&g.files)
-                    {
-                        tracing::error!(group = %g.group_id, "group id collision: the ledger holds other members under this id");
-                    }
+                    written += self.refuse_collision(&g).await?;
                 }
                 Err(e) => return Err(store_err(e)),
             }
         }
         Ok(written)
+    }
+
+    /// A `GroupFormed` met an existing `group-<id>` stream. The same members are an
+    /// idempotent repeat; other members are safeguard 1: the group is refused with a
+    /// `GroupRejected` in the ingest stream, and the existing group is left as it is.
+    async fn refuse_collision(&self, g: &GroupFormed) -> anyhow::Result<usize> {
+        let stream = format!("group-{}", g.group_id);
+        let first = self
+            .ledger
+            .read_stream(&stream, Some(0), Direction::Forward, 1)
+            .await
+            .map_err(store_err)?;
+        let held: Option<GroupFormed> = first
+            .first()
+            .and_then(|e| serde_json::from_slice(&e.data).ok());
+        if held.as_ref().map(|h| &h.files) == Some(&g.files) {
+            return Ok(0);
+        }
+        let reason = match &held {
+            Some(h) => format!(
+                "group id {} already holds observation {} with {} other files; refusing rather than overwrite",
+                g.group_id,
+                h.obs_time,
+                h.files.len()
+            ),
+            None => format!(
+                "group id {} is already taken by a stream that is not a group",
+                g.group_id
+            ),
+        };
+        tracing::error!(group = %g.group_id, %reason, "group id collision");
+        let ingest = super::ingest::ingest_stream(
+            chrono::NaiveDateTime::parse_from_str(&g.obs_time, super::ingest::NAME_TIME).ok(),
+            Utc::now(),
+        );
+        let head = self.state.lock().await.ingest_heads.get(&ingest).copied();
+        let expected = head.map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
+        let event = GroupRejected {
+            obs_time: g.obs_time.clone(),
+            group_id: g.group_id.clone(),
+            files: g.files.clone(),
+            reason,
+        };
+        match self
+            .append(&ingest, expected, vec![self.event(&event)])
+            .await
+        {
+            Ok(()) => Ok(1),
+            // Decided again on the next scan.
+            Err(StoreError::WrongExpectedVersion { .. }) => Ok(0),
+            Err(e) => Err(store_err(e)),
+        }
     }
 
     /// Settles stages and mosaic builds this host left running when it stopped: each gets
