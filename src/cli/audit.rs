@@ -102,7 +102,7 @@ pub(crate) enum Source {
     Remote(RemoteLedger, Arc<tokio::runtime::Runtime>),
 }
 
-type Events = Box<dyn Iterator<Item = Result<RecordedEvent, StoreError>>>;
+type Events = Box<dyn Iterator<Item = Result<RecordedEvent, StoreError>> + Send>;
 
 impl Source {
     fn open(args: &AuditArgs) -> anyhow::Result<Source> {

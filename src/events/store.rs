@@ -207,7 +207,7 @@ type LogEntry = (u64, sled::IVec, std::ops::Range<usize>);
 
 /// Walks log chunks lazily, yielding the records whose positions lie in `[from, to)`.
 struct LogIter {
-    chunks: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>,
+    chunks: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>,
     pending: VecDeque<LogEntry>,
     from: u64,
     to: u64,

@@ -35,13 +35,54 @@ pub fn replay(
 ) -> Result<PublishModel, StoreError> {
     let mut model = PublishModel::new(max_attempts);
     let end = until.map_or(u64::MAX, |u| u.saturating_add(1));
-    store.for_each_from(0, |e| {
-        if e.position < end {
-            model.apply(&e);
+    for item in decoded_ahead(store.events_from(0)) {
+        let (e, decoded) = item?;
+        if e.position >= end {
+            break;
         }
-        Ok(())
-    })?;
+        model.apply_decoded(&e, decoded);
+    }
     Ok(model)
+}
+
+/// An event with its product fact decoded (see [`ProductEvent::decode`]).
+pub type Decoded = (
+    crate::events::RecordedEvent,
+    Result<Option<product::ProductEvent>, String>,
+);
+
+/// Events to fold, read and decoded on a thread of their own, so that reading the log and
+/// decoding JSON payloads overlap the fold (which is one thread by nature). The payload
+/// bytes are dropped once decoded. Stops reading when the consumer stops.
+pub fn decoded_ahead<I>(events: I) -> impl Iterator<Item = Result<Decoded, StoreError>>
+where
+    I: Iterator<Item = Result<crate::events::RecordedEvent, StoreError>> + Send + 'static,
+{
+    const BATCH: usize = 2048;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Decoded, StoreError>>>(8);
+    std::thread::Builder::new()
+        .name("decode-ahead".into())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH);
+            for item in events {
+                let failed = item.is_err();
+                batch.push(item.map(|mut e| {
+                    let d = product::ProductEvent::decode(&e);
+                    e.data = Vec::new();
+                    e.metadata = Vec::new();
+                    (e, d)
+                }));
+                if batch.len() == BATCH || failed {
+                    if tx.send(std::mem::take(&mut batch)).is_err() || failed {
+                        return;
+                    }
+                    batch.reserve(BATCH);
+                }
+            }
+            let _ = tx.send(batch);
+        })
+        .expect("spawning the decode thread");
+    rx.into_iter().flatten()
 }
 
 /// Completes once a shutdown watch turns true (or its sender is gone).
@@ -63,7 +104,7 @@ pub enum AsOf {
 /// time at which its time windows are evaluated (the as-of time, or the commit time of
 /// the position asked for).
 pub fn fold_as_of(
-    events: impl Iterator<Item = Result<crate::events::RecordedEvent, StoreError>>,
+    events: impl Iterator<Item = Result<crate::events::RecordedEvent, StoreError>> + Send + 'static,
     as_of: AsOf,
     max_attempts: u32,
 ) -> Result<(PublishModel, Option<u64>, i64), StoreError> {
@@ -73,8 +114,8 @@ pub fn fold_as_of(
         AsOf::Time(t) => t,
         AsOf::Position(_) => i64::MIN,
     };
-    for e in events {
-        let e = e?;
+    for item in decoded_ahead(events) {
+        let (e, decoded) = item?;
         let past = match as_of {
             AsOf::Position(p) => e.position > p,
             AsOf::Time(t) => e.created_micros > t,
@@ -82,7 +123,7 @@ pub fn fold_as_of(
         if past {
             break;
         }
-        model.apply(&e);
+        model.apply_decoded(&e, decoded);
         at = Some(e.position);
         if let AsOf::Position(_) = as_of {
             now = e.created_micros;

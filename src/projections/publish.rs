@@ -4,6 +4,7 @@
 //! whatever the length of history.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +37,7 @@ pub struct Counts {
 }
 
 /// Index entries one product contributes; recomputed around every event it receives.
-#[derive(Default)]
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
 struct Entries {
     failed: Option<(u32, i64)>,
     staging_since: Option<i64>,
@@ -56,17 +57,20 @@ pub struct PublishSnapshot {
     pub last_time: i64,
 }
 
+/// A product id shared by the map and every index (a reference count, not a copy).
+type Id = Arc<str>;
+
 #[derive(Debug, Clone)]
 pub struct PublishModel {
     max_attempts: u32,
-    products: HashMap<String, ProductState>,
+    products: HashMap<Id, ProductState>,
     counts: Counts,
     /// (u32::MAX - attempts, last failure time, id): most attempts first, then oldest.
-    failed: BTreeSet<(u32, i64, String)>,
-    staging_by_age: BTreeSet<(i64, String)>,
-    publishing_by_age: BTreeSet<(i64, String)>,
+    failed: BTreeSet<(u32, i64, Id)>,
+    staging_by_age: BTreeSet<(i64, Id)>,
+    publishing_by_age: BTreeSet<(i64, Id)>,
     /// When the automatic publisher should act on each product.
-    due: BTreeSet<(i64, String)>,
+    due: BTreeSet<(i64, Id)>,
     /// Commit times of every `PublishFailed`, in order.
     failure_times: Vec<i64>,
     parked: Vec<Parked>,
@@ -134,9 +138,16 @@ impl PublishModel {
         }
     }
 
-    fn index(&mut self, p: &ProductState, sign: i64) {
-        let e = self.entries(p);
-        let id = p.data_id.clone();
+    /// Which counters a product is in: status, failed, attempts exhausted.
+    fn flags(&self, p: &ProductState) -> (ProductStatus, bool, bool) {
+        (
+            p.status,
+            p.is_failed(),
+            p.attempts_exhausted(self.max_attempts),
+        )
+    }
+
+    fn count(&mut self, (status, failed, exhausted): (ProductStatus, bool, bool), sign: i64) {
         let bump = |c: &mut u64| {
             *c = if sign > 0 {
                 *c + 1
@@ -144,38 +155,53 @@ impl PublishModel {
                 c.saturating_sub(1)
             };
         };
-        match p.status {
+        match status {
             ProductStatus::Staging => bump(&mut self.counts.staging),
             ProductStatus::Publishing => bump(&mut self.counts.publishing),
             ProductStatus::Published => bump(&mut self.counts.published),
         }
-        if p.is_failed() {
+        if failed {
             bump(&mut self.counts.failed);
         }
-        if p.attempts_exhausted(self.max_attempts) {
+        if exhausted {
             bump(&mut self.counts.max_attempts_exceeded);
         }
-        macro_rules! set {
-            ($set:expr, $key:expr) => {
-                if sign > 0 {
-                    $set.insert($key);
-                } else {
-                    $set.remove(&$key);
+    }
+
+    /// Moves a product's index entries from `before` to `after`, touching only the
+    /// indexes whose entry changed.
+    fn reindex(&mut self, id: &Id, before: Entries, after: Entries) {
+        if before.failed != after.failed {
+            if let Some((attempts, at)) = before.failed {
+                self.failed.remove(&(u32::MAX - attempts, at, id.clone()));
+            }
+            if let Some((attempts, at)) = after.failed {
+                self.failed.insert((u32::MAX - attempts, at, id.clone()));
+            }
+        }
+        fn swap(set: &mut BTreeSet<(i64, Id)>, id: &Id, before: Option<i64>, after: Option<i64>) {
+            if before != after {
+                if let Some(at) = before {
+                    set.remove(&(at, id.clone()));
                 }
-            };
+                if let Some(at) = after {
+                    set.insert((at, id.clone()));
+                }
+            }
         }
-        if let Some((attempts, at)) = e.failed {
-            set!(self.failed, (u32::MAX - attempts, at, id.clone()));
-        }
-        if let Some(at) = e.staging_since {
-            set!(self.staging_by_age, (at, id.clone()));
-        }
-        if let Some(at) = e.publishing_since {
-            set!(self.publishing_by_age, (at, id.clone()));
-        }
-        if let Some(at) = e.due_at {
-            set!(self.due, (at, id));
-        }
+        swap(
+            &mut self.staging_by_age,
+            id,
+            before.staging_since,
+            after.staging_since,
+        );
+        swap(
+            &mut self.publishing_by_age,
+            id,
+            before.publishing_since,
+            after.publishing_since,
+        );
+        swap(&mut self.due, id, before.due_at, after.due_at);
     }
 
     fn park(&mut self, r: &RecordedEvent, reason: String) {
@@ -193,34 +219,48 @@ impl PublishModel {
 
     /// Folds one event. Never fails: an event that cannot be folded is parked.
     pub fn apply(&mut self, r: &RecordedEvent) {
+        let decoded = ProductEvent::decode(r);
+        self.apply_decoded(r, decoded);
+    }
+
+    /// Folds one event whose product fact was decoded already (perhaps on another thread,
+    /// see `projections::decoded_ahead`); `r.data` is not read again.
+    pub fn apply_decoded(
+        &mut self,
+        r: &RecordedEvent,
+        decoded: Result<Option<ProductEvent>, String>,
+    ) {
         self.last_position = Some(r.position);
         self.last_time = self.last_time.max(r.created_micros);
-        let event = match ProductEvent::decode(r) {
+        let event = match decoded {
             Ok(Some(e)) => e,
             Ok(None) => return,
             Err(reason) => return self.park(r, reason),
         };
-        let id = r
-            .stream_id
-            .split_once('-')
-            .map_or("", |(_, id)| id)
-            .to_string();
-        match self.products.remove(&id) {
-            None => match ProductState::start(&event, r.created_micros, r.revision) {
+        let id = r.stream_id.split_once('-').map_or("", |(_, id)| id);
+        if let Some((key, p)) = self.products.get_key_value(id) {
+            let key = key.clone();
+            let (before, before_flags) = (self.entries(p), self.flags(p));
+            let p = self.products.get_mut(id).expect("present");
+            p.apply(&event, r.created_micros, r.revision);
+            let p = &self.products[id];
+            let (after, after_flags) = (self.entries(p), self.flags(p));
+            self.count(before_flags, -1);
+            self.count(after_flags, 1);
+            self.reindex(&key, before, after);
+        } else {
+            match ProductState::start(&event, r.created_micros, r.revision) {
                 Some(mut p) => {
                     // The stream names the product; a payload that says otherwise does not
                     // get to file it under another id.
-                    p.data_id.clone_from(&id);
-                    self.index(&p, 1);
-                    self.products.insert(id, p);
+                    p.data_id = id.to_string();
+                    let key: Id = Arc::from(id);
+                    let (entries, flags) = (self.entries(&p), self.flags(&p));
+                    self.count(flags, 1);
+                    self.reindex(&key, Entries::default(), entries);
+                    self.products.insert(key, p);
                 }
                 None => self.park(r, format!("{} before ProductRegistered", r.event_type)),
-            },
-            Some(mut p) => {
-                self.index(&p, -1);
-                p.apply(&event, r.created_micros, r.revision);
-                self.index(&p, 1);
-                self.products.insert(id, p);
             }
         }
         if matches!(event, ProductEvent::PublishFailed(_)) {
@@ -252,7 +292,7 @@ impl PublishModel {
             .iter()
             .filter(|(inv, _, _)| max_attempts.is_none_or(|m| u32::MAX - inv < m))
             .take(limit)
-            .filter_map(|(_, _, id)| self.products.get(id))
+            .filter_map(|(_, _, id)| self.products.get(id.as_ref()))
             .collect()
     }
 
@@ -261,7 +301,7 @@ impl PublishModel {
         self.staging_by_age
             .iter()
             .take_while(|(at, _)| *at < cutoff)
-            .filter_map(|(_, id)| self.products.get(id))
+            .filter_map(|(_, id)| self.products.get(id.as_ref()))
             .collect()
     }
 
@@ -270,7 +310,7 @@ impl PublishModel {
         self.publishing_by_age
             .iter()
             .take_while(|(at, _)| *at < cutoff)
-            .filter_map(|(_, id)| self.products.get(id))
+            .filter_map(|(_, id)| self.products.get(id.as_ref()))
             .collect()
     }
 
@@ -278,7 +318,7 @@ impl PublishModel {
     pub fn oldest_staging(&self) -> Option<&ProductState> {
         self.staging_by_age
             .first()
-            .and_then(|(_, id)| self.products.get(id))
+            .and_then(|(_, id)| self.products.get(id.as_ref()))
     }
 
     /// Ids the automatic publisher should try at `now`, soonest first.
@@ -287,7 +327,7 @@ impl PublishModel {
             .iter()
             .take_while(|(at, _)| *at <= now)
             .take(limit)
-            .map(|(_, id)| id.clone())
+            .map(|(_, id)| id.to_string())
             .collect()
     }
 
@@ -295,7 +335,7 @@ impl PublishModel {
     pub fn publishing(&self) -> Vec<&ProductState> {
         self.publishing_by_age
             .iter()
-            .filter_map(|(_, id)| self.products.get(id))
+            .filter_map(|(_, id)| self.products.get(id.as_ref()))
             .collect()
     }
 
@@ -316,8 +356,11 @@ impl PublishModel {
     pub fn from_snapshot(s: PublishSnapshot, max_attempts: u32) -> Self {
         let mut m = PublishModel::new(max_attempts);
         for p in s.products {
-            m.index(&p, 1);
-            m.products.insert(p.data_id.clone(), p);
+            let key: Id = Arc::from(p.data_id.as_str());
+            let (entries, flags) = (m.entries(&p), m.flags(&p));
+            m.count(flags, 1);
+            m.reindex(&key, Entries::default(), entries);
+            m.products.insert(key, p);
         }
         m.failure_times = s.failure_times;
         m.parked = s.parked;
