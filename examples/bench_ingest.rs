@@ -20,11 +20,7 @@ async fn main() -> anyhow::Result<()> {
     let observations: usize = args.get(1).map_or(Ok(288), |s| s.parse())?;
     let bytes: usize = args.get(2).map_or(Ok(64 * 1024), |s| s.parse())?;
     let dir = tempfile::tempdir()?;
-    let mut c = Config::default();
-    c.data_dir = dir.path().join("ledger");
-    c.paths.incoming = Some(dir.path().join("incoming"));
-    c.paths.work_root = Some(dir.path().join("work"));
-    c.paths.stage_root = Some(dir.path().join("stage"));
+    let mut c = Config::under_root(dir.path());
     c.ingest.stable_s = 0.0;
     std::fs::create_dir_all(c.incoming())?;
     let start = chrono::NaiveDateTime::parse_from_str("2026-11-30T00:00:00", NAME_TIME)?;

@@ -282,6 +282,21 @@ impl Config {
         Ok(config)
     }
 
+    /// The defaults with every folder under one root: the ledger in `ROOT/ledger`, and
+    /// `incoming`, `work`, `stage`, `products` beside it (the demo's layout).
+    pub fn under_root(root: &Path) -> Config {
+        Config {
+            data_dir: root.join("ledger"),
+            paths: PathsConfig {
+                incoming: Some(root.join("incoming")),
+                stage_root: Some(root.join("stage")),
+                products_root: Some(root.join("products")),
+                work_root: Some(root.join("work")),
+            },
+            ..Config::default()
+        }
+    }
+
     /// The file when one is given, the embedded defaults otherwise.
     pub fn load_or_default(path: Option<&Path>) -> anyhow::Result<Config> {
         match path {

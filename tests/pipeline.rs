@@ -23,12 +23,7 @@ const T1: &str = "2026-11-30T10:05:00";
 const T2: &str = "2026-11-30T10:10:00";
 
 fn config(root: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = root.join("ledger");
-    c.paths.incoming = Some(root.join("incoming"));
-    c.paths.work_root = Some(root.join("work"));
-    c.paths.stage_root = Some(root.join("stage"));
-    c.paths.products_root = Some(root.join("products"));
+    let mut c = Config::under_root(root);
     c.ingest.poll_interval_s = 0.05;
     c.ingest.stable_s = 0.2;
     c.ingest.group_timeout_s = 600.0;
@@ -487,7 +482,7 @@ async fn a_failing_stage_is_retried_with_backoff_then_given_up() {
     let mut r = rig(dir.path(), &c).await;
     observation(&r.incoming, T0, &[]);
     r.settle().await;
-    let _ = common::eventually(10.0, || async {
+    common::eventually(10.0, || async {
         let _ = r.pipeline.step().await.unwrap();
         let s = r.pipeline.snapshot().await;
         s.groups.values().next().filter(|g| g.failed()).map(|_| ())

@@ -210,12 +210,7 @@ fn images_refuses_missing_unreadable_wcs_less_mis_scaled_and_blank_tiles() {
 }
 
 fn fast_config(root: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = root.join("ledger");
-    c.paths.incoming = Some(root.join("incoming"));
-    c.paths.work_root = Some(root.join("work"));
-    c.paths.stage_root = Some(root.join("stage"));
-    c.paths.products_root = Some(root.join("products"));
+    let mut c = Config::under_root(root);
     c.ingest.poll_interval_s = 0.05;
     c.ingest.stable_s = 0.1;
     c.stages.simulate.tile_size = 32;

@@ -62,10 +62,16 @@ async fn model_as_of(
 ) -> Result<(PublishModel, Option<u64>, i64), ApiError> {
     let store = state.store.clone();
     let max_attempts = state.projections.max_attempts();
-    tokio::task::spawn_blocking(move || fold_as_of(store.events_from(0), as_of, max_attempts))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::from)
+    tokio::task::spawn_blocking(move || {
+        fold_as_of(
+            crate::projections::FoldSource::Store(store, 0),
+            as_of,
+            max_attempts,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(ApiError::from)
 }
 
 async fn status(

@@ -116,12 +116,7 @@ pub struct RefusedMosaic {
 
 /// The demo's configuration: the defaults, with accelerated time.
 pub fn demo_config(args: &DemoArgs, root: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = root.join("ledger");
-    c.paths.incoming = Some(root.join("incoming"));
-    c.paths.work_root = Some(root.join("work"));
-    c.paths.stage_root = Some(root.join("stage"));
-    c.paths.products_root = Some(root.join("products"));
+    let mut c = Config::under_root(root);
     c.ingest.poll_interval_s = 0.05;
     c.ingest.stable_s = 0.15;
     // An incomplete observation is given up after about six observations' worth of time.
@@ -343,7 +338,10 @@ fn write_observations(
                 std::fs::write(&path, vec![0x42u8; size])?;
                 continue;
             }
-            let pause = (rng.next_u64() % 8 == 0).then(|| Duration::from_millis(40));
+            let pause = rng
+                .next_u64()
+                .is_multiple_of(8)
+                .then(|| Duration::from_millis(40));
             sim::write_subband(&path, dec, size, pause)?;
         }
         std::thread::sleep(Duration::from_millis(cadence_ms));

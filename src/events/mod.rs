@@ -15,4 +15,4 @@ pub mod verify;
 pub use error::{ExpectedRevision, StoreError};
 pub use ledger::Ledger;
 pub use record::{ProposedEvent, RecordedEvent};
-pub use store::{AppendResult, Direction, Store, Subscription};
+pub use store::{AppendResult, Direction, RawRecord, Store, Subscription};

@@ -36,7 +36,7 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use super::error::{ExpectedRevision, StoreError};
-use super::record::{ProposedEvent, RecordedEvent, validate_stream_name};
+use super::record::{ProposedEvent, RecordRef, RecordedEvent, validate_stream_name};
 
 /// Largest `data` or `metadata` payload accepted, in bytes. Events are facts, not files;
 /// the bound also keeps every value out of sled's separately written blob files.
@@ -671,6 +671,22 @@ impl Store {
             .map(|entry| entry.and_then(|(p, bytes, r)| decode_at(p, &bytes[r])))
     }
 
+    /// Every durable record from `from` on, in order, undecoded: [`RawRecord::view`] reads
+    /// one in place. For folds over the whole log that skip most of what they read.
+    pub fn raw_from(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = Result<RawRecord, StoreError>> + Send + use<> {
+        let durable = self.event_count();
+        self.log_range(from, durable.max(from)).map(|entry| {
+            entry.map(|(position, bytes, range)| RawRecord {
+                position,
+                bytes,
+                range,
+            })
+        })
+    }
+
     /// A catch-up subscription to `$all` starting after `after` (exclusive; `None` means from
     /// the first event): history first, then live events, with no gap and no duplicate.
     pub fn subscribe_all(&self, after: Option<u64>) -> Subscription {
@@ -718,6 +734,32 @@ impl Store {
     /// Bytes sled occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// One stored record, still in its log chunk (shared, not copied).
+pub struct RawRecord {
+    pub position: u64,
+    bytes: sled::IVec,
+    range: std::ops::Range<usize>,
+}
+
+impl RawRecord {
+    /// The record, read in place: checksum checked, position matched.
+    pub fn view(&self) -> Result<RecordRef<'_>, StoreError> {
+        let r = RecordRef::decode(&self.bytes[self.range.clone()]).map_err(|e| {
+            StoreError::Corrupt {
+                position: self.position,
+                reason: e.to_string(),
+            }
+        })?;
+        if r.position != self.position {
+            return Err(StoreError::Corrupt {
+                position: self.position,
+                reason: format!("record says position {}", r.position),
+            });
+        }
+        Ok(r)
     }
 }
 

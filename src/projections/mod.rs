@@ -35,54 +35,181 @@ pub fn replay(
 ) -> Result<PublishModel, StoreError> {
     let mut model = PublishModel::new(max_attempts);
     let end = until.map_or(u64::MAX, |u| u.saturating_add(1));
-    for item in decoded_ahead(store.events_from(0)) {
-        let (e, decoded) = item?;
+    fold_source(FoldSource::Store(store.clone(), 0), |e, decoded| {
         if e.position >= end {
-            break;
+            return false;
         }
-        model.apply_decoded(&e, decoded);
-    }
+        model.apply_decoded(e, decoded);
+        true
+    })?;
     Ok(model)
 }
 
-/// An event with its product fact decoded (see [`ProductEvent::decode`]).
-pub type Decoded = (
-    crate::events::RecordedEvent,
-    Result<Option<product::ProductEvent>, String>,
-);
+/// A product fact as decoded from an event (see [`product::ProductEvent::decode`]).
+pub type Decoded = Result<Option<product::ProductEvent>, String>;
 
-/// Events to fold, read and decoded on a thread of their own, so that reading the log and
-/// decoding JSON payloads overlap the fold (which is one thread by nature). The payload
-/// bytes are dropped once decoded. Stops reading when the consumer stops.
-pub fn decoded_ahead<I>(events: I) -> impl Iterator<Item = Result<Decoded, StoreError>>
+/// An event as the fold sees it, with its product fact decoded. The payload and metadata
+/// bytes are gone; what is left is enough for [`PublishModel::apply_decoded`].
+pub type FoldItem = Result<(crate::events::RecordedEvent, Decoded), StoreError>;
+
+/// Where a fold reads its events.
+pub enum FoldSource {
+    /// A ledger this process holds, from a position: records are read in place.
+    Store(Store, u64),
+    /// Records from anywhere (an export file, a server over HTTP), in position order.
+    Records(Box<dyn Iterator<Item = Result<crate::events::RecordedEvent, StoreError>> + Send>),
+}
+
+/// One record from any source, decoded for the fold.
+fn decode_record(item: Result<crate::events::RecordedEvent, StoreError>) -> FoldItem {
+    item.map(|mut e| {
+        let d = product::ProductEvent::decode(&e);
+        e.data = Vec::new();
+        e.metadata = Vec::new();
+        (e, d)
+    })
+}
+
+/// One stored record, decoded for the fold from its bytes in place: only a product
+/// event's stream name (and a poison event's type) is copied out.
+fn decode_raw(item: Result<crate::events::RawRecord, StoreError>) -> FoldItem {
+    let raw = item?;
+    let r = raw.view()?;
+    let d = product::ProductEvent::decode_parts(r.stream_id, r.event_type, r.event_version, r.data);
+    let e = crate::events::RecordedEvent {
+        event_id: r.event_id,
+        stream_id: if matches!(d, Ok(None)) {
+            String::new()
+        } else {
+            r.stream_id.to_string()
+        },
+        revision: r.revision,
+        position: r.position,
+        event_type: if d.is_err() {
+            r.event_type.to_string()
+        } else {
+            String::new()
+        },
+        event_version: r.event_version,
+        data: Vec::new(),
+        metadata: Vec::new(),
+        created_micros: r.created_micros,
+        checksum: 0,
+    };
+    Ok((e, d))
+}
+
+/// Feeds every event of `source`, product facts decoded, to `f` in position order; `f`
+/// returns `false` to stop early. The fold is one thread by nature; reading and decoding
+/// (most of the work) run ahead of it on two decoder threads fed by a reader thread, batch
+/// by batch in turn, so order is kept. Each batch goes back to the decoder that made it to
+/// be freed there: the allocator frees fastest on the thread that allocated.
+pub fn fold_source(
+    source: FoldSource,
+    f: impl FnMut(&crate::events::RecordedEvent, Decoded) -> bool,
+) -> Result<(), StoreError> {
+    match source {
+        FoldSource::Store(store, from) => fold_parallel(store.raw_from(from), decode_raw, f),
+        FoldSource::Records(records) => fold_parallel(records, decode_record, f),
+    }
+}
+
+fn fold_parallel<T, I>(
+    items: I,
+    decode: fn(Result<T, StoreError>) -> FoldItem,
+    mut f: impl FnMut(&crate::events::RecordedEvent, Decoded) -> bool,
+) -> Result<(), StoreError>
 where
-    I: Iterator<Item = Result<crate::events::RecordedEvent, StoreError>> + Send + 'static,
+    T: Send + 'static,
+    I: Iterator<Item = Result<T, StoreError>> + Send + 'static,
 {
+    use std::sync::mpsc::{channel, sync_channel};
     const BATCH: usize = 2048;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Decoded, StoreError>>>(8);
-    std::thread::Builder::new()
-        .name("decode-ahead".into())
-        .spawn(move || {
-            let mut batch = Vec::with_capacity(BATCH);
-            for item in events {
-                let failed = item.is_err();
-                batch.push(item.map(|mut e| {
-                    let d = product::ProductEvent::decode(&e);
-                    e.data = Vec::new();
-                    e.metadata = Vec::new();
-                    (e, d)
-                }));
-                if batch.len() == BATCH || failed {
-                    if tx.send(std::mem::take(&mut batch)).is_err() || failed {
-                        return;
+    const DECODERS: usize = 2;
+    let spawn = |name: String, work: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(work)
+            .map_err(|e| StoreError::Storage(format!("starting a fold thread: {e}")))
+    };
+    let mut raw_txs = Vec::new();
+    let mut out_rxs = Vec::new();
+    let mut back_txs = Vec::new();
+    let mut threads = Vec::new();
+    for d in 0..DECODERS {
+        let (raw_tx, raw_rx) = sync_channel::<Vec<Result<T, StoreError>>>(4);
+        let (out_tx, out_rx) = sync_channel::<Vec<FoldItem>>(4);
+        let (back_tx, back_rx) = channel::<Vec<FoldItem>>();
+        threads.push(spawn(
+            format!("fold-decode-{d}"),
+            Box::new(move || {
+                for raw in raw_rx {
+                    let decoded: Vec<FoldItem> = raw.into_iter().map(decode).collect();
+                    if out_tx.send(decoded).is_err() {
+                        break;
                     }
-                    batch.reserve(BATCH);
+                    while let Ok(used) = back_rx.try_recv() {
+                        drop(used);
+                    }
+                }
+                drop(out_tx);
+                for used in back_rx {
+                    drop(used);
+                }
+            }),
+        )?);
+        raw_txs.push(raw_tx);
+        out_rxs.push(out_rx);
+        back_txs.push(back_tx);
+    }
+    threads.push(spawn(
+        "fold-read".into(),
+        Box::new(move || {
+            let mut items = items;
+            for turn in 0usize.. {
+                let mut batch = Vec::with_capacity(BATCH);
+                let mut failed = false;
+                for item in items.by_ref() {
+                    failed = item.is_err();
+                    batch.push(item);
+                    if batch.len() == BATCH || failed {
+                        break;
+                    }
+                }
+                let last = batch.len() < BATCH || failed;
+                if batch.is_empty() || raw_txs[turn % DECODERS].send(batch).is_err() || last {
+                    break;
                 }
             }
-            let _ = tx.send(batch);
-        })
-        .expect("spawning the decode thread");
-    rx.into_iter().flatten()
+        }),
+    )?);
+    let mut result = Ok(());
+    'batches: for turn in 0usize.. {
+        let Ok(mut batch) = out_rxs[turn % DECODERS].recv() else {
+            break;
+        };
+        for item in batch.iter_mut() {
+            match item {
+                Ok((e, d)) => {
+                    let d = std::mem::replace(d, Ok(None));
+                    if !f(e, d) {
+                        break 'batches;
+                    }
+                }
+                Err(e) => {
+                    result = Err(std::mem::replace(e, StoreError::Closed));
+                    break 'batches;
+                }
+            }
+        }
+        let _ = back_txs[turn % DECODERS].send(batch);
+    }
+    drop(out_rxs);
+    drop(back_txs);
+    for t in threads {
+        let _ = t.join();
+    }
+    result
 }
 
 /// Completes once a shutdown watch turns true (or its sender is gone).
@@ -104,7 +231,7 @@ pub enum AsOf {
 /// time at which its time windows are evaluated (the as-of time, or the commit time of
 /// the position asked for).
 pub fn fold_as_of(
-    events: impl Iterator<Item = Result<crate::events::RecordedEvent, StoreError>> + Send + 'static,
+    events: FoldSource,
     as_of: AsOf,
     max_attempts: u32,
 ) -> Result<(PublishModel, Option<u64>, i64), StoreError> {
@@ -114,21 +241,21 @@ pub fn fold_as_of(
         AsOf::Time(t) => t,
         AsOf::Position(_) => i64::MIN,
     };
-    for item in decoded_ahead(events) {
-        let (e, decoded) = item?;
+    fold_source(events, |e, decoded| {
         let past = match as_of {
             AsOf::Position(p) => e.position > p,
             AsOf::Time(t) => e.created_micros > t,
         };
         if past {
-            break;
+            return false;
         }
-        model.apply_decoded(&e, decoded);
+        model.apply_decoded(e, decoded);
         at = Some(e.position);
         if let AsOf::Position(_) = as_of {
             now = e.created_micros;
         }
-    }
+        true
+    })?;
     if let AsOf::Position(p) = as_of
         && at != Some(p)
     {

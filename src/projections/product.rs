@@ -10,6 +10,7 @@ use crate::events::catalogue::{
     DomainEvent, ProductFinalized, ProductRegistered, PublishFailed, PublishStarted,
     PublishSucceeded, RetryRequested,
 };
+use crate::events::record::category_of;
 
 /// Longest error text kept, in characters.
 pub const MAX_ERROR_CHARS: usize = 500;
@@ -42,25 +43,36 @@ pub enum ProductEvent {
     RetryRequested(RetryRequested),
 }
 
-fn decode<T: DomainEvent>(r: &RecordedEvent) -> Result<T, String> {
-    serde_json::from_slice(&r.data)
-        .map_err(|e| format!("{} v{} does not decode: {e}", r.event_type, r.event_version))
+fn decode<T: DomainEvent>(event_type: &str, version: u32, data: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(data)
+        .map_err(|e| format!("{event_type} v{version} does not decode: {e}"))
 }
 
 impl ProductEvent {
     /// `Ok(None)` for events that are not product facts; `Err` for a product fact whose
     /// payload does not decode (a poison event, parked by the projection).
     pub fn decode(r: &RecordedEvent) -> Result<Option<ProductEvent>, String> {
-        if r.category() != ProductRegistered::CATEGORY {
+        Self::decode_parts(&r.stream_id, &r.event_type, r.event_version, &r.data)
+    }
+
+    /// [`ProductEvent::decode`] from a record's parts (a record read in place, say).
+    pub fn decode_parts(
+        stream_id: &str,
+        event_type: &str,
+        version: u32,
+        data: &[u8],
+    ) -> Result<Option<ProductEvent>, String> {
+        if category_of(stream_id) != ProductRegistered::CATEGORY {
             return Ok(None);
         }
-        Ok(Some(match r.event_type.as_str() {
-            ProductRegistered::TYPE => ProductEvent::Registered(decode(r)?),
-            ProductFinalized::TYPE => ProductEvent::Finalized(decode(r)?),
-            PublishStarted::TYPE => ProductEvent::PublishStarted(decode(r)?),
-            PublishSucceeded::TYPE => ProductEvent::PublishSucceeded(decode(r)?),
-            PublishFailed::TYPE => ProductEvent::PublishFailed(decode(r)?),
-            RetryRequested::TYPE => ProductEvent::RetryRequested(decode(r)?),
+        let (t, v, b) = (event_type, version, data);
+        Ok(Some(match event_type {
+            ProductRegistered::TYPE => ProductEvent::Registered(decode(t, v, b)?),
+            ProductFinalized::TYPE => ProductEvent::Finalized(decode(t, v, b)?),
+            PublishStarted::TYPE => ProductEvent::PublishStarted(decode(t, v, b)?),
+            PublishSucceeded::TYPE => ProductEvent::PublishSucceeded(decode(t, v, b)?),
+            PublishFailed::TYPE => ProductEvent::PublishFailed(decode(t, v, b)?),
+            RetryRequested::TYPE => ProductEvent::RetryRequested(decode(t, v, b)?),
             other => return Err(format!("unknown product event type {other}")),
         }))
     }
@@ -122,20 +134,20 @@ fn parse_time(s: &Option<String>) -> Option<i64> {
 
 impl ProductState {
     /// State after the first event of the stream; `None` unless it is a registration.
-    pub fn start(e: &ProductEvent, at: i64, revision: u64) -> Option<ProductState> {
+    pub fn start(e: ProductEvent, at: i64, revision: u64) -> Option<ProductState> {
         let ProductEvent::Registered(r) = e else {
             return None;
         };
         Some(ProductState {
-            data_id: r.data_id.clone(),
-            data_type: r.data_type.clone(),
-            stage_path: r.stage_path.clone(),
-            checksum: r.checksum.clone(),
+            data_id: r.data_id,
+            data_type: r.data_type,
+            stage_path: r.stage_path,
+            checksum: r.checksum,
             size_bytes: r.size_bytes,
-            qa_status: r.qa_status.clone(),
-            validation_status: r.validation_status.clone(),
+            qa_status: r.qa_status,
+            validation_status: r.validation_status,
             auto_publish: r.auto_publish,
-            metadata: r.metadata.clone(),
+            metadata: r.metadata,
             status: ProductStatus::Staging,
             publish_attempts: 0,
             total_attempts: 0,
@@ -153,31 +165,32 @@ impl ProductState {
         })
     }
 
-    /// Folds one later event in. Cannot fail: decoding already happened.
-    pub fn apply(&mut self, e: &ProductEvent, at: i64, revision: u64) {
+    /// Folds one later event in (its strings are moved, not copied). Cannot fail:
+    /// decoding already happened.
+    pub fn apply(&mut self, e: ProductEvent, at: i64, revision: u64) {
         self.revision = revision;
         match e {
             ProductEvent::Registered(_) => {}
             ProductEvent::Finalized(f) => {
                 if f.qa_status.is_some() {
-                    self.qa_status = f.qa_status.clone();
+                    self.qa_status = f.qa_status;
                 }
                 if f.validation_status.is_some() {
-                    self.validation_status = f.validation_status.clone();
+                    self.validation_status = f.validation_status;
                 }
             }
             ProductEvent::PublishStarted(s) => {
                 self.status = ProductStatus::Publishing;
                 self.publishing_since = Some(at);
                 self.total_attempts += 1;
-                self.destination = Some(s.destination.clone());
+                self.destination = Some(s.destination);
                 self.next_retry_at = None;
             }
             ProductEvent::PublishSucceeded(s) => {
                 self.status = ProductStatus::Published;
                 self.publishing_since = None;
                 self.published_at = Some(at);
-                self.published_path = Some(s.published_path.clone());
+                self.published_path = Some(s.published_path);
                 self.next_retry_at = None;
             }
             ProductEvent::PublishFailed(f) => {
@@ -204,8 +217,8 @@ impl ProductState {
                 continue;
             };
             match &mut state {
-                None => state = ProductState::start(&e, r.created_micros, r.revision),
-                Some(s) => s.apply(&e, r.created_micros, r.revision),
+                None => state = ProductState::start(e, r.created_micros, r.revision),
+                Some(s) => s.apply(e, r.created_micros, r.revision),
             }
         }
         Ok(state)

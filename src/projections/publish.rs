@@ -63,7 +63,9 @@ type Id = Arc<str>;
 #[derive(Debug, Clone)]
 pub struct PublishModel {
     max_attempts: u32,
-    products: HashMap<Id, ProductState>,
+    /// Boxed, so that growing the map moves pointers rather than whole states; hashed
+    /// with foldhash (randomly seeded, several times faster than SipHash on short ids).
+    products: HashMap<Id, Box<ProductState>, foldhash::fast::RandomState>,
     counts: Counts,
     /// (u32::MAX - attempts, last failure time, id): most attempts first, then oldest.
     failed: BTreeSet<(u32, i64, Id)>,
@@ -84,7 +86,7 @@ impl PublishModel {
     pub fn new(max_attempts: u32) -> Self {
         PublishModel {
             max_attempts,
-            products: HashMap::new(),
+            products: HashMap::default(),
             counts: Counts::default(),
             failed: BTreeSet::new(),
             staging_by_age: BTreeSet::new(),
@@ -116,7 +118,7 @@ impl PublishModel {
     }
 
     pub fn product(&self, id: &str) -> Option<&ProductState> {
-        self.products.get(id)
+        self.products.get(id).map(|p| &**p)
     }
 
     pub fn product_count(&self) -> usize {
@@ -224,7 +226,7 @@ impl PublishModel {
     }
 
     /// Folds one event whose product fact was decoded already (perhaps on another thread,
-    /// see `projections::decoded_ahead`); `r.data` is not read again.
+    /// see `projections::fold_source`); `r.data` is not read again.
     pub fn apply_decoded(
         &mut self,
         r: &RecordedEvent,
@@ -237,19 +239,22 @@ impl PublishModel {
             Ok(None) => return,
             Err(reason) => return self.park(r, reason),
         };
+        if matches!(event, ProductEvent::PublishFailed(_)) {
+            self.failure_times.push(r.created_micros);
+        }
         let id = r.stream_id.split_once('-').map_or("", |(_, id)| id);
         if let Some((key, p)) = self.products.get_key_value(id) {
             let key = key.clone();
             let (before, before_flags) = (self.entries(p), self.flags(p));
             let p = self.products.get_mut(id).expect("present");
-            p.apply(&event, r.created_micros, r.revision);
+            p.apply(event, r.created_micros, r.revision);
             let p = &self.products[id];
             let (after, after_flags) = (self.entries(p), self.flags(p));
             self.count(before_flags, -1);
             self.count(after_flags, 1);
             self.reindex(&key, before, after);
         } else {
-            match ProductState::start(&event, r.created_micros, r.revision) {
+            match ProductState::start(event, r.created_micros, r.revision) {
                 Some(mut p) => {
                     // The stream names the product; a payload that says otherwise does not
                     // get to file it under another id.
@@ -258,13 +263,10 @@ impl PublishModel {
                     let (entries, flags) = (self.entries(&p), self.flags(&p));
                     self.count(flags, 1);
                     self.reindex(&key, Entries::default(), entries);
-                    self.products.insert(key, p);
+                    self.products.insert(key, Box::new(p));
                 }
                 None => self.park(r, format!("{} before ProductRegistered", r.event_type)),
             }
-        }
-        if matches!(event, ProductEvent::PublishFailed(_)) {
-            self.failure_times.push(r.created_micros);
         }
     }
 
@@ -292,7 +294,7 @@ impl PublishModel {
             .iter()
             .filter(|(inv, _, _)| max_attempts.is_none_or(|m| u32::MAX - inv < m))
             .take(limit)
-            .filter_map(|(_, _, id)| self.products.get(id.as_ref()))
+            .filter_map(|(_, _, id)| self.products.get(id.as_ref()).map(|p| &**p))
             .collect()
     }
 
@@ -301,7 +303,7 @@ impl PublishModel {
         self.staging_by_age
             .iter()
             .take_while(|(at, _)| *at < cutoff)
-            .filter_map(|(_, id)| self.products.get(id.as_ref()))
+            .filter_map(|(_, id)| self.products.get(id.as_ref()).map(|p| &**p))
             .collect()
     }
 
@@ -310,7 +312,7 @@ impl PublishModel {
         self.publishing_by_age
             .iter()
             .take_while(|(at, _)| *at < cutoff)
-            .filter_map(|(_, id)| self.products.get(id.as_ref()))
+            .filter_map(|(_, id)| self.products.get(id.as_ref()).map(|p| &**p))
             .collect()
     }
 
@@ -318,7 +320,7 @@ impl PublishModel {
     pub fn oldest_staging(&self) -> Option<&ProductState> {
         self.staging_by_age
             .first()
-            .and_then(|(_, id)| self.products.get(id.as_ref()))
+            .and_then(|(_, id)| self.products.get(id.as_ref()).map(|p| &**p))
     }
 
     /// Ids the automatic publisher should try at `now`, soonest first.
@@ -335,14 +337,14 @@ impl PublishModel {
     pub fn publishing(&self) -> Vec<&ProductState> {
         self.publishing_by_age
             .iter()
-            .filter_map(|(_, id)| self.products.get(id.as_ref()))
+            .filter_map(|(_, id)| self.products.get(id.as_ref()).map(|p| &**p))
             .collect()
     }
 
     pub fn snapshot(&self) -> PublishSnapshot {
         PublishSnapshot {
             max_attempts: self.max_attempts,
-            products: self.products.values().cloned().collect(),
+            products: self.products.values().map(|p| (**p).clone()).collect(),
             failure_times: self.failure_times.clone(),
             parked: self.parked.clone(),
             parked_total: self.parked_total,
@@ -360,7 +362,7 @@ impl PublishModel {
             let (entries, flags) = (m.entries(&p), m.flags(&p));
             m.count(flags, 1);
             m.reindex(&key, Entries::default(), entries);
-            m.products.insert(key, p);
+            m.products.insert(key, Box::new(p));
         }
         m.failure_times = s.failure_times;
         m.parked = s.parked;
