@@ -80,27 +80,19 @@ pub enum Mode {
     Both,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct ServeArgs {
+/// The configuration file and the flags that override its folders and address: shared by
+/// `serve` and `validate`, so that `validate` checks exactly what `serve` will use.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Layout {
     /// Configuration file (TOML); without one the embedded defaults apply.
     #[arg(long, env = "CONTIMG_CONFIG")]
     pub config: Option<PathBuf>,
-    /// api: the ledger and HTTP API; stream: the pipeline, appending through --url;
-    /// both: the two in one process.
-    #[arg(long, value_enum, default_value_t = Mode::Both, env = "CONTIMG_MODE")]
-    pub mode: Mode,
     /// Ledger folder (created if missing) [default: ./var].
     #[arg(long, env = "CONTIMG_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Address to listen on; loopback unless you mean otherwise [default: 127.0.0.1:8000].
     #[arg(long, env = "CONTIMG_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// The API server a `--mode stream` worker appends through.
-    #[arg(long, env = "CONTIMG_URL")]
-    pub url: Option<String>,
-    /// Bearer token required by mutating endpoints (and sent by a stream worker).
-    #[arg(long, env = "CONTIMG_API_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
     /// Where staged products live (default: DATA_DIR/stage).
     #[arg(long, env = "CONTIMG_STAGE_ROOT")]
     pub stage_root: Option<PathBuf>,
@@ -113,6 +105,44 @@ pub struct ServeArgs {
     /// Where Measurement Sets, calibration tables and tiles go (default: DATA_DIR/work).
     #[arg(long, env = "CONTIMG_WORK_ROOT")]
     pub work_root: Option<PathBuf>,
+}
+
+impl Layout {
+    /// Lays the flags given over a configuration.
+    pub fn apply(&self, c: &mut Config) {
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(l) = self.listen {
+            c.listen = l;
+        }
+        for (flag, slot) in [
+            (&self.stage_root, &mut c.paths.stage_root),
+            (&self.products_root, &mut c.paths.products_root),
+            (&self.incoming, &mut c.paths.incoming),
+            (&self.work_root, &mut c.paths.work_root),
+        ] {
+            if let Some(p) = flag {
+                *slot = Some(p.clone());
+            }
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub layout: Layout,
+    /// api: the ledger and HTTP API; stream: the pipeline, appending through --url;
+    /// both: the two in one process.
+    #[arg(long, value_enum, default_value_t = Mode::Both, env = "CONTIMG_MODE")]
+    pub mode: Mode,
+    /// The API server a `--mode stream` worker appends through.
+    #[arg(long, env = "CONTIMG_URL")]
+    pub url: Option<String>,
+    /// Bearer token required by mutating endpoints (and sent by a stream worker).
+    #[arg(long, env = "CONTIMG_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Automatic publish attempts before a product needs an operator [default: 3].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: Option<u32>,
@@ -132,25 +162,10 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The configuration file (or the defaults) with the flags laid over it.
     pub fn resolve(&self) -> anyhow::Result<Config> {
-        let mut c = Config::load_or_default(self.config.as_deref())?;
-        if let Some(d) = &self.data_dir {
-            c.data_dir = d.clone();
-        }
-        if let Some(l) = self.listen {
-            c.listen = l;
-        }
+        let mut c = Config::load_or_default(self.layout.config.as_deref())?;
+        self.layout.apply(&mut c);
         if let Some(u) = &self.url {
             c.url = Some(u.clone());
-        }
-        for (flag, slot) in [
-            (&self.stage_root, &mut c.paths.stage_root),
-            (&self.products_root, &mut c.paths.products_root),
-            (&self.incoming, &mut c.paths.incoming),
-            (&self.work_root, &mut c.paths.work_root),
-        ] {
-            if let Some(p) = flag {
-                *slot = Some(p.clone());
-            }
         }
         if let Some(m) = self.max_attempts {
             c.publish.max_attempts = m;

@@ -23,24 +23,9 @@ pub const UNITS: [&str; 2] = ["contimg-api.service", "contimg-stream.service"];
 
 #[derive(clap::Args, Debug)]
 pub struct ValidateArgs {
-    /// The configuration file `serve` will run with (embedded defaults when absent).
-    #[arg(long, env = "CONTIMG_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Ledger folder, overriding the file's `data_dir`.
-    #[arg(long, env = "CONTIMG_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Address `serve` will listen on, overriding the file's `listen`.
-    #[arg(long, env = "CONTIMG_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Stage root, overriding the file's `paths.stage_root`.
-    #[arg(long, env = "CONTIMG_STAGE_ROOT")]
-    pub stage_root: Option<PathBuf>,
-    /// Products root, overriding the file's `paths.products_root`.
-    #[arg(long, env = "CONTIMG_PRODUCTS_ROOT")]
-    pub products_root: Option<PathBuf>,
-    /// Incoming folder, overriding the file's `paths.incoming`.
-    #[arg(long, env = "CONTIMG_INCOMING")]
-    pub incoming: Option<PathBuf>,
+    /// The configuration file and folders `serve` will run with (the same flags).
+    #[command(flatten)]
+    pub layout: super::Layout,
     /// Where the systemd units are installed.
     #[arg(long, default_value = "/etc/systemd/system")]
     pub units_dir: PathBuf,
@@ -149,7 +134,7 @@ fn print_table(findings: &[Finding], errors: usize, warnings: usize) -> std::io:
 /// Every check, in the order an operator would fix them.
 pub fn check_all(args: &ValidateArgs) -> Vec<Finding> {
     let mut f = Findings::default();
-    let mut config = match &args.config {
+    let mut config = match &args.layout.config {
         Some(path) => match Config::load(path) {
             Ok(c) => {
                 f.ok(
@@ -176,21 +161,7 @@ pub fn check_all(args: &ValidateArgs) -> Vec<Finding> {
             Config::default()
         }
     };
-    if let Some(d) = &args.data_dir {
-        config.data_dir = d.clone();
-    }
-    if let Some(l) = args.listen {
-        config.listen = l;
-    }
-    if let Some(p) = &args.stage_root {
-        config.paths.stage_root = Some(p.clone());
-    }
-    if let Some(p) = &args.products_root {
-        config.paths.products_root = Some(p.clone());
-    }
-    if let Some(p) = &args.incoming {
-        config.paths.incoming = Some(p.clone());
-    }
+    args.layout.apply(&mut config);
 
     let v = &config.validate;
     let folders = [

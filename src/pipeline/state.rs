@@ -223,24 +223,30 @@ impl PipelineState {
             }
             IngestGroupTimedOut::TYPE => {
                 if let Ok(t) = serde_json::from_slice::<IngestGroupTimedOut>(&e.data)
-                    && !self.closed.contains_key(&t.obs_time)
+                    && self.close(t.obs_time, ObsOutcome::TimedOut)
                 {
-                    self.pending.remove(&t.obs_time);
-                    self.closed.insert(t.obs_time, ObsOutcome::TimedOut);
                     self.timed_out += 1;
                 }
             }
             GroupRejected::TYPE => {
                 if let Ok(r) = serde_json::from_slice::<GroupRejected>(&e.data)
-                    && !self.closed.contains_key(&r.obs_time)
+                    && self.close(r.obs_time, ObsOutcome::Refused)
                 {
-                    self.pending.remove(&r.obs_time);
-                    self.closed.insert(r.obs_time, ObsOutcome::Refused);
                     self.refused_groups += 1;
                 }
             }
             _ => {}
         }
+    }
+
+    /// Ends an observation that is not ended yet; `false` when it was.
+    fn close(&mut self, obs: String, outcome: ObsOutcome) -> bool {
+        if self.closed.contains_key(&obs) {
+            return false;
+        }
+        self.pending.remove(&obs);
+        self.closed.insert(obs, outcome);
+        true
     }
 
     fn apply_group(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {

@@ -476,19 +476,9 @@ impl Pipeline {
             command,
         };
         let stream = format!("group-{id}");
-        match self
-            .append(
-                &stream,
-                ExpectedRevision::Exact(group.head),
-                vec![self.event(&started)],
-            )
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::WrongExpectedVersion { .. }) => return Ok(()),
-            Err(e) => return Err(store_err(e)),
+        if !self.take_stage(&stream, group.head, &started).await? {
+            return Ok(());
         }
-        tracing::info!(group = %id, stage = name, attempt, "stage started");
         let r = run_stage(
             &self.cfg.stages,
             stage,
@@ -497,11 +487,48 @@ impl Pipeline {
             self.cfg.default_dec,
         )
         .await;
+        self.finish_stage(&stream, name, attempt, &r).await
+    }
+
+    /// Takes a stage's lock: `StageStarted` with `Exact(head)`. `false` when another worker
+    /// took it first.
+    async fn take_stage(
+        &self,
+        stream: &str,
+        head: u64,
+        started: &StageStarted,
+    ) -> anyhow::Result<bool> {
+        match self
+            .append(
+                stream,
+                ExpectedRevision::Exact(head),
+                vec![self.event(started)],
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(%stream, stage = %started.stage, attempt = started.attempt, "stage started");
+                Ok(true)
+            }
+            Err(StoreError::WrongExpectedVersion { .. }) => Ok(false),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    /// Records how a run ended: `StageCompleted` with its outputs, or `StageFailed` with the
+    /// next retry time. Appended with `Any`: the worker holds the stage's lock.
+    async fn finish_stage(
+        &self,
+        stream: &str,
+        stage: &str,
+        attempt: u32,
+        r: &RunResult,
+    ) -> anyhow::Result<()> {
         let event = match &r.outcome {
             Ok(outputs) => {
-                tracing::info!(group = %id, stage = name, seconds = r.duration.as_secs_f64(), "stage completed");
+                tracing::info!(%stream, stage, seconds = r.duration.as_secs_f64(), "stage completed");
                 self.event(&StageCompleted {
-                    stage: name.into(),
+                    stage: stage.into(),
                     attempt,
                     duration_s: r.duration.as_secs_f64(),
                     exit_status: r.exit_status,
@@ -509,11 +536,11 @@ impl Pipeline {
                 })
             }
             Err(f) => {
-                tracing::warn!(group = %id, stage = name, attempt, error = %f.error, "stage failed");
-                self.event(&self.failure(name, attempt, &r, &self.cfg.stages))
+                tracing::warn!(%stream, stage, attempt, error = %f.error, "stage failed");
+                self.event(&self.failure(stage, attempt, r, &self.cfg.stages))
             }
         };
-        self.append(&stream, ExpectedRevision::Any, vec![event])
+        self.append(stream, ExpectedRevision::Any, vec![event])
             .await
             .map_err(store_err)
     }
@@ -627,17 +654,8 @@ impl Pipeline {
             attempt,
             command: None,
         };
-        match self
-            .append(
-                &stream,
-                ExpectedRevision::Exact(mosaic.head),
-                vec![self.event(&started)],
-            )
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::WrongExpectedVersion { .. }) => return Ok(()),
-            Err(e) => return Err(store_err(e)),
+        if !self.take_stage(&stream, mosaic.head, &started).await? {
+            return Ok(());
         }
         let folder = self.cfg.stage_root.join("mosaics").join(mosaic_product(id));
         let partial = self
@@ -673,25 +691,7 @@ impl Pipeline {
                 .map_err(super::stages::RunFailure::from_error),
             command: None,
         };
-        let event = match &r.outcome {
-            Ok(outputs) => {
-                tracing::info!(mosaic = %id, seconds = r.duration.as_secs_f64(), "mosaic built");
-                self.event(&StageCompleted {
-                    stage: MOSAIC_STAGE.into(),
-                    attempt,
-                    duration_s: r.duration.as_secs_f64(),
-                    exit_status: None,
-                    outputs: outputs.clone(),
-                })
-            }
-            Err(f) => {
-                tracing::warn!(mosaic = %id, error = %f.error, "mosaic failed");
-                self.event(&self.failure(MOSAIC_STAGE, attempt, &r, &self.cfg.stages))
-            }
-        };
-        self.append(&stream, ExpectedRevision::Any, vec![event])
-            .await
-            .map_err(store_err)
+        self.finish_stage(&stream, MOSAIC_STAGE, attempt, &r).await
     }
 
     async fn register(&self, req: RegisterProduct) -> anyhow::Result<()> {
