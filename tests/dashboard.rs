@@ -8,38 +8,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{TestServer, get_json};
+use common::{TestServer, browse, get_json, have_chromium};
 use contimg::api::ServerConfig;
 use reqwest::StatusCode;
 use serde_json::json;
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-
-/// Headless Chromium on one URL, with every lookup but loopback failing and console
-/// messages on stderr.
-fn browse(profile: &Path, url: &str, extra: &[&str]) -> Output {
-    std::process::Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-            "--enable-logging=stderr",
-            "--v=0",
-            // Virtual time waits for pending fetches, then runs timers up to the budget.
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("run chromium")
-}
 
 /// The page's console messages (`console.*`, uncaught exceptions, CSP violations).
 fn console(out: &Output) -> Vec<String> {
@@ -72,12 +44,7 @@ fn artifacts() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_a_failed_publish_and_its_retry_publishes_it() {
-    if !Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Debian's chromium (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+    if !have_chromium() {
         return;
     }
     // Given a server with one published product and one whose staged file vanished.
@@ -204,12 +171,7 @@ async fn dashboard_shows_a_failed_publish_and_its_retry_publishes_it() {
 /// Markup in the data appears as text, never as elements; `?product=ID` opens a timeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_escapes_data_and_shows_a_timeline() {
-    if !Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Debian's chromium"
-        );
-        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+    if !have_chromium() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -264,12 +226,7 @@ async fn dashboard_escapes_data_and_shows_a_timeline() {
 /// opens its token form, says why, and nothing moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_without_the_token_is_refused_and_shown() {
-    if !Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Debian's chromium"
-        );
-        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+    if !have_chromium() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

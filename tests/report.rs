@@ -279,13 +279,7 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
 /// network lookup failing, and every chart is in the rendered document.
 #[test]
 fn the_report_opens_in_headless_chromium_without_network() {
-    let chromium = std::path::Path::new("/usr/bin/chromium");
-    if !chromium.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Debian's chromium (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: /usr/bin/chromium is not installed (apt-get install chromium)");
+    if !common::have_chromium() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -317,28 +311,8 @@ fn the_report_opens_in_headless_chromium_without_network() {
     );
     let page = format!("file://{}", out.join("report.html").display());
     let shot = out.join("report.png");
-    let browse = |extra: &[&str]| {
-        std::process::Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--host-resolver-rules=MAP * ~NOTFOUND",
-            ])
-            .arg(format!(
-                "--user-data-dir={}",
-                dir.path().join("profile").display()
-            ))
-            .args(extra)
-            .arg(&page)
-            .output()
-            .expect("run chromium")
-    };
+    let profile = dir.path().join("profile");
+    let browse = |extra: &[&str]| common::browse(&profile, &page, extra);
     let dom = browse(&["--dump-dom"]);
     assert!(
         dom.status.success(),

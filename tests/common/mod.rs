@@ -163,3 +163,46 @@ pub fn export_line(
     .to_string()
         + "\n"
 }
+
+/// Debian's Chromium, where `.ci/run` installs it.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Whether the browser tests can run: `false` (with a SKIPPED line) where Chromium is not
+/// installed; under CI a missing Chromium fails the test instead.
+pub fn have_chromium() -> bool {
+    if Path::new(CHROMIUM).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have Debian's chromium (.ci/run installs it)"
+    );
+    eprintln!("SKIPPED: {CHROMIUM} is not installed (apt-get install chromium)");
+    false
+}
+
+/// Headless Chromium on one URL, with every name lookup but loopback failing (no network)
+/// and console messages on stderr.
+pub fn browse(profile: &Path, url: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--enable-logging=stderr",
+            "--v=0",
+            // Virtual time waits for pending fetches, then runs timers up to the budget.
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run chromium")
+}
