@@ -320,60 +320,24 @@ impl PipelineState {
         let id = e.stream_id["mosaic-".len()..].to_string();
         match e.event_type.as_str() {
             MosaicGroupCreated::TYPE => {
-                if let Ok(m) = serde_json::from_slice::<MosaicGroupCreated>(&e.data)
-                    && !self.mosaics.contains_key(&id)
-                {
-                    self.mosaic_order.push(id.clone());
-                    self.mosaics.insert(
-                        id.clone(),
-                        MosaicState {
-                            id,
-                            members: m.members,
-                            rejected: None,
-                            build: StageProgress::default(),
-                            head: e.revision,
-                        },
-                    );
+                if let Ok(m) = serde_json::from_slice::<MosaicGroupCreated>(&e.data) {
+                    self.decide_mosaic(id, m.members, None, e.revision);
                 }
             }
             MosaicGroupRejected::TYPE => {
                 let Ok(m) = serde_json::from_slice::<MosaicGroupRejected>(&e.data) else {
                     return;
                 };
-                match self.mosaics.get_mut(&id) {
-                    // A collision recorded after the created group: that group stands,
-                    // and the refused window is a decision of its own.
+                // A collision recorded after the created group: that group stands, and the
+                // refused window is a decision of its own.
+                let key = match self.mosaics.get_mut(&id) {
                     Some(existing) => {
                         existing.head = existing.head.max(e.revision);
-                        let key = format!("{id}@{}", e.revision);
-                        if !self.mosaics.contains_key(&key) {
-                            self.mosaic_order.push(key.clone());
-                            self.mosaics.insert(
-                                key.clone(),
-                                MosaicState {
-                                    id: key,
-                                    members: m.members,
-                                    rejected: Some(m.safeguard),
-                                    build: StageProgress::default(),
-                                    head: e.revision,
-                                },
-                            );
-                        }
+                        format!("{id}@{}", e.revision)
                     }
-                    None => {
-                        self.mosaic_order.push(id.clone());
-                        self.mosaics.insert(
-                            id.clone(),
-                            MosaicState {
-                                id,
-                                members: m.members,
-                                rejected: Some(m.safeguard),
-                                build: StageProgress::default(),
-                                head: e.revision,
-                            },
-                        );
-                    }
-                }
+                    None => id,
+                };
+                self.decide_mosaic(key, m.members, Some(m.safeguard), e.revision);
             }
             StageStarted::TYPE | StageCompleted::TYPE | StageFailed::TYPE => {
                 let Some(m) = self.mosaics.get_mut(&id) else {
@@ -400,6 +364,30 @@ impl PipelineState {
             }
             _ => {}
         }
+    }
+
+    /// Records a mosaic decision under `key`, unless one is recorded there already.
+    fn decide_mosaic(
+        &mut self,
+        key: String,
+        members: Vec<String>,
+        rejected: Option<String>,
+        revision: u64,
+    ) {
+        if self.mosaics.contains_key(&key) {
+            return;
+        }
+        self.mosaic_order.push(key.clone());
+        self.mosaics.insert(
+            key.clone(),
+            MosaicState {
+                id: key,
+                members,
+                rejected,
+                build: StageProgress::default(),
+                head: revision,
+            },
+        );
     }
 
     /// The group of an id.
