@@ -63,6 +63,19 @@ struct Setup {
 }
 
 impl Setup {
+    /// A real ledger in `var` holding one event committed at `created`.
+    fn ledger_with_one_event(&self, data: serde_json::Value, created: &str) {
+        let export = self.dir.path().join("e.jsonl");
+        let line = export_line("scratch-1", 0, 0, "Noted", data, created);
+        std::fs::write(&export, line).unwrap();
+        let import = Command::new(bin())
+            .args(["import", "--data-dir", &self.path("var")])
+            .arg(&export)
+            .output()
+            .unwrap();
+        assert!(import.status.success(), "{import:?}");
+    }
+
     fn new(config_extra: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
@@ -109,22 +122,7 @@ fn install_unit(unit: &str, dir: &Path, exec: &Path) {
 fn a_healthy_set_up_has_no_errors_or_warnings() {
     let s = Setup::new("");
     // A real ledger with one event, so the ledger and clock checks read it.
-    let export = s.dir.path().join("e.jsonl");
-    let line = export_line(
-        "scratch-1",
-        0,
-        0,
-        "Noted",
-        json!({"x": 1}),
-        "2026-01-01T00:00:00Z",
-    );
-    std::fs::write(&export, line).unwrap();
-    let import = Command::new(bin())
-        .args(["import", "--data-dir", &s.path("var")])
-        .arg(&export)
-        .output()
-        .unwrap();
-    assert!(import.status.success(), "{import:?}");
+    s.ledger_with_one_event(json!({"x": 1}), "2026-01-01T00:00:00Z");
 
     let (code, doc) = s.run(&[]);
     assert_eq!(code, 0, "{doc:#}");
@@ -320,22 +318,7 @@ fn units_running_another_binary_are_an_error() {
 #[test]
 fn a_ledger_from_the_future_means_a_wrong_clock() {
     let s = Setup::new("");
-    let export = s.dir.path().join("e.jsonl");
-    let line = export_line(
-        "scratch-1",
-        0,
-        0,
-        "Noted",
-        json!({}),
-        "2999-01-01T00:00:00Z",
-    );
-    std::fs::write(&export, line).unwrap();
-    let import = Command::new(bin())
-        .args(["import", "--data-dir", &s.path("var")])
-        .arg(&export)
-        .output()
-        .unwrap();
-    assert!(import.status.success(), "{import:?}");
+    s.ledger_with_one_event(json!({}), "2999-01-01T00:00:00Z");
     let (code, doc) = s.run(&[]);
     assert_eq!(code, 1, "{doc:#}");
     assert_eq!(level(&doc, "clock"), "error");
