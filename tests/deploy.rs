@@ -21,6 +21,18 @@ struct Target {
 }
 
 impl Target {
+    /// The same program with different bytes: a deploy sees a new binary.
+    fn new_binary(&self) -> PathBuf {
+        let other = self.dir.path().join("contimg-new");
+        std::fs::copy(bin(), &other).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&other)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"\0"))
+            .unwrap();
+        other
+    }
+
     fn new() -> Target {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("root")).unwrap();
@@ -144,14 +156,7 @@ fn install_into_a_prefix_then_again_is_idempotent() {
 
     // An operator's edits to config survive; a new binary keeps the old one as .prev.
     std::fs::write(p.join("etc/contimg/contimg.toml"), "# edited\n").unwrap();
-    let other = t.dir.path().join("contimg-new");
-    std::fs::copy(bin(), &other).unwrap();
-    // Same program, different bytes: the deploy sees a new binary.
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&other)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\0"))
-        .unwrap();
+    let other = t.new_binary();
     let third = t.deploy(&other, &[]);
     assert!(third.status.success(), "{}", text(&third));
     assert_eq!(
@@ -180,13 +185,7 @@ fn a_failing_validate_rolls_the_binary_back() {
         "[mosaic]\ntiles = 2\noverlap = 5\n",
     )
     .unwrap();
-    let other = t.dir.path().join("contimg-new");
-    std::fs::copy(bin(), &other).unwrap();
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&other)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\0"))
-        .unwrap();
+    let other = t.new_binary();
     let out = t.deploy(&other, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("rolling back"), "{}", text(&out));
