@@ -42,6 +42,15 @@ fn artifacts() -> PathBuf {
     dir
 }
 
+/// A server on a ledger under `dir`, and its (created) stage root.
+async fn server_with_stage(dir: &Path) -> (TestServer, PathBuf) {
+    let ledger = dir.join("var");
+    let config = ServerConfig::under(&ledger);
+    let stage = config.publish.stage_root.clone();
+    std::fs::create_dir_all(&stage).unwrap();
+    (TestServer::start_with(&ledger, config).await, stage)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_a_failed_publish_and_its_retry_publishes_it() {
     if !have_chromium() {
@@ -49,11 +58,7 @@ async fn dashboard_shows_a_failed_publish_and_its_retry_publishes_it() {
     }
     // Given a server with one published product and one whose staged file vanished.
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("var");
-    let config = ServerConfig::under(&ledger);
-    let stage = config.publish.stage_root.clone();
-    std::fs::create_dir_all(&stage).unwrap();
-    let server = TestServer::start_with(&ledger, config).await;
+    let (server, stage) = server_with_stage(dir.path()).await;
     let c = reqwest::Client::new();
     let register = |id: &'static str| {
         let c = c.clone();
@@ -175,11 +180,7 @@ async fn dashboard_escapes_data_and_shows_a_timeline() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("var");
-    let config = ServerConfig::under(&ledger);
-    let stage = config.publish.stage_root.clone();
-    std::fs::create_dir_all(&stage).unwrap();
-    let server = TestServer::start_with(&ledger, config).await;
+    let (server, stage) = server_with_stage(dir.path()).await;
     let c = reqwest::Client::new();
     // Ids are restricted; stage paths, and so failure messages, may hold markup.
     let evil = "<img src=x onerror=alert(1)>.fits";
