@@ -248,3 +248,101 @@ fn an_interrupted_publish_and_its_recovery_are_in_the_timeline() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("product-nope"));
 }
+
+/// The incident for real: SIGKILL while the publisher is busy with a large product (its
+/// `PublishStarted` committed, the checksum and durable copy under way), then a start. The
+/// timeline shows the publish cut short and what recovery made of it.
+#[test]
+fn a_publish_cut_by_sigkill_shows_its_recovery_in_the_timeline() {
+    const SIZE: usize = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let stage = root.join("stage");
+    std::fs::create_dir_all(&stage).unwrap();
+    let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(stage.join("big.fits"), &data).unwrap();
+    drop(data);
+    let ledger = root.join("ledger");
+    let flags = ["--mode", "api", "--stage-root", stage.to_str().unwrap()];
+    let server = ChildServer::start(&ledger, &flags);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let r = c
+            .post(format!("{}/api/products", server.base))
+            .json(
+                &json!({"data_id": "big", "data_type": "image", "stage_path": "big.fits",
+                          "qa_status": "passed", "validation_status": "validated"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        // The automatic publisher takes it within a second; catch it in the act.
+        common::eventually(30.0, || {
+            let (c, url) = (c.clone(), format!("{}/api/products/big", server.base));
+            async move {
+                let p: Value = c.get(url).send().await.ok()?.json().await.ok()?;
+                let s = p["status"].as_str()?.to_string();
+                (s != "staging").then_some(s)
+            }
+        })
+        .await
+        .expect("the publisher never took the product")
+    });
+    assert_eq!(
+        seen, "publishing",
+        "the copy finished before the kill could land"
+    );
+    server.kill9();
+    // Restart with the publisher held, so the timeline ends with what recovery did.
+    let server = ChildServer::start(
+        &ledger,
+        &[
+            "--mode",
+            "api",
+            "--stage-root",
+            stage.to_str().unwrap(),
+            "--no-auto-publish",
+        ],
+    );
+    assert!(server.sigterm().success());
+
+    let timeline = audit(
+        &["--data-dir", ledger.to_str().unwrap()],
+        &["product", "big"],
+    );
+    let events = timeline["events"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types.len(), 3, "{types:?}");
+    assert_eq!(types[..2], ["ProductRegistered", "PublishStarted"]);
+    let recovery = &events[2];
+    assert_eq!(recovery["actor"], json!("recovery"));
+    let published = root.join("ledger/products/images/big.fits");
+    match types[2] {
+        // Cut before the rename: the staged file is whole and no temporary is left.
+        "PublishFailed" => {
+            assert_eq!(recovery["data"]["interrupted"], json!(true));
+            assert_eq!(
+                std::fs::metadata(stage.join("big.fits")).unwrap().len(),
+                SIZE as u64
+            );
+            assert!(!published.exists());
+        }
+        // Cut after the rename: recovery found the copy complete and recorded it.
+        "PublishSucceeded" => {
+            assert_eq!(recovery["data"]["recovered"], json!(true));
+            assert_eq!(std::fs::metadata(&published).unwrap().len(), SIZE as u64);
+        }
+        other => panic!("unexpected recovery event {other}"),
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("ledger/products/images"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().starts_with(".contimg-tmp-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

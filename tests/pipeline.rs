@@ -522,6 +522,50 @@ async fn a_failing_stage_is_retried_with_backoff_then_given_up() {
     r.close().await;
 }
 
+/// Work that fails without an event of its own (here: staging an image, with a file where
+/// the stage's `images` folder goes) is held back; the other groups' stages go on, and the
+/// image is staged once the way is clear.
+#[tokio::test]
+async fn a_product_that_cannot_be_staged_holds_up_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path());
+    let mut r = rig(dir.path(), &c).await;
+    std::fs::create_dir_all(c.stage_root()).unwrap();
+    let blocker = c.stage_root().join("images");
+    std::fs::write(&blocker, b"in the way").unwrap();
+    observation(&r.incoming, T0, &[]);
+    observation(&r.incoming, T1, &[]);
+    r.settle().await;
+    let refused = std::cell::Cell::new(0);
+    let imaged = common::eventually(30.0, || async {
+        if r.pipeline.step().await.is_err() {
+            refused.set(refused.get() + 1);
+        }
+        let s = r.pipeline.snapshot().await;
+        (s.groups
+            .values()
+            .filter(|g| g.stages[2].completed.is_some())
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    assert!(imaged.is_some(), "the second group's stages were held up");
+    assert!(refused.get() >= 1, "staging never failed");
+    assert!(r.pipeline.snapshot().await.products.is_empty());
+    std::fs::remove_file(&blocker).unwrap();
+    let staged = common::eventually(30.0, || async {
+        let _ = r.pipeline.step().await;
+        (r.pipeline.snapshot().await.products.len() == 2).then_some(())
+    })
+    .await;
+    assert!(
+        staged.is_some(),
+        "the images were not staged once the way was clear"
+    );
+    r.close().await;
+}
+
 #[test]
 fn group_ids_are_the_observation_and_a_hash_of_the_members() {
     let files: Vec<String> = (0..16)

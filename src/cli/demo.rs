@@ -239,7 +239,9 @@ async fn demo(args: DemoArgs, root: PathBuf, config: Config) -> anyhow::Result<E
         let s = pipeline.snapshot().await;
         if !cal_done
             && let Some(obs) = &cal_fault
-            && let Some(g) = s.groups.get(obs)
+            // The group is keyed by its first file's name time, up to 2 s past the nominal.
+            && let Some((_, g)) = s.groups.range(obs.clone()..).next()
+            && g.obs_time[..16] == obs[..16]
             && g.stages[1].completed.is_some()
         {
             for t in g.outputs(1).iter().filter(|t| t.ends_with(".G")) {
@@ -287,7 +289,7 @@ async fn demo(args: DemoArgs, root: PathBuf, config: Config) -> anyhow::Result<E
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print_summary(&summary);
+        print_summary(&summary, args.serve);
     }
     if args.serve {
         println!("contimg: listening on {api_url} (Ctrl-C to stop)");
@@ -468,7 +470,7 @@ fn summarize(
     }
 }
 
-fn print_summary(s: &Summary) {
+fn print_summary(s: &Summary, serving: bool) {
     println!("contimg demo finished in {:.1} s", s.seconds);
     println!(
         "  subband files   {} accepted, {} refused",
@@ -518,8 +520,13 @@ fn print_summary(s: &Summary) {
     println!("  products        {}", s.folders.products.display());
     println!("  work            {}", s.folders.work.display());
     println!("  API             {}", s.api);
+    // While the demo serves, it holds the ledger: ask the server.
+    let source = if serving {
+        format!("--url {}", s.api)
+    } else {
+        format!("--data-dir {}", s.folders.ledger.display())
+    };
     println!(
-        "  look closer     contimg audit between 2000-01-01T00:00:00Z 2100-01-01T00:00:00Z --data-dir {}",
-        s.folders.ledger.display()
+        "  look closer     contimg audit {source} between 2000-01-01T00:00:00Z 2100-01-01T00:00:00Z"
     );
 }

@@ -144,6 +144,10 @@ pub struct StageStarted {
     pub attempt: u32,
     #[serde(default)]
     pub command: Option<String>,
+    /// The worker process running it, `host:pid:instance`: at start, a worker settles as
+    /// interrupted only the stages of workers on its host that are no longer alive.
+    #[serde(default)]
+    pub worker: Option<String>,
 }
 domain_event!(StageStarted, "StageStarted", 1, "group");
 

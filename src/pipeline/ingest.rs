@@ -77,6 +77,7 @@ pub fn check_file(path: &Path) -> Result<u64, String> {
     let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let mut offset = 0u64;
     let mut buf = [0u8; 8];
+    let mut first = Vec::new();
     while offset + 8 <= size {
         use std::io::Seek;
         f.seek(std::io::SeekFrom::Start(offset))
@@ -85,11 +86,20 @@ pub fn check_file(path: &Path) -> Result<u64, String> {
         if buf == HDF5_SIGNATURE {
             return Ok(size);
         }
+        if offset == 0 {
+            first = buf.to_vec();
+        }
         offset = if offset == 0 { 512 } else { offset * 2 };
     }
+    if size < 8 {
+        use std::io::Seek;
+        first = vec![0; size as usize];
+        f.seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| f.read_exact(&mut first))
+            .map_err(|e| format!("cannot read: {e}"))?;
+    }
     Err(format!(
-        "no HDF5 signature (first bytes {:02x?}): corrupt or not HDF5",
-        &buf[..buf.len().min(size as usize)]
+        "no HDF5 signature (first bytes {first:02x?}): corrupt or not HDF5"
     ))
 }
 

@@ -272,6 +272,9 @@ async fn run_external(
         Err(e) => return fail(format!("starting /bin/sh: {e}"), None, false, String::new()),
     };
     let pid = child.id();
+    // Whatever ends this run (a timeout, a shutdown dropping the future), the command and
+    // everything it started go with it.
+    let _group = pid.map(ProcessGroup);
     let mut stderr = child.stderr.take().expect("piped");
     let reader = tokio::spawn(async move {
         // Keep the last bytes only, whatever the command prints.
@@ -348,6 +351,18 @@ async fn run_external(
             command: Some(rendered),
         },
         Err(e) => fail(e, code, false, stderr_tail),
+    }
+}
+
+/// Kills a process group when dropped.
+struct ProcessGroup(u32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: a signal to the process group this run created; ESRCH when it is gone.
+        unsafe {
+            libc::kill(-(self.0 as i32), libc::SIGKILL);
+        }
     }
 }
 

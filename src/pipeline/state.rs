@@ -48,7 +48,8 @@ pub enum ObsOutcome {
 pub struct StageProgress {
     /// Attempts started so far.
     pub attempts: u32,
-    /// An attempt started and not yet finished: its number, start and the host running it.
+    /// An attempt started and not yet finished: its number, start, and who runs it (the
+    /// `worker` of its `StageStarted`, else the host of its metadata).
     pub running: Option<(u32, DateTime<Utc>, Option<String>)>,
     pub completed: Option<Vec<String>>,
     pub last_error: Option<String>,
@@ -58,22 +59,30 @@ pub struct StageProgress {
 }
 
 impl StageProgress {
-    fn started(&mut self, attempt: u32, at: DateTime<Utc>, host: Option<String>) {
+    fn started(&mut self, attempt: u32, at: DateTime<Utc>, who: Option<String>) {
         self.attempts = self.attempts.max(attempt);
         if self.completed.is_none() && !self.given_up {
-            self.running = Some((attempt, at, host));
+            self.running = Some((attempt, at, who));
         }
     }
 
     fn completed(&mut self, attempt: u32, outputs: Vec<String>) {
-        self.attempts = self.attempts.max(attempt);
+        // A late result of an attempt that was superseded (settled as interrupted, then
+        // retried) does not speak for the attempt now running.
+        if attempt < self.attempts {
+            return;
+        }
+        self.attempts = attempt;
         self.running = None;
         self.completed = Some(outputs);
         self.next_retry_at = None;
     }
 
     fn failed(&mut self, f: &StageFailed) {
-        self.attempts = self.attempts.max(f.attempt);
+        if f.attempt < self.attempts {
+            return;
+        }
+        self.attempts = f.attempt;
         self.running = None;
         self.last_error = Some(f.error.clone());
         self.next_retry_at = f
@@ -250,12 +259,17 @@ impl PipelineState {
     }
 
     fn apply_group(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {
-        let id = e.stream_id["group-".len()..].to_string();
+        // `group` alone is a valid stream of the category, with no id: not a group.
+        let Some(id) = e.stream_id.strip_prefix("group-").map(str::to_string) else {
+            return;
+        };
         if e.event_type == GroupFormed::TYPE {
             let Ok(g) = serde_json::from_slice::<GroupFormed>(&e.data) else {
                 return;
             };
-            if self.group_obs.contains_key(&id) {
+            // One group per observation: a second id for a formed observation (another
+            // writer's) does not replace the group that is there.
+            if self.group_obs.contains_key(&id) || self.groups.contains_key(&g.obs_time) {
                 return;
             }
             self.pending.remove(&g.obs_time);
@@ -295,7 +309,7 @@ impl PipelineState {
                 if let Ok(s) = serde_json::from_slice::<StageStarted>(&e.data)
                     && let Some(i) = stage_of(&s.stage)
                 {
-                    group.stages[i].started(s.attempt, at, host_of(e));
+                    group.stages[i].started(s.attempt, at, s.worker.clone().or_else(|| host_of(e)));
                 }
             }
             StageCompleted::TYPE => {
@@ -317,7 +331,9 @@ impl PipelineState {
     }
 
     fn apply_mosaic(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {
-        let id = e.stream_id["mosaic-".len()..].to_string();
+        let Some(id) = e.stream_id.strip_prefix("mosaic-").map(str::to_string) else {
+            return;
+        };
         match e.event_type.as_str() {
             MosaicGroupCreated::TYPE => {
                 if let Ok(m) = serde_json::from_slice::<MosaicGroupCreated>(&e.data) {
@@ -347,7 +363,8 @@ impl PipelineState {
                 match e.event_type.as_str() {
                     StageStarted::TYPE => {
                         if let Ok(s) = serde_json::from_slice::<StageStarted>(&e.data) {
-                            m.build.started(s.attempt, at, host_of(e));
+                            m.build
+                                .started(s.attempt, at, s.worker.clone().or_else(|| host_of(e)));
                         }
                     }
                     StageCompleted::TYPE => {

@@ -13,6 +13,7 @@
 //! every append the worker folds the log (its own events and anyone else's) into
 //! [`PipelineState`]; that fold is the only thing it decides from.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,21 @@ enum Work {
     RegisterImage { group: String },
 }
 
+impl Work {
+    /// What the work is about, for holding it back after a failure.
+    fn key(&self) -> String {
+        match self {
+            Work::Stage { group, stage } => format!("{} of {group}", GROUP_STAGES[*stage]),
+            Work::Decide { members } => {
+                format!("mosaic window from {}", members.first().map_or("", |m| m))
+            }
+            Work::Build { mosaic } => format!("mosaic {mosaic}"),
+            Work::RegisterMosaic { mosaic } => format!("staging {}", mosaic_product(mosaic)),
+            Work::RegisterImage { group } => format!("staging {}", image_product(group)),
+        }
+    }
+}
+
 /// The worker. Cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -81,6 +97,11 @@ pub struct Pipeline {
     cfg: Arc<PipelineConfig>,
     state: Arc<Mutex<PipelineState>>,
     meta: EventMetadata,
+    /// `host:pid:instance`, written into every `StageStarted` this worker appends.
+    worker: Arc<str>,
+    /// Work that failed without an event to show for it (staging a product, say), with
+    /// its failures so far and when it may be tried again; the rest goes on meanwhile.
+    held: Arc<std::sync::Mutex<HashMap<String, (u32, std::time::Instant)>>>,
 }
 
 fn store_err(e: StoreError) -> anyhow::Error {
@@ -94,11 +115,20 @@ impl Pipeline {
             std::fs::create_dir_all(d)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
         }
+        let meta = EventMetadata::actor("pipeline");
+        let worker = format!(
+            "{}:{}:{}",
+            meta.host.as_deref().unwrap_or("unknown"),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let p = Pipeline {
             ledger,
             cfg: Arc::new(cfg),
             state: Arc::new(Mutex::new(PipelineState::default())),
-            meta: EventMetadata::actor("pipeline"),
+            meta,
+            worker: Arc::from(worker),
+            held: Arc::default(),
         };
         p.catch_up().await?;
         Ok(p)
@@ -137,12 +167,22 @@ impl Pipeline {
         expected: ExpectedRevision,
         events: Vec<ProposedEvent>,
     ) -> Result<(), StoreError> {
+        self.append_at(stream, expected, events).await.map(|_| ())
+    }
+
+    /// Appends, then folds what was written (or what beat us to it) before anything else
+    /// is decided. Returns the stream's revision after the append.
+    async fn append_at(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: Vec<ProposedEvent>,
+    ) -> Result<u64, StoreError> {
         let r = self.ledger.append(stream, expected, events).await;
-        // Fold what was written (or what beat us to it) before deciding anything else.
         if let Err(e) = self.catch_up().await {
             tracing::warn!(error = %e, "folding the log after an append");
         }
-        r.map(|_| ())
+        r.map(|a| a.next_expected_version)
     }
 
     fn event<T: DomainEvent>(&self, e: &T) -> ProposedEvent {
@@ -161,11 +201,20 @@ impl Pipeline {
     /// One look at the incoming folder; returns the events written.
     pub async fn ingest_once(&self, ingest: &mut Ingest) -> anyhow::Result<usize> {
         self.catch_up().await?;
-        let outcome = {
+        // The scan decides against the fold as it stands; its appends expect exactly the
+        // stream heads it decided against, so a fact another worker wrote meanwhile makes
+        // them conflict instead of slipping in beside a decision it would have changed.
+        let (outcome, mut heads) = {
             let state = self.state.lock().await;
-            ingest
+            let outcome = ingest
                 .scan(&state, Utc::now())
-                .map_err(|e| anyhow::anyhow!("scanning {}: {e}", ingest.dir.display()))?
+                .map_err(|e| anyhow::anyhow!("scanning {}: {e}", ingest.dir.display()))?;
+            let heads: HashMap<String, Option<u64>> = outcome
+                .ingest
+                .keys()
+                .map(|k| (k.clone(), state.ingest_heads.get(k).copied()))
+                .collect();
+            (outcome, heads)
         };
         if outcome.is_empty() {
             return Ok(0);
@@ -173,7 +222,7 @@ impl Pipeline {
         let mut written = 0;
         for (stream, facts) in outcome.ingest {
             for chunk in facts.chunks(500) {
-                let head = self.state.lock().await.ingest_heads.get(&stream).copied();
+                let head = heads.get(&stream).copied().flatten();
                 let expected = head.map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
                 let events: Vec<ProposedEvent> = chunk
                     .iter()
@@ -189,8 +238,11 @@ impl Pipeline {
                         }
                     })
                     .collect();
-                match self.append(&stream, expected, events).await {
-                    Ok(()) => written += chunk.len(),
+                match self.append_at(&stream, expected, events).await {
+                    Ok(revision) => {
+                        heads.insert(stream.clone(), Some(revision));
+                        written += chunk.len();
+                    }
                     // Another worker wrote first: decide again on the next scan.
                     Err(StoreError::WrongExpectedVersion { .. }) => return Ok(written),
                     Err(e) => return Err(store_err(e)),
@@ -282,62 +334,52 @@ impl Pipeline {
     pub async fn recover(&self) -> anyhow::Result<usize> {
         self.catch_up().await?;
         let host = self.meta.host.clone();
+        let me = self.worker.clone();
         let (groups, mosaics) = {
             let s = self.state.lock().await;
-            let ours = |p: &StageProgress| {
+            let settle = |p: &StageProgress| {
                 p.running
                     .as_ref()
-                    .filter(|(_, _, h)| h.is_none() || *h == host)
+                    .filter(|(_, _, who)| interrupted(who.as_deref(), host.as_deref(), &me))
                     .map(|(a, _, _)| *a)
             };
-            let groups: Vec<(String, usize, u32)> = s
+            let groups: Vec<(String, usize, u32, u64)> = s
                 .groups
                 .values()
                 .flat_map(|g| {
                     g.stages
                         .iter()
                         .enumerate()
-                        .filter_map(|(i, p)| ours(p).map(|a| (g.id.clone(), i, a)))
+                        .filter_map(|(i, p)| settle(p).map(|a| (g.id.clone(), i, a, g.head)))
                         .collect::<Vec<_>>()
                 })
                 .collect();
-            let mosaics: Vec<(String, u32)> = s
+            let mosaics: Vec<(String, u32, u64)> = s
                 .mosaics
                 .values()
-                .filter_map(|m| ours(&m.build).map(|a| (m.id.clone(), a)))
+                .filter_map(|m| settle(&m.build).map(|a| (m.id.clone(), a, m.head)))
                 .collect();
             (groups, mosaics)
         };
         let n = groups.len() + mosaics.len();
-        for (id, stage, attempt) in groups {
-            let f = self.failure(
-                GROUP_STAGES[stage],
-                attempt,
-                &RunResult::interrupted(),
-                &self.cfg.stages,
+        let streams = groups
+            .into_iter()
+            .map(|(id, stage, a, head)| (format!("group-{id}"), GROUP_STAGES[stage], a, head))
+            .chain(
+                mosaics
+                    .into_iter()
+                    .map(|(id, a, head)| (format!("mosaic-{id}"), MOSAIC_STAGE, a, head)),
             );
-            self.append(
-                &format!("group-{id}"),
-                ExpectedRevision::Any,
-                vec![self.event(&f)],
-            )
-            .await
-            .map_err(store_err)?;
-        }
-        for (id, attempt) in mosaics {
-            let f = self.failure(
-                MOSAIC_STAGE,
-                attempt,
-                &RunResult::interrupted(),
-                &self.cfg.stages,
-            );
-            self.append(
-                &format!("mosaic-{id}"),
-                ExpectedRevision::Any,
-                vec![self.event(&f)],
-            )
-            .await
-            .map_err(store_err)?;
+        for (stream, stage, attempt, head) in streams {
+            let f = self.failure(stage, attempt, &RunResult::interrupted(), &self.cfg.stages);
+            // Exact: if anything was appended meanwhile, the stage was not abandoned.
+            match self
+                .append(&stream, ExpectedRevision::Exact(head), vec![self.event(&f)])
+                .await
+            {
+                Ok(()) | Err(StoreError::WrongExpectedVersion { .. }) => {}
+                Err(e) => return Err(store_err(e)),
+            }
         }
         if n > 0 {
             tracing::warn!(interrupted = n, "settled stages a stop cut short");
@@ -350,6 +392,8 @@ impl Pipeline {
     /// due, with the earliest retry time if one is pending.
     async fn next_work(&self, now: DateTime<Utc>) -> Result<Work, Option<DateTime<Utc>>> {
         let s = self.state.lock().await;
+        let held = self.held_now();
+        let free = |w: &Work| !held.contains(&w.key());
         let mut earliest: Option<DateTime<Utc>> = None;
         let mut due = |p: &StageProgress| -> bool {
             if p.settled() || p.running.is_some() {
@@ -368,40 +412,53 @@ impl Pipeline {
             if m.rejected.is_some() || !s.known_members(m) {
                 continue;
             }
-            if m.build.completed.is_some() && !s.products.contains(&mosaic_product(&m.id)) {
-                return Ok(Work::RegisterMosaic {
-                    mosaic: m.id.clone(),
-                });
+            let w = Work::RegisterMosaic {
+                mosaic: m.id.clone(),
+            };
+            if m.build.completed.is_some()
+                && !s.products.contains(&mosaic_product(&m.id))
+                && free(&w)
+            {
+                return Ok(w);
             }
         }
         if self.cfg.stage_images {
             for g in s.groups.values() {
-                if g.stages[2].completed.is_some() && !s.products.contains(&image_product(&g.id)) {
-                    return Ok(Work::RegisterImage {
-                        group: g.id.clone(),
-                    });
+                let w = Work::RegisterImage {
+                    group: g.id.clone(),
+                };
+                if g.stages[2].completed.is_some()
+                    && !s.products.contains(&image_product(&g.id))
+                    && free(&w)
+                {
+                    return Ok(w);
                 }
             }
         }
         if let Some(members) = next_window(&s, &self.cfg.mosaic) {
-            return Ok(Work::Decide { members });
+            let w = Work::Decide { members };
+            if free(&w) {
+                return Ok(w);
+            }
         }
         for id in &s.mosaic_order {
             let m = &s.mosaics[id];
-            if m.rejected.is_none() && s.known_members(m) && due(&m.build) {
-                return Ok(Work::Build {
-                    mosaic: m.id.clone(),
-                });
+            let w = Work::Build {
+                mosaic: m.id.clone(),
+            };
+            if m.rejected.is_none() && s.known_members(m) && free(&w) && due(&m.build) {
+                return Ok(w);
             }
         }
         for g in s.groups.values() {
-            if let Some(i) = g.next_stage()
-                && due(&g.stages[i])
-            {
-                return Ok(Work::Stage {
+            if let Some(i) = g.next_stage() {
+                let w = Work::Stage {
                     group: g.id.clone(),
                     stage: i,
-                });
+                };
+                if free(&w) && due(&g.stages[i]) {
+                    return Ok(w);
+                }
             }
         }
         Err(earliest)
@@ -420,14 +477,43 @@ impl Pipeline {
                 return Ok(Some(wait.min(idle)));
             }
         };
-        match work {
-            Work::Stage { group, stage } => self.run_group_stage(&group, stage).await?,
-            Work::Decide { members } => self.decide(members).await?,
-            Work::Build { mosaic } => self.build(&mosaic).await?,
-            Work::RegisterMosaic { mosaic } => self.register_mosaic(&mosaic).await?,
-            Work::RegisterImage { group } => self.register_image(&group).await?,
+        let key = work.key();
+        let done = match work {
+            Work::Stage { group, stage } => self.run_group_stage(&group, stage).await,
+            Work::Decide { members } => self.decide(members).await,
+            Work::Build { mosaic } => self.build(&mosaic).await,
+            Work::RegisterMosaic { mosaic } => self.register_mosaic(&mosaic).await,
+            Work::RegisterImage { group } => self.register_image(&group).await,
+        };
+        let mut held = self.held.lock().expect("held lock");
+        match done {
+            Ok(()) => {
+                held.remove(&key);
+                Ok(None)
+            }
+            // Held back, with a growing wait, so that the rest of the work goes on.
+            Err(e) => {
+                let failures = held.get(&key).map_or(0, |(n, _)| *n) + 1;
+                let wait = idle
+                    .mul_f64(2f64.powi(failures.min(12) as i32))
+                    .min(Duration::from_secs(300));
+                held.insert(key.clone(), (failures, std::time::Instant::now() + wait));
+                Err(e.context(format!(
+                    "{key} (failure {failures}; held back {:.1} s)",
+                    wait.as_secs_f64()
+                )))
+            }
         }
-        Ok(None)
+    }
+
+    /// Keys of the work held back now.
+    fn held_now(&self) -> std::collections::HashSet<String> {
+        let now = std::time::Instant::now();
+        let held = self.held.lock().expect("held lock");
+        held.iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     fn failure(&self, stage: &str, attempt: u32, r: &RunResult, cfg: &StagesConfig) -> StageFailed {
@@ -470,15 +556,13 @@ impl Pipeline {
             }
             _ => None,
         };
-        let started = StageStarted {
-            stage: name.into(),
-            attempt,
-            command,
-        };
         let stream = format!("group-{id}");
-        if !self.take_stage(&stream, group.head, &started).await? {
+        let Some(head) = self
+            .take_stage(&stream, group.head, name, attempt, command)
+            .await?
+        else {
             return Ok(());
-        }
+        };
         let r = run_stage(
             &self.cfg.stages,
             stage,
@@ -487,39 +571,50 @@ impl Pipeline {
             self.cfg.default_dec,
         )
         .await;
-        self.finish_stage(&stream, name, attempt, &r).await
+        self.finish_stage(&stream, head, name, attempt, &r).await
     }
 
-    /// Takes a stage's lock: `StageStarted` with `Exact(head)`. `false` when another worker
-    /// took it first.
+    /// Takes a stage's lock: `StageStarted` (naming this worker) with `Exact(head)`. The
+    /// stream's revision after it; `None` when another worker took it first.
     async fn take_stage(
         &self,
         stream: &str,
         head: u64,
-        started: &StageStarted,
-    ) -> anyhow::Result<bool> {
+        stage: &str,
+        attempt: u32,
+        command: Option<String>,
+    ) -> anyhow::Result<Option<u64>> {
+        let started = StageStarted {
+            stage: stage.into(),
+            attempt,
+            command,
+            worker: Some(self.worker.to_string()),
+        };
         match self
-            .append(
+            .append_at(
                 stream,
                 ExpectedRevision::Exact(head),
-                vec![self.event(started)],
+                vec![self.event(&started)],
             )
             .await
         {
-            Ok(()) => {
-                tracing::info!(%stream, stage = %started.stage, attempt = started.attempt, "stage started");
-                Ok(true)
+            Ok(revision) => {
+                tracing::info!(%stream, stage, attempt, "stage started");
+                Ok(Some(revision))
             }
-            Err(StoreError::WrongExpectedVersion { .. }) => Ok(false),
+            Err(StoreError::WrongExpectedVersion { .. }) => Ok(None),
             Err(e) => Err(store_err(e)),
         }
     }
 
     /// Records how a run ended: `StageCompleted` with its outputs, or `StageFailed` with the
-    /// next retry time. Appended with `Any`: the worker holds the stage's lock.
+    /// next retry time. Appended with `Exact(head)`, the revision of its `StageStarted`:
+    /// when anything came between (another worker settled the run as interrupted), this
+    /// result no longer speaks for the stage and is dropped.
     async fn finish_stage(
         &self,
         stream: &str,
+        head: u64,
         stage: &str,
         attempt: u32,
         r: &RunResult,
@@ -540,9 +635,17 @@ impl Pipeline {
                 self.event(&self.failure(stage, attempt, r, &self.cfg.stages))
             }
         };
-        self.append(stream, ExpectedRevision::Any, vec![event])
+        match self
+            .append(stream, ExpectedRevision::Exact(head), vec![event])
             .await
-            .map_err(store_err)
+        {
+            Ok(()) => Ok(()),
+            Err(StoreError::WrongExpectedVersion { .. }) => {
+                tracing::warn!(%stream, stage, attempt, "result dropped: the run was settled by another worker meanwhile");
+                Ok(())
+            }
+            Err(e) => Err(store_err(e)),
+        }
     }
 
     async fn decide(&self, members: Vec<String>) -> anyhow::Result<()> {
@@ -649,14 +752,12 @@ impl Pipeline {
         };
         let attempt = mosaic.build.attempts + 1;
         let stream = format!("mosaic-{id}");
-        let started = StageStarted {
-            stage: MOSAIC_STAGE.into(),
-            attempt,
-            command: None,
-        };
-        if !self.take_stage(&stream, mosaic.head, &started).await? {
+        let Some(head) = self
+            .take_stage(&stream, mosaic.head, MOSAIC_STAGE, attempt, None)
+            .await?
+        else {
             return Ok(());
-        }
+        };
         let folder = self.cfg.stage_root.join("mosaics").join(mosaic_product(id));
         let partial = self
             .cfg
@@ -691,7 +792,8 @@ impl Pipeline {
                 .map_err(super::stages::RunFailure::from_error),
             command: None,
         };
-        self.finish_stage(&stream, MOSAIC_STAGE, attempt, &r).await
+        self.finish_stage(&stream, head, MOSAIC_STAGE, attempt, &r)
+            .await
     }
 
     async fn register(&self, req: RegisterProduct) -> anyhow::Result<()> {
@@ -832,20 +934,29 @@ fn ignore_conflict(e: StoreError) -> anyhow::Result<()> {
 }
 
 /// The next window of consecutive groups to decide a mosaic over, when it is ready: it
-/// starts at the first group (or at the `tiles - overlap`-th member of the last decided
+/// starts at the first group (or `overlap` members before the end of the last decided
 /// mosaic group), holds `tiles` groups in observation order, every member is imaged or
 /// given up, and no observation inside it is still collecting subbands.
 pub fn next_window(s: &PipelineState, cfg: &MosaicConfig) -> Option<Vec<String>> {
+    use std::ops::Bound;
+    // The window starts `overlap` members before the end of the last decided one (read
+    // from its own members, so a change of `tiles` or `overlap` does not lose the chain),
+    // or right after it when there is no overlap.
     let start = match s.last_mosaic() {
-        Some(m) => {
-            let id = m.members.get(cfg.tiles - cfg.overlap)?;
-            s.group_obs.get(id)?.clone()
-        }
-        None => s.groups.keys().next()?.clone(),
+        Some(m) => match m
+            .members
+            .len()
+            .checked_sub(cfg.overlap)
+            .filter(|k| *k < m.members.len())
+        {
+            Some(k) => Bound::Included(s.group_obs.get(&m.members[k])?.clone()),
+            None => Bound::Excluded(s.group_obs.get(m.members.last()?)?.clone()),
+        },
+        None => Bound::Included(s.groups.keys().next()?.clone()),
     };
     let members: Vec<&GroupState> = s
         .groups
-        .range(start..)
+        .range((start, Bound::Unbounded))
         .map(|(_, g)| g)
         .take(cfg.tiles)
         .collect();
@@ -887,4 +998,125 @@ pub fn mosaic_product(id: &str) -> String {
 
 pub fn image_product(group: &str) -> String {
     format!("image-{group}")
+}
+
+/// Whether a stage left running by `who` (the `worker` of its `StageStarted`, or a host
+/// name from older events) was cut short, as seen by worker `me` on `host`: a worker of
+/// this host whose process is gone. Stages of other hosts, or of live workers here, are
+/// not this worker's to settle.
+fn interrupted(who: Option<&str>, host: Option<&str>, me: &str) -> bool {
+    let Some(who) = who else {
+        return true;
+    };
+    if who == me {
+        return true;
+    }
+    let mut parts = who.rsplitn(3, ':');
+    let (Some(_instance), Some(pid), Some(on)) = (parts.next(), parts.next(), parts.next()) else {
+        // A bare host name (events written before workers were named).
+        return Some(who) == host;
+    };
+    let Ok(pid) = pid.parse::<i32>() else {
+        return false;
+    };
+    Some(on) == host && !process_alive(pid)
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::state::{GroupState, MosaicState};
+
+    fn imaged(i: usize) -> GroupState {
+        let done = StageProgress {
+            attempts: 1,
+            completed: Some(vec![]),
+            ..Default::default()
+        };
+        GroupState {
+            id: format!("g{i}"),
+            obs_time: format!("2026-11-30T10:{:02}:00", i * 5),
+            files: vec![],
+            dec_deg: None,
+            stages: [done.clone(), done.clone(), done],
+            head: 5,
+        }
+    }
+
+    fn state(groups: usize) -> PipelineState {
+        let mut s = PipelineState::default();
+        for g in (0..groups).map(imaged) {
+            s.group_obs.insert(g.id.clone(), g.obs_time.clone());
+            s.groups.insert(g.obs_time.clone(), g);
+        }
+        s
+    }
+
+    fn decide(s: &mut PipelineState, members: Vec<String>) {
+        let id = format!("m{}", s.mosaic_order.len());
+        s.mosaic_order.push(id.clone());
+        s.mosaics.insert(
+            id.clone(),
+            MosaicState {
+                id,
+                members,
+                rejected: None,
+                build: StageProgress::default(),
+                head: 0,
+            },
+        );
+    }
+
+    fn ids(v: &[usize]) -> Vec<String> {
+        v.iter().map(|i| format!("g{i}")).collect()
+    }
+
+    #[test]
+    fn windows_chain_with_overlap_and_without() {
+        let cfg = |tiles, overlap| MosaicConfig {
+            tiles,
+            overlap,
+            ..MosaicConfig::default()
+        };
+        let mut s = state(8);
+        assert_eq!(next_window(&s, &cfg(3, 1)), Some(ids(&[0, 1, 2])));
+        decide(&mut s, ids(&[0, 1, 2]));
+        assert_eq!(next_window(&s, &cfg(3, 1)), Some(ids(&[2, 3, 4])));
+        // No overlap: the next window starts right after the last one.
+        assert_eq!(next_window(&s, &cfg(3, 0)), Some(ids(&[3, 4, 5])));
+        decide(&mut s, ids(&[3, 4, 5]));
+        assert_eq!(next_window(&s, &cfg(3, 0)), None, "only g6 and g7 are left");
+        // A window waits while an observation inside it still collects subbands.
+        let mut s = state(8);
+        s.pending.insert(
+            "2026-11-30T10:07:00".into(),
+            crate::pipeline::state::PendingObs {
+                first_seen: Utc::now(),
+                subbands: Default::default(),
+            },
+        );
+        assert_eq!(next_window(&s, &cfg(3, 1)), None);
+    }
+
+    #[test]
+    fn only_stages_of_dead_workers_on_this_host_are_settled() {
+        let me = format!("h1:{}:aaaa", std::process::id());
+        let live_other = format!("h1:{}:bbbb", std::process::id());
+        // Our own pid but another instance: a live worker in this process.
+        assert!(!interrupted(Some(&live_other), Some("h1"), &me));
+        // A pid that cannot be running.
+        assert!(interrupted(Some("h1:2147483646:cccc"), Some("h1"), &me));
+        // Another host's stage is left to it, dead or alive.
+        assert!(!interrupted(Some("h2:2147483646:cccc"), Some("h1"), &me));
+        // Events from before workers were named: by host.
+        assert!(interrupted(Some("h1"), Some("h1"), &me));
+        assert!(!interrupted(Some("h2"), Some("h1"), &me));
+        assert!(interrupted(None, Some("h1"), &me));
+    }
 }
