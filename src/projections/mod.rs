@@ -34,6 +34,7 @@ pub fn replay(
     max_attempts: u32,
 ) -> Result<PublishModel, StoreError> {
     let mut model = PublishModel::new(max_attempts);
+    model.reserve(product_estimate(store, 0));
     let end = until.map_or(u64::MAX, |u| u.saturating_add(1));
     fold_source(FoldSource::Store(store.clone(), 0), |e, decoded| {
         if e.position >= end {
@@ -43,6 +44,14 @@ pub fn replay(
         true
     })?;
     Ok(model)
+}
+
+/// Products a fold of `store` from `from` may meet, to size the model's map once: a
+/// product takes three events or more (registered, publish started, an outcome), so a
+/// quarter of the events is a generous bound; the map's untouched room costs address
+/// space, not memory.
+fn product_estimate(store: &Store, from: u64) -> usize {
+    (store.event_count().saturating_sub(from) / 4) as usize
 }
 
 /// A product fact as decoded from an event (see [`product::ProductEvent::decode`]).
@@ -71,7 +80,7 @@ fn decode_record(item: Result<crate::events::RecordedEvent, StoreError>) -> Fold
 }
 
 /// One stored record, decoded for the fold from its bytes in place: only a product
-/// event's stream name and type are copied out.
+/// event's stream name (and a poison event's type) is copied out.
 fn decode_raw(item: Result<crate::events::RawRecord, StoreError>) -> FoldItem {
     let raw = item?;
     let r = raw.view()?;
@@ -85,11 +94,12 @@ fn decode_raw(item: Result<crate::events::RawRecord, StoreError>) -> FoldItem {
         },
         revision: r.revision,
         position: r.position,
-        // Product events keep their type: the fold names it when it parks one.
-        event_type: if matches!(d, Ok(None)) {
-            String::new()
-        } else {
+        // Only a poison event needs its type copied (the fold names it when it parks
+        // it); a decoded fact knows its own (`ProductEvent::type_name`).
+        event_type: if d.is_err() {
             r.event_type.to_string()
+        } else {
+            String::new()
         },
         event_version: r.event_version,
         data: Vec::new(),
@@ -245,6 +255,9 @@ pub fn fold_as_of(
     max_attempts: u32,
 ) -> Result<(PublishModel, Option<u64>, i64), StoreError> {
     let mut model = PublishModel::new(max_attempts);
+    if let FoldSource::Store(store, from) = &events {
+        model.reserve(product_estimate(store, *from));
+    }
     let mut at = None;
     let mut now = match as_of {
         AsOf::Time(t) => t,

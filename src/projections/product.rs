@@ -55,6 +55,18 @@ impl ProductEvent {
         Self::decode_parts(&r.stream_id, &r.event_type, r.event_version, &r.data)
     }
 
+    /// The stored type name of this fact.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ProductEvent::Registered(_) => ProductRegistered::TYPE,
+            ProductEvent::Finalized(_) => ProductFinalized::TYPE,
+            ProductEvent::PublishStarted(_) => PublishStarted::TYPE,
+            ProductEvent::PublishSucceeded(_) => PublishSucceeded::TYPE,
+            ProductEvent::PublishFailed(_) => PublishFailed::TYPE,
+            ProductEvent::RetryRequested(_) => RetryRequested::TYPE,
+        }
+    }
+
     /// [`ProductEvent::decode`] from a record's parts (a record read in place, say).
     pub fn decode_parts(
         stream_id: &str,

@@ -100,6 +100,11 @@ impl PublishModel {
         }
     }
 
+    /// Room for `products` more products without growing the map on the way.
+    pub fn reserve(&mut self, products: usize) {
+        self.products.reserve(products);
+    }
+
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
@@ -206,14 +211,14 @@ impl PublishModel {
         swap(&mut self.due, id, before.due_at, after.due_at);
     }
 
-    fn park(&mut self, r: &RecordedEvent, reason: String) {
+    fn park(&mut self, r: &RecordedEvent, event_type: &str, reason: String) {
         tracing::warn!(position = r.position, stream = %r.stream_id, %reason, "parked a poison event");
         self.parked_total += 1;
         if self.parked.len() < MAX_PARKED_KEPT {
             self.parked.push(Parked {
                 position: r.position,
                 stream_id: r.stream_id.clone(),
-                event_type: r.event_type.clone(),
+                event_type: event_type.to_string(),
                 reason,
             });
         }
@@ -237,7 +242,7 @@ impl PublishModel {
         let event = match decoded {
             Ok(Some(e)) => e,
             Ok(None) => return,
-            Err(reason) => return self.park(r, reason),
+            Err(reason) => return self.park(r, &r.event_type, reason),
         };
         if matches!(event, ProductEvent::PublishFailed(_)) {
             self.failure_times.push(r.created_micros);
@@ -254,6 +259,7 @@ impl PublishModel {
             self.count(after_flags, 1);
             self.reindex(&key, before, after);
         } else {
+            let ty = event.type_name();
             match ProductState::start(event, r.created_micros, r.revision) {
                 Some(mut p) => {
                     // The stream names the product; a payload that says otherwise does not
@@ -265,7 +271,7 @@ impl PublishModel {
                     self.reindex(&key, Entries::default(), entries);
                     self.products.insert(key, Box::new(p));
                 }
-                None => self.park(r, format!("{} before ProductRegistered", r.event_type)),
+                None => self.park(r, ty, format!("{ty} before ProductRegistered")),
             }
         }
     }
