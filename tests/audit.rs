@@ -346,3 +346,67 @@ fn a_publish_cut_by_sigkill_shows_its_recovery_in_the_timeline() {
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Output into a pipe whose reader has gone (`contimg audit ... | head`) ends the command
+/// quietly, as for any Unix tool: killed by SIGPIPE, no panic message.
+#[test]
+fn a_closed_pipe_ends_a_long_listing_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("e.jsonl");
+    let lines: Vec<String> = (0..5_000)
+        .map(|i| {
+            common::export_line(
+                &format!("scratch-{i}"),
+                0,
+                i,
+                "Noted",
+                json!({"n": i}),
+                "2026-11-30T10:00:00Z",
+            )
+        })
+        .collect();
+    std::fs::write(&export, lines.join("\n")).unwrap();
+    let ledger = dir.path().join("ledger");
+    let import = contimg(&[
+        "import",
+        "--data-dir",
+        ledger.to_str().unwrap(),
+        export.to_str().unwrap(),
+    ]);
+    assert!(import.status.success(), "{import:?}");
+    let mut child = std::process::Command::new(common::bin())
+        .args([
+            "audit",
+            "--data-dir",
+            ledger.to_str().unwrap(),
+            "between",
+            "2026-11-30T00:00:00Z",
+            "2026-12-01T00:00:00Z",
+            "--limit",
+            "5000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

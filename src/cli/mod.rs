@@ -211,6 +211,15 @@ pub fn server_config(c: &Config) -> ServerConfig {
 
 /// Parses nothing: runs a parsed command and maps its outcome to an exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    // A command that only writes to standard output ends quietly when the reader goes
+    // away (`contimg audit ... | head`), as Unix tools do, instead of panicking in
+    // `println!`. Not the servers: a client closing its socket must not kill them.
+    if !matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // The demo prints its own summary; its info lines would drown it.
     let quiet = matches!(cli.command, Command::Demo(_));
     init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
