@@ -63,28 +63,11 @@ impl ProposedEvent {
     }
 }
 
-/// The body as bincode sees it. Field order is the stored contract.
+/// The body as bincode sees it, borrowed both ways: encoding writes from the record's own
+/// fields and decoding reads in place, so neither copies a payload. Field order is the
+/// stored contract.
 #[derive(Serialize, Deserialize)]
-struct RecordV1 {
-    event_id: [u8; 16],
-    stream_id: String,
-    revision: u64,
-    position: u64,
-    event_type: String,
-    event_version: u32,
-    // serde_bytes: the same bytes on disk as a sequence of u8 (a varint length, then one
-    // byte each), read in one copy instead of one visitor call per byte.
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
-    #[serde(with = "serde_bytes")]
-    metadata: Vec<u8>,
-    created_micros: i64,
-}
-
-/// The same body, borrowed from the stored bytes (same layout: `&[u8]` and `serde_bytes`
-/// both read a length and the bytes).
-#[derive(Deserialize)]
-struct RecordV1Ref<'a> {
+struct RecordV1<'a> {
     event_id: [u8; 16],
     #[serde(borrow)]
     stream_id: &'a str,
@@ -93,9 +76,11 @@ struct RecordV1Ref<'a> {
     #[serde(borrow)]
     event_type: &'a str,
     event_version: u32,
-    #[serde(borrow)]
+    // serde_bytes: the same bytes on disk as a sequence of u8 (a varint length, then one
+    // byte each), read and written in one copy instead of one visitor call per byte.
+    #[serde(borrow, with = "serde_bytes")]
     data: &'a [u8],
-    #[serde(borrow)]
+    #[serde(borrow, with = "serde_bytes")]
     metadata: &'a [u8],
     created_micros: i64,
 }
@@ -118,11 +103,16 @@ pub struct RecordRef<'a> {
 impl<'a> RecordRef<'a> {
     /// Decodes stored bytes in place, checking the checksum.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
-        check_header(bytes)?;
-        let (b, _): (RecordV1Ref<'a>, usize) =
+        Self::decode_with_checksum(bytes).map(|(r, _)| r)
+    }
+
+    /// The record and its stored checksum.
+    fn decode_with_checksum(bytes: &'a [u8]) -> Result<(Self, u32), DecodeError> {
+        let checksum = check_header(bytes)?;
+        let (b, _): (RecordV1<'a>, usize) =
             bincode::serde::borrow_decode_from_slice(&bytes[5..], config())
                 .map_err(|e| DecodeError::Body(e.to_string()))?;
-        Ok(RecordRef {
+        let r = RecordRef {
             event_id: Uuid::from_bytes(b.event_id),
             stream_id: b.stream_id,
             revision: b.revision,
@@ -132,7 +122,8 @@ impl<'a> RecordRef<'a> {
             data: b.data,
             metadata: b.metadata,
             created_micros: b.created_micros,
-        })
+        };
+        Ok((r, checksum))
     }
 }
 
@@ -174,13 +165,13 @@ impl RecordedEvent {
     pub fn encode(&mut self) -> Vec<u8> {
         let body = RecordV1 {
             event_id: *self.event_id.as_bytes(),
-            stream_id: self.stream_id.clone(),
+            stream_id: &self.stream_id,
             revision: self.revision,
             position: self.position,
-            event_type: self.event_type.clone(),
+            event_type: &self.event_type,
             event_version: self.event_version,
-            data: self.data.clone(),
-            metadata: self.metadata.clone(),
+            data: &self.data,
+            metadata: &self.metadata,
             created_micros: self.created_micros,
         };
         let mut out = Vec::with_capacity(64 + self.data.len() + self.metadata.len());
@@ -196,20 +187,18 @@ impl RecordedEvent {
 
     /// Decodes stored bytes, checking the checksum.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let stored = check_header(bytes)?;
-        let (body, _): (RecordV1, usize) = bincode::serde::decode_from_slice(&bytes[5..], config())
-            .map_err(|e| DecodeError::Body(e.to_string()))?;
+        let (r, checksum) = RecordRef::decode_with_checksum(bytes)?;
         Ok(RecordedEvent {
-            event_id: Uuid::from_bytes(body.event_id),
-            stream_id: body.stream_id,
-            revision: body.revision,
-            position: body.position,
-            event_type: body.event_type,
-            event_version: body.event_version,
-            data: body.data,
-            metadata: body.metadata,
-            created_micros: body.created_micros,
-            checksum: stored,
+            event_id: r.event_id,
+            stream_id: r.stream_id.to_string(),
+            revision: r.revision,
+            position: r.position,
+            event_type: r.event_type.to_string(),
+            event_version: r.event_version,
+            data: r.data.to_vec(),
+            metadata: r.metadata.to_vec(),
+            created_micros: r.created_micros,
+            checksum,
         })
     }
 
