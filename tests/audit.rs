@@ -367,7 +367,7 @@ fn a_closed_pipe_ends_a_long_listing_quietly() {
             )
         })
         .collect();
-    std::fs::write(&export, lines.join("\n")).unwrap();
+    std::fs::write(&export, lines.concat()).unwrap();
     let ledger = dir.path().join("ledger");
     let import = contimg(&[
         "import",

@@ -27,12 +27,14 @@ struct Week {
 impl Week {
     fn push(&mut self, stream: &str, kind: &str, data: Value, at: chrono::DateTime<chrono::Utc>) {
         let rev = self.revisions.entry(stream.to_string()).or_insert(0);
-        self.lines.push(
-            json!({"eventId": uuid::Uuid::new_v4(), "eventType": kind, "eventVersion": 1, "streamId": stream,
-                   "eventNumber": *rev, "position": self.position, "created": contimg::events::record::format_time(at),
-                   "data": data, "metadata": {"actor": "generator"}})
-            .to_string(),
-        );
+        self.lines.push(common::export_line(
+            stream,
+            *rev,
+            self.position,
+            kind,
+            data,
+            &contimg::events::record::format_time(at),
+        ));
         *rev += 1;
         self.position += 1;
     }
@@ -139,7 +141,7 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
     }
     let dir = tempfile::tempdir().unwrap();
     let export = dir.path().join("week.jsonl");
-    std::fs::write(&export, w.lines.join("\n") + "\n").unwrap();
+    std::fs::write(&export, w.lines.concat()).unwrap();
     let out = dir.path().join("report");
     let from = "2026-11-16T00:00:00Z";
     let to = "2026-11-22T23:59:59Z";
@@ -286,14 +288,18 @@ fn the_report_opens_in_headless_chromium_without_network() {
     let now = contimg::events::record::format_time(chrono::Utc::now());
     let lines: Vec<String> = (0..3)
         .map(|i| {
-            json!({"eventId": uuid::Uuid::new_v4(), "eventType": "ProductRegistered", "eventVersion": 1,
-                   "streamId": format!("product-p{i}"), "eventNumber": 0, "position": i, "created": now,
-                   "data": {"data_id": format!("p{i}"), "data_type": "image", "stage_path": "/s/p.fits"}, "metadata": {}})
-            .to_string()
+            common::export_line(
+                &format!("product-p{i}"),
+                0,
+                i,
+                "ProductRegistered",
+                json!({"data_id": format!("p{i}"), "data_type": "image", "stage_path": "/s/p.fits"}),
+                &now,
+            )
         })
         .collect();
     let export = dir.path().join("e.jsonl");
-    std::fs::write(&export, lines.join("\n")).unwrap();
+    std::fs::write(&export, lines.concat()).unwrap();
     let out = dir.path().join("r");
     let run = contimg(&[
         "report",
