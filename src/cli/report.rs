@@ -175,6 +175,19 @@ fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
 
+/// A titled Markdown table: a blank line, `## title`, the header, one line per row.
+fn md_table(m: &mut String, title: &str, header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let _ = writeln!(
+        m,
+        "\n## {title}\n\n| {} |\n|{}",
+        header.join(" | "),
+        " --- |".repeat(header.len())
+    );
+    for row in rows {
+        let _ = writeln!(m, "| {} |", row.join(" | "));
+    }
+}
+
 fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[Stuck]) -> String {
     let mut m = String::new();
     let _ = writeln!(
@@ -184,51 +197,68 @@ fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[Stuck]) -> String {
     );
     let _ = writeln!(
         m,
-        "Totals: {} staged, {} published, {} failed attempts, success rate {:.2}%.\n",
+        "Totals: {} staged, {} published, {} failed attempts, success rate {:.2}%.",
         r.totals.staged, r.totals.published, r.totals.failed, r.success_rate_percent
     );
-    let _ = writeln!(
-        m,
-        "## Per day\n\n| date | staged | published | failed | success % | time to publish p50 / p90 / p99 (s) |\n| --- | --- | --- | --- | --- | --- |"
+    md_table(
+        &mut m,
+        "Per day",
+        &[
+            "date",
+            "staged",
+            "published",
+            "failed",
+            "success %",
+            "time to publish p50 / p90 / p99 (s)",
+        ],
+        r.days.iter().map(|d| {
+            vec![
+                d.date.clone(),
+                d.staged.to_string(),
+                d.published.to_string(),
+                d.failed.to_string(),
+                format!("{:.2}", d.success_rate_percent),
+                format!(
+                    "{} / {} / {}",
+                    opt(d.time_to_publish_p50_s),
+                    opt(d.time_to_publish_p90_s),
+                    opt(d.time_to_publish_p99_s)
+                ),
+            ]
+        }),
     );
-    for d in &r.days {
-        let _ = writeln!(
-            m,
-            "| {} | {} | {} | {} | {:.2} | {} / {} / {} |",
-            d.date,
-            d.staged,
-            d.published,
-            d.failed,
-            d.success_rate_percent,
-            opt(d.time_to_publish_p50_s),
-            opt(d.time_to_publish_p90_s),
-            opt(d.time_to_publish_p99_s)
-        );
-    }
-    let _ = writeln!(
-        m,
-        "\n## Top failure reasons\n\n| reason | count |\n| --- | --- |"
+    md_table(
+        &mut m,
+        "Top failure reasons",
+        &["reason", "count"],
+        r.top_failure_reasons
+            .iter()
+            .map(|(reason, n)| vec![reason.replace('|', "\\|"), n.to_string()]),
     );
-    for (reason, n) in &r.top_failure_reasons {
-        let _ = writeln!(m, "| {} | {n} |", reason.replace('|', "\\|"));
-    }
-    let _ = writeln!(
-        m,
-        "\n## Stages\n\n| stage | runs | failures | mean / p50 / p90 / max duration (s) |\n| --- | --- | --- | --- |"
+    md_table(
+        &mut m,
+        "Stages",
+        &[
+            "stage",
+            "runs",
+            "failures",
+            "mean / p50 / p90 / max duration (s)",
+        ],
+        r.stages.iter().map(|st| {
+            vec![
+                st.stage.clone(),
+                st.runs.to_string(),
+                st.failures.to_string(),
+                format!(
+                    "{} / {} / {} / {}",
+                    opt(st.mean_duration_s),
+                    opt(st.p50_duration_s),
+                    opt(st.p90_duration_s),
+                    opt(st.max_duration_s)
+                ),
+            ]
+        }),
     );
-    for st in &r.stages {
-        let _ = writeln!(
-            m,
-            "| {} | {} | {} | {} / {} / {} / {} |",
-            st.stage,
-            st.runs,
-            st.failures,
-            opt(st.mean_duration_s),
-            opt(st.p50_duration_s),
-            opt(st.p90_duration_s),
-            opt(st.max_duration_s)
-        );
-    }
     let _ = writeln!(
         m,
         "\n## Status at the end of the window\n\n{} published, {} staging, {} publishing, {} failed, {} past their attempts, success rate {:.2}%.\n",
