@@ -236,23 +236,38 @@ async fn demo(args: DemoArgs, root: PathBuf, config: Config) -> anyhow::Result<E
         {
             writer.take().expect("present").await??;
         }
-        let s = pipeline.snapshot().await;
-        if !cal_done
-            && let Some(obs) = &cal_fault
-            // The group is keyed by its first file's name time, up to 2 s past the nominal.
-            && let Some((_, g)) = s.groups.range(obs.clone()..).next()
-            && g.obs_time[..16] == obs[..16]
-            && g.stages[1].completed.is_some()
-        {
-            for t in g.outputs(1).iter().filter(|t| t.ends_with(".G")) {
+        // One look at the worker's state per round (it is not copied).
+        let writing = writer.is_some();
+        let (cal_tables, mosaics, done) = pipeline
+            .read(|s| {
+                // The group is keyed by its first file's name time, up to 2 s past the
+                // nominal one.
+                let cal_tables = cal_fault
+                    .as_ref()
+                    .filter(|_| !cal_done)
+                    .and_then(|obs| {
+                        s.groups
+                            .range(obs.clone()..)
+                            .next()
+                            .filter(|(_, g)| g.obs_time[..16] == obs[..16])
+                    })
+                    .filter(|(_, g)| g.stages[1].completed.is_some())
+                    .map(|(_, g)| g.outputs(1).to_vec());
+                let mosaics: Vec<String> = s.mosaics.values().map(|m| m.id.clone()).collect();
+                let done = !writing && settled(s, &config, &projections, obs_times.len());
+                (cal_tables, mosaics, done)
+            })
+            .await;
+        if let Some(tables) = cal_tables {
+            for t in tables.iter().filter(|t| t.ends_with(".G")) {
                 let _ = std::fs::remove_file(Path::new(t).join("table.dat"));
             }
             cal_done = true;
         }
         if blocker.is_file() {
             let failed_once = projections.read(|m| {
-                s.mosaics.values().any(|ms| {
-                    m.product(&mosaic_product(&ms.id))
+                mosaics.iter().any(|id| {
+                    m.product(&mosaic_product(id))
                         .is_some_and(|p| p.is_failed())
                 })
             });
@@ -261,7 +276,7 @@ async fn demo(args: DemoArgs, root: PathBuf, config: Config) -> anyhow::Result<E
                 healed += 1;
             }
         }
-        if writer.is_none() && settled(&s, &config, &projections, obs_times.len()) {
+        if done {
             break;
         }
         if Instant::now() > deadline {
@@ -275,17 +290,20 @@ async fn demo(args: DemoArgs, root: PathBuf, config: Config) -> anyhow::Result<E
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let s = pipeline.snapshot().await;
-    let summary = summarize(
-        &s,
-        &projections,
-        &config,
-        &root,
-        &api_url,
-        started,
-        healed,
-        store.event_count(),
-    );
+    let summary = pipeline
+        .read(|s| {
+            summarize(
+                s,
+                &projections,
+                &config,
+                &root,
+                &api_url,
+                started,
+                healed,
+                store.event_count(),
+            )
+        })
+        .await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -452,7 +470,7 @@ fn summarize(
         files_accepted: s.files.values().filter(|r| r.is_ok()).count(),
         files_rejected,
         groups_formed: s.groups.len(),
-        groups_timed_out: s.timed_out,
+        groups_timed_out: s.timed_out() as u64,
         tiles_imaged: s
             .groups
             .values()

@@ -8,7 +8,7 @@ use std::path::Path;
 use chrono::NaiveDateTime;
 
 use super::ingest::NAME_TIME;
-use super::mosaic::io::{read_header, read_plane};
+use super::mosaic::io::{TileHeader, read_header, read_plane};
 use super::state::GroupState;
 use crate::config::MosaicConfig;
 
@@ -35,17 +35,33 @@ fn refuse(safeguard: &'static str, member: Option<&str>, reason: String) -> Refu
     }
 }
 
+/// Each member's tile header (`None` when imaging recorded no tile), read once for the
+/// declination check and the image check.
+type Headers = [Option<Result<TileHeader, String>>];
+
 /// Runs safeguards 2 to 5 in order and returns the first refusal.
 pub fn check(members: &[&GroupState], cfg: &MosaicConfig) -> Result<(), Refusal> {
-    time_span(members, cfg)?;
+    let headers: Vec<_> = members
+        .iter()
+        .map(|m| {
+            m.outputs(2)
+                .first()
+                .map(|t| read_header(Path::new(t)).map_err(|e| e.to_string()))
+        })
+        .collect();
+    time_span(members, &headers, cfg)?;
     ms_stage(members)?;
     calibration_tables(members)?;
-    images(members)
+    images(members, &headers)
 }
 
 /// 2. First to last tile within the span, consecutive tiles under the gap, declinations
 ///    within the spread of the group mean (from the tiles' headers, or the ledger).
-pub fn time_span(members: &[&GroupState], cfg: &MosaicConfig) -> Result<(), Refusal> {
+pub fn time_span(
+    members: &[&GroupState],
+    headers: &Headers,
+    cfg: &MosaicConfig,
+) -> Result<(), Refusal> {
     let mut times = Vec::with_capacity(members.len());
     for m in members {
         let t = NaiveDateTime::parse_from_str(&m.obs_time, NAME_TIME).map_err(|e| {
@@ -86,7 +102,15 @@ pub fn time_span(members: &[&GroupState], cfg: &MosaicConfig) -> Result<(), Refu
     }
     let decs: Vec<(&GroupState, f64)> = members
         .iter()
-        .filter_map(|m| declination(m).map(|d| (*m, d)))
+        .zip(headers)
+        .filter_map(|(m, h)| {
+            // The tile's pointing, else what ingest recorded.
+            let from_tile = h
+                .as_ref()
+                .and_then(|h| h.as_ref().ok())
+                .map(|h| h.pointing_deg.1);
+            from_tile.or(m.dec_deg).map(|d| (*m, d))
+        })
         .collect();
     if !decs.is_empty() {
         let mean = decs.iter().map(|(_, d)| d).sum::<f64>() / decs.len() as f64;
@@ -107,15 +131,6 @@ pub fn time_span(members: &[&GroupState], cfg: &MosaicConfig) -> Result<(), Refu
         }
     }
     Ok(())
-}
-
-/// A member's pointing declination: its tile's header, else what ingest recorded.
-fn declination(m: &GroupState) -> Option<f64> {
-    m.outputs(2)
-        .first()
-        .and_then(|t| read_header(Path::new(t)).ok())
-        .map(|h| h.pointing_deg.1)
-        .or(m.dec_deg)
 }
 
 /// 3. Every member converted, calibrated and imaged according to the ledger, and its
@@ -172,18 +187,19 @@ pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
 
 /// 5. Every member's image exists, opens as FITS, has a celestial WCS, shares the first
 ///    image's pixel scale (within 1%), and is not entirely blank.
-pub fn images(members: &[&GroupState]) -> Result<(), Refusal> {
+pub fn images(members: &[&GroupState], headers: &Headers) -> Result<(), Refusal> {
     let mut scale: Option<f64> = None;
-    for m in members {
-        let Some(tile) = m.outputs(2).first() else {
+    for (m, header) in members.iter().zip(headers) {
+        let (Some(tile), Some(header)) = (m.outputs(2).first(), header) else {
             return Err(refuse(
                 IMAGES,
                 Some(&m.id),
                 "imaging recorded no tile".into(),
             ));
         };
-        let header =
-            read_header(Path::new(tile)).map_err(|e| refuse(IMAGES, Some(&m.id), e.to_string()))?;
+        let header = header
+            .as_ref()
+            .map_err(|e| refuse(IMAGES, Some(&m.id), e.clone()))?;
         let s = header.wcs.pixel_scale_deg();
         match scale {
             None => scale = Some(s),

@@ -169,9 +169,6 @@ pub struct PipelineState {
     pub mosaic_order: Vec<String>,
     /// Every registered product id.
     pub products: HashSet<String>,
-    pub rejected_files: u64,
-    pub timed_out: u64,
-    pub refused_groups: u64,
 }
 
 impl PipelineState {
@@ -224,38 +221,37 @@ impl PipelineState {
             SubbandFileRejected::TYPE => {
                 if let Ok(f) = serde_json::from_slice::<SubbandFileRejected>(&e.data) {
                     let name = file_name(&f.path);
-                    if let std::collections::hash_map::Entry::Vacant(v) = self.files.entry(name) {
-                        v.insert(Err(f.reason));
-                        self.rejected_files += 1;
-                    }
+                    self.files.entry(name).or_insert(Err(f.reason));
                 }
             }
             IngestGroupTimedOut::TYPE => {
-                if let Ok(t) = serde_json::from_slice::<IngestGroupTimedOut>(&e.data)
-                    && self.close(t.obs_time, ObsOutcome::TimedOut)
-                {
-                    self.timed_out += 1;
+                if let Ok(t) = serde_json::from_slice::<IngestGroupTimedOut>(&e.data) {
+                    self.close(t.obs_time, ObsOutcome::TimedOut);
                 }
             }
             GroupRejected::TYPE => {
-                if let Ok(r) = serde_json::from_slice::<GroupRejected>(&e.data)
-                    && self.close(r.obs_time, ObsOutcome::Refused)
-                {
-                    self.refused_groups += 1;
+                if let Ok(r) = serde_json::from_slice::<GroupRejected>(&e.data) {
+                    self.close(r.obs_time, ObsOutcome::Refused);
                 }
             }
             _ => {}
         }
     }
 
-    /// Ends an observation that is not ended yet; `false` when it was.
-    fn close(&mut self, obs: String, outcome: ObsOutcome) -> bool {
-        if self.closed.contains_key(&obs) {
-            return false;
+    /// Ends an observation that is not ended yet.
+    fn close(&mut self, obs: String, outcome: ObsOutcome) {
+        if !self.closed.contains_key(&obs) {
+            self.pending.remove(&obs);
+            self.closed.insert(obs, outcome);
         }
-        self.pending.remove(&obs);
-        self.closed.insert(obs, outcome);
-        true
+    }
+
+    /// Observations given up for missing subbands.
+    pub fn timed_out(&self) -> usize {
+        self.closed
+            .values()
+            .filter(|o| **o == ObsOutcome::TimedOut)
+            .count()
     }
 
     fn apply_group(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {

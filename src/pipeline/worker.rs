@@ -143,6 +143,11 @@ impl Pipeline {
         self.state.lock().await.clone()
     }
 
+    /// A look at what the worker knows now, without copying it.
+    pub async fn read<R>(&self, f: impl FnOnce(&PipelineState) -> R) -> R {
+        f(&*self.state.lock().await)
+    }
+
     /// Folds every event committed since the last fold.
     pub async fn catch_up(&self) -> anyhow::Result<()> {
         let mut state = self.state.lock().await;
