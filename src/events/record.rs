@@ -101,6 +101,16 @@ pub struct RecordRef<'a> {
 }
 
 impl<'a> RecordRef<'a> {
+    /// Commit time.
+    pub fn created(&self) -> DateTime<Utc> {
+        micros_to_datetime(self.created_micros)
+    }
+
+    /// The stream's category: the part before the first `-`.
+    pub fn category(&self) -> &'a str {
+        category_of(self.stream_id)
+    }
+
     /// Decodes stored bytes in place, checking the checksum.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
         Self::decode_with_checksum(bytes).map(|(r, _)| r)
@@ -204,6 +214,21 @@ impl RecordedEvent {
 
     pub fn created(&self) -> DateTime<Utc> {
         micros_to_datetime(self.created_micros)
+    }
+
+    /// The record as a borrowed view, as if read in place.
+    pub fn view(&self) -> RecordRef<'_> {
+        RecordRef {
+            event_id: self.event_id,
+            stream_id: &self.stream_id,
+            revision: self.revision,
+            position: self.position,
+            event_type: &self.event_type,
+            event_version: self.event_version,
+            data: &self.data,
+            metadata: &self.metadata,
+            created_micros: self.created_micros,
+        }
     }
 
     /// Commit time as RFC 3339 with microseconds and `Z`.

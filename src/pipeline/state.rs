@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use crate::events::RecordedEvent;
 use crate::events::catalogue::{
     DomainEvent, EventMetadata, GroupFormed, GroupRejected, IngestGroupTimedOut,
     MosaicGroupCreated, MosaicGroupRejected, ProductRegistered, StageCompleted, StageFailed,
     StageStarted, SubbandFileAccepted, SubbandFileRejected,
 };
+use crate::events::record::RecordRef;
 
 /// The three per-group stages, in order.
 pub const GROUP_STAGES: [&str; 3] = ["convert", "calibrate", "image"];
@@ -173,19 +173,22 @@ pub struct PipelineState {
 
 impl PipelineState {
     /// Folds one event (others are ignored).
-    pub fn apply(&mut self, e: &RecordedEvent) {
+    pub fn apply(&mut self, e: &RecordRef<'_>) {
         self.next_position = self.next_position.max(e.position + 1);
         let at = e.created();
         match e.category() {
             "ingest" => {
-                let head = self.ingest_heads.entry(e.stream_id.clone()).or_insert(0);
+                let head = self
+                    .ingest_heads
+                    .entry(e.stream_id.to_string())
+                    .or_insert(0);
                 *head = (*head).max(e.revision);
                 self.apply_ingest(e, at);
             }
             "group" => self.apply_group(e, at),
             "mosaic" => self.apply_mosaic(e, at),
             "product" if e.event_type == ProductRegistered::TYPE => {
-                if let Ok(p) = serde_json::from_slice::<ProductRegistered>(&e.data) {
+                if let Ok(p) = serde_json::from_slice::<ProductRegistered>(e.data) {
                     self.products.insert(p.data_id);
                 }
             }
@@ -193,10 +196,10 @@ impl PipelineState {
         }
     }
 
-    fn apply_ingest(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {
-        match e.event_type.as_str() {
+    fn apply_ingest(&mut self, e: &RecordRef<'_>, at: DateTime<Utc>) {
+        match e.event_type {
             SubbandFileAccepted::TYPE => {
-                let Ok(f) = serde_json::from_slice::<SubbandFileAccepted>(&e.data) else {
+                let Ok(f) = serde_json::from_slice::<SubbandFileAccepted>(e.data) else {
                     return;
                 };
                 let name = file_name(&f.path);
@@ -219,18 +222,18 @@ impl PipelineState {
                     .or_insert(f.path);
             }
             SubbandFileRejected::TYPE => {
-                if let Ok(f) = serde_json::from_slice::<SubbandFileRejected>(&e.data) {
+                if let Ok(f) = serde_json::from_slice::<SubbandFileRejected>(e.data) {
                     let name = file_name(&f.path);
                     self.files.entry(name).or_insert(Err(f.reason));
                 }
             }
             IngestGroupTimedOut::TYPE => {
-                if let Ok(t) = serde_json::from_slice::<IngestGroupTimedOut>(&e.data) {
+                if let Ok(t) = serde_json::from_slice::<IngestGroupTimedOut>(e.data) {
                     self.close(t.obs_time, ObsOutcome::TimedOut);
                 }
             }
             GroupRejected::TYPE => {
-                if let Ok(r) = serde_json::from_slice::<GroupRejected>(&e.data) {
+                if let Ok(r) = serde_json::from_slice::<GroupRejected>(e.data) {
                     self.close(r.obs_time, ObsOutcome::Refused);
                 }
             }
@@ -254,13 +257,13 @@ impl PipelineState {
             .count()
     }
 
-    fn apply_group(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {
+    fn apply_group(&mut self, e: &RecordRef<'_>, at: DateTime<Utc>) {
         // `group` alone is a valid stream of the category, with no id: not a group.
         let Some(id) = e.stream_id.strip_prefix("group-").map(str::to_string) else {
             return;
         };
         if e.event_type == GroupFormed::TYPE {
-            let Ok(g) = serde_json::from_slice::<GroupFormed>(&e.data) else {
+            let Ok(g) = serde_json::from_slice::<GroupFormed>(e.data) else {
                 return;
             };
             // One group per observation: a second id for a formed observation (another
@@ -300,23 +303,23 @@ impl PipelineState {
         };
         group.head = group.head.max(e.revision);
         let stage_of = |name: &str| GROUP_STAGES.iter().position(|s| *s == name);
-        match e.event_type.as_str() {
+        match e.event_type {
             StageStarted::TYPE => {
-                if let Ok(s) = serde_json::from_slice::<StageStarted>(&e.data)
+                if let Ok(s) = serde_json::from_slice::<StageStarted>(e.data)
                     && let Some(i) = stage_of(&s.stage)
                 {
                     group.stages[i].started(s.attempt, at, s.worker.clone().or_else(|| host_of(e)));
                 }
             }
             StageCompleted::TYPE => {
-                if let Ok(s) = serde_json::from_slice::<StageCompleted>(&e.data)
+                if let Ok(s) = serde_json::from_slice::<StageCompleted>(e.data)
                     && let Some(i) = stage_of(&s.stage)
                 {
                     group.stages[i].completed(s.attempt, s.outputs);
                 }
             }
             StageFailed::TYPE => {
-                if let Ok(s) = serde_json::from_slice::<StageFailed>(&e.data)
+                if let Ok(s) = serde_json::from_slice::<StageFailed>(e.data)
                     && let Some(i) = stage_of(&s.stage)
                 {
                     group.stages[i].failed(&s);
@@ -326,18 +329,18 @@ impl PipelineState {
         }
     }
 
-    fn apply_mosaic(&mut self, e: &RecordedEvent, at: DateTime<Utc>) {
+    fn apply_mosaic(&mut self, e: &RecordRef<'_>, at: DateTime<Utc>) {
         let Some(id) = e.stream_id.strip_prefix("mosaic-").map(str::to_string) else {
             return;
         };
-        match e.event_type.as_str() {
+        match e.event_type {
             MosaicGroupCreated::TYPE => {
-                if let Ok(m) = serde_json::from_slice::<MosaicGroupCreated>(&e.data) {
+                if let Ok(m) = serde_json::from_slice::<MosaicGroupCreated>(e.data) {
                     self.decide_mosaic(id, m.members, None, e.revision);
                 }
             }
             MosaicGroupRejected::TYPE => {
-                let Ok(m) = serde_json::from_slice::<MosaicGroupRejected>(&e.data) else {
+                let Ok(m) = serde_json::from_slice::<MosaicGroupRejected>(e.data) else {
                     return;
                 };
                 // A collision recorded after the created group: that group stands, and the
@@ -356,20 +359,20 @@ impl PipelineState {
                     return;
                 };
                 m.head = m.head.max(e.revision);
-                match e.event_type.as_str() {
+                match e.event_type {
                     StageStarted::TYPE => {
-                        if let Ok(s) = serde_json::from_slice::<StageStarted>(&e.data) {
+                        if let Ok(s) = serde_json::from_slice::<StageStarted>(e.data) {
                             m.build
                                 .started(s.attempt, at, s.worker.clone().or_else(|| host_of(e)));
                         }
                     }
                     StageCompleted::TYPE => {
-                        if let Ok(s) = serde_json::from_slice::<StageCompleted>(&e.data) {
+                        if let Ok(s) = serde_json::from_slice::<StageCompleted>(e.data) {
                             m.build.completed(s.attempt, s.outputs);
                         }
                     }
                     _ => {
-                        if let Ok(s) = serde_json::from_slice::<StageFailed>(&e.data) {
+                        if let Ok(s) = serde_json::from_slice::<StageFailed>(e.data) {
                             m.build.failed(&s);
                         }
                     }
@@ -424,8 +427,8 @@ impl PipelineState {
     }
 }
 
-fn host_of(e: &RecordedEvent) -> Option<String> {
-    serde_json::from_slice::<EventMetadata>(&e.metadata)
+fn host_of(e: &RecordRef<'_>) -> Option<String> {
+    serde_json::from_slice::<EventMetadata>(e.metadata)
         .ok()
         .and_then(|m| m.host)
 }
