@@ -71,10 +71,6 @@ impl RunFailure {
             stderr_tail: String::new(),
         }
     }
-
-    pub fn from_error(error: String) -> Self {
-        RunFailure::new(error)
-    }
 }
 
 impl RunResult {

@@ -802,7 +802,7 @@ impl Pipeline {
             exit_status: None,
             outcome: built
                 .map(|()| vec![folder.display().to_string()])
-                .map_err(super::stages::RunFailure::from_error),
+                .map_err(super::stages::RunFailure::new),
             command: None,
         };
         self.finish_stage(&stream, head, MOSAIC_STAGE, attempt, &r)

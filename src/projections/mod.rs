@@ -84,7 +84,7 @@ fn decode_record(item: Result<crate::events::RecordedEvent, StoreError>) -> Fold
 fn decode_raw(item: Result<crate::events::RawRecord, StoreError>) -> FoldItem {
     let raw = item?;
     let r = raw.view()?;
-    let d = product::ProductEvent::decode_parts(r.stream_id, r.event_type, r.event_version, r.data);
+    let d = product::ProductEvent::decode_view(&r);
     let e = crate::events::RecordedEvent {
         event_id: r.event_id,
         stream_id: if matches!(d, Ok(None)) {

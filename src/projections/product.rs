@@ -10,7 +10,7 @@ use crate::events::catalogue::{
     DomainEvent, ProductFinalized, ProductRegistered, PublishFailed, PublishStarted,
     PublishSucceeded, RetryRequested,
 };
-use crate::events::record::category_of;
+use crate::events::record::RecordRef;
 
 /// Longest error text kept, in characters.
 pub const MAX_ERROR_CHARS: usize = 500;
@@ -43,16 +43,16 @@ pub enum ProductEvent {
     RetryRequested(RetryRequested),
 }
 
-fn decode<T: DomainEvent>(event_type: &str, version: u32, data: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(data)
-        .map_err(|e| format!("{event_type} v{version} does not decode: {e}"))
+fn decode<T: DomainEvent>(r: &RecordRef<'_>) -> Result<T, String> {
+    serde_json::from_slice(r.data)
+        .map_err(|e| format!("{} v{} does not decode: {e}", r.event_type, r.event_version))
 }
 
 impl ProductEvent {
     /// `Ok(None)` for events that are not product facts; `Err` for a product fact whose
     /// payload does not decode (a poison event, parked by the projection).
     pub fn decode(r: &RecordedEvent) -> Result<Option<ProductEvent>, String> {
-        Self::decode_parts(&r.stream_id, &r.event_type, r.event_version, &r.data)
+        Self::decode_view(&r.view())
     }
 
     /// The stored type name of this fact.
@@ -67,24 +67,18 @@ impl ProductEvent {
         }
     }
 
-    /// [`ProductEvent::decode`] from a record's parts (a record read in place, say).
-    pub fn decode_parts(
-        stream_id: &str,
-        event_type: &str,
-        version: u32,
-        data: &[u8],
-    ) -> Result<Option<ProductEvent>, String> {
-        if category_of(stream_id) != ProductRegistered::CATEGORY {
+    /// [`ProductEvent::decode`] of a record read in place.
+    pub fn decode_view(r: &RecordRef<'_>) -> Result<Option<ProductEvent>, String> {
+        if r.category() != ProductRegistered::CATEGORY {
             return Ok(None);
         }
-        let (t, v, b) = (event_type, version, data);
-        Ok(Some(match event_type {
-            ProductRegistered::TYPE => ProductEvent::Registered(decode(t, v, b)?),
-            ProductFinalized::TYPE => ProductEvent::Finalized(decode(t, v, b)?),
-            PublishStarted::TYPE => ProductEvent::PublishStarted(decode(t, v, b)?),
-            PublishSucceeded::TYPE => ProductEvent::PublishSucceeded(decode(t, v, b)?),
-            PublishFailed::TYPE => ProductEvent::PublishFailed(decode(t, v, b)?),
-            RetryRequested::TYPE => ProductEvent::RetryRequested(decode(t, v, b)?),
+        Ok(Some(match r.event_type {
+            ProductRegistered::TYPE => ProductEvent::Registered(decode(r)?),
+            ProductFinalized::TYPE => ProductEvent::Finalized(decode(r)?),
+            PublishStarted::TYPE => ProductEvent::PublishStarted(decode(r)?),
+            PublishSucceeded::TYPE => ProductEvent::PublishSucceeded(decode(r)?),
+            PublishFailed::TYPE => ProductEvent::PublishFailed(decode(r)?),
+            RetryRequested::TYPE => ProductEvent::RetryRequested(decode(r)?),
             other => return Err(format!("unknown product event type {other}")),
         }))
     }
