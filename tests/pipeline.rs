@@ -107,7 +107,9 @@ async fn a_growing_file_is_taken_only_once_it_holds_still() {
     let c = config(dir.path());
     let mut r = rig(dir.path(), &c).await;
     observation(&r.incoming, T0, &[15]);
-    // sb15 is still being written: it grows between every scan.
+    // sb15 is still being written: it grows before every scan, so no scan ever sees it
+    // unchanged. The pauses only make the whole stretch (about 0.5 s) outlast the 0.2 s
+    // stability window, so that what keeps the file out is its growth, not its youth.
     let growing = r.incoming.join(format!("{T0}_sb15.hdf5"));
     let mut f = std::fs::File::create(&growing).unwrap();
     f.write_all(&contimg::pipeline::ingest::HDF5_SIGNATURE)
