@@ -72,6 +72,7 @@ pub struct Config {
     pub stages: StagesConfig,
     pub mosaic: MosaicConfig,
     pub publish: PublishSection,
+    pub server: ServerSection,
     pub validate: ValidateConfig,
 }
 
@@ -86,6 +87,7 @@ impl Default for Config {
             stages: StagesConfig::default(),
             mosaic: MosaicConfig::default(),
             publish: PublishSection::default(),
+            server: ServerSection::default(),
             validate: ValidateConfig::default(),
         }
     }
@@ -238,6 +240,8 @@ pub struct PublishSection {
     pub max_attempts: u32,
     pub backoff_s: Vec<f64>,
     pub auto_publish: bool,
+    /// Longest one publish may take before it is cut short (and retried).
+    pub timeout_s: f64,
 }
 
 impl Default for PublishSection {
@@ -246,6 +250,33 @@ impl Default for PublishSection {
             max_attempts: 3,
             backoff_s: vec![60.0, 300.0, 1500.0],
             auto_publish: true,
+            timeout_s: 3600.0,
+        }
+    }
+}
+
+/// The HTTP server's bounds, and the names it answers to without a token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Host names (besides IP addresses and `localhost`) answered while no token is set.
+    pub allowed_hosts: Vec<String>,
+    pub header_timeout_s: f64,
+    pub body_timeout_s: f64,
+    pub max_connections: usize,
+    pub shutdown_deadline_s: f64,
+    pub max_as_of_replays: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            allowed_hosts: Vec::new(),
+            header_timeout_s: 10.0,
+            body_timeout_s: 30.0,
+            max_connections: 1024,
+            shutdown_deadline_s: 10.0,
+            max_as_of_replays: 2,
         }
     }
 }
@@ -383,12 +414,71 @@ impl Config {
             p.max_attempts
         );
         backoff("publish.backoff_s", &p.backoff_s)?;
+        positive("publish.timeout_s", p.timeout_s, 7.0 * 86_400.0)?;
+        let h = &self.server;
+        positive("server.header_timeout_s", h.header_timeout_s, 3600.0)?;
+        positive("server.body_timeout_s", h.body_timeout_s, 3600.0)?;
+        positive("server.shutdown_deadline_s", h.shutdown_deadline_s, 3600.0)?;
+        anyhow::ensure!(
+            (1..=100_000).contains(&h.max_connections),
+            "server.max_connections must be 1..=100000 (got {})",
+            h.max_connections
+        );
+        anyhow::ensure!(
+            (1..=64).contains(&h.max_as_of_replays),
+            "server.max_as_of_replays must be 1..=64 (got {})",
+            h.max_as_of_replays
+        );
+        for name in &h.allowed_hosts {
+            anyhow::ensure!(
+                !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c)),
+                "server.allowed_hosts: {name:?} is not a host name"
+            );
+        }
+        self.check_roots()?;
         let v = &self.validate;
         non_negative("validate.stage_min_free_gb", v.stage_min_free_gb, 1e9)?;
         non_negative("validate.products_min_free_gb", v.products_min_free_gb, 1e9)?;
         non_negative("validate.state_min_free_gb", v.state_min_free_gb, 1e9)?;
         if let Some(u) = &self.url {
             reqwest::Url::parse(u).with_context(|| format!("url {u:?} is not a URL"))?;
+        }
+        Ok(())
+    }
+
+    /// The ledger, stage, products, incoming and work folders must not overlap: one
+    /// inside another would let the publisher move files it did not stage (products
+    /// inside the stage root), or the ingest read its own output. The four roots may sit
+    /// inside the ledger folder (the default layout), but not be it, and the ledger may
+    /// not lie inside any of them.
+    pub fn check_roots(&self) -> anyhow::Result<()> {
+        let roots = [
+            ("paths.stage_root", self.stage_root()),
+            ("paths.products_root", self.products_root()),
+            ("paths.incoming", self.incoming()),
+            ("paths.work_root", self.work_root()),
+        ];
+        let data = absolute(&self.data_dir);
+        for (i, (a, pa)) in roots.iter().enumerate() {
+            let pa = absolute(pa);
+            anyhow::ensure!(
+                pa != data && !data.starts_with(&pa),
+                "{a} ({}) holds or is the ledger folder data_dir ({}); give it a folder of its own",
+                pa.display(),
+                data.display()
+            );
+            for (b, pb) in &roots[i + 1..] {
+                let pb = absolute(pb);
+                anyhow::ensure!(
+                    !pa.starts_with(&pb) && !pb.starts_with(&pa),
+                    "{a} ({}) and {b} ({}) overlap; each root needs a folder of its own",
+                    pa.display(),
+                    pb.display()
+                );
+            }
         }
         Ok(())
     }
@@ -412,6 +502,41 @@ impl Config {
     }
     pub fn work_root(&self) -> PathBuf {
         self.under(&self.paths.work_root, "work")
+    }
+}
+
+/// A path made absolute and, as far as it exists, with symlinks resolved; `..` and `.`
+/// are folded lexically in the part that does not exist yet.
+pub fn absolute(p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    // Resolve the longest existing prefix (a symlinked root counts where it points).
+    let mut rest = Vec::new();
+    let mut head = out.clone();
+    loop {
+        if let Ok(real) = head.canonicalize() {
+            return rest.iter().rev().fold(real, |acc: PathBuf, c| acc.join(c));
+        }
+        match (head.file_name().map(|n| n.to_os_string()), head.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                head = parent.to_path_buf();
+            }
+            _ => return out,
+        }
     }
 }
 

@@ -185,20 +185,21 @@ fn an_interrupted_publish_and_its_recovery_are_in_the_timeline() {
             .await
             .unwrap();
         assert_eq!(r.status().as_u16(), 201);
-        let started = json!([{"eventId": uuid::Uuid::new_v4().to_string(), "eventType": "PublishStarted",
-            "data": {"attempt": 1, "destination": root.join("products/images/cut.fits"), "trigger": "manual"},
-            "metadata": {"actor": "manual"}}]);
-        let r = c
-            .post(format!("{}/api/streams/product-cut", server.base))
-            .header("ES-ExpectedVersion", "0")
-            .json(&started)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 201);
     });
-    // The crash.
+    // The crash, then the history it leaves: PublishStarted and nothing after (written
+    // offline: the publish lifecycle takes no raw appends over HTTP).
     server.kill9();
+    common::append_offline(
+        &ledger,
+        "product-cut",
+        contimg::events::ExpectedRevision::Exact(0),
+        &[contimg::events::catalogue::PublishStarted {
+            attempt: 1,
+            destination: root.join("products/images/cut.fits").display().to_string(),
+            trigger: "manual".into(),
+        }],
+    );
+
     let server = ChildServer::start(
         &ledger,
         &["--stage-root", stage.to_str().unwrap(), "--no-auto-publish"],
@@ -336,13 +337,8 @@ fn a_publish_cut_by_sigkill_shows_its_recovery_in_the_timeline() {
         }
         other => panic!("unexpected recovery event {other}"),
     }
-    let leftovers: Vec<_> = std::fs::read_dir(root.join("ledger/products/images"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name())
-                .filter(|n| n.to_string_lossy().starts_with(".contimg-tmp-"))
-                .collect()
-        })
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("ledger/products/.contimg-tmp"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

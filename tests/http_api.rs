@@ -243,27 +243,100 @@ async fn bad_input_is_refused_with_a_detail_and_nothing_is_written() {
             400,
         ),
         (
-            "product-p1",
+            "group-g1",
             None,
             json!([event("Nonsense", json!({}))]).to_string(),
             422,
         ),
         (
-            "product-p1",
+            "group-g1",
             None,
-            json!([event("PublishStarted", json!({"attempt": "one"}))]).to_string(),
+            json!([event("StageStarted", json!({"stage": 7}))]).to_string(),
             422,
         ),
         // One bad event spoils the batch.
         (
-            "product-p1",
+            "group-g1",
             None,
             json!([
-                event("PublishStarted", ok_publish.clone()),
-                event("PublishStarted", json!({}))
+                event("StageStarted", json!({"stage": "convert", "attempt": 1})),
+                event("StageStarted", json!({}))
             ])
             .to_string(),
             422,
+        ),
+        // The publish lifecycle takes no raw appends, well-formed or not (403).
+        (
+            "product-p1",
+            None,
+            json!([event("Nonsense", json!({}))]).to_string(),
+            403,
+        ),
+        (
+            "product-p1",
+            None,
+            json!([event("PublishStarted", ok_publish.clone())]).to_string(),
+            403,
+        ),
+        (
+            "scratch-1",
+            None,
+            json!([event("PublishSucceeded", json!({}))]).to_string(),
+            403,
+        ),
+        // Event types and stream names people could misread.
+        (
+            "scratch-1",
+            None,
+            json!([event("No\u{7}ted", json!({}))]).to_string(),
+            400,
+        ),
+        (
+            "scratch-1",
+            None,
+            json!([event(" Noted", json!({}))]).to_string(),
+            400,
+        ),
+        (
+            "scratch-%E2%80%AE1",
+            None,
+            json!([event("X", json!({}))]).to_string(),
+            400,
+        ),
+        (
+            "scratch-%E2%80%8B1",
+            None,
+            json!([event("X", json!({}))]).to_string(),
+            400,
+        ),
+        (
+            "%20scratch-1",
+            None,
+            json!([event("X", json!({}))]).to_string(),
+            400,
+        ),
+        // JSON nested deeper than 128 levels in data or metadata.
+        (
+            "scratch-1",
+            None,
+            format!(
+                r#"[{{"eventId":"{}","eventType":"X","data":{}1{},"metadata":{{}}}}]"#,
+                uuid::Uuid::new_v4(),
+                "[".repeat(129),
+                "]".repeat(129)
+            ),
+            400,
+        ),
+        (
+            "scratch-1",
+            None,
+            format!(
+                r#"[{{"eventId":"{}","eventType":"X","data":{{}},"metadata":{{"a":{}1{}}}}}]"#,
+                uuid::Uuid::new_v4(),
+                "[".repeat(200),
+                "]".repeat(200)
+            ),
+            400,
         ),
     ];
     for (stream, expected, body, want) in cases {
@@ -302,6 +375,7 @@ async fn bad_input_is_refused_with_a_detail_and_nothing_is_written() {
     );
     let resp = c
         .post(server.url("/api/streams/scratch-1"))
+        .header("Content-Type", "application/json")
         .body(huge)
         .send()
         .await
@@ -322,9 +396,12 @@ async fn bad_input_is_refused_with_a_detail_and_nothing_is_written() {
     // And the server still serves.
     let (s, _, _) = post(
         &c,
-        &server.url("/api/streams/product-p1"),
+        &server.url("/api/streams/group-g1"),
         Some("-1"),
-        &json!([event("PublishStarted", ok_publish)]),
+        &json!([event(
+            "StageStarted",
+            json!({"stage": "convert", "attempt": 1})
+        )]),
     )
     .await;
     assert_eq!(s, StatusCode::CREATED);

@@ -131,7 +131,7 @@ async fn auto_publish_failure_retry_and_counters() {
         row["publish_error"]
             .as_str()
             .unwrap()
-            .contains("No such file"),
+            .contains("does not exist"),
         "{row}"
     );
     assert!(row["staged_at"].is_f64() && row["created_at"].is_f64());

@@ -20,21 +20,15 @@ fn checksum(p: &Path) -> Option<String> {
         .map(|b| blake3::hash(&b).to_hex().to_string())
 }
 
+/// What is left in the products root's folder of temporary copies (the only place a
+/// move writes one).
 fn temporaries(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for dir in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for e in std::fs::read_dir(dir.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with(".contimg-tmp-") {
-                out.push(name);
-            }
-        }
-    }
-    out
+    std::fs::read_dir(root.join(".contimg-tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect()
 }
 
 async fn product(c: &reqwest::Client, base: &str, id: &str) -> Value {

@@ -32,6 +32,22 @@ pub enum ApiError {
     /// 401: a token is configured and the request lacks it.
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// 403: refused whoever asks (a write the API keeps to a command, a cross-site
+    /// request, a `Host` that is not this server's).
+    #[error("{0}")]
+    Forbidden(String),
+    /// 408: the request body did not arrive in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// 413: the request body is over the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: a mutating request without `Content-Type: application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 503 with `Retry-After`: a bounded resource (as-of replays) is all in use.
+    #[error("{0}")]
+    Busy(String),
     /// 500 with the error: an operation ran and failed (a publish attempt); the failure is
     /// recorded and the text is the client's to see.
     #[error("{0}")]
@@ -76,6 +92,11 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::WrongExpectedVersion { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Internal(cause) => {
@@ -96,6 +117,12 @@ impl IntoResponse for ApiError {
                     .into_response();
                 resp.headers_mut()
                     .insert("ES-CurrentVersion", HeaderValue::from(current));
+                resp
+            }
+            ApiError::Busy(detail) => {
+                let mut resp = (status, Json(json!({"detail": detail}))).into_response();
+                resp.headers_mut()
+                    .insert("Retry-After", HeaderValue::from_static("1"));
                 resp
             }
             other => (status, Json(json!({"detail": other.to_string()}))).into_response(),

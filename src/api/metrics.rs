@@ -105,7 +105,7 @@ impl HttpMetrics {
 /// clients grow the label set without bound).
 pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method()).to_string();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -119,6 +119,24 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         start.elapsed().as_secs_f64(),
     );
     resp
+}
+
+/// A method as a metrics label: the standard ones by name, anything a client invents as
+/// `other` (labels are a bounded set).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 #[derive(Serialize)]

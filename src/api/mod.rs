@@ -4,16 +4,18 @@
 
 pub mod dashboard;
 pub mod error;
+pub mod guard;
 pub mod metrics;
 pub mod monitoring;
 pub mod params;
 pub mod products;
+pub mod server;
 pub mod status;
 pub mod streams;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -41,6 +43,39 @@ pub struct AppState {
     pub thresholds: Arc<AlertThresholds>,
     pub http: Arc<metrics::HttpMetrics>,
     pub auto_publish: bool,
+    pub limits: Arc<HttpLimits>,
+    /// One permit per as-of replay allowed to run at once (each folds the log so far).
+    pub replays: Arc<tokio::sync::Semaphore>,
+}
+
+/// Bounds on what clients can hold: time, connections, replays; and the names the server
+/// answers to while no token is set.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Longest wait for a request's complete headers (also bounds idle keep-alive).
+    pub header_timeout: Duration,
+    /// Longest wait for a request's complete body.
+    pub body_timeout: Duration,
+    pub max_connections: usize,
+    /// How long in-flight requests and a publish in progress may run after SIGTERM.
+    pub shutdown_deadline: Duration,
+    /// As-of replays (`?as_of=`, `?position=`) running at once; more answer 503.
+    pub max_as_of_replays: usize,
+    /// Host names answered besides IP addresses and `localhost` while no token is set.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_deadline: Duration::from_secs(10),
+            max_as_of_replays: 2,
+            allowed_hosts: Vec::new(),
+        }
+    }
 }
 
 /// How the server is set up.
@@ -51,6 +86,7 @@ pub struct ServerConfig {
     pub thresholds: AlertThresholds,
     /// Run the automatic publisher (on unless an operator holds it).
     pub auto_publish: bool,
+    pub http: HttpLimits,
 }
 
 impl ServerConfig {
@@ -61,6 +97,7 @@ impl ServerConfig {
             publish: PublishConfig::new(data_dir.join("stage"), data_dir.join("products")),
             thresholds: AlertThresholds::default(),
             auto_publish: true,
+            http: HttpLimits::default(),
         }
     }
 }
@@ -92,6 +129,10 @@ impl AppState {
             thresholds: Arc::new(config.thresholds),
             http: Arc::new(metrics::HttpMetrics::default()),
             auto_publish: config.auto_publish,
+            replays: Arc::new(tokio::sync::Semaphore::new(
+                config.http.max_as_of_replays.max(1),
+            )),
+            limits: Arc::new(config.http),
         })
     }
 
@@ -128,6 +169,10 @@ pub fn app(state: AppState) -> Router {
         .merge(dashboard::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard,
+        ))
         .layer(axum::middleware::from_fn(error::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -137,9 +182,12 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Serves until `shutdown` completes, with the read model following the log and the
-/// automatic publisher running; then lets in-flight requests finish, stops both, saves a
-/// snapshot, and closes the store, so every append that was taken is made durable and
-/// acknowledged first.
+/// automatic publisher running. Then a publish in progress is cut short (recorded as
+/// interrupted and retried after the restart), in-flight requests get
+/// `shutdown_deadline` to finish, the publisher and the follower stop, a snapshot is
+/// saved and the store closed, so every append that was taken is made durable and
+/// acknowledged first. A stalled client or publish cannot hold the stop up past the
+/// deadline.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
@@ -151,16 +199,31 @@ pub async fn run(
         .auto_publish
         .then(|| tokio::spawn(state.publisher.clone().run_auto(stop_rx)));
     let store = state.store.clone();
-    let result = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = server::ConnLimits {
+        header_timeout: state.limits.header_timeout,
+        max_connections: state.limits.max_connections,
+        shutdown_deadline: state.limits.shutdown_deadline,
+    };
+    let deadline = state.limits.shutdown_deadline;
+    let moves = state.publisher.clone();
+    let stopping = stop_tx.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+        moves.interrupt();
+    };
+    server::serve(listener, app(state), limits, shutdown).await;
     let _ = stop_tx.send(true);
-    if let Some(p) = publisher {
-        let _ = p.await;
+    if let Some(p) = publisher
+        && tokio::time::timeout(deadline, p).await.is_err()
+    {
+        tracing::warn!(
+            "a publish was still running at the shutdown deadline; recovery settles it at the next start"
+        );
     }
     let _ = follower.await;
     tokio::task::spawn_blocking(move || store.close())
         .await
         .map_err(std::io::Error::other)?;
-    result
+    Ok(())
 }

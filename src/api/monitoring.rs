@@ -62,7 +62,14 @@ async fn model_as_of(
 ) -> Result<(PublishModel, Option<u64>, i64), ApiError> {
     let store = state.store.clone();
     let max_attempts = state.projections.max_attempts();
+    let permit = state.replays.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Busy(format!(
+            "{} as-of replays are already running; try again shortly",
+            state.limits.max_as_of_replays
+        ))
+    })?;
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         fold_as_of(
             crate::projections::FoldSource::Store(store, 0),
             as_of,

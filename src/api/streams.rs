@@ -14,7 +14,7 @@ use super::params::{self, Params};
 use crate::events::catalogue;
 use crate::events::jsonl::WireEvent;
 use crate::events::ledger::next_after;
-use crate::events::record::validate_stream_name;
+use crate::events::record::{json_depth, validate_event_type, validate_stream_name};
 use crate::events::{ExpectedRevision, ProposedEvent};
 
 pub fn router() -> Router<AppState> {
@@ -58,9 +58,39 @@ fn expected_revision(headers: &HeaderMap) -> Result<ExpectedRevision, ApiError> 
         })
 }
 
+/// Deepest nesting of arrays and objects taken in `data` and `metadata`.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// The commands that write the publish lifecycle, named in the refusal of a raw append.
+const PRODUCT_COMMANDS: &str = "the publish lifecycle is written only by the publisher: \
+    register with POST /api/products, then POST /api/products/{id}/finalize, \
+    /api/products/{id}/publish or /api/monitoring/publish/retry/{id}";
+
+fn refuse_command_only(stream: &str, event_type: Option<&str>) -> Result<(), ApiError> {
+    if catalogue::command_only(stream, event_type.unwrap_or("")) {
+        let what = match event_type {
+            Some(t) => format!("{t} may not be appended to {stream}"),
+            None => format!("{stream} takes no raw appends"),
+        };
+        return Err(ApiError::Forbidden(format!("{what}: {PRODUCT_COMMANDS}")));
+    }
+    Ok(())
+}
+
 /// Turns a client's body into proposed events, refusing the whole batch on any fault.
+/// Events of the publish lifecycle are refused whatever the body holds (403): only the
+/// product commands write them.
 pub fn parse_events(stream: &str, body: &[u8]) -> Result<Vec<ProposedEvent>, ApiError> {
     validate_stream_name(stream).map_err(ApiError::BadRequest)?;
+    refuse_command_only(stream, None)?;
+    // data and metadata sit two levels down (the array, the event object). Checked
+    // before parsing, in one linear pass.
+    let depth = json_depth(body);
+    if depth > MAX_JSON_DEPTH + 2 {
+        return Err(ApiError::BadRequest(format!(
+            "the body nests JSON {depth} levels deep; data and metadata may nest at most {MAX_JSON_DEPTH}"
+        )));
+    }
     let incoming: Vec<IncomingEvent> = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadRequest(format!(
             "body must be a JSON array of {{eventId, eventType, data, metadata}}: {e}"
@@ -76,6 +106,9 @@ pub fn parse_events(stream: &str, body: &[u8]) -> Result<Vec<ProposedEvent>, Api
             let event_id = uuid::Uuid::parse_str(&e.event_id).map_err(|_| {
                 ApiError::BadRequest(format!("event {i}: eventId {:?} is not a UUID", e.event_id))
             })?;
+            validate_event_type(&e.event_type)
+                .map_err(|m| ApiError::BadRequest(format!("event {i}: {m}")))?;
+            refuse_command_only(stream, Some(&e.event_type))?;
             let data = e.data.get().as_bytes().to_vec();
             if let Some(m) = &e.metadata
                 && !m.get().trim_start().starts_with('{')

@@ -16,6 +16,7 @@ pub mod validate;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -205,7 +206,17 @@ pub fn server_config(c: &Config) -> ServerConfig {
     s.publish.products_root = c.products_root();
     s.publish.max_attempts = c.publish.max_attempts;
     s.publish.backoff = crate::config::durations(&c.publish.backoff_s);
+    s.publish.timeout = Duration::from_secs_f64(c.publish.timeout_s);
     s.auto_publish = c.publish.auto_publish;
+    let h = &c.server;
+    s.http = crate::api::HttpLimits {
+        header_timeout: Duration::from_secs_f64(h.header_timeout_s),
+        body_timeout: Duration::from_secs_f64(h.body_timeout_s),
+        max_connections: h.max_connections,
+        shutdown_deadline: Duration::from_secs_f64(h.shutdown_deadline_s),
+        max_as_of_replays: h.max_as_of_replays,
+        allowed_hosts: h.allowed_hosts.clone(),
+    };
     s
 }
 
@@ -309,6 +320,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && server.token.as_deref().is_none_or(str::is_empty) {
+            tracing::warn!(
+                %addr,
+                "listening beyond loopback without a token: anyone who can reach this \
+                 address can register, publish and retry; set CONTIMG_API_TOKEN"
+            );
+        }
         let signal = shutdown_signal();
         let events = store.event_count();
         let state = AppState::open(store.clone(), server).await?;

@@ -162,6 +162,17 @@ pub fn check_all(args: &ValidateArgs) -> Vec<Finding> {
         }
     };
     args.layout.apply(&mut config);
+    match config.check_roots() {
+        Ok(()) => f.ok(
+            "roots",
+            "the ledger, stage, products, incoming and work folders do not overlap".into(),
+        ),
+        Err(e) => f.error(
+            "roots",
+            format!("{e:#}"),
+            "give each root a folder of its own ([paths] in the file, or the flags)".into(),
+        ),
+    }
 
     let v = &config.validate;
     let folders = [

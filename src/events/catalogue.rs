@@ -329,6 +329,19 @@ pub enum CatalogueError {
 /// The domain categories: streams in these only take catalogue events.
 pub const DOMAIN_CATEGORIES: &[&str] = &["ingest", "group", "mosaic", "product"];
 
+/// Categories written only by their commands (the publish lifecycle, by the publisher),
+/// never by a raw append from outside the process that owns the ledger.
+pub const COMMAND_ONLY_CATEGORIES: &[&str] = &["product"];
+
+/// Whether an append of `event_type` to `stream` is one only the commands may make: a
+/// stream of a command-only category, or an event type of one, in whatever stream.
+pub fn command_only(stream: &str, event_type: &str) -> bool {
+    COMMAND_ONLY_CATEGORIES.contains(&category_of(stream))
+        || entries()
+            .iter()
+            .any(|e| e.name == event_type && COMMAND_ONLY_CATEGORIES.contains(&e.category))
+}
+
 struct Entry {
     category: &'static str,
     name: &'static str,

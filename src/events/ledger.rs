@@ -218,6 +218,34 @@ impl RemoteLedger {
         })
     }
 
+    /// POSTs a JSON command to one of the server's endpoints (below `api/`) and answers
+    /// its status and the `detail` of an error. The ledger knows no commands; the layer
+    /// that owns one names its path.
+    pub async fn post_command(
+        &self,
+        segments: &[&str],
+        body: &impl Serialize,
+    ) -> Result<(u16, String), StoreError> {
+        let mut path = vec!["api"];
+        path.extend_from_slice(segments);
+        let resp = self
+            .authed(self.client.post(self.url(&path)))
+            .json(body)
+            .send()
+            .await
+            .map_err(wire_error)?;
+        let status = resp.status().as_u16();
+        let detail = if resp.status().is_success() {
+            String::new()
+        } else {
+            resp.json::<ErrorReply>()
+                .await
+                .map(|e| e.detail)
+                .unwrap_or_default()
+        };
+        Ok((status, detail))
+    }
+
     async fn get_events(
         &self,
         url: reqwest::Url,

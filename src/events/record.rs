@@ -278,7 +278,79 @@ pub fn validate_stream_name(name: &str) -> Result<(), String> {
     if name.chars().any(char::is_control) {
         return Err("stream name contains a control character".into());
     }
+    if name.chars().any(is_format_char) {
+        return Err(format!(
+            "stream name {:?} contains an invisible formatting character (bidi or zero-width)",
+            name.escape_unicode().to_string()
+        ));
+    }
+    if name.trim() != name {
+        return Err(format!(
+            "stream name {name:?} starts or ends with white space"
+        ));
+    }
     Ok(())
+}
+
+/// Longest event type, in characters.
+pub const MAX_EVENT_TYPE: usize = 200;
+
+/// Event types: 1 to [`MAX_EVENT_TYPE`] characters, no control or invisible formatting
+/// character, no white space around them (a type is a name people read and match on).
+pub fn validate_event_type(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.chars().count() > MAX_EVENT_TYPE {
+        return Err(format!(
+            "event type must be 1 to {MAX_EVENT_TYPE} characters"
+        ));
+    }
+    if t.chars().any(|c| c.is_control() || is_format_char(c)) {
+        return Err(format!(
+            "event type {:?} contains a control or invisible formatting character",
+            t.escape_debug().to_string()
+        ));
+    }
+    if t.trim() != t {
+        return Err(format!("event type {t:?} starts or ends with white space"));
+    }
+    Ok(())
+}
+
+/// Unicode's format characters (category Cf): bidi controls, zero-width joiners and
+/// spaces, the byte-order mark and their kin. They make two names that look the same
+/// differ, or reorder what a terminal shows.
+pub fn is_format_char(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x0600..=0x0605 | 0x061C | 0x06DD | 0x070F | 0x0890..=0x0891 | 0x08E2
+        | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F
+        | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F)
+}
+
+/// How deeply a JSON text nests arrays and objects (strings are skipped, escapes
+/// included). Linear, and never recursive, so it is safe on hostile input.
+pub fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 #[cfg(test)]
@@ -382,6 +454,18 @@ mod tests {
         assert!(validate_stream_name("$all").is_err());
         assert!(validate_stream_name("a/b").is_err());
         assert!(validate_stream_name("a\nb").is_err());
+        for bad in ["a\u{202E}b", "a\u{200B}", "\u{FEFF}x", " x", "x ", "x\t"] {
+            assert!(validate_stream_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_stream_name("scratch-é1").is_ok());
+        assert!(validate_event_type("Noted").is_ok());
+        for bad in ["", "a\nb", "a\u{7}", "x\u{200D}y", " Noted", "Noted "] {
+            assert!(validate_event_type(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_event_type(&"x".repeat(MAX_EVENT_TYPE + 1)).is_err());
+        assert_eq!(json_depth(br#"{"a":[1,{"b":"]]]{{{"}],"c":"\\\""}"#), 3);
+        assert_eq!(json_depth(&[b'['; 200]), 200);
+        assert_eq!(json_depth(b"12"), 0);
         assert!(validate_stream_name(&"x".repeat(201)).is_err());
         assert!(validate_stream_name(&"x".repeat(200)).is_ok());
         assert_eq!(category_of("group-2026-11-30"), "group");

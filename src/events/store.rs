@@ -36,7 +36,9 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use super::error::{ExpectedRevision, StoreError};
-use super::record::{ProposedEvent, RecordRef, RecordedEvent, validate_stream_name};
+use super::record::{
+    ProposedEvent, RecordRef, RecordedEvent, validate_event_type, validate_stream_name,
+};
 
 /// Largest `data` or `metadata` payload accepted, in bytes. Events are facts, not files;
 /// the bound also keeps every value out of sled's separately written blob files.
@@ -797,11 +799,7 @@ fn check_append(stream: &str, events: &[ProposedEvent]) -> Result<(), StoreError
                 e.event_id
             )));
         }
-        if e.event_type.is_empty() || e.event_type.len() > 200 {
-            return Err(StoreError::InvalidInput(
-                "event type must be 1 to 200 characters".into(),
-            ));
-        }
+        validate_event_type(&e.event_type).map_err(StoreError::InvalidInput)?;
         if e.data.len() > MAX_PAYLOAD_BYTES || e.metadata.len() > MAX_PAYLOAD_BYTES {
             return Err(StoreError::InvalidInput(format!(
                 "event {} is larger than {MAX_PAYLOAD_BYTES} bytes",

@@ -3,6 +3,7 @@
 
 pub mod ingest;
 pub mod mosaic;
+pub mod moves;
 pub mod paths;
 pub mod publish;
 pub mod safeguards;

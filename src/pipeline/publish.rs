@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::moves::{
+    Budget, MoveError, MoveRequest, checksum_path, move_product, remove_temporaries,
+    settle_interrupted,
+};
 use super::paths::{self, PathError};
 use crate::events::catalogue::{
     DomainEvent, EventMetadata, ProductFinalized, ProductRegistered, PublishFailed, PublishStarted,
@@ -27,6 +31,9 @@ pub struct PublishConfig {
     pub max_attempts: u32,
     /// Wait before automatic retry n (1-based); the last entry repeats.
     pub backoff: Vec<Duration>,
+    /// Longest one publish may take; a move still copying then is cut short (retryable),
+    /// so one slow product cannot hold up the others.
+    pub timeout: Duration,
 }
 
 impl PublishConfig {
@@ -40,6 +47,7 @@ impl PublishConfig {
                 Duration::from_secs(300),
                 Duration::from_secs(1500),
             ],
+            timeout: Duration::from_secs(3600),
         }
     }
 
@@ -100,7 +108,7 @@ impl From<PathError> for PublishError {
 }
 
 /// A registration request, as clients send it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterProduct {
     pub data_id: String,
@@ -148,35 +156,6 @@ impl Trigger {
     }
 }
 
-/// A failed move, and whether trying again later may help.
-#[derive(Debug)]
-pub struct MoveError {
-    pub message: String,
-    pub retryable: bool,
-}
-
-impl MoveError {
-    fn retryable(message: String) -> Self {
-        MoveError {
-            message,
-            retryable: true,
-        }
-    }
-    fn fatal(message: String) -> Self {
-        MoveError {
-            message,
-            retryable: false,
-        }
-    }
-    fn io(what: &str, e: std::io::Error) -> Self {
-        let retryable = !matches!(e.kind(), std::io::ErrorKind::PermissionDenied);
-        MoveError {
-            message: format!("{what}: {e}"),
-            retryable,
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
@@ -188,6 +167,8 @@ struct Inner {
     config: PublishConfig,
     /// Counts real file moves, for tests and metrics.
     moves: std::sync::atomic::AtomicU64,
+    /// Set at shutdown: a move in progress stops at its next chunk.
+    cancel: std::sync::atomic::AtomicBool,
 }
 
 /// Checks a staged product (id, type, verdict words, a path inside the stage root),
@@ -202,6 +183,25 @@ pub async fn register_product(
     actor: &str,
 ) -> Result<(bool, Option<u64>), PublishError> {
     paths::validate_data_id(&req.data_id)?;
+    // Over HTTP the server registers: product streams take no raw appends, and the
+    // server checks the path against its own stage root.
+    let ledger = match ledger {
+        Ledger::Remote(r) => {
+            let (status, detail) = r.post_command(&["products"], &req).await?;
+            return match status {
+                201 => Ok((true, None)),
+                200 => Ok((false, None)),
+                409 => Err(PublishError::Conflict(detail)),
+                400 | 403 | 415 | 422 => Err(PublishError::Invalid(detail)),
+                503 => Err(PublishError::Store(StoreError::Closed)),
+                _ => Err(PublishError::Store(StoreError::Storage(format!(
+                    "registering {} answered {status}: {detail}",
+                    req.data_id
+                )))),
+            };
+        }
+        Ledger::Local(_) => ledger,
+    };
     if req.data_type.is_empty()
         || req.data_type.len() > 64
         || !req
@@ -277,6 +277,9 @@ pub async fn register_product(
     }
 }
 
+/// Events read per page when a product's stream is loaded.
+const LOAD_PAGE: usize = 1000;
+
 fn stream_of(id: &str) -> String {
     format!("product-{id}")
 }
@@ -299,6 +302,7 @@ impl Publisher {
                 projections,
                 config,
                 moves: std::sync::atomic::AtomicU64::new(0),
+                cancel: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -315,19 +319,42 @@ impl Publisher {
         self.inner.moves.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Stops moves in progress at their next chunk (they are recorded as interrupted and
+    /// retried after the restart); called at shutdown.
+    pub fn interrupt(&self) {
+        self.inner
+            .cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The product's state folded from its own stream (authoritative, not the projection).
     pub async fn load(&self, id: &str) -> Result<ProductState, PublishError> {
         paths::validate_data_id(id)?;
-        let events = match self
-            .inner
-            .ledger
-            .read_stream(&stream_of(id), None, Direction::Forward, 10_000)
-            .await
-        {
-            Ok(e) => e,
-            Err(StoreError::StreamNotFound(_)) => return Err(PublishError::NotFound(id.into())),
-            Err(e) => return Err(e.into()),
-        };
+        let stream = stream_of(id);
+        let mut events = Vec::new();
+        // Page to the end: a product retried many times outgrows one read.
+        loop {
+            let from = events
+                .last()
+                .map(|e: &crate::events::RecordedEvent| e.revision + 1);
+            let page = match self
+                .inner
+                .ledger
+                .read_stream(&stream, from, Direction::Forward, LOAD_PAGE)
+                .await
+            {
+                Ok(e) => e,
+                Err(StoreError::StreamNotFound(_)) => {
+                    return Err(PublishError::NotFound(id.into()));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let full = page.len() >= LOAD_PAGE;
+            events.extend(page);
+            if !full {
+                break;
+            }
+        }
         ProductState::from_events(&events)
             .map_err(|e| {
                 PublishError::Store(StoreError::Corrupt {
@@ -446,13 +473,12 @@ impl Publisher {
         } else {
             state.publish_attempts + 1
         };
-        let source = PathBuf::from(&state.stage_path);
-        let dest_dir = cfg.products_root.join(type_dir(&state.data_type));
-        let name = source
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| id.to_string());
-        let destination = dest_dir.join(&name);
+        // Informational: the move resolves and checks every path again where it uses it.
+        let destination = cfg.products_root.join(type_dir(&state.data_type)).join(
+            Path::new(&state.stage_path)
+                .file_name()
+                .map_or_else(|| id.to_string(), |n| n.to_string_lossy().to_string()),
+        );
         let mut events = Vec::new();
         if trigger == Trigger::Retry {
             events.push(
@@ -486,17 +512,25 @@ impl Publisher {
             })?;
         // We hold the lock: exactly one publisher gets here per attempt.
         let clock = Instant::now();
-        let products_root = cfg.products_root.clone();
-        let checksum = state.checksum.clone();
         let inner = self.inner.clone();
+        let (stage_path, checksum, data_type) = (
+            state.stage_path.clone(),
+            state.checksum.clone(),
+            state.data_type.clone(),
+        );
         let moved = tokio::task::spawn_blocking(move || {
-            let r = move_product(
-                &source,
-                &products_root,
-                &dest_dir,
-                &name,
-                checksum.as_deref(),
-            );
+            let cfg = &inner.config;
+            let r = move_product(&MoveRequest {
+                stage_root: &cfg.stage_root,
+                products_root: &cfg.products_root,
+                stage_path: &stage_path,
+                type_dir: type_dir(&data_type),
+                checksum: checksum.as_deref(),
+                budget: Budget {
+                    deadline: clock + cfg.timeout,
+                    cancel: &inner.cancel,
+                },
+            });
             if r.is_ok() {
                 inner
                     .moves
@@ -523,17 +557,22 @@ impl Publisher {
                 })
             }
             Err(err) => {
+                // An interrupted move is retried at once after the restart, as recovery does.
+                let wait = if err.interrupted {
+                    Duration::ZERO
+                } else {
+                    cfg.backoff_after(attempt)
+                };
                 let next_retry_at = (err.retryable && attempt < cfg.max_attempts).then(|| {
-                    let at = chrono::Utc::now()
-                        + chrono::Duration::from_std(cfg.backoff_after(attempt))
-                            .unwrap_or_default();
+                    let at =
+                        chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
                     format_time(at)
                 });
                 let e = PublishFailed {
                     attempt,
                     error: truncate_error(&err.message),
                     retryable: err.retryable,
-                    interrupted: false,
+                    interrupted: err.interrupted,
                     next_retry_at,
                 };
                 self.append_settled(id, revision, e.to_proposed(&meta(trigger.as_str())))
@@ -586,20 +625,22 @@ impl Publisher {
             if state.status != ProductStatus::Publishing {
                 continue;
             }
-            let checksum = state.checksum.clone();
-            let source = PathBuf::from(&state.stage_path);
-            let destination = state.destination.clone().map(PathBuf::from);
+            let inner = self.inner.clone();
+            let (stage_path, checksum, data_type) = (
+                state.stage_path.clone(),
+                state.checksum.clone(),
+                state.data_type.clone(),
+            );
             let found = tokio::task::spawn_blocking(move || {
-                let done = destination
-                    .as_deref()
-                    .and_then(|d| find_complete(d, checksum.as_deref()));
-                let source_ok = checksum_path(&source)
-                    .ok()
-                    .is_some_and(|(c, _)| Some(c) == checksum);
-                if done.is_some() && source.exists() {
-                    let _ = remove_path(&source);
-                }
-                (done, source_ok)
+                let cfg = &inner.config;
+                let f = settle_interrupted(
+                    &cfg.stage_root,
+                    &cfg.products_root,
+                    &stage_path,
+                    type_dir(&data_type),
+                    checksum.as_deref(),
+                );
+                (f.complete, f.source_intact)
             })
             .await
             .map_err(|e| PublishError::Store(StoreError::Storage(e.to_string())))?;
@@ -619,7 +660,7 @@ impl Publisher {
                         error: if source_ok {
                             "publish interrupted by a crash; the staged file is intact".into()
                         } else {
-                            "publish interrupted by a crash; neither a complete destination nor an intact source was found".into()
+                            "publish interrupted by a crash; neither a complete destination nor an intact source inside the stage root was found (nothing was removed)".into()
                         },
                         retryable,
                         interrupted: true,
@@ -692,215 +733,4 @@ fn check_status_words(
         }
     }
     Ok(())
-}
-
-/// BLAKE3 of a file, or of a folder's files (relative names and contents, in name order).
-pub fn checksum_path(path: &Path) -> std::io::Result<(String, u64)> {
-    let meta = std::fs::metadata(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut size = 0;
-    if meta.is_dir() {
-        let mut files = Vec::new();
-        collect_files(path, path, &mut files)?;
-        files.sort();
-        for rel in files {
-            hasher.update(rel.to_string_lossy().as_bytes());
-            hasher.update(&[0]);
-            let full = path.join(&rel);
-            size += std::fs::metadata(&full)?.len();
-            hasher.update_reader(std::fs::File::open(full)?)?;
-        }
-    } else {
-        size = meta.len();
-        hasher.update_reader(std::fs::File::open(path)?)?;
-    }
-    Ok((hasher.finalize().to_hex().to_string(), size))
-}
-
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let kind = entry.file_type()?;
-        if kind.is_symlink() {
-            // Following it could pull in a file from outside the stage root.
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "{} is a symbolic link inside a staged folder",
-                    path.display()
-                ),
-            ));
-        }
-        if kind.is_dir() {
-            collect_files(root, &path, out)?;
-        } else {
-            out.push(path.strip_prefix(root).unwrap_or(&path).to_path_buf());
-        }
-    }
-    Ok(())
-}
-
-const TMP_PREFIX: &str = ".contimg-tmp-";
-
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-fn copy_durably(src: &Path, dst: &Path) -> std::io::Result<()> {
-    if std::fs::metadata(src)?.is_dir() {
-        std::fs::create_dir(dst)?;
-        for entry in std::fs::read_dir(src)? {
-            let entry = entry?;
-            copy_durably(&entry.path(), &dst.join(entry.file_name()))?;
-        }
-        fsync_dir(dst)
-    } else {
-        std::fs::copy(src, dst)?;
-        std::fs::File::open(dst)?.sync_all()
-    }
-}
-
-fn remove_path(p: &Path) -> std::io::Result<()> {
-    if std::fs::symlink_metadata(p)?.is_dir() {
-        std::fs::remove_dir_all(p)
-    } else {
-        std::fs::remove_file(p)
-    }
-}
-
-/// Renames without replacing: fails with `AlreadyExists` when `to` exists.
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let f = std::ffi::CString::new(from.as_os_str().as_bytes())?;
-    let t = std::ffi::CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: two valid NUL-terminated paths; renameat2 reads them and nothing else.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn suffixed(name: &str, n: u32) -> String {
-    match name.rsplit_once('.') {
-        Some((stem, ext)) if !stem.is_empty() => format!("{stem}_{n}.{ext}"),
-        _ => format!("{name}_{n}"),
-    }
-}
-
-/// `dest` or one of its suffixed names, complete with the right checksum.
-fn find_complete(dest: &Path, checksum: Option<&str>) -> Option<PathBuf> {
-    let checksum = checksum?;
-    let dir = dest.parent()?;
-    let name = dest.file_name()?.to_string_lossy().to_string();
-    std::iter::once(dest.to_path_buf())
-        .chain((1..100).map(|n| dir.join(suffixed(&name, n))))
-        .find(|p| checksum_path(p).is_ok_and(|(c, _)| c == checksum))
-}
-
-/// The move: copy into a temporary name in the destination folder, fsync, rename (never
-/// over an existing file), fsync the folder, verify the checksum, remove the source.
-/// An existing destination with the same checksum is success; another one gets a suffix.
-pub fn move_product(
-    source: &Path,
-    products_root: &Path,
-    dest_dir: &Path,
-    name: &str,
-    checksum: Option<&str>,
-) -> Result<PathBuf, MoveError> {
-    let (actual, _) = checksum_path(source)
-        .map_err(|e| MoveError::io(&format!("staged file {}", source.display()), e))?;
-    if let Some(expected) = checksum
-        && actual != expected
-    {
-        return Err(MoveError::fatal(format!(
-            "staged file {} changed since it was registered (checksum {actual}, expected {expected})",
-            source.display()
-        )));
-    }
-    std::fs::create_dir_all(dest_dir)
-        .map_err(|e| MoveError::io("creating the products folder", e))?;
-    paths::check_destination(products_root, &dest_dir.join(name))
-        .map_err(|e| MoveError::fatal(e.to_string()))?;
-    let tmp = dest_dir.join(format!("{TMP_PREFIX}{}-{name}", uuid::Uuid::new_v4()));
-    let result = (|| {
-        copy_durably(source, &tmp)
-            .map_err(|e| MoveError::io("copying into the products root", e))?;
-        for n in 0..100u32 {
-            let candidate = if n == 0 {
-                dest_dir.join(name)
-            } else {
-                dest_dir.join(suffixed(name, n))
-            };
-            match rename_noreplace(&tmp, &candidate) {
-                Ok(()) => return Ok(candidate),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if checksum_path(&candidate).is_ok_and(|(c, _)| c == actual) {
-                        let _ = remove_path(&tmp);
-                        return Ok(candidate);
-                    }
-                }
-                Err(e) => return Err(MoveError::io("renaming into place", e)),
-            }
-        }
-        Err(MoveError::fatal(format!(
-            "100 products named like {name} already exist"
-        )))
-    })();
-    let dest = match result {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = remove_path(&tmp);
-            return Err(e);
-        }
-    };
-    fsync_dir(dest_dir).map_err(|e| MoveError::io("syncing the products folder", e))?;
-    let (written, _) =
-        checksum_path(&dest).map_err(|e| MoveError::io("verifying the published copy", e))?;
-    if written != actual {
-        let _ = remove_path(&dest);
-        return Err(MoveError::retryable(format!(
-            "published copy of {} does not match its checksum",
-            source.display()
-        )));
-    }
-    // The copy is verified: the product is published. A staged copy that will not go away
-    // is worth a warning, not a failed publish (which would retry against a half-removed
-    // source).
-    if let Err(e) = remove_path(source) {
-        tracing::warn!(path = %source.display(), error = %e, "published, but the staged copy could not be removed");
-    }
-    if let Some(parent) = source.parent() {
-        let _ = fsync_dir(parent);
-    }
-    Ok(dest)
-}
-
-/// Removes temporary copies left by an interrupted move (only the owner publishes, and
-/// this runs before it starts, so none is in use).
-fn remove_temporaries(products_root: &Path) {
-    let Ok(dirs) = std::fs::read_dir(products_root) else {
-        return;
-    };
-    for dir in dirs.flatten() {
-        let Ok(entries) = std::fs::read_dir(dir.path()) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                tracing::warn!(path = %e.path().display(), "removing a temporary file left by a crash");
-                let _ = remove_path(&e.path());
-            }
-        }
-    }
 }

@@ -1,6 +1,8 @@
 //! Shared test harness: a real server on a loopback port, in this process or as a child.
 #![allow(dead_code)]
 
+pub mod webdriver;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,6 +60,38 @@ impl TestServer {
             t.await.unwrap().unwrap();
         }
     }
+}
+
+/// Appends catalogue events to a stopped ledger, as only its owner can: how a test writes
+/// the history a crash (or a bug) leaves, now that the publish lifecycle takes no raw
+/// appends over HTTP. Batches of at most 1,000 (the store's limit), each after the last.
+pub fn append_offline<E: contimg::events::catalogue::DomainEvent>(
+    ledger: &Path,
+    stream: &str,
+    expected: contimg::events::ExpectedRevision,
+    events: &[E],
+) {
+    let meta = contimg::events::catalogue::EventMetadata::actor("test");
+    let batches: Vec<Vec<_>> = events
+        .chunks(1000)
+        .map(|b| b.iter().map(|e| e.to_proposed(&meta)).collect())
+        .collect();
+    // A thread of its own: the store blocks, and tests call this from async code too.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let store = Store::open(ledger).expect("open the stopped ledger");
+            let mut expected = expected;
+            for batch in batches {
+                let r = store
+                    .append_blocking(stream, expected, batch)
+                    .expect("append to the stopped ledger");
+                expected = contimg::events::ExpectedRevision::Exact(r.next_expected_version);
+            }
+            store.close();
+        })
+        .join()
+        .expect("offline append")
+    });
 }
 
 pub fn bin() -> PathBuf {
