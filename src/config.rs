@@ -242,6 +242,8 @@ pub struct PublishSection {
     pub auto_publish: bool,
     /// Longest one publish may take before it is cut short (and retried).
     pub timeout_s: f64,
+    /// A product publishing for longer than this is listed as stuck (and alerted on).
+    pub stuck_publishing_min: f64,
 }
 
 impl Default for PublishSection {
@@ -251,6 +253,7 @@ impl Default for PublishSection {
             backoff_s: vec![60.0, 300.0, 1500.0],
             auto_publish: true,
             timeout_s: 3600.0,
+            stuck_publishing_min: crate::projections::status::DEFAULT_STUCK_PUBLISHING_MIN,
         }
     }
 }
@@ -415,6 +418,11 @@ impl Config {
         );
         backoff("publish.backoff_s", &p.backoff_s)?;
         positive("publish.timeout_s", p.timeout_s, 7.0 * 86_400.0)?;
+        positive(
+            "publish.stuck_publishing_min",
+            p.stuck_publishing_min,
+            7.0 * 1440.0,
+        )?;
         let h = &self.server;
         positive("server.header_timeout_s", h.header_timeout_s, 3600.0)?;
         positive("server.body_timeout_s", h.body_timeout_s, 3600.0)?;
@@ -544,8 +552,30 @@ pub fn absolute(p: &Path) -> PathBuf {
 pub fn durations(seconds: &[f64]) -> Vec<Duration> {
     seconds
         .iter()
-        .map(|s| Duration::from_secs_f64(*s))
+        .map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9)))
         .collect()
+}
+
+/// A retry schedule: the wait before retry `n` (1-based) is entry `n`; the last entry
+/// repeats; an empty schedule waits nothing. The one lookup both the publisher and the
+/// stage runner use.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Backoff(Vec<Duration>);
+
+impl Backoff {
+    pub fn new(waits: Vec<Duration>) -> Self {
+        Backoff(waits)
+    }
+
+    pub fn from_secs(seconds: &[f64]) -> Self {
+        Backoff(durations(seconds))
+    }
+
+    /// The wait after failed attempt `attempt` (1-based; 0 counts as 1).
+    pub fn after(&self, attempt: u32) -> Duration {
+        let i = (attempt.max(1) as usize - 1).min(self.0.len().saturating_sub(1));
+        self.0.get(i).copied().unwrap_or_default()
+    }
 }
 
 fn positive(name: &str, v: f64, max: f64) -> anyhow::Result<()> {
@@ -592,6 +622,15 @@ mod tests {
         assert_eq!(c.stages.runner, RunnerKind::External);
         assert_eq!(c.incoming(), PathBuf::from("/data/incoming"));
         assert_eq!(c.stages.image.as_ref().unwrap().timeout_s, Some(7200.0));
+    }
+
+    #[test]
+    fn backoff_repeats_its_last_entry_and_an_empty_one_waits_nothing() {
+        let b = Backoff::from_secs(&[60.0, 300.0, 1500.0]);
+        let secs: Vec<u64> = (0..6).map(|n| b.after(n).as_secs()).collect();
+        assert_eq!(secs, [60, 60, 300, 1500, 1500, 1500]);
+        assert_eq!(Backoff::default().after(3), Duration::ZERO);
+        assert_eq!(Backoff::from_secs(&[5.0]).after(u32::MAX).as_secs(), 5);
     }
 
     #[test]

@@ -23,7 +23,7 @@ async fn fixture(max_attempts: u32, backoff: f64, token: Option<&str>) -> Fixtur
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::under(dir.path());
     config.publish.max_attempts = max_attempts;
-    config.publish.backoff = vec![Duration::from_secs_f64(backoff)];
+    config.publish.backoff = contimg::config::Backoff::new(vec![Duration::from_secs_f64(backoff)]);
     config.token = token.map(String::from);
     let stage = config.publish.stage_root.clone();
     let products = config.publish.products_root.clone();
@@ -399,7 +399,15 @@ async fn rebuild_gives_the_live_model_back() {
     let before_status = f.status().await;
     let (_, before_failed) = f.get("/api/monitoring/publish/failed").await;
     let live = f.server.state.projections.read(|m| m.clone());
-    let replayed = contimg::projections::replay(&f.server.store, live.last_position(), 2).unwrap();
+    let (replayed, _, _) = contimg::projections::fold_as_of(
+        contimg::projections::FoldSource::Store(f.server.store.clone(), 0),
+        live.last_position().map_or(
+            contimg::projections::AsOf::End,
+            contimg::projections::AsOf::Position,
+        ),
+        2,
+    )
+    .unwrap();
     assert!(
         live.same_as(&replayed),
         "replay from 0 equals the live model"

@@ -79,7 +79,7 @@ impl From<StoreError> for ApiError {
             StoreError::StreamNotFound(_) => ApiError::NotFound(e.to_string()),
             StoreError::InvalidInput(m) => ApiError::BadRequest(m),
             StoreError::Closed => ApiError::Unavailable,
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::Internal(crate::events::error::chain(&other)),
         }
     }
 }

@@ -12,8 +12,8 @@ use super::error::ApiError;
 use super::params::{self, Params};
 use crate::pipeline::publish::Trigger;
 use crate::projections::alerts::{self, Alert, AlertThresholds};
-use crate::projections::product::ProductState;
-use crate::projections::publish::{MICROS_PER_HOUR, PublishModel};
+use crate::projections::publish::PublishModel;
+use crate::projections::status::{self, StuckRow, StuckRule};
 pub use crate::projections::status::{FailedRow, PublishStatus, alert_inputs, publish_status};
 use crate::projections::{AsOf, fold_as_of};
 
@@ -140,17 +140,6 @@ async fn failed(
 }
 
 #[derive(Serialize)]
-struct StuckRow {
-    data_id: String,
-    data_type: String,
-    status: &'static str,
-    stage_path: String,
-    since: f64,
-    hours: f64,
-    publish_attempts: u32,
-}
-
-#[derive(Serialize)]
 struct StuckList {
     older_than_hours: f64,
     publishing_older_than_minutes: f64,
@@ -159,24 +148,12 @@ struct StuckList {
     stuck_publishing: Vec<StuckRow>,
 }
 
-fn stuck_row(p: &ProductState, since: i64, now: i64) -> StuckRow {
-    StuckRow {
-        data_id: p.data_id.clone(),
-        data_type: p.data_type.clone(),
-        status: p.status.as_str(),
-        stage_path: p.stage_path.clone(),
-        since: since as f64 / 1e6,
-        hours: ((now - since) as f64 / MICROS_PER_HOUR as f64 * 100.0).round() / 100.0,
-        publish_attempts: p.publish_attempts,
-    }
-}
-
 async fn stuck(
     State(state): State<AppState>,
     Query(p): Query<Params>,
 ) -> Result<Json<StuckList>, ApiError> {
     let hours = match p.get("older_than_hours").map(|s| s.trim()) {
-        None | Some("") => 24.0,
+        None | Some("") => status::DEFAULT_STUCK_STAGING_HOURS,
         Some(s) => s
             .parse::<f64>()
             .ok()
@@ -187,28 +164,18 @@ async fn stuck(
                 ))
             })?,
     };
-    let publishing_minutes = 30.0;
     let limit = params::limit(&p, 1000)?;
+    let rule = StuckRule {
+        staging_hours: hours,
+        publishing_min: state.publisher.config().stuck_publishing_min,
+    };
     let now = now_micros();
-    let staging_cutoff = now - (hours * MICROS_PER_HOUR as f64) as i64;
-    let publishing_cutoff = now - (publishing_minutes * 60e6) as i64;
-    let (staging, publishing) = state.projections.read(|m| {
-        (
-            m.stuck_staging(staging_cutoff)
-                .into_iter()
-                .take(limit)
-                .map(|p| stuck_row(p, p.staged_at, now))
-                .collect::<Vec<_>>(),
-            m.stuck_publishing(publishing_cutoff)
-                .into_iter()
-                .take(limit)
-                .map(|p| stuck_row(p, p.publishing_since.unwrap_or(now), now))
-                .collect::<Vec<_>>(),
-        )
-    });
+    let (staging, publishing) = state
+        .projections
+        .read(|m| status::stuck(m, now, &rule, limit));
     Ok(Json(StuckList {
         older_than_hours: hours,
-        publishing_older_than_minutes: publishing_minutes,
+        publishing_older_than_minutes: rule.publishing_min,
         count: staging.len() + publishing.len(),
         stuck_staging: staging,
         stuck_publishing: publishing,

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,7 +11,6 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::events::jsonl::WireEvent;
 use crate::events::ledger::RemoteLedger;
 use crate::events::record::{format_time, micros_to_datetime};
 use crate::events::{Direction, RecordedEvent, Store, StoreError};
@@ -156,35 +154,9 @@ impl Source {
     pub(crate) fn events(&self) -> anyhow::Result<Events> {
         Ok(match self {
             Source::Local(s) => Box::new(s.events_from(0)),
-            Source::Export(path) => {
-                let file =
-                    File::open(path).with_context(|| format!("opening {}", path.display()))?;
-                let path = path.clone();
-                Box::new(
-                    BufReader::with_capacity(1 << 20, file)
-                        .lines()
-                        .enumerate()
-                        .filter_map(move |(i, line)| {
-                            let line = match line {
-                                Ok(l) if l.trim().is_empty() => return None,
-                                Ok(l) => l,
-                                Err(e) => return Some(Err(StoreError::Storage(e.to_string()))),
-                            };
-                            Some(
-                                serde_json::from_str::<WireEvent>(&line)
-                                    .map_err(|e| e.to_string())
-                                    .and_then(WireEvent::into_record)
-                                    .map_err(|e| {
-                                        StoreError::InvalidInput(format!(
-                                            "{} line {}: {e}",
-                                            path.display(),
-                                            i + 1
-                                        ))
-                                    }),
-                            )
-                        }),
-                )
-            }
+            Source::Export(path) => Box::new(
+                crate::events::jsonl::read_export(path)?.map(|r| r.map(|(_, record)| record)),
+            ),
             Source::Remote(ledger, rt) => Box::new(RemotePages {
                 ledger: ledger.clone(),
                 rt: rt.clone(),

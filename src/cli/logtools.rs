@@ -1,7 +1,7 @@
 //! `export`, `import` and `verify`: the tools that work on the log itself.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::events::jsonl::WireEvent;
 use crate::events::ledger::RemoteLedger;
+use crate::events::shape::{Empty, LogShape};
 use crate::events::{Direction, Ledger, RecordedEvent, Store};
 
 #[derive(clap::Args, Debug)]
@@ -124,21 +125,12 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn read_export(
-    path: &PathBuf,
+    path: &std::path::Path,
     mut f: impl FnMut(usize, RecordedEvent) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    for (i, line) in BufReader::with_capacity(1 << 20, file).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let wire: WireEvent = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {}: not an exported event", path.display(), i + 1))?;
-        let record = wire
-            .into_record()
-            .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), i + 1))?;
-        f(i + 1, record)?;
+    for item in crate::events::jsonl::read_export(path)? {
+        let (line, record) = item?;
+        f(line, record)?;
     }
     Ok(())
 }
@@ -146,43 +138,18 @@ fn read_export(
 pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     // First pass: the whole file must be a well-formed log before anything is written,
     // so that a bad line never leaves a half-imported ledger behind.
-    let mut next = 0u64;
-    let mut heads = std::collections::HashMap::<String, u64>::new();
-    let mut ids = std::collections::HashSet::<(String, uuid::Uuid)>::new();
-    let mut created = i64::MIN;
+    let mut shape = LogShape::from_start(true);
     read_export(&args.file, |line, r| {
         crate::events::record::validate_stream_name(&r.stream_id)
             .map_err(|e| anyhow::anyhow!("line {line}: {e}"))?;
-        if r.position != next {
-            bail!(
-                "line {line}: position {} where {next} was expected",
-                r.position
-            );
-        }
-        let want = heads.get(&r.stream_id).map_or(0, |h| h + 1);
-        if r.revision != want {
-            bail!(
-                "line {line}: {} revision {} where {want} was expected",
-                r.stream_id,
-                r.revision
-            );
-        }
-        if r.created_micros < created {
-            bail!("line {line}: created earlier than the line before it");
-        }
-        if !ids.insert((r.stream_id.clone(), r.event_id)) {
-            bail!(
-                "line {line}: event id {} appears twice in {}",
-                r.event_id,
-                r.stream_id
-            );
-        }
-        created = r.created_micros;
-        heads.insert(r.stream_id, r.revision);
-        next += 1;
+        shape
+            .check(&r, &mut Empty)?
+            .map_err(|e| anyhow::anyhow!("line {line}: {e}"))?;
         Ok(())
     })?;
-    drop(ids);
+    let next = shape.next_position();
+    drop(shape);
+
     let store = Store::open(&args.data_dir)
         .with_context(|| format!("opening ledger at {}", args.data_dir.display()))?;
     if store.event_count() != 0 {

@@ -205,8 +205,9 @@ pub fn server_config(c: &Config) -> ServerConfig {
     s.publish.stage_root = c.stage_root();
     s.publish.products_root = c.products_root();
     s.publish.max_attempts = c.publish.max_attempts;
-    s.publish.backoff = crate::config::durations(&c.publish.backoff_s);
+    s.publish.backoff = crate::config::Backoff::from_secs(&c.publish.backoff_s);
     s.publish.timeout = Duration::from_secs_f64(c.publish.timeout_s);
+    s.publish.stuck_publishing_min = c.publish.stuck_publishing_min;
     s.auto_publish = c.publish.auto_publish;
     let h = &c.server;
     s.http = crate::api::HttpLimits {

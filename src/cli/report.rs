@@ -13,7 +13,7 @@ use serde_json::json;
 use super::audit::Source;
 use crate::projections::metrics::{Metrics, MetricsReport};
 use crate::projections::publish::{MICROS_PER_HOUR, PublishModel};
-use crate::projections::status::{PublishStatus, publish_status};
+use crate::projections::status::{self, PublishStatus, StuckRow, StuckRule, publish_status};
 
 #[derive(clap::Args, Debug)]
 #[command(group = clap::ArgGroup::new("source").args(["data_dir", "export", "url"]))]
@@ -46,8 +46,12 @@ pub struct ReportArgs {
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
     /// Staging older than this at the end of the window counts as stuck.
-    #[arg(long, default_value_t = 24.0)]
+    #[arg(long, default_value_t = crate::projections::status::DEFAULT_STUCK_STAGING_HOURS)]
     pub stuck_hours: f64,
+    /// Publishing older than this (minutes) at the end of the window counts as stuck
+    /// (the server's `[publish] stuck_publishing_min`).
+    #[arg(long, default_value_t = crate::projections::status::DEFAULT_STUCK_PUBLISHING_MIN)]
+    pub stuck_publishing_min: f64,
 }
 
 fn parse_time(t: &str) -> anyhow::Result<i64> {
@@ -71,15 +75,6 @@ fn parse_span(s: &str) -> anyhow::Result<i64> {
         bail!("--last must be positive and at most 3660 days");
     }
     Ok((n * unit_micros as f64) as i64)
-}
-
-/// A product stuck at the end of the window.
-#[derive(serde::Serialize)]
-struct Stuck {
-    data_id: String,
-    data_type: String,
-    status: &'static str,
-    hours: f64,
 }
 
 pub fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
@@ -120,29 +115,12 @@ pub fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
     source.close();
     let status = publish_status(&model, to);
     let report = metrics.report();
-    let cutoff = to - (args.stuck_hours * MICROS_PER_HOUR as f64) as i64;
-    let hours = |since: i64| ((to - since) as f64 / MICROS_PER_HOUR as f64 * 100.0).round() / 100.0;
-    let mut stuck: Vec<Stuck> = model
-        .stuck_staging(cutoff)
-        .into_iter()
-        .map(|p| Stuck {
-            data_id: p.data_id.clone(),
-            data_type: p.data_type.clone(),
-            status: p.status.as_str(),
-            hours: hours(p.staged_at),
-        })
-        .collect();
-    stuck.extend(
-        model
-            .stuck_publishing(to - 30 * 60_000_000)
-            .into_iter()
-            .map(|p| Stuck {
-                data_id: p.data_id.clone(),
-                data_type: p.data_type.clone(),
-                status: p.status.as_str(),
-                hours: hours(p.publishing_since.unwrap_or(to)),
-            }),
-    );
+    let rule = StuckRule {
+        staging_hours: args.stuck_hours,
+        publishing_min: args.stuck_publishing_min,
+    };
+    let (mut stuck, publishing) = status::stuck(&model, to, &rule, usize::MAX);
+    stuck.extend(publishing);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let doc = json!({
@@ -188,7 +166,7 @@ fn md_table(m: &mut String, title: &str, header: &[&str], rows: impl Iterator<It
     }
 }
 
-fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[Stuck]) -> String {
+fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
     let mut m = String::new();
     let _ = writeln!(
         m,
@@ -478,7 +456,7 @@ fn hbars(id: &str, title: &str, items: &[(String, f64)]) -> String {
     svg
 }
 
-fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[Stuck]) -> String {
+fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
     let labels: Vec<String> = r.days.iter().map(|d| d.date.clone()).collect();
     let published: Vec<f64> = r.days.iter().map(|d| d.published as f64).collect();
     let failed: Vec<f64> = r.days.iter().map(|d| d.failed as f64).collect();

@@ -63,6 +63,8 @@ pub fn current_to_wire(current: Option<u64>) -> i64 {
     current.map_or(-1, |c| c as i64)
 }
 
+/// What can go wrong in the ledger, each variant with the status the API maps it to. The
+/// causes are kept (`source`), so `contimg: {err:#}` prints the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The stream's revision did not match; nothing was written. HTTP 409.
@@ -87,25 +89,82 @@ pub enum StoreError {
         .pid.map(|p| format!(" (contimg pid {p})")).unwrap_or_default()
     )]
     Locked { dir: String, pid: Option<u32> },
-    /// The store has shut down; the append was not written.
+    /// The store has shut down; the append was not written. HTTP 503.
     #[error("the event store is shut down")]
     Closed,
-    /// A stored record failed to decode or its checksum failed.
+    /// A stored record failed to decode or its checksum failed. HTTP 500.
     #[error("corrupt record at position {position}: {reason}")]
     Corrupt { position: u64, reason: String },
-    /// Disk or sled failure; the append was not acknowledged. HTTP 500.
-    #[error("storage error: {0}")]
-    Storage(String),
+    /// A key or value of the store's own layout is not what it writes. HTTP 500.
+    #[error("corrupt {what}: {len} bytes where at least {want} were expected")]
+    CorruptKey {
+        what: &'static str,
+        len: usize,
+        want: usize,
+    },
+    /// The ledger folder could not be created or opened. HTTP 500.
+    #[error("opening the ledger folder {path}")]
+    Folder {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A batch could not be made durable (flush, fdatasync, fsync); it was not
+    /// acknowledged, and the store takes no more writes. HTTP 500.
+    #[error("making appends durable failed ({step})")]
+    NotDurable {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An earlier batch could not be made durable; writes are refused until the store is
+    /// reopened (a restart). HTTP 500.
+    #[error("an earlier flush failed; restart to recover")]
+    Poisoned,
+    /// sled failed. HTTP 500.
+    #[error("storage error")]
+    Sled(#[from] sled::Error),
+    /// Other file-system failure. HTTP 500.
+    #[error("storage I/O")]
+    Io(#[from] std::io::Error),
+    /// The ledger server could not be reached or its answer not read. HTTP 502 to a
+    /// client of ours, an error for the tools.
+    #[error("ledger server {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The ledger server answered with an error this client does not map.
+    #[error("ledger server answered {status}: {detail}")]
+    Server { status: u16, detail: String },
+    /// A worker thread or task of the store's caller failed (panicked or was cancelled).
+    #[error("{0}")]
+    Task(String),
 }
 
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        StoreError::Storage(e.to_string())
+/// An error and its causes on one line, `a: b: c`, for logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
     }
+    out
 }
 
-impl From<std::io::Error> for StoreError {
-    fn from(e: std::io::Error) -> Self {
-        StoreError::Storage(e.to_string())
-    }
+/// Reads a big-endian u64 at the start of `bytes`; a short value is `CorruptKey`, never a
+/// panic. The one reader of the store's keys and values.
+pub fn be_u64(bytes: &[u8], what: &'static str) -> Result<u64, StoreError> {
+    bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or(StoreError::CorruptKey {
+            what,
+            len: bytes.len(),
+            want: 8,
+        })
 }

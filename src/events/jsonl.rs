@@ -81,3 +81,43 @@ impl WireEvent {
         })
     }
 }
+
+/// The records of an export file, one per non-blank line, in file order, read lazily.
+/// Each item is the line number (1-based) and the record, or an error naming the file and
+/// the line. The one reader of exports: `import`, `audit` and `report` use it.
+pub fn read_export(
+    path: &std::path::Path,
+) -> Result<
+    impl Iterator<Item = Result<(usize, RecordedEvent), super::StoreError>> + use<>,
+    super::StoreError,
+> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|source| super::StoreError::Folder {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let path = path.to_path_buf();
+    Ok(std::io::BufReader::with_capacity(1 << 20, file)
+        .lines()
+        .enumerate()
+        .filter_map(move |(i, line)| {
+            let line = match line {
+                Ok(l) if l.trim().is_empty() => return None,
+                Ok(l) => l,
+                Err(e) => return Some(Err(super::StoreError::Io(e))),
+            };
+            Some(
+                serde_json::from_str::<WireEvent>(&line)
+                    .map_err(|e| format!("not an exported event: {e}"))
+                    .and_then(WireEvent::into_record)
+                    .map(|r| (i + 1, r))
+                    .map_err(|e| {
+                        super::StoreError::InvalidInput(format!(
+                            "{} line {}: {e}",
+                            path.display(),
+                            i + 1
+                        ))
+                    }),
+            )
+        }))
+}

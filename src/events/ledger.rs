@@ -119,10 +119,6 @@ struct EventsReply {
     next: Option<u64>,
 }
 
-fn wire_error(e: reqwest::Error) -> StoreError {
-    StoreError::Storage(format!("ledger server: {e}"))
-}
-
 impl RemoteLedger {
     pub fn new(url: &str, token: Option<String>) -> Result<Self, StoreError> {
         let base = reqwest::Url::parse(url)
@@ -134,7 +130,10 @@ impl RemoteLedger {
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5))
             .build()
-            .map_err(wire_error)?;
+            .map_err(|source| StoreError::Unreachable {
+                url: url.to_string(),
+                source,
+            })?;
         Ok(RemoteLedger {
             base,
             client,
@@ -152,6 +151,13 @@ impl RemoteLedger {
             }
         }
         url
+    }
+
+    fn unreachable(&self, source: reqwest::Error) -> StoreError {
+        StoreError::Unreachable {
+            url: self.base.to_string(),
+            source,
+        }
     }
 
     fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -193,10 +199,10 @@ impl RemoteLedger {
             .json(&body)
             .send()
             .await
-            .map_err(wire_error)?;
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         if status.is_success() {
-            let r: AppendReply = resp.json().await.map_err(wire_error)?;
+            let r: AppendReply = resp.json().await.map_err(|e| self.unreachable(e))?;
             return Ok(AppendResult {
                 next_expected_version: r.next_expected_version,
                 position: r.position,
@@ -214,7 +220,10 @@ impl RemoteLedger {
             },
             400 | 422 => StoreError::InvalidInput(detail),
             503 => StoreError::Closed,
-            _ => StoreError::Storage(format!("ledger server answered {status}: {detail}")),
+            code => StoreError::Server {
+                status: code,
+                detail,
+            },
         })
     }
 
@@ -233,7 +242,7 @@ impl RemoteLedger {
             .json(body)
             .send()
             .await
-            .map_err(wire_error)?;
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status().as_u16();
         let detail = if resp.status().is_success() {
             String::new()
@@ -255,7 +264,7 @@ impl RemoteLedger {
             .authed(self.client.get(url))
             .send()
             .await
-            .map_err(wire_error)?;
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         if status.as_u16() == 404
             && let Some(s) = stream
@@ -268,11 +277,12 @@ impl RemoteLedger {
                 .await
                 .map(|e| e.detail)
                 .unwrap_or_default();
-            return Err(StoreError::Storage(format!(
-                "ledger server answered {status}: {detail}"
-            )));
+            return Err(StoreError::Server {
+                status: status.as_u16(),
+                detail,
+            });
         }
-        resp.json().await.map_err(wire_error)
+        resp.json().await.map_err(|e| self.unreachable(e))
     }
 
     fn query(url: &mut reqwest::Url, from: Option<u64>, direction: Direction, limit: usize) {
@@ -319,6 +329,11 @@ impl RemoteLedger {
 fn to_records(events: Vec<WireEvent>) -> Result<Vec<RecordedEvent>, StoreError> {
     events
         .into_iter()
-        .map(|w| w.into_record().map_err(StoreError::Storage))
+        .map(|w| {
+            w.into_record().map_err(|e| StoreError::Server {
+                status: 200,
+                detail: format!("an event in the answer does not decode: {e}"),
+            })
+        })
         .collect()
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod jsonl;
 pub mod ledger;
 pub mod record;
+pub mod shape;
 pub mod store;
 pub mod verify;
 

@@ -35,10 +35,12 @@ use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
+use super::error::be_u64;
 use super::error::{ExpectedRevision, StoreError};
 use super::record::{
     ProposedEvent, RecordRef, RecordedEvent, validate_event_type, validate_stream_name,
 };
+use super::shape::{Before, LogShape};
 
 /// Largest `data` or `metadata` payload accepted, in bytes. Events are facts, not files;
 /// the bound also keeps every value out of sled's separately written blob files.
@@ -228,7 +230,10 @@ impl Iterator for LogIter {
                 Ok(kv) => kv,
                 Err(e) => return Some(Err(e.into())),
             };
-            let start = be_u64(&k[1..]);
+            let start = match be_u64(&k[1..], "log key") {
+                Ok(s) => s,
+                Err(e) => return Some(Err(e)),
+            };
             let ranges = match chunk::entries(&v) {
                 Ok(r) => r,
                 Err(reason) => {
@@ -250,10 +255,6 @@ impl Iterator for LogIter {
             self.pending.extend(entries);
         }
     }
-}
-
-fn be_u64(bytes: &[u8]) -> u64 {
-    u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
 }
 
 fn now_micros() -> i64 {
@@ -292,8 +293,10 @@ impl Store {
     /// the owner's pid, when another process holds it.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| StoreError::Storage(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Folder {
+            path: dir.clone(),
+            source,
+        })?;
         let lock = lock_folder(&dir)?;
         let sled_dir = dir.join("log");
         let fresh = !sled_dir.exists();
@@ -301,7 +304,13 @@ impl Store {
             .path(&sled_dir)
             .cache_capacity(1024 * 1024 * 1024)
             .open()
-            .map_err(|e| StoreError::Storage(format!("opening {}: {e}", sled_dir.display())))?;
+            .map_err(|e| StoreError::Folder {
+                path: sled_dir.clone(),
+                source: match e {
+                    sled::Error::Io(io) => io,
+                    other => std::io::Error::other(other.to_string()),
+                },
+            })?;
         if fresh {
             // New files exist now: make their directory entries durable.
             File::open(&sled_dir)?.sync_all()?;
@@ -314,7 +323,7 @@ impl Store {
         {
             Some(item) => {
                 let (k, v) = item?;
-                let start = be_u64(&k[1..]);
+                let start = be_u64(&k[1..], "log key")?;
                 // A damaged last chunk must not keep `verify` from reporting on it.
                 match chunk::entries(&v) {
                     Ok(ranges) => {
@@ -448,9 +457,7 @@ impl Store {
 
     fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
         if self.inner.poisoned.load(Ordering::Acquire) {
-            return Err(StoreError::Storage(
-                "an earlier flush failed; restart to recover".into(),
-            ));
+            return Err(StoreError::Poisoned);
         }
         let guard = self.inner.sender.lock().expect("sender mutex");
         let sender = guard.as_ref().ok_or(StoreError::Closed)?;
@@ -484,12 +491,15 @@ impl Store {
         for item in self
             .inner
             .tree
-            .range(keys::index(stream, 0)..=keys::index(stream, be_u64(&rev)))
+            .range(keys::index(stream, 0)..=keys::index(stream, be_u64(&rev, "stream head")?))
             .rev()
         {
             let (k, v) = item?;
-            if be_u64(&v) < durable {
-                return Ok(Some(be_u64(&k[prefix_len..])));
+            if be_u64(&v, "stream index value")? < durable {
+                return Ok(Some(be_u64(
+                    k.get(prefix_len..).unwrap_or_default(),
+                    "stream index key",
+                )?));
             }
         }
         Ok(None)
@@ -508,7 +518,7 @@ impl Store {
         let low = keys::index(stream, 0);
         let high = keys::index(stream, u64::MAX);
         let exists = match self.inner.tree.range(low.clone()..=high.clone()).next() {
-            Some(item) => be_u64(&item?.1) < durable,
+            Some(item) => be_u64(&item?.1, "stream index value")? < durable,
             None => false,
         };
         if !exists {
@@ -533,7 +543,7 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            let position = be_u64(&item?.1);
+            let position = be_u64(&item?.1, "stream index value")?;
             if position >= durable {
                 // Not yet durable: invisible. Going forward nothing after it is either.
                 if direction == Direction::Forward {
@@ -574,7 +584,7 @@ impl Store {
                 .range(keys::log(0)..=keys::log(position))
                 .next_back()
             {
-                Some(item) => be_u64(&item?.0[1..]),
+                Some(item) => be_u64(&item?.0[1..], "log key")?,
                 None => position,
             },
         )
@@ -724,7 +734,7 @@ impl Store {
         if v.len() < 9 || v[0] != 1 {
             return Ok(None);
         }
-        let c = be_u64(&v[1..9]);
+        let c = be_u64(&v[1..9], "snapshot checkpoint")?;
         Ok(Some((c.checked_sub(1), v[9..].to_vec())))
     }
 
@@ -897,11 +907,11 @@ impl Reply {
         }
     }
 
-    /// Turns a success into `err`: the batch it belongs to never became durable.
-    fn fail(self, err: &str) {
+    /// Turns a success into `err()`: the batch it belongs to never became durable.
+    fn fail(self, err: impl Fn() -> StoreError) {
         match self {
-            Reply::Append(tx, r) => drop(tx.send(r.and(Err(StoreError::Storage(err.into()))))),
-            Reply::Import(tx, r) => drop(tx.send(r.and(Err(StoreError::Storage(err.into()))))),
+            Reply::Append(tx, r) => drop(tx.send(r.and_then(|_| Err(err())))),
+            Reply::Import(tx, r) => drop(tx.send(r.and_then(|_| Err(err())))),
         }
     }
 }
@@ -961,7 +971,7 @@ impl Syncer {
                 tickets
                     .into_iter()
                     .flat_map(|t| t.replies)
-                    .for_each(|r| r.fail("an earlier flush failed"));
+                    .for_each(|r| r.fail(|| StoreError::Poisoned));
                 continue;
             }
             match self.sync() {
@@ -978,25 +988,44 @@ impl Syncer {
                 }
                 Err(e) => {
                     self.poisoned.store(true, Ordering::Release);
-                    tracing::error!(error = %e, "making appends durable failed; refusing appends until restart");
-                    let e = e.to_string();
-                    tickets
-                        .into_iter()
-                        .flat_map(|t| t.replies)
-                        .for_each(|r| r.fail(&e));
+                    tracing::error!(error = %super::error::chain(&e), "making appends durable failed; refusing appends until restart");
+                    // Each caller gets the cause (io::Error is not Clone: same kind and text).
+                    let (step, kind, text) = match &e {
+                        StoreError::NotDurable { step, source } => {
+                            (step.clone(), source.kind(), source.to_string())
+                        }
+                        other => (
+                            "sync".to_string(),
+                            std::io::ErrorKind::Other,
+                            super::error::chain(other),
+                        ),
+                    };
+                    tickets.into_iter().flat_map(|t| t.replies).for_each(|r| {
+                        r.fail(|| StoreError::NotDurable {
+                            step: step.clone(),
+                            source: std::io::Error::new(kind, text.clone()),
+                        })
+                    });
                 }
             }
         }
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map_err(|e| StoreError::Storage(format!("flush: {e}")))?;
+        self.db.flush().map_err(|e| StoreError::NotDurable {
+            step: "flush".into(),
+            source: match e {
+                sled::Error::Io(io) => io,
+                other => std::io::Error::other(other.to_string()),
+            },
+        })?;
         // sled's flush ends in sync_file_range, which leaves the disk's write cache alone.
         self.data_file
             .sync_data()
-            .map_err(|e| StoreError::Storage(format!("fdatasync: {e}")))?;
+            .map_err(|source| StoreError::NotDurable {
+                step: "fdatasync of the data file".into(),
+                source,
+            })?;
         self.sync_blobs()
     }
 
@@ -1016,8 +1045,10 @@ impl Syncer {
                 continue;
             }
             if let Ok(f) = File::open(entry.path()) {
-                f.sync_all()
-                    .map_err(|e| StoreError::Storage(format!("fsync of a sled blob: {e}")))?;
+                f.sync_all().map_err(|source| StoreError::NotDurable {
+                    step: format!("fsync of sled blob {}", entry.path().display()),
+                    source,
+                })?;
             }
             synced.insert(name);
             any = true;
@@ -1099,7 +1130,12 @@ impl Writer {
                 self.next_position = start_position;
                 self.last_created = start_created;
                 let e = e.to_string();
-                replies.into_iter().for_each(|r| r.fail(&e));
+                replies.into_iter().for_each(|r| {
+                    r.fail(|| StoreError::NotDurable {
+                        step: "applying the batch".into(),
+                        source: std::io::Error::other(e.clone()),
+                    })
+                });
                 return;
             }
         }
@@ -1115,7 +1151,10 @@ impl Writer {
         if let Some(&r) = plan.head_overlay.get(stream) {
             return Ok(Some(r));
         }
-        Ok(self.tree.get(keys::head(stream))?.map(|v| be_u64(&v)))
+        self.tree
+            .get(keys::head(stream))?
+            .map(|v| be_u64(&v, "stream head"))
+            .transpose()
     }
 
     fn find_id(
@@ -1127,10 +1166,15 @@ impl Writer {
         if let Some(&hit) = plan.id_overlay.get(&(stream.to_string(), id)) {
             return Ok(Some(hit));
         }
-        Ok(self
-            .tree
+        self.tree
             .get(keys::id(stream, &id))?
-            .map(|v| (be_u64(&v[..8]), be_u64(&v[8..16]))))
+            .map(|v| {
+                Ok((
+                    be_u64(&v, "id index value")?,
+                    be_u64(v.get(8..).unwrap_or_default(), "id index value")?,
+                ))
+            })
+            .transpose()
     }
 
     fn plan_append(
@@ -1205,46 +1249,27 @@ impl Writer {
         plan: &mut Plan,
     ) -> Result<(), StoreError> {
         // Check everything before staging anything: a bad import writes nothing.
-        let mut heads: HashMap<&str, Option<u64>> = HashMap::new();
-        let mut ids: HashSet<(&str, Uuid)> = HashSet::new();
+        struct InStore<'a> {
+            writer: &'a Writer,
+            plan: &'a Plan,
+        }
+        impl Before for InStore<'_> {
+            fn head(&mut self, stream: &str) -> Result<Option<u64>, StoreError> {
+                self.writer.head(self.plan, stream)
+            }
+            fn has_id(&mut self, stream: &str, id: Uuid) -> Result<bool, StoreError> {
+                Ok(self.writer.find_id(self.plan, stream, id)?.is_some())
+            }
+        }
+        let mut shape = LogShape::after(self.next_position, self.last_created, true);
+        let mut before = InStore { writer: self, plan };
         let mut created = self.last_created;
-        for (position, r) in (self.next_position..).zip(records) {
+        for r in records {
             validate_stream_name(&r.stream_id).map_err(StoreError::InvalidInput)?;
-            if r.position != position {
-                return Err(StoreError::InvalidInput(format!(
-                    "record {} has position {}, expected {position}",
-                    r.event_id, r.position
-                )));
-            }
-            let head = match heads.get(r.stream_id.as_str()) {
-                Some(h) => *h,
-                None => self.head(plan, &r.stream_id)?,
-            };
-            if r.revision != head.map_or(0, |h| h + 1) {
-                return Err(StoreError::InvalidInput(format!(
-                    "record at position {} has revision {} in {}, expected {}",
-                    r.position,
-                    r.revision,
-                    r.stream_id,
-                    head.map_or(0, |h| h + 1)
-                )));
-            }
-            if r.created_micros < created {
-                return Err(StoreError::InvalidInput(format!(
-                    "record at position {} is older than the one before it",
-                    r.position
-                )));
-            }
-            if !ids.insert((&r.stream_id, r.event_id))
-                || self.find_id(plan, &r.stream_id, r.event_id)?.is_some()
-            {
-                return Err(StoreError::InvalidInput(format!(
-                    "event id {} already in {}",
-                    r.event_id, r.stream_id
-                )));
-            }
-            heads.insert(&r.stream_id, Some(r.revision));
-            created = r.created_micros;
+            shape
+                .check(r, &mut before)?
+                .map_err(|e| StoreError::InvalidInput(e.to_string()))?;
+            created = created.max(r.created_micros);
         }
         for r in records {
             let mut record = r.clone();

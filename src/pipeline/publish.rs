@@ -14,6 +14,7 @@ use super::moves::{
     settle_interrupted,
 };
 use super::paths::{self, PathError};
+use crate::config::Backoff;
 use crate::events::catalogue::{
     DomainEvent, EventMetadata, ProductFinalized, ProductRegistered, PublishFailed, PublishStarted,
     PublishSucceeded, RetryRequested,
@@ -29,11 +30,13 @@ pub struct PublishConfig {
     pub stage_root: PathBuf,
     pub products_root: PathBuf,
     pub max_attempts: u32,
-    /// Wait before automatic retry n (1-based); the last entry repeats.
-    pub backoff: Vec<Duration>,
+    /// Waits before automatic retries.
+    pub backoff: Backoff,
     /// Longest one publish may take; a move still copying then is cut short (retryable),
     /// so one slow product cannot hold up the others.
     pub timeout: Duration,
+    /// A product publishing for longer than this (minutes) is listed as stuck.
+    pub stuck_publishing_min: f64,
 }
 
 impl PublishConfig {
@@ -42,21 +45,10 @@ impl PublishConfig {
             stage_root,
             products_root,
             max_attempts: 3,
-            backoff: vec![
-                Duration::from_secs(60),
-                Duration::from_secs(300),
-                Duration::from_secs(1500),
-            ],
+            backoff: Backoff::from_secs(&[60.0, 300.0, 1500.0]),
             timeout: Duration::from_secs(3600),
+            stuck_publishing_min: crate::projections::status::DEFAULT_STUCK_PUBLISHING_MIN,
         }
-    }
-
-    fn backoff_after(&self, attempt: u32) -> Duration {
-        let i = (attempt.max(1) as usize - 1).min(self.backoff.len().saturating_sub(1));
-        self.backoff
-            .get(i)
-            .copied()
-            .unwrap_or(Duration::from_secs(60))
     }
 }
 
@@ -194,10 +186,7 @@ pub async fn register_product(
                 409 => Err(PublishError::Conflict(detail)),
                 400 | 403 | 415 | 422 => Err(PublishError::Invalid(detail)),
                 503 => Err(PublishError::Store(StoreError::Closed)),
-                _ => Err(PublishError::Store(StoreError::Storage(format!(
-                    "registering {} answered {status}: {detail}",
-                    req.data_id
-                )))),
+                _ => Err(PublishError::Store(StoreError::Server { status, detail })),
             };
         }
         Ledger::Local(_) => ledger,
@@ -224,7 +213,7 @@ pub async fn register_product(
         Ok::<_, PublishError>((real, checksum, size))
     })
     .await
-    .map_err(|e| PublishError::Store(StoreError::Storage(e.to_string())))??;
+    .map_err(|e| PublishError::Store(StoreError::Task(format!("a publish task failed: {e}"))))??;
     let metadata = req
         .metadata
         .unwrap_or_default()
@@ -561,7 +550,7 @@ impl Publisher {
                 let wait = if err.interrupted {
                     Duration::ZERO
                 } else {
-                    cfg.backoff_after(attempt)
+                    cfg.backoff.after(attempt)
                 };
                 let next_retry_at = (err.retryable && attempt < cfg.max_attempts).then(|| {
                     let at =
@@ -612,7 +601,9 @@ impl Publisher {
         let root = self.inner.config.products_root.clone();
         tokio::task::spawn_blocking(move || remove_temporaries(&root))
             .await
-            .map_err(|e| PublishError::Store(StoreError::Storage(e.to_string())))?;
+            .map_err(|e| {
+                PublishError::Store(StoreError::Task(format!("a publish task failed: {e}")))
+            })?;
         let stuck: Vec<String> = self.inner.projections.read(|m| {
             m.publishing()
                 .into_iter()
@@ -643,7 +634,9 @@ impl Publisher {
                 (f.complete, f.source_intact)
             })
             .await
-            .map_err(|e| PublishError::Store(StoreError::Storage(e.to_string())))?;
+            .map_err(|e| {
+                PublishError::Store(StoreError::Task(format!("a publish task failed: {e}")))
+            })?;
             let event = match found {
                 (Some(path), _) => PublishSucceeded {
                     published_path: path.display().to_string(),

@@ -532,11 +532,8 @@ impl Pipeline {
     fn failure(&self, stage: &str, attempt: u32, r: &RunResult, cfg: &StagesConfig) -> StageFailed {
         let f = r.outcome.as_ref().err();
         let next = (attempt < cfg.max_attempts).then(|| {
-            let i = (attempt as usize)
-                .saturating_sub(1)
-                .min(cfg.backoff_s.len() - 1);
-            let wait = chrono::Duration::milliseconds((cfg.backoff_s[i] * 1e3) as i64);
-            format_time(Utc::now() + wait)
+            let wait = crate::config::Backoff::from_secs(&cfg.backoff_s).after(attempt);
+            format_time(Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default())
         });
         StageFailed {
             stage: stage.into(),

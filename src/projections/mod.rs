@@ -26,26 +26,6 @@ const SNAPSHOT_EVERY_EVENTS: u64 = 100_000;
 /// ...or this long after the last one, when anything changed.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
 
-/// Folds every durable event up to and including `until` (all when `None`) into a fresh
-/// model: rebuilds, as-of replays and offline reports all go through here.
-pub fn replay(
-    store: &Store,
-    until: Option<u64>,
-    max_attempts: u32,
-) -> Result<PublishModel, StoreError> {
-    let mut model = PublishModel::new(max_attempts);
-    model.reserve(product_estimate(store, 0));
-    let end = until.map_or(u64::MAX, |u| u.saturating_add(1));
-    fold_source(FoldSource::Store(store.clone(), 0), |e, decoded| {
-        if e.position >= end {
-            return false;
-        }
-        model.apply_decoded(e, decoded);
-        true
-    })?;
-    Ok(model)
-}
-
 /// Products a fold of `store` from `from` may meet, to size the model's map once: a
 /// product takes three events or more (registered, publish started, an outcome), so a
 /// quarter of the events is a generous bound; the map's untouched room costs address
@@ -141,7 +121,7 @@ where
         std::thread::Builder::new()
             .name(name)
             .spawn(work)
-            .map_err(|e| StoreError::Storage(format!("starting a fold thread: {e}")))
+            .map_err(|e| StoreError::Task(format!("starting a fold thread: {e}")))
     };
     let mut raw_txs = Vec::new();
     let mut out_rxs = Vec::new();
@@ -224,7 +204,7 @@ where
         panicked |= t.join().is_err();
     }
     if panicked && result.is_ok() {
-        return Err(StoreError::Storage(
+        return Err(StoreError::Task(
             "a thread reading the log failed; the fold is incomplete".into(),
         ));
     }
@@ -243,6 +223,8 @@ pub enum AsOf {
     Position(u64),
     /// Microseconds since the epoch, UTC.
     Time(i64),
+    /// The whole log (a rebuild).
+    End,
 }
 
 /// The read model as it stood at `as_of`, folded from `events` (any source, in position
@@ -261,19 +243,20 @@ pub fn fold_as_of(
     let mut at = None;
     let mut now = match as_of {
         AsOf::Time(t) => t,
-        AsOf::Position(_) => i64::MIN,
+        AsOf::Position(_) | AsOf::End => i64::MIN,
     };
     fold_source(events, |e, decoded| {
         let past = match as_of {
             AsOf::Position(p) => e.position > p,
             AsOf::Time(t) => e.created_micros > t,
+            AsOf::End => false,
         };
         if past {
             return false;
         }
         model.apply_decoded(e, decoded);
         at = Some(e.position);
-        if let AsOf::Position(_) = as_of {
+        if !matches!(as_of, AsOf::Time(_)) {
             now = e.created_micros;
         }
         true
@@ -462,7 +445,11 @@ impl Projections {
     /// the number of events replayed. Blocking: call from a blocking thread.
     pub fn rebuild(&self) -> Result<u64, StoreError> {
         let store = &self.shared.store;
-        let mut fresh = replay(store, None, self.shared.max_attempts)?;
+        let (mut fresh, _, _) = fold_as_of(
+            FoldSource::Store(store.clone(), 0),
+            AsOf::End,
+            self.shared.max_attempts,
+        )?;
         let mut model = self.shared.model.write().expect("projection lock");
         // Fold whatever arrived during the replay, so the swap loses nothing.
         let from = fresh.last_position().map_or(0, |p| p + 1);
@@ -620,7 +607,7 @@ mod tests {
             // import of old history would.
             .append_blocking("product-p0", ExpectedRevision::Any, vec![bad])
             .unwrap();
-        let fast = replay(&store, None, 3).unwrap();
+        let (fast, _, _) = fold_as_of(FoldSource::Store(store.clone(), 0), AsOf::End, 3).unwrap();
         let mut slow = PublishModel::new(3);
         for e in store.events_from(0) {
             slow.apply(&e.unwrap());

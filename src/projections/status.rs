@@ -25,6 +25,83 @@ pub struct PublishStatus {
     pub timestamp: String,
 }
 
+/// Default age past which a product still `publishing` counts as stuck (`[publish]
+/// stuck_publishing_min`): no publish takes that long unless its process died.
+pub const DEFAULT_STUCK_PUBLISHING_MIN: f64 = 30.0;
+
+/// Default age past which a product in staging counts as stuck, in hours.
+pub const DEFAULT_STUCK_STAGING_HOURS: f64 = 24.0;
+
+/// Hours from `since` to `now` (microseconds), never negative, rounded to hundredths: how
+/// every age an operator reads is written.
+pub fn hours_between(since: i64, now: i64) -> f64 {
+    ((now - since).max(0) as f64 / MICROS_PER_HOUR as f64 * 100.0).round() / 100.0
+}
+
+/// When a product counts as stuck.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StuckRule {
+    /// In staging for longer than this.
+    pub staging_hours: f64,
+    /// In publishing for longer than this.
+    pub publishing_min: f64,
+}
+
+impl Default for StuckRule {
+    fn default() -> Self {
+        StuckRule {
+            staging_hours: DEFAULT_STUCK_STAGING_HOURS,
+            publishing_min: DEFAULT_STUCK_PUBLISHING_MIN,
+        }
+    }
+}
+
+/// A stuck product.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct StuckRow {
+    pub data_id: String,
+    pub data_type: String,
+    pub status: &'static str,
+    pub stage_path: String,
+    /// Since when (Unix seconds): staged, or the publish started.
+    pub since: f64,
+    pub hours: f64,
+    pub publish_attempts: u32,
+}
+
+/// The products stuck at `now` under `rule`, at most `limit` of each kind, oldest first.
+/// The server's stuck list and the weekly report both come from here.
+pub fn stuck(
+    m: &PublishModel,
+    now: i64,
+    rule: &StuckRule,
+    limit: usize,
+) -> (Vec<StuckRow>, Vec<StuckRow>) {
+    let row = |p: &ProductState, since: i64| StuckRow {
+        data_id: p.data_id.clone(),
+        data_type: p.data_type.clone(),
+        status: p.status.as_str(),
+        stage_path: p.stage_path.clone(),
+        since: since as f64 / 1e6,
+        hours: hours_between(since, now),
+        publish_attempts: p.publish_attempts,
+    };
+    let staging_cutoff = now - (rule.staging_hours * MICROS_PER_HOUR as f64) as i64;
+    let publishing_cutoff = now - (rule.publishing_min * 60e6) as i64;
+    (
+        m.stuck_staging(staging_cutoff)
+            .into_iter()
+            .take(limit)
+            .map(|p| row(p, p.staged_at))
+            .collect(),
+        m.stuck_publishing(publishing_cutoff)
+            .into_iter()
+            .take(limit)
+            .map(|p| row(p, p.publishing_since.unwrap_or(now)))
+            .collect(),
+    )
+}
+
 /// The status the model gives at time `now` (microseconds).
 pub fn publish_status(m: &PublishModel, now: i64) -> PublishStatus {
     let c = m.counts();
@@ -37,9 +114,7 @@ pub fn publish_status(m: &PublishModel, now: i64) -> PublishStatus {
         success_rate_percent: m.success_rate_percent(),
         recent_failures_24h: m.failures_within(now, 24 * MICROS_PER_HOUR),
         recent_failures_1h: m.failures_within(now, MICROS_PER_HOUR),
-        oldest_staging_hours: m.oldest_staging().map(|p| {
-            ((now - p.staged_at).max(0) as f64 / MICROS_PER_HOUR as f64 * 100.0).round() / 100.0
-        }),
+        oldest_staging_hours: m.oldest_staging().map(|p| hours_between(p.staged_at, now)),
         ledger_position: m.last_position(),
         timestamp: format_time(crate::events::record::micros_to_datetime(now)),
     }
