@@ -149,7 +149,7 @@ fn seed(dir: PathBuf, n: u64) {
 
 fn publish_bench(dir: PathBuf, files: usize, size_mib: usize) {
     use contimg::api::{AppState, ServerConfig};
-    use contimg::pipeline::publish::{RegisterProduct, Trigger};
+    use contimg::pipeline::publish::{Registration, Trigger};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let _ = std::fs::remove_dir_all(&dir);
@@ -173,14 +173,14 @@ fn publish_bench(dir: PathBuf, files: usize, size_mib: usize) {
         for i in 0..files {
             let (p, _) = state
                 .publisher
-                .register(RegisterProduct {
+                .register(Registration {
                     data_id: format!("f{i}"),
                     data_type: "image".into(),
                     stage_path: format!("f{i}.fits"),
                     qa_status: None,
                     validation_status: None,
-                    auto_publish: Some(false),
-                    metadata: None,
+                    auto_publish: false,
+                    metadata: Default::default(),
                 })
                 .await
                 .unwrap();

@@ -567,6 +567,11 @@ impl Backoff {
         Backoff(waits)
     }
 
+    /// No wait at all.
+    pub const fn none() -> Self {
+        Backoff(Vec::new())
+    }
+
     pub fn from_secs(seconds: &[f64]) -> Self {
         Backoff(durations(seconds))
     }

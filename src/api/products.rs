@@ -15,7 +15,7 @@ use crate::events::StoreError;
 use crate::events::jsonl::WireEvent;
 use crate::events::record::micros_to_datetime;
 use crate::pipeline::paths::validate_data_id;
-use crate::pipeline::publish::{PublishError, RegisterProduct, Trigger};
+use crate::pipeline::publish::{PublishError, Registration, Trigger};
 use crate::projections::product::ProductState;
 
 pub fn router() -> Router<AppState> {
@@ -106,6 +106,49 @@ impl ProductView {
     }
 }
 
+/// The body of `POST /api/products`, as clients send it. `metadata` values may be any
+/// JSON; strings are kept as they are, anything else as its JSON text.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    data_id: String,
+    data_type: String,
+    stage_path: String,
+    #[serde(default)]
+    qa_status: Option<String>,
+    #[serde(default)]
+    validation_status: Option<String>,
+    #[serde(default)]
+    auto_publish: Option<bool>,
+    #[serde(default)]
+    metadata: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+}
+
+impl From<RegisterBody> for Registration {
+    fn from(b: RegisterBody) -> Self {
+        Registration {
+            data_id: b.data_id,
+            data_type: b.data_type,
+            stage_path: b.stage_path,
+            qa_status: b.qa_status,
+            validation_status: b.validation_status,
+            auto_publish: b.auto_publish.unwrap_or(true),
+            metadata: b
+                .metadata
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| {
+                    let s = match v {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, s)
+                })
+                .collect(),
+        }
+    }
+}
+
 fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::Unprocessable(format!("invalid JSON body: {e}")))
@@ -117,8 +160,8 @@ async fn register(
     body: Bytes,
 ) -> Result<(StatusCode, Json<ProductView>), ApiError> {
     state.authorize(&headers)?;
-    let req: RegisterProduct = json_body(&body)?;
-    let (product, created) = state.publisher.register(req).await?;
+    let req: RegisterBody = json_body(&body)?;
+    let (product, created) = state.publisher.register(req.into()).await?;
     let code = if created {
         StatusCode::CREATED
     } else {

@@ -23,7 +23,7 @@ use tokio::sync::{Mutex, watch};
 
 use super::ingest::{Ingest, IngestFact, short_hash};
 use super::mosaic::{MosaicOptions, build_mosaic};
-use super::publish::{RegisterProduct, register_product};
+use super::publish::{Registration, register_product};
 use super::safeguards::{self, Refusal};
 use super::stages::{GroupPaths, RunResult, run_stage};
 use super::state::{GROUP_STAGES, GroupState, MOSAIC_STAGE, PipelineState, StageProgress};
@@ -806,7 +806,7 @@ impl Pipeline {
             .await
     }
 
-    async fn register(&self, req: RegisterProduct) -> anyhow::Result<()> {
+    async fn register(&self, req: Registration) -> anyhow::Result<()> {
         let id = req.data_id.clone();
         match register_product(&self.ledger, &self.cfg.stage_root, req, "pipeline").await {
             Ok(_) => {
@@ -825,22 +825,19 @@ impl Pipeline {
             return Ok(());
         };
         let metadata = [
-            ("mosaic_id".to_string(), serde_json::Value::from(id)),
-            (
-                "members".to_string(),
-                serde_json::Value::from(m.members.join(",")),
-            ),
+            ("mosaic_id".to_string(), id.to_string()),
+            ("members".to_string(), m.members.join(",")),
         ]
         .into_iter()
         .collect();
-        self.register(RegisterProduct {
+        self.register(Registration {
             data_id: mosaic_product(id),
             data_type: "mosaic".into(),
             stage_path: folder,
             qa_status: Some("passed".into()),
             validation_status: Some("validated".into()),
-            auto_publish: Some(true),
-            metadata: Some(metadata),
+            auto_publish: true,
+            metadata,
         })
         .await
     }
@@ -869,22 +866,19 @@ impl Pipeline {
         .await?
         .map_err(|e| anyhow::anyhow!("staging {tile}: {e}"))?;
         let metadata = [
-            ("group_id".to_string(), serde_json::Value::from(group)),
-            (
-                "obs_time".to_string(),
-                serde_json::Value::from(g.obs_time.clone()),
-            ),
+            ("group_id".to_string(), group.to_string()),
+            ("obs_time".to_string(), g.obs_time.clone()),
         ]
         .into_iter()
         .collect();
-        self.register(RegisterProduct {
+        self.register(Registration {
             data_id: image_product(group),
             data_type: "image".into(),
             stage_path: staged.display().to_string(),
             qa_status: Some("passed".into()),
             validation_status: Some("validated".into()),
-            auto_publish: Some(true),
-            metadata: Some(metadata),
+            auto_publish: true,
+            metadata,
         })
         .await
     }

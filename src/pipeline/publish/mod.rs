@@ -1,28 +1,31 @@
 //! Staging and publishing: registering staged products, the publish lock (an append of
 //! `PublishStarted` with `Exact(revision)`), the safe move into the products root,
 //! automatic retries with backoff, operator retries, and crash recovery at start.
+//!
+//! Decide, then apply: every event comes from [`decide::decide`], a pure function of the
+//! product's state, the command and the time; this module reads the stream, moves files
+//! ([`crate::pipeline::moves`]) and appends around it.
+
+pub mod decide;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use tokio::sync::watch;
 
+use self::decide::{Command, Policy};
 use super::moves::{
     Budget, MoveError, MoveRequest, checksum_path, move_product, remove_temporaries,
     settle_interrupted,
 };
 use super::paths::{self, PathError};
 use crate::config::Backoff;
-use crate::events::catalogue::{
-    DomainEvent, EventMetadata, ProductFinalized, ProductRegistered, PublishFailed, PublishStarted,
-    PublishSucceeded, RetryRequested,
-};
-use crate::events::record::format_time;
+use crate::events::catalogue::{DomainEvent, EventMetadata, ProductRegistered};
 use crate::events::{Direction, ExpectedRevision, Ledger, StoreError};
 use crate::projections::Projections;
-use crate::projections::product::{ProductState, ProductStatus, truncate_error};
+use crate::projections::product::ProductEvent;
+use crate::projections::product::{ProductState, ProductStatus};
 
 /// Where products go and how hard to try.
 #[derive(Debug, Clone)]
@@ -99,21 +102,19 @@ impl From<PathError> for PublishError {
     }
 }
 
-/// A registration request, as clients send it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegisterProduct {
+/// The register command: a staged product as the core takes it. The API maps its JSON
+/// body onto this; the pipeline builds it directly. Serialized with the body's field
+/// names, so a stream worker can send it to `POST /api/products` as it is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Registration {
     pub data_id: String,
     pub data_type: String,
+    /// Relative to the stage root, or absolute; resolved inside it before anything else.
     pub stage_path: String,
-    #[serde(default)]
     pub qa_status: Option<String>,
-    #[serde(default)]
     pub validation_status: Option<String>,
-    #[serde(default)]
-    pub auto_publish: Option<bool>,
-    #[serde(default)]
-    pub metadata: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+    pub auto_publish: bool,
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// What a publish did.
@@ -171,7 +172,7 @@ struct Inner {
 pub async fn register_product(
     ledger: &Ledger,
     stage_root: &Path,
-    req: RegisterProduct,
+    req: Registration,
     actor: &str,
 ) -> Result<(bool, Option<u64>), PublishError> {
     paths::validate_data_id(&req.data_id)?;
@@ -191,18 +192,7 @@ pub async fn register_product(
         }
         Ledger::Local(_) => ledger,
     };
-    if req.data_type.is_empty()
-        || req.data_type.len() > 64
-        || !req
-            .data_type
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c == '_')
-    {
-        return Err(PublishError::Invalid(format!(
-            "data_type must be lowercase letters and '_' (got {:?})",
-            req.data_type
-        )));
-    }
+    check_data_type(&req.data_type)?;
     check_status_words(&req.qa_status, &req.validation_status)?;
     let stage_root = stage_root.to_path_buf();
     let stage_path = req.stage_path.clone();
@@ -213,19 +203,7 @@ pub async fn register_product(
         Ok::<_, PublishError>((real, checksum, size))
     })
     .await
-    .map_err(|e| PublishError::Store(StoreError::Task(format!("a publish task failed: {e}"))))??;
-    let metadata = req
-        .metadata
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| {
-            let s = match v {
-                serde_json::Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (k, s)
-        })
-        .collect();
+    .map_err(task_failed)??;
     let event = ProductRegistered {
         data_id: req.data_id.clone(),
         data_type: req.data_type,
@@ -234,35 +212,65 @@ pub async fn register_product(
         size_bytes: Some(size),
         qa_status: req.qa_status,
         validation_status: req.validation_status,
-        auto_publish: req.auto_publish.unwrap_or(true),
-        metadata,
+        auto_publish: req.auto_publish,
+        metadata: req.metadata,
     };
     let stream = stream_of(&req.data_id);
+    // The decision for a new stream; a lost race is decided again against the winner.
+    let mut events = decide::decide(
+        None,
+        Command::Register {
+            event: event.clone(),
+            existing: None,
+        },
+        now_micros(),
+        &Policy::unused(),
+    )?;
+    let proposed = events.drain(..).map(|e| proposed(e, actor)).collect();
     match ledger
-        .append(
-            &stream,
-            ExpectedRevision::NoStream,
-            vec![event.to_proposed(&meta(actor))],
-        )
+        .append(&stream, ExpectedRevision::NoStream, proposed)
         .await
     {
         Ok(r) => Ok((true, Some(r.position))),
         Err(StoreError::WrongExpectedVersion { .. }) => {
-            let events = ledger
+            let first = ledger
                 .read_stream(&stream, Some(0), Direction::Forward, 1)
                 .await?;
-            let first: Option<ProductRegistered> = events
+            let existing: Option<ProductRegistered> = first
                 .first()
                 .and_then(|e| serde_json::from_slice(&e.data).ok());
-            match first {
-                Some(existing) if existing == event => Ok((false, None)),
-                _ => Err(PublishError::Conflict(format!(
-                    "product {} is already registered with other content",
-                    req.data_id
-                ))),
-            }
+            let state = ProductState::from_events(&first).ok().flatten();
+            decide::decide(
+                state.as_ref(),
+                Command::Register { event, existing },
+                now_micros(),
+                &Policy::unused(),
+            )?;
+            Ok((false, None))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+fn task_failed(e: tokio::task::JoinError) -> PublishError {
+    PublishError::Store(StoreError::Task(format!("a publish task failed: {e}")))
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// A decided product event as an append, with who decided it.
+fn proposed(e: ProductEvent, actor: &str) -> crate::events::ProposedEvent {
+    let m = meta(actor);
+    match e {
+        ProductEvent::Registered(e) => e.to_proposed(&m),
+        ProductEvent::Finalized(e) => e.to_proposed(&m),
+        ProductEvent::PublishStarted(e) => e.to_proposed(&m),
+        ProductEvent::PublishSucceeded(e) => e.to_proposed(&m),
+        ProductEvent::PublishFailed(e) => e.to_proposed(&m),
+        // The operator asked for it, whatever path carried the request.
+        ProductEvent::RetryRequested(e) => e.to_proposed(&meta("operator")),
     }
 }
 
@@ -363,32 +371,8 @@ impl Publisher {
             .await;
     }
 
-    /// Appends one event at `Exact(revision)` to the product's stream and waits for the
-    /// read model to fold it.
-    async fn append_settled(
-        &self,
-        id: &str,
-        revision: u64,
-        event: crate::events::ProposedEvent,
-    ) -> Result<(), StoreError> {
-        let r = self
-            .inner
-            .ledger
-            .append(
-                &stream_of(id),
-                ExpectedRevision::Exact(revision),
-                vec![event],
-            )
-            .await?;
-        self.settle(r.position).await;
-        Ok(())
-    }
-
     /// Registers a staged product. `Ok(true)` when new, `Ok(false)` for an identical repeat.
-    pub async fn register(
-        &self,
-        req: RegisterProduct,
-    ) -> Result<(ProductState, bool), PublishError> {
+    pub async fn register(&self, req: Registration) -> Result<(ProductState, bool), PublishError> {
         let id = req.data_id.clone();
         let (created, position) = register_product(
             &self.inner.ledger,
@@ -403,6 +387,42 @@ impl Publisher {
         Ok((self.load(&id).await?, created))
     }
 
+    fn policy(&self) -> Policy<'_> {
+        let c = &self.inner.config;
+        Policy {
+            products_root: &c.products_root,
+            max_attempts: c.max_attempts,
+            backoff: &c.backoff,
+        }
+    }
+
+    /// Decides `command` against the product's stream as it stands and appends what it
+    /// decided with `Exact(revision)`, waiting for the read model to fold it. Returns the
+    /// position written (none when nothing was decided).
+    async fn decide_and_append(
+        &self,
+        state: &ProductState,
+        command: Command,
+        actor: &str,
+    ) -> Result<Option<crate::events::AppendResult>, PublishError> {
+        let events = decide::decide(Some(state), command, now_micros(), &self.policy())?;
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let proposed = events.into_iter().map(|e| proposed(e, actor)).collect();
+        let r = self
+            .inner
+            .ledger
+            .append(
+                &stream_of(&state.data_id),
+                ExpectedRevision::Exact(state.revision),
+                proposed,
+            )
+            .await?;
+        self.settle(r.position).await;
+        Ok(Some(r))
+    }
+
     /// Sets QA and validation verdicts; may make the product due for automatic publishing.
     pub async fn finalize(
         &self,
@@ -412,23 +432,17 @@ impl Publisher {
     ) -> Result<ProductState, PublishError> {
         check_status_words(&qa_status, &validation_status)?;
         let state = self.load(id).await?;
-        match state.status {
-            ProductStatus::Published => return Err(PublishError::AlreadyPublished(id.into())),
-            // Its outcome is appended at the next revision: finalizing now would strand it.
-            ProductStatus::Publishing => return Err(PublishError::InProgress(id.into())),
-            ProductStatus::Staging => {}
-        }
-        let e = ProductFinalized {
+        let command = Command::Finalize {
             qa_status,
             validation_status,
         };
-        self.append_settled(id, state.revision, e.to_proposed(&meta("finalize")))
+        self.decide_and_append(&state, command, "finalize")
             .await
             .map_err(|e| match e {
-                StoreError::WrongExpectedVersion { .. } => {
+                PublishError::Store(StoreError::WrongExpectedVersion { .. }) => {
                     PublishError::Conflict(format!("{id} changed meanwhile; try again"))
                 }
-                other => other.into(),
+                other => other,
             })?;
         self.load(id).await
     }
@@ -441,65 +455,37 @@ impl Publisher {
         trigger: Trigger,
     ) -> Result<PublishOutcome, PublishError> {
         let state = self.load(id).await?;
-        match state.status {
-            ProductStatus::Published => return Err(PublishError::AlreadyPublished(id.into())),
-            ProductStatus::Publishing => return Err(PublishError::InProgress(id.into())),
-            ProductStatus::Staging => {}
-        }
-        let cfg = &self.inner.config;
-        let now = chrono::Utc::now().timestamp_micros();
-        if trigger == Trigger::Auto
-            && state
-                .auto_due_at(cfg.max_attempts)
-                .is_none_or(|at| at > now)
-        {
-            return Err(PublishError::Invalid(format!(
-                "{id} is not due for automatic publishing"
-            )));
-        }
-        let attempt = if trigger == Trigger::Retry {
-            1
-        } else {
-            state.publish_attempts + 1
-        };
-        // Informational: the move resolves and checks every path again where it uses it.
-        let destination = cfg.products_root.join(type_dir(&state.data_type)).join(
-            Path::new(&state.stage_path)
-                .file_name()
-                .map_or_else(|| id.to_string(), |n| n.to_string_lossy().to_string()),
-        );
-        let mut events = Vec::new();
-        if trigger == Trigger::Retry {
-            events.push(
-                RetryRequested {
-                    actor: Some("operator".into()),
-                    reason: None,
-                }
-                .to_proposed(&meta("operator")),
-            );
-        }
-        events.push(
-            PublishStarted {
-                attempt,
-                destination: destination.display().to_string(),
-                trigger: trigger.as_str().into(),
-            }
-            .to_proposed(&meta(trigger.as_str())),
-        );
+        let decided = decide::decide(
+            Some(&state),
+            Command::Publish { trigger },
+            now_micros(),
+            &self.policy(),
+        )?;
+        let attempt = decided
+            .iter()
+            .find_map(|e| match e {
+                ProductEvent::PublishStarted(s) => Some(s.attempt),
+                _ => None,
+            })
+            .unwrap_or(1);
+        let proposed_events = decided
+            .into_iter()
+            .map(|e| proposed(e, trigger.as_str()))
+            .collect();
+        // The lock: of racing publishers exactly one appends at this revision.
         let started = self
             .inner
             .ledger
             .append(
                 &stream_of(id),
                 ExpectedRevision::Exact(state.revision),
-                events,
+                proposed_events,
             )
             .await
             .map_err(|e| match e {
                 StoreError::WrongExpectedVersion { .. } => PublishError::InProgress(id.into()),
                 other => other.into(),
             })?;
-        // We hold the lock: exactly one publisher gets here per attempt.
         let clock = Instant::now();
         let inner = self.inner.clone();
         let (stage_path, checksum, data_type) = (
@@ -529,48 +515,27 @@ impl Publisher {
         })
         .await
         .unwrap_or_else(|e| Err(MoveError::retryable(format!("publish task failed: {e}"))));
-        let revision = started.next_expected_version;
-        match moved {
-            Ok(path) => {
-                let e = PublishSucceeded {
-                    published_path: path.display().to_string(),
-                    checksum: state.checksum.clone(),
-                    duration_ms: clock.elapsed().as_millis() as u64,
-                    recovered: false,
-                };
-                self.append_settled(id, revision, e.to_proposed(&meta(trigger.as_str())))
-                    .await?;
-                Ok(PublishOutcome {
-                    data_id: id.into(),
-                    published_path: path.display().to_string(),
-                })
-            }
-            Err(err) => {
-                // An interrupted move is retried at once after the restart, as recovery does.
-                let wait = if err.interrupted {
-                    Duration::ZERO
-                } else {
-                    cfg.backoff.after(attempt)
-                };
-                let next_retry_at = (err.retryable && attempt < cfg.max_attempts).then(|| {
-                    let at =
-                        chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-                    format_time(at)
-                });
-                let e = PublishFailed {
-                    attempt,
-                    error: truncate_error(&err.message),
-                    retryable: err.retryable,
-                    interrupted: err.interrupted,
-                    next_retry_at,
-                };
-                self.append_settled(id, revision, e.to_proposed(&meta(trigger.as_str())))
-                    .await?;
-                Err(PublishError::Failed {
-                    id: id.into(),
-                    error: err.message,
-                })
-            }
+        let mut after = state;
+        after.status = ProductStatus::Publishing;
+        after.revision = started.next_expected_version;
+        let failure = moved.as_ref().err().map(|e| e.message.clone());
+        let published_path = moved.as_ref().ok().map(|p| p.display().to_string());
+        let command = Command::Finish {
+            attempt,
+            outcome: moved,
+            duration_ms: clock.elapsed().as_millis() as u64,
+        };
+        self.decide_and_append(&after, command, trigger.as_str())
+            .await?;
+        match (published_path, failure) {
+            (Some(path), _) => Ok(PublishOutcome {
+                data_id: id.into(),
+                published_path: path,
+            }),
+            (None, error) => Err(PublishError::Failed {
+                id: id.into(),
+                error: error.unwrap_or_default(),
+            }),
         }
     }
 
@@ -601,9 +566,7 @@ impl Publisher {
         let root = self.inner.config.products_root.clone();
         tokio::task::spawn_blocking(move || remove_temporaries(&root))
             .await
-            .map_err(|e| {
-                PublishError::Store(StoreError::Task(format!("a publish task failed: {e}")))
-            })?;
+            .map_err(task_failed)?;
         let stuck: Vec<String> = self.inner.projections.read(|m| {
             m.publishing()
                 .into_iter()
@@ -634,42 +597,27 @@ impl Publisher {
                 (f.complete, f.source_intact)
             })
             .await
-            .map_err(|e| {
-                PublishError::Store(StoreError::Task(format!("a publish task failed: {e}")))
-            })?;
-            let event = match found {
-                (Some(path), _) => PublishSucceeded {
-                    published_path: path.display().to_string(),
-                    checksum: state.checksum.clone(),
-                    duration_ms: 0,
-                    recovered: true,
-                }
-                .to_proposed(&meta("recovery")),
-                (None, source_ok) => {
-                    let attempt = state.publish_attempts + 1;
-                    let retryable = source_ok;
-                    PublishFailed {
-                        attempt,
-                        error: if source_ok {
-                            "publish interrupted by a crash; the staged file is intact".into()
-                        } else {
-                            "publish interrupted by a crash; neither a complete destination nor an intact source inside the stage root was found (nothing was removed)".into()
-                        },
-                        retryable,
-                        interrupted: true,
-                        next_retry_at: (retryable && attempt < self.inner.config.max_attempts)
-                            .then(|| format_time(chrono::Utc::now())),
-                    }
-                    .to_proposed(&meta("recovery"))
-                }
+            .map_err(task_failed)?;
+            let (complete, source_intact) = found;
+            let command = Command::Settle {
+                complete,
+                source_intact,
             };
             // No settle: nothing follows the log yet; the server's follower folds these.
+            let events = decide::decide(Some(&state), command, now_micros(), &self.policy())?;
+            if events.is_empty() {
+                continue;
+            }
+            let proposed = events
+                .into_iter()
+                .map(|e| proposed(e, "recovery"))
+                .collect();
             self.inner
                 .ledger
                 .append(
                     &stream_of(&id),
                     ExpectedRevision::Exact(state.revision),
-                    vec![event],
+                    proposed,
                 )
                 .await?;
             tracing::warn!(data_id = %id, "recovered a publish cut short by a crash");
@@ -710,6 +658,16 @@ impl Publisher {
             }
         }
     }
+}
+
+/// `data_type`: 1 to 64 lowercase letters and `_` (it names a products folder).
+fn check_data_type(t: &str) -> Result<(), PublishError> {
+    if t.is_empty() || t.len() > 64 || !t.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+        return Err(PublishError::Invalid(format!(
+            "data_type must be lowercase letters and '_' (got {t:?})"
+        )));
+    }
+    Ok(())
 }
 
 fn check_status_words(
