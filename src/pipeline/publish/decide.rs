@@ -35,6 +35,8 @@ impl Policy<'static> {
 }
 
 /// A command for one product.
+// One command per request, moved once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
     /// Record a staged product; `existing` is the stream's registration when it has one.
