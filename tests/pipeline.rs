@@ -15,7 +15,7 @@ use contimg::events::catalogue::{
 use contimg::events::{Direction, Ledger, RecordedEvent, Store};
 use contimg::pipeline::ingest::{Ingest, group_id};
 use contimg::pipeline::stages::{GroupPaths, run_stage};
-use contimg::pipeline::state::{GroupState, StageProgress};
+use contimg::pipeline::state::{GroupState, Stage, StageProgress};
 use contimg::pipeline::{Pipeline, PipelineConfig, sim};
 
 const T0: &str = "2026-11-30T10:00:00";
@@ -437,7 +437,7 @@ async fn external_stages_succeed_fail_with_stderr_and_time_out() {
         "sleep 30",
         0.5,
     );
-    let ok = run_stage(&cfg, 0, &g, &paths, 71.6).await;
+    let ok = run_stage(&cfg, Stage::Convert, &g, &paths, 71.6).await;
     assert_eq!(ok.exit_status, Some(0));
     assert_eq!(
         ok.outcome.as_ref().unwrap(),
@@ -449,7 +449,7 @@ async fn external_stages_succeed_fail_with_stderr_and_time_out() {
     // The template's {input} gave the 16 files, quoted.
     assert!(ok.command.as_ref().unwrap().contains("mkdir -p"));
 
-    let failed = run_stage(&cfg, 1, &g, &paths, 71.6).await;
+    let failed = run_stage(&cfg, Stage::Calibrate, &g, &paths, 71.6).await;
     assert_eq!(failed.exit_status, Some(3));
     let f = failed.outcome.unwrap_err();
     assert!(!f.timed_out);
@@ -460,7 +460,7 @@ async fn external_stages_succeed_fail_with_stderr_and_time_out() {
         f.stderr_tail
     );
 
-    let hung = run_stage(&cfg, 2, &g, &paths, 71.6).await;
+    let hung = run_stage(&cfg, Stage::Image, &g, &paths, 71.6).await;
     let f = hung.outcome.unwrap_err();
     assert!(f.timed_out, "{f:?}");
     assert!(f.error.contains("timed out"), "{}", f.error);
@@ -469,7 +469,7 @@ async fn external_stages_succeed_fail_with_stderr_and_time_out() {
     // Exit 0 without the expected output is a failure too.
     let cfg = external("true", "true", "true", 5.0);
     let (g2, paths2) = fixture_group(dir.path(), "g2");
-    let empty = run_stage(&cfg, 0, &g2, &paths2, 71.6).await;
+    let empty = run_stage(&cfg, Stage::Convert, &g2, &paths2, 71.6).await;
     let f = empty.outcome.unwrap_err();
     assert!(f.error.contains("wrote no Measurement Set"), "{}", f.error);
 }

@@ -23,7 +23,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::events::{Ledger, Store};
 use crate::pipeline::ingest::NAME_TIME;
-use crate::pipeline::state::PipelineState;
+use crate::pipeline::state::{PipelineState, Stage};
 use crate::pipeline::worker::{mosaic_product, next_window};
 use crate::pipeline::{Pipeline, PipelineConfig, sim};
 use crate::projections::alerts::{self, Alert};
@@ -251,8 +251,8 @@ async fn demo(args: DemoArgs, root: PathBuf, config: Config) -> anyhow::Result<E
                             .next()
                             .filter(|(_, g)| g.obs_time[..16] == obs[..16])
                     })
-                    .filter(|(_, g)| g.stages[1].completed.is_some())
-                    .map(|(_, g)| g.outputs(1).to_vec());
+                    .filter(|(_, g)| g.stage(Stage::Calibrate).completed.is_some())
+                    .map(|(_, g)| g.outputs(Stage::Calibrate).to_vec());
                 let mosaics: Vec<String> = s.mosaics.values().map(|m| m.id.clone()).collect();
                 let done = !writing && settled(s, &config, &projections, obs_times.len());
                 (cal_tables, mosaics, done)
@@ -387,14 +387,10 @@ fn settled(
             .values()
             .filter(|m| m.rejected.is_none() && m.build.completed.is_some())
             .all(|m| s.products.contains(&mosaic_product(&m.id)));
-    let images = s
-        .groups
-        .values()
-        .filter(|g| g.stages[2].completed.is_some())
-        .all(|g| {
-            s.products
-                .contains(&crate::pipeline::worker::image_product(&g.id))
-        });
+    let images = s.groups.values().filter(|g| g.imaged()).all(|g| {
+        s.products
+            .contains(&crate::pipeline::worker::image_product(&g.id))
+    });
     let publishing = projections.read(|m| {
         let c = m.counts();
         c.publishing == 0 && c.staging == c.max_attempts_exceeded
@@ -471,11 +467,7 @@ fn summarize(
         files_rejected,
         groups_formed: s.groups.len(),
         groups_timed_out: s.timed_out() as u64,
-        tiles_imaged: s
-            .groups
-            .values()
-            .filter(|g| g.stages[2].completed.is_some())
-            .count(),
+        tiles_imaged: s.groups.values().filter(|g| g.imaged()).count(),
         stage_failures,
         mosaics_created: s.mosaics.values().filter(|m| m.rejected.is_none()).count(),
         mosaics_refused,

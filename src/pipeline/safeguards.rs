@@ -9,7 +9,7 @@ use chrono::NaiveDateTime;
 
 use super::ingest::NAME_TIME;
 use super::mosaic::io::{TileHeader, read_header, read_plane};
-use super::state::GroupState;
+use super::state::{GroupState, Stage};
 use crate::config::MosaicConfig;
 
 /// Names of the safeguards, as recorded in `MosaicGroupRejected.safeguard`.
@@ -44,7 +44,7 @@ pub fn check(members: &[&GroupState], cfg: &MosaicConfig) -> Result<(), Refusal>
     let headers: Vec<_> = members
         .iter()
         .map(|m| {
-            m.outputs(2)
+            m.outputs(Stage::Image)
                 .first()
                 .map(|t| read_header(Path::new(t)).map_err(|e| e.to_string()))
         })
@@ -137,8 +137,8 @@ pub fn time_span(
 ///    Measurement Set on disk.
 pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
     for m in members {
-        for (i, name) in super::state::GROUP_STAGES.iter().enumerate() {
-            let s = &m.stages[i];
+        for name in Stage::GROUP {
+            let s = m.stage(name);
             if s.completed.is_none() {
                 let why = match (&s.last_error, s.given_up) {
                     (Some(e), true) => format!("{name} failed after {} attempts: {e}", s.attempts),
@@ -148,7 +148,11 @@ pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
                 return Err(refuse(MS_STAGE, Some(&m.id), why));
             }
         }
-        let ms = m.outputs(0).first().cloned().unwrap_or_default();
+        let ms = m
+            .outputs(Stage::Convert)
+            .first()
+            .cloned()
+            .unwrap_or_default();
         if ms.is_empty() || !Path::new(&ms).is_dir() {
             return Err(refuse(
                 MS_STAGE,
@@ -163,7 +167,7 @@ pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
 /// 4. Every calibration table a member used exists: a folder holding `table.dat`.
 pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
     for m in members {
-        let tables = m.outputs(1);
+        let tables = m.outputs(Stage::Calibrate);
         if tables.is_empty() {
             return Err(refuse(
                 CALIBRATION_TABLES,
@@ -190,7 +194,7 @@ pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
 pub fn images(members: &[&GroupState], headers: &Headers) -> Result<(), Refusal> {
     let mut scale: Option<f64> = None;
     for (m, header) in members.iter().zip(headers) {
-        let (Some(tile), Some(header)) = (m.outputs(2).first(), header) else {
+        let (Some(tile), Some(header)) = (m.outputs(Stage::Image).first(), header) else {
             return Err(refuse(
                 IMAGES,
                 Some(&m.id),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 use super::sim;
-use super::state::GroupState;
+use super::state::{GroupState, Stage};
 use crate::config::{RunnerKind, StageCommand, StagesConfig};
 
 /// Characters of standard error kept in a `StageFailed` event.
@@ -87,10 +87,10 @@ impl RunResult {
     }
 }
 
-/// Runs stage `stage` (0 convert, 1 calibrate, 2 image) for `group`.
+/// Runs one of `group`'s stages.
 pub async fn run_stage(
     cfg: &StagesConfig,
-    stage: usize,
+    stage: Stage,
     group: &GroupState,
     paths: &GroupPaths,
     default_dec: f64,
@@ -128,9 +128,9 @@ pub async fn run_stage(
         }
         RunnerKind::External => {
             let cmd = match stage {
-                0 => cfg.convert.as_ref(),
-                1 => cfg.calibrate.as_ref(),
-                _ => cfg.image.as_ref(),
+                Stage::Convert => cfg.convert.as_ref(),
+                Stage::Calibrate => cfg.calibrate.as_ref(),
+                Stage::Image | Stage::Mosaic => cfg.image.as_ref(),
             };
             let Some(cmd) = cmd else {
                 return RunResult {
@@ -146,7 +146,7 @@ pub async fn run_stage(
 }
 
 fn simulate(
-    stage: usize,
+    stage: Stage,
     group: &GroupState,
     paths: &GroupPaths,
     cfg: &crate::config::SimulateConfig,
@@ -154,7 +154,7 @@ fn simulate(
 ) -> Result<Vec<String>, String> {
     let show = |p: &Path| p.display().to_string();
     match stage {
-        0 => {
+        Stage::Convert => {
             sim::convert(
                 &group.id,
                 &group.obs_time,
@@ -164,13 +164,13 @@ fn simulate(
             )?;
             Ok(vec![show(&paths.ms)])
         }
-        1 => Ok(
+        Stage::Calibrate => Ok(
             sim::calibrate(&paths.ms, &paths.cal_dir, &paths.caltables_root)?
                 .iter()
                 .map(|p| show(p))
                 .collect(),
         ),
-        _ => {
+        Stage::Image | Stage::Mosaic => {
             sim::image(&paths.ms, &paths.tile, &paths.beam, cfg)?;
             Ok(vec![show(&paths.tile), show(&paths.beam)])
         }
@@ -190,10 +190,10 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// Fills a command template.
-pub fn render(template: &str, stage: usize, group: &GroupState, paths: &GroupPaths) -> String {
+pub fn render(template: &str, stage: Stage, group: &GroupState, paths: &GroupPaths) -> String {
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let input = match stage {
-        0 => group
+        Stage::Convert => group
             .files
             .iter()
             .map(|f| shell_quote(f))
@@ -202,9 +202,9 @@ pub fn render(template: &str, stage: usize, group: &GroupState, paths: &GroupPat
         _ => q(&paths.ms),
     };
     let output = match stage {
-        0 => q(&paths.ms),
-        1 => q(&paths.cal_dir),
-        _ => q(&paths.tile),
+        Stage::Convert => q(&paths.ms),
+        Stage::Calibrate => q(&paths.cal_dir),
+        Stage::Image | Stage::Mosaic => q(&paths.tile),
     };
     template
         .replace("{input}", &input)
@@ -219,15 +219,14 @@ pub fn render(template: &str, stage: usize, group: &GroupState, paths: &GroupPat
 async fn run_external(
     cmd: &StageCommand,
     default_timeout: f64,
-    stage: usize,
+    stage: Stage,
     group: &GroupState,
     paths: &GroupPaths,
 ) -> RunResult {
     let start = Instant::now();
     let rendered = render(&cmd.command, stage, group, paths);
     let timeout = Duration::from_secs_f64(cmd.timeout_s.unwrap_or(default_timeout));
-    let name = super::state::GROUP_STAGES[stage];
-    let log = paths.work.join(format!("{name}.stdout.log"));
+    let log = paths.work.join(format!("{stage}.stdout.log"));
     let fail = |error: String, exit_status, timed_out, stderr_tail| RunResult {
         duration: start.elapsed(),
         exit_status,
@@ -333,9 +332,9 @@ async fn run_external(
         };
         let last = stderr_tail.lines().last().unwrap_or("").trim();
         let error = if last.is_empty() {
-            format!("{name} {what}")
+            format!("{stage} {what}")
         } else {
-            format!("{name} {what}: {last}")
+            format!("{stage} {what}: {last}")
         };
         return fail(error, code, false, stderr_tail);
     }
@@ -363,15 +362,15 @@ impl Drop for ProcessGroup {
 }
 
 /// What a stage must leave behind, checked after an external command exits 0.
-fn expected_outputs(stage: usize, paths: &GroupPaths) -> Result<Vec<String>, String> {
+fn expected_outputs(stage: Stage, paths: &GroupPaths) -> Result<Vec<String>, String> {
     let show = |p: &Path| p.display().to_string();
     match stage {
-        0 if paths.ms.is_dir() => Ok(vec![show(&paths.ms)]),
-        0 => Err(format!(
+        Stage::Convert if paths.ms.is_dir() => Ok(vec![show(&paths.ms)]),
+        Stage::Convert => Err(format!(
             "convert exited 0 but wrote no Measurement Set at {}",
             paths.ms.display()
         )),
-        1 => {
+        Stage::Calibrate => {
             let mut tables: Vec<String> = std::fs::read_dir(&paths.cal_dir)
                 .map_err(|e| format!("reading {}: {e}", paths.cal_dir.display()))?
                 .flatten()

@@ -20,10 +20,52 @@ use crate::events::catalogue::{
 };
 use crate::events::record::RecordRef;
 
-/// The three per-group stages, in order.
-pub const GROUP_STAGES: [&str; 3] = ["convert", "calibrate", "image"];
-/// The stage of a mosaic group.
-pub const MOSAIC_STAGE: &str = "mosaic";
+/// A stage of the pipeline: three per observation group, in order, then the mosaic
+/// build of a mosaic group. Stored by name in the stage events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    Convert,
+    Calibrate,
+    Image,
+    Mosaic,
+}
+
+impl Stage {
+    /// The stages of an observation group, in the order they run.
+    pub const GROUP: [Stage; 3] = [Stage::Convert, Stage::Calibrate, Stage::Image];
+
+    /// The name stored in `StageStarted`, `StageCompleted` and `StageFailed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Convert => "convert",
+            Stage::Calibrate => "calibrate",
+            Stage::Image => "image",
+            Stage::Mosaic => "mosaic",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Stage> {
+        [
+            Stage::Convert,
+            Stage::Calibrate,
+            Stage::Image,
+            Stage::Mosaic,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
+
+    /// Its place among a group's stages; `None` for the mosaic build.
+    fn group_index(self) -> Option<usize> {
+        Stage::GROUP.iter().position(|s| *s == self)
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// An observation still collecting subbands.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,7 +148,8 @@ pub struct GroupState {
     pub obs_time: String,
     pub files: Vec<String>,
     pub dec_deg: Option<f64>,
-    /// Progress of convert, calibrate, image (the order of [`GROUP_STAGES`]).
+    /// Progress of convert, calibrate, image (the order of [`Stage::GROUP`]); read it
+    /// through [`GroupState::stage`].
     pub stages: [StageProgress; 3],
     /// Revision of the last event in `group-<id>`.
     pub head: u64,
@@ -114,11 +157,28 @@ pub struct GroupState {
 
 impl GroupState {
     /// The first stage not yet completed, unless a stage was given up.
-    pub fn next_stage(&self) -> Option<usize> {
+    pub fn next_stage(&self) -> Option<Stage> {
         if self.failed() {
             return None;
         }
-        self.stages.iter().position(|s| s.completed.is_none())
+        Stage::GROUP
+            .into_iter()
+            .find(|s| self.stage(*s).completed.is_none())
+    }
+
+    /// The progress of one of the group's stages. The mosaic build is not one of them:
+    /// asking for it is a bug, answered with the image stage's progress.
+    pub fn stage(&self, stage: Stage) -> &StageProgress {
+        debug_assert!(stage != Stage::Mosaic, "a group has no mosaic stage");
+        &self.stages[stage.group_index().unwrap_or(2)]
+    }
+
+    fn stage_mut(&mut self, stage: Stage) -> Option<&mut StageProgress> {
+        stage.group_index().map(|i| &mut self.stages[i])
+    }
+
+    pub fn imaged(&self) -> bool {
+        self.stage(Stage::Image).completed.is_some()
     }
 
     /// A stage was given up: the group will never have an image.
@@ -128,11 +188,13 @@ impl GroupState {
 
     /// Imaged or failed: a mosaic may be decided over it.
     pub fn settled(&self) -> bool {
-        self.failed() || self.stages[2].completed.is_some()
+        self.failed() || self.imaged()
     }
 
-    pub fn outputs(&self, stage: usize) -> &[String] {
-        self.stages[stage].completed.as_deref().unwrap_or(&[])
+    /// What a completed stage wrote (the MS; the calibration tables; the tile and its
+    /// beam), empty until it completes.
+    pub fn outputs(&self, stage: Stage) -> &[String] {
+        self.stage(stage).completed.as_deref().unwrap_or(&[])
     }
 }
 
@@ -302,27 +364,26 @@ impl PipelineState {
             return;
         };
         group.head = group.head.max(e.revision);
-        let stage_of = |name: &str| GROUP_STAGES.iter().position(|s| *s == name);
         match e.event_type {
             StageStarted::TYPE => {
                 if let Ok(s) = serde_json::from_slice::<StageStarted>(e.data)
-                    && let Some(i) = stage_of(&s.stage)
+                    && let Some(p) = Stage::parse(&s.stage).and_then(|st| group.stage_mut(st))
                 {
-                    group.stages[i].started(s.attempt, at, s.worker.clone().or_else(|| host_of(e)));
+                    p.started(s.attempt, at, s.worker.clone().or_else(|| host_of(e)));
                 }
             }
             StageCompleted::TYPE => {
                 if let Ok(s) = serde_json::from_slice::<StageCompleted>(e.data)
-                    && let Some(i) = stage_of(&s.stage)
+                    && let Some(p) = Stage::parse(&s.stage).and_then(|st| group.stage_mut(st))
                 {
-                    group.stages[i].completed(s.attempt, s.outputs);
+                    p.completed(s.attempt, s.outputs);
                 }
             }
             StageFailed::TYPE => {
                 if let Ok(s) = serde_json::from_slice::<StageFailed>(e.data)
-                    && let Some(i) = stage_of(&s.stage)
+                    && let Some(p) = Stage::parse(&s.stage).and_then(|st| group.stage_mut(st))
                 {
-                    group.stages[i].failed(&s);
+                    p.failed(&s);
                 }
             }
             _ => {}

@@ -26,7 +26,7 @@ use super::mosaic::{MosaicOptions, build_mosaic};
 use super::publish::{Registration, register_product};
 use super::safeguards::{self, Refusal};
 use super::stages::{GroupPaths, RunResult, run_stage};
-use super::state::{GROUP_STAGES, GroupState, MOSAIC_STAGE, PipelineState, StageProgress};
+use super::state::{GroupState, PipelineState, Stage, StageProgress};
 use crate::config::{Config, IngestConfig, MosaicConfig, StagesConfig};
 use crate::events::catalogue::{
     DomainEvent, EventMetadata, GroupFormed, GroupRejected, MosaicGroupCreated,
@@ -68,7 +68,7 @@ impl PipelineConfig {
 /// One unit of work the worker can take.
 #[derive(Debug, Clone)]
 enum Work {
-    Stage { group: String, stage: usize },
+    Stage { group: String, stage: Stage },
     Decide { members: Vec<String> },
     Build { mosaic: String },
     RegisterMosaic { mosaic: String },
@@ -79,7 +79,7 @@ impl Work {
     /// What the work is about, for holding it back after a failure.
     fn key(&self) -> String {
         match self {
-            Work::Stage { group, stage } => format!("{} of {group}", GROUP_STAGES[*stage]),
+            Work::Stage { group, stage } => format!("{stage} of {group}"),
             Work::Decide { members } => {
                 format!("mosaic window from {}", members.first().map_or("", |m| m))
             }
@@ -356,14 +356,13 @@ impl Pipeline {
                     .filter(|(_, _, who)| interrupted(who.as_deref(), host.as_deref(), &me))
                     .map(|(a, _, _)| *a)
             };
-            let groups: Vec<(String, usize, u32, u64)> = s
+            let groups: Vec<(String, Stage, u32, u64)> = s
                 .groups
                 .values()
                 .flat_map(|g| {
-                    g.stages
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, p)| settle(p).map(|a| (g.id.clone(), i, a, g.head)))
+                    Stage::GROUP
+                        .into_iter()
+                        .filter_map(|st| settle(g.stage(st)).map(|a| (g.id.clone(), st, a, g.head)))
                         .collect::<Vec<_>>()
                 })
                 .collect();
@@ -377,11 +376,11 @@ impl Pipeline {
         let n = groups.len() + mosaics.len();
         let streams = groups
             .into_iter()
-            .map(|(id, stage, a, head)| (format!("group-{id}"), GROUP_STAGES[stage], a, head))
+            .map(|(id, stage, a, head)| (format!("group-{id}"), stage, a, head))
             .chain(
                 mosaics
                     .into_iter()
-                    .map(|(id, a, head)| (format!("mosaic-{id}"), MOSAIC_STAGE, a, head)),
+                    .map(|(id, a, head)| (format!("mosaic-{id}"), Stage::Mosaic, a, head)),
             );
         for (stream, stage, attempt, head) in streams {
             let f = self.failure(stage, attempt, &RunResult::interrupted(), &self.cfg.stages);
@@ -440,10 +439,7 @@ impl Pipeline {
                 let w = Work::RegisterImage {
                     group: g.id.clone(),
                 };
-                if g.stages[2].completed.is_some()
-                    && !s.products.contains(&image_product(&g.id))
-                    && free(&w)
-                {
+                if g.imaged() && !s.products.contains(&image_product(&g.id)) && free(&w) {
                     return Ok(w);
                 }
             }
@@ -464,12 +460,12 @@ impl Pipeline {
             }
         }
         for g in s.groups.values() {
-            if let Some(i) = g.next_stage() {
+            if let Some(stage) = g.next_stage() {
                 let w = Work::Stage {
                     group: g.id.clone(),
-                    stage: i,
+                    stage,
                 };
-                if free(&w) && due(&g.stages[i]) {
+                if free(&w) && due(g.stage(stage)) {
                     return Ok(w);
                 }
             }
@@ -529,14 +525,20 @@ impl Pipeline {
             .collect()
     }
 
-    fn failure(&self, stage: &str, attempt: u32, r: &RunResult, cfg: &StagesConfig) -> StageFailed {
+    fn failure(
+        &self,
+        stage: Stage,
+        attempt: u32,
+        r: &RunResult,
+        cfg: &StagesConfig,
+    ) -> StageFailed {
         let f = r.outcome.as_ref().err();
         let next = (attempt < cfg.max_attempts).then(|| {
             let wait = crate::config::Backoff::from_secs(&cfg.backoff_s).after(attempt);
             format_time(Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default())
         });
         StageFailed {
-            stage: stage.into(),
+            stage: stage.name().into(),
             attempt,
             duration_s: r.duration.as_secs_f64(),
             exit_status: r.exit_status,
@@ -547,20 +549,19 @@ impl Pipeline {
         }
     }
 
-    async fn run_group_stage(&self, id: &str, stage: usize) -> anyhow::Result<()> {
+    async fn run_group_stage(&self, id: &str, stage: Stage) -> anyhow::Result<()> {
         let Some(group) = self.state.lock().await.group(id).cloned() else {
             return Ok(());
         };
-        let name = GROUP_STAGES[stage];
-        let attempt = group.stages[stage].attempts + 1;
+        let attempt = group.stage(stage).attempts + 1;
         let paths = GroupPaths::new(&self.cfg.work_root, id);
         let command = match (&self.cfg.stages.runner, stage) {
             (crate::config::RunnerKind::External, _) => {
-                let c = [
-                    &self.cfg.stages.convert,
-                    &self.cfg.stages.calibrate,
-                    &self.cfg.stages.image,
-                ][stage];
+                let c = match stage {
+                    Stage::Convert => &self.cfg.stages.convert,
+                    Stage::Calibrate => &self.cfg.stages.calibrate,
+                    Stage::Image | Stage::Mosaic => &self.cfg.stages.image,
+                };
                 c.as_ref()
                     .map(|c| super::stages::render(&c.command, stage, &group, &paths))
             }
@@ -568,7 +569,7 @@ impl Pipeline {
         };
         let stream = format!("group-{id}");
         let Some(head) = self
-            .take_stage(&stream, group.head, name, attempt, command)
+            .take_stage(&stream, group.head, stage, attempt, command)
             .await?
         else {
             return Ok(());
@@ -581,7 +582,7 @@ impl Pipeline {
             self.cfg.default_dec,
         )
         .await;
-        self.finish_stage(&stream, head, name, attempt, &r).await
+        self.finish_stage(&stream, head, stage, attempt, &r).await
     }
 
     /// Takes a stage's lock: `StageStarted` (naming this worker) with `Exact(head)`. The
@@ -590,12 +591,12 @@ impl Pipeline {
         &self,
         stream: &str,
         head: u64,
-        stage: &str,
+        stage: Stage,
         attempt: u32,
         command: Option<String>,
     ) -> anyhow::Result<Option<u64>> {
         let started = StageStarted {
-            stage: stage.into(),
+            stage: stage.name().into(),
             attempt,
             command,
             worker: Some(self.worker.to_string()),
@@ -609,7 +610,7 @@ impl Pipeline {
             .await
         {
             Ok(revision) => {
-                tracing::info!(%stream, stage, attempt, "stage started");
+                tracing::info!(%stream, %stage, attempt, "stage started");
                 Ok(Some(revision))
             }
             Err(StoreError::WrongExpectedVersion { .. }) => Ok(None),
@@ -625,15 +626,15 @@ impl Pipeline {
         &self,
         stream: &str,
         head: u64,
-        stage: &str,
+        stage: Stage,
         attempt: u32,
         r: &RunResult,
     ) -> anyhow::Result<()> {
         let event = match &r.outcome {
             Ok(outputs) => {
-                tracing::info!(%stream, stage, seconds = r.duration.as_secs_f64(), "stage completed");
+                tracing::info!(%stream, %stage, seconds = r.duration.as_secs_f64(), "stage completed");
                 self.event(&StageCompleted {
-                    stage: stage.into(),
+                    stage: stage.name().into(),
                     attempt,
                     duration_s: r.duration.as_secs_f64(),
                     exit_status: r.exit_status,
@@ -641,7 +642,7 @@ impl Pipeline {
                 })
             }
             Err(f) => {
-                tracing::warn!(%stream, stage, attempt, error = %f.error, "stage failed");
+                tracing::warn!(%stream, %stage, attempt, error = %f.error, "stage failed");
                 self.event(&self.failure(stage, attempt, r, &self.cfg.stages))
             }
         };
@@ -651,7 +652,7 @@ impl Pipeline {
         {
             Ok(()) => Ok(()),
             Err(StoreError::WrongExpectedVersion { .. }) => {
-                tracing::warn!(%stream, stage, attempt, "result dropped: the run was settled by another worker meanwhile");
+                tracing::warn!(%stream, %stage, attempt, "result dropped: the run was settled by another worker meanwhile");
                 Ok(())
             }
             Err(e) => Err(store_err(e)),
@@ -752,18 +753,18 @@ impl Pipeline {
             let groups: Vec<&GroupState> = m.members.iter().filter_map(|g| s.group(g)).collect();
             let tiles: Vec<PathBuf> = groups
                 .iter()
-                .filter_map(|g| g.outputs(2).first().map(PathBuf::from))
+                .filter_map(|g| g.outputs(Stage::Image).first().map(PathBuf::from))
                 .collect();
             let beams: Vec<PathBuf> = groups
                 .iter()
-                .filter_map(|g| g.outputs(2).get(1).map(PathBuf::from))
+                .filter_map(|g| g.outputs(Stage::Image).get(1).map(PathBuf::from))
                 .collect();
             (m, tiles, beams)
         };
         let attempt = mosaic.build.attempts + 1;
         let stream = format!("mosaic-{id}");
         let Some(head) = self
-            .take_stage(&stream, mosaic.head, MOSAIC_STAGE, attempt, None)
+            .take_stage(&stream, mosaic.head, Stage::Mosaic, attempt, None)
             .await?
         else {
             return Ok(());
@@ -802,7 +803,7 @@ impl Pipeline {
                 .map_err(super::stages::RunFailure::new),
             command: None,
         };
-        self.finish_stage(&stream, head, MOSAIC_STAGE, attempt, &r)
+        self.finish_stage(&stream, head, Stage::Mosaic, attempt, &r)
             .await
     }
 
@@ -846,7 +847,7 @@ impl Pipeline {
         let Some(g) = self.state.lock().await.group(group).cloned() else {
             return Ok(());
         };
-        let Some(tile) = g.outputs(2).first().cloned() else {
+        let Some(tile) = g.outputs(Stage::Image).first().cloned() else {
             return Ok(());
         };
         let dir = self.cfg.stage_root.join("images");
