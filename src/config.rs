@@ -268,6 +268,7 @@ pub struct ServerSection {
     pub body_timeout_s: f64,
     pub max_connections: usize,
     pub shutdown_deadline_s: f64,
+    pub write_timeout_s: f64,
     pub max_as_of_replays: usize,
 }
 
@@ -279,6 +280,7 @@ impl Default for ServerSection {
             body_timeout_s: 30.0,
             max_connections: 1024,
             shutdown_deadline_s: 10.0,
+            write_timeout_s: 30.0,
             max_as_of_replays: 2,
         }
     }
@@ -427,6 +429,7 @@ impl Config {
         positive("server.header_timeout_s", h.header_timeout_s, 3600.0)?;
         positive("server.body_timeout_s", h.body_timeout_s, 3600.0)?;
         positive("server.shutdown_deadline_s", h.shutdown_deadline_s, 3600.0)?;
+        positive("server.write_timeout_s", h.write_timeout_s, 3600.0)?;
         anyhow::ensure!(
             (1..=100_000).contains(&h.max_connections),
             "server.max_connections must be 1..=100000 (got {})",
@@ -478,6 +481,15 @@ impl Config {
                 pa.display(),
                 data.display()
             );
+            for entry in crate::events::store::STORE_ENTRIES {
+                let store = data.join(entry);
+                anyhow::ensure!(
+                    !pa.starts_with(&store),
+                    "{a} ({}) lies in the ledger's own {} ; give it a folder of its own",
+                    pa.display(),
+                    store.display()
+                );
+            }
             for (b, pb) in &roots[i + 1..] {
                 let pb = absolute(pb);
                 anyhow::ensure!(

@@ -84,17 +84,30 @@ async fn a_product_registered_outside_the_stage_root_is_never_moved() {
     let sum = contimg::pipeline::moves::checksum_path(&outside).unwrap().0;
     let forged = serde_json::to_value(registered("x", &outside, None)).unwrap();
     let c = reqwest::Client::new();
-    for token in [None, Some("secret")] {
-        let server = TestServer::start(&ledger, token).await;
+    // A server without a token; one with a token, asked with it and without it (a raw
+    // product append is refused before the token is looked at).
+    for (server_token, sent) in [
+        (None, None),
+        (Some("secret"), Some("secret")),
+        (Some("secret"), None),
+    ] {
+        let server = TestServer::start(&ledger, server_token).await;
         for stream in ["product-x", "scratch-x"] {
+            if stream == "scratch-x" && server_token.is_some() && sent.is_none() {
+                continue; // not a product stream: the token decides first (401)
+            }
             let mut rb = c
                 .post(server.url(&format!("/api/streams/{stream}")))
                 .json(&json!([event("ProductRegistered", forged.clone())]));
-            if let Some(t) = token {
+            if let Some(t) = sent {
                 rb = rb.bearer_auth(t);
             }
             let r = rb.send().await.unwrap();
-            assert_eq!(r.status().as_u16(), 403, "{stream} with token {token:?}");
+            assert_eq!(
+                r.status().as_u16(),
+                403,
+                "{stream}, server token {server_token:?}, sent {sent:?}"
+            );
             let body: Value = r.json().await.unwrap();
             assert!(
                 body["detail"]
@@ -108,12 +121,16 @@ async fn a_product_registered_outside_the_stage_root_is_never_moved() {
         server.stop().await;
     }
 
-    // Defence in depth: the same event in the ledger, with and without the right checksum.
+    // Defence in depth: the same event in the ledger, with and without the right checksum
+    // (two outside folders, so that neither product holds the other's files).
+    let other_outside = dir.path().join("outside2");
+    std::fs::create_dir_all(&other_outside).unwrap();
+    std::fs::write(other_outside.join("f"), b"also outside").unwrap();
     append_offline(
         &ledger,
         "product-x",
         ExpectedRevision::NoStream,
-        &[registered("x", &outside, None)],
+        &[registered("x", &other_outside, None)],
     );
     append_offline(
         &ledger,
@@ -736,4 +753,92 @@ fn overlapping_roots_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!data.exists(), "nothing was created");
+
+    // A root inside the ledger's own files.
+    let inside_log = data.join("log");
+    let out = common::contimg(&[
+        "validate",
+        "--json",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--stage-root",
+        inside_log.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        doc["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["check"] == "roots" && f["level"] == "error"),
+        "{doc}"
+    );
+}
+
+/// A folder holding another product's staged file cannot be registered (it would carry
+/// that file away when published); nor can a second product at the same path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_product_cannot_hold_another_products_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("var");
+    let config = ServerConfig::under(&ledger);
+    let stage = config.publish.stage_root.clone();
+    std::fs::create_dir_all(stage.join("batch")).unwrap();
+    std::fs::write(stage.join("batch/victim.fits"), b"victim").unwrap();
+    let server = TestServer::start_with(&ledger, config).await;
+    let c = reqwest::Client::new();
+    let reg = |id: &str, path: &str| {
+        c.post(server.url("/api/products"))
+            .json(&json!({"data_id": id, "data_type": "image", "stage_path": path, "auto_publish": false}))
+            .send()
+    };
+    assert_eq!(
+        reg("victim", "batch/victim.fits")
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        201
+    );
+    for (id, path) in [("grab", "batch"), ("twin", "batch/victim.fits")] {
+        let r = reg(id, path).await.unwrap();
+        assert_eq!(r.status().as_u16(), 409, "{id}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["detail"].as_str().unwrap().contains("victim"), "{v}");
+    }
+    assert_eq!(
+        std::fs::read(stage.join("batch/victim.fits")).unwrap(),
+        b"victim"
+    );
+    server.stop().await;
+}
+
+/// A client that never reads its answers loses its connection after the write timeout,
+/// so it cannot hold a slot: with one slot, the next client is served.
+#[test]
+fn a_client_that_never_reads_cannot_hold_a_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(
+        dir.path(),
+        "[server]\nmax_connections = 1\nwrite_timeout_s = 1.0\n",
+    );
+    let server = ChildServer::start(
+        &dir.path().join("var"),
+        &["--mode", "api", "--config", config.to_str().unwrap()],
+    );
+    let mut hog = connect(&server.base);
+    let one = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    // Far more answer than the socket buffers hold, and never a byte read.
+    let many: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4000).collect();
+    hog.set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _ = hog.write_all(&many);
+    let mut next = connect(&server.base);
+    next.write_all(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let answer = read_to_close_or_answer(&mut next);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(hog);
+    assert!(server.sigterm().success());
 }

@@ -59,6 +59,8 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// How long in-flight requests and a publish in progress may run after SIGTERM.
     pub shutdown_deadline: Duration,
+    /// Longest a response write may wait on a client that does not read.
+    pub write_timeout: Duration,
     /// As-of replays (`?as_of=`, `?position=`) running at once; more answer 503.
     pub max_as_of_replays: usize,
     /// Host names answered besides IP addresses and `localhost` while no token is set.
@@ -72,6 +74,7 @@ impl Default for HttpLimits {
             body_timeout: Duration::from_secs(30),
             max_connections: 1024,
             shutdown_deadline: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             max_as_of_replays: 2,
             allowed_hosts: Vec::new(),
         }
@@ -203,6 +206,7 @@ pub async fn run(
         header_timeout: state.limits.header_timeout,
         max_connections: state.limits.max_connections,
         shutdown_deadline: state.limits.shutdown_deadline,
+        write_timeout: state.limits.write_timeout,
     };
     let deadline = state.limits.shutdown_deadline;
     let moves = state.publisher.clone();

@@ -30,6 +30,9 @@ pub struct ConnLimits {
     pub max_connections: usize,
     /// How long in-flight requests may run after the shutdown signal.
     pub shutdown_deadline: Duration,
+    /// Longest a write may wait on a client that does not read; the connection is then
+    /// closed (a client that never reads cannot hold a slot).
+    pub write_timeout: Duration,
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets open connections
@@ -73,7 +76,7 @@ pub async fn serve(
             // (hyper's own limit, answered 414), and 431 beyond.
             .max_buf_size(MAX_HEAD_BYTES)
             .serve_connection(
-                TokioIo::new(JsonErrors::new(stream)),
+                TokioIo::new(JsonErrors::new(stream, limits.write_timeout)),
                 TowerToHyperService::new(app.clone()),
             );
         let conn = graceful.watch(conn);
@@ -92,30 +95,67 @@ pub async fn serve(
     conns.shutdown().await;
 }
 
-/// A connection whose writes are watched for hyper's own error answers: a 4xx or 5xx
-/// head with `content-length: 0` and no `content-type` (the router's errors always carry
-/// JSON). Such a head is rewritten to carry a JSON `{"detail"}` body. Vectored writes are
-/// declined so hyper hands over each head in one buffer.
+/// A connection whose writes are watched: for hyper's own error answers (a 4xx or 5xx
+/// head with `content-length: 0` and no `content-type`; the router's errors always carry
+/// JSON), rewritten to carry a JSON `{"detail"}` body; and for a client that stops
+/// reading, whose connection is closed once a write has waited `write_timeout`. Vectored
+/// writes are declined so hyper hands over each head in one buffer.
 struct JsonErrors<T> {
     io: T,
     pending: Vec<u8>,
     sent: usize,
+    write_timeout: Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> JsonErrors<T> {
-    fn new(io: T) -> Self {
+    fn new(io: T, write_timeout: Duration) -> Self {
         JsonErrors {
             io,
             pending: Vec::new(),
             sent: 0,
+            write_timeout,
+            stall: None,
+        }
+    }
+
+    /// Called when a write could not proceed: an error once it has waited too long.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let limit = self.write_timeout;
+        let sleep = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
 impl<T: AsyncWrite + Unpin> JsonErrors<T> {
+    /// `poll_write` of the connection, with the stall watch.
+    fn write_watched(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Pending => match self.stalled(cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => {
+                self.stall = None;
+                ready
+            }
+        }
+    }
+
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while self.sent < self.pending.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending[self.sent..]))?;
+            let (pending, sent) = (std::mem::take(&mut self.pending), self.sent);
+            let r = self.write_watched(cx, &pending[sent..]);
+            self.pending = pending;
+            let n = ready!(r)?;
             if n == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
@@ -154,12 +194,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
             }
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        this.write_watched(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         ready!(self.poll_drain(cx))?;
-        Pin::new(&mut self.io).poll_flush(cx)
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Pending => match self.stalled(cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => {
+                self.stall = None;
+                ready
+            }
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -66,7 +66,7 @@ const PRODUCT_COMMANDS: &str = "the publish lifecycle is written only by the pub
     register with POST /api/products, then POST /api/products/{id}/finalize, \
     /api/products/{id}/publish or /api/monitoring/publish/retry/{id}";
 
-fn refuse_command_only(stream: &str, event_type: Option<&str>) -> Result<(), ApiError> {
+pub fn refuse_command_only(stream: &str, event_type: Option<&str>) -> Result<(), ApiError> {
     if catalogue::command_only(stream, event_type.unwrap_or("")) {
         let what = match event_type {
             Some(t) => format!("{t} may not be appended to {stream}"),
@@ -138,6 +138,8 @@ async fn append(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<AppendReply>), ApiError> {
+    // Refused whoever asks, before the token is even looked at.
+    refuse_command_only(&stream, None)?;
     state.authorize(&headers)?;
     let expected = expected_revision(&headers)?;
     let events = parse_events(&stream, &body)?;

@@ -215,6 +215,7 @@ pub fn server_config(c: &Config) -> ServerConfig {
         body_timeout: Duration::from_secs_f64(h.body_timeout_s),
         max_connections: h.max_connections,
         shutdown_deadline: Duration::from_secs_f64(h.shutdown_deadline_s),
+        write_timeout: Duration::from_secs_f64(h.write_timeout_s),
         max_as_of_replays: h.max_as_of_replays,
         allowed_hosts: h.allowed_hosts.clone(),
     };
@@ -308,6 +309,20 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let config = args.resolve()?;
+    // Work still running on blocking threads after the server stopped (a publish whose
+    // hashing is stuck in a slow read) must not keep the process alive past the deadline;
+    // recovery settles it at the next start.
+    let deadline = Duration::from_secs_f64(config.server.shutdown_deadline_s);
+    let result = serve_on(&rt, args, config);
+    rt.shutdown_timeout(deadline);
+    result
+}
+
+fn serve_on(
+    rt: &tokio::runtime::Runtime,
+    args: ServeArgs,
+    config: crate::config::Config,
+) -> anyhow::Result<ExitCode> {
     if args.mode == Mode::Stream {
         return rt.block_on(serve_stream(config, args.token.clone()));
     }

@@ -48,6 +48,12 @@ pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Most events one group commit writes.
 const MAX_COMMIT_EVENTS: usize = 4096;
 /// Most events one append request may carry.
+/// What the store keeps in a ledger folder: the owner's lock and the sled database. No
+/// other root may lie there.
+pub const LOCK_FILE: &str = "contimg.lock";
+pub const LOG_DIR: &str = "log";
+pub const STORE_ENTRIES: &[&str] = &[LOCK_FILE, LOG_DIR];
+
 pub const MAX_BATCH_EVENTS: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,7 +269,7 @@ fn now_micros() -> i64 {
 
 /// Takes the folder's lock file, or says who holds it.
 fn lock_folder(dir: &Path) -> Result<File, StoreError> {
-    let path = dir.join("contimg.lock");
+    let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -298,7 +304,7 @@ impl Store {
             source,
         })?;
         let lock = lock_folder(&dir)?;
-        let sled_dir = dir.join("log");
+        let sled_dir = dir.join(LOG_DIR);
         let fresh = !sled_dir.exists();
         let db = sled::Config::new()
             .path(&sled_dir)

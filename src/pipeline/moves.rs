@@ -1,27 +1,41 @@
 //! The file side of publishing: checksums, the safe move from the stage root into the
 //! products root, and the search for a complete copy after a crash.
 //!
-//! Nothing here trusts a path because an event names it. Every source is resolved inside
-//! the stage root and every destination inside the products root (after symlinks) where
-//! it is used; only regular files and folders of regular files are read (a FIFO, socket,
-//! device or symlink is refused without being opened for long: files are opened with
-//! `O_NONBLOCK | O_NOFOLLOW` and checked with `fstat`). Temporary copies live in
-//! `PRODUCTS/.contimg-tmp/`, a folder no product can be published into, so cleaning it
-//! after a crash can never remove a product.
+//! Nothing here trusts a path because an event names it, and nothing is done by path
+//! name where a swap could redirect it. Each root is opened once; every path below it is
+//! resolved by the kernel with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a
+//! symlink anywhere below a root (a staged folder, a type folder, a component swapped in
+//! while a copy runs) is refused, never followed. Files are opened `O_NOFOLLOW |
+//! O_NONBLOCK` and checked with `fstat` (a FIFO, socket or device is refused without
+//! blocking); folders are walked through their open handles; the source is removed entry
+//! by entry, and only the entries that were copied (same device and inode), so nothing
+//! added meanwhile and nothing outside the root is ever deleted. Temporary copies live
+//! in `PRODUCTS/.contimg-tmp/` under UUID names, a folder no product can be published
+//! into, so cleaning it after a crash can never remove a product.
+//!
+//! Checksums: a file's is the BLAKE3 of its bytes (what `b3sum` prints); a folder's is
+//! `tree2:` and the BLAKE3 of a manifest of every entry in name order (a tag for file or
+//! folder, the relative name with its length, a file's size and bytes), so two trees of
+//! different shapes never share one. Folder checksums recorded before `tree2:` are
+//! still verified in their old form.
 
+use std::ffi::{CString, OsStr, OsString};
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::paths::{self, PathError};
-
 /// The folder of temporary copies, directly under the products root.
 pub const TMP_DIR: &str = ".contimg-tmp";
 
-/// Bytes copied between two looks at the [`Budget`].
+/// Bytes read between two looks at the [`Budget`].
 pub const CHUNK: usize = 1 << 20;
+
+/// The prefix of a folder's checksum in the manifest form.
+const TREE: &str = "tree2:";
 
 /// A failed move, and whether trying again later may help.
 #[derive(Debug)]
@@ -57,8 +71,9 @@ impl MoveError {
                 interrupted: matches!(stop, Stopped::Shutdown),
             };
         }
-        // Not retryable: a file the publisher may not read, or one that is not a regular
-        // file or folder (trying again would not change what it is).
+        // A staged file that is missing may come back (an operator restores it). Not
+        // retryable: a file the publisher may not read, a symlink, something that is not
+        // a regular file or folder (trying again would not change what it is).
         let retryable = !matches!(
             e.kind(),
             std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidInput
@@ -69,20 +84,9 @@ impl MoveError {
             interrupted: false,
         }
     }
-
-    fn path(e: PathError) -> Self {
-        // A staged file that is missing may come back (an operator restores it); a path
-        // outside its root never becomes acceptable.
-        let retryable = matches!(e, PathError::Missing(_));
-        MoveError {
-            message: e.to_string(),
-            retryable,
-            interrupted: false,
-        }
-    }
 }
 
-/// Why a copy stopped between two chunks.
+/// Why a copy or a checksum stopped between two chunks.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 pub enum Stopped {
     #[error("cut short: the server is shutting down")]
@@ -91,8 +95,8 @@ pub enum Stopped {
     TimeLimit,
 }
 
-/// When a long copy must stop: checked between chunks of at most [`CHUNK`] bytes, so a
-/// publish ends soon after a shutdown or its time limit.
+/// When long work on files must stop: checked between chunks of at most [`CHUNK`] bytes,
+/// so a publish (its hashing included) ends soon after a shutdown or its time limit.
 pub struct Budget<'a> {
     pub deadline: Instant,
     pub cancel: &'a AtomicBool,
@@ -111,11 +115,257 @@ impl Budget<'_> {
     }
 }
 
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
+
+fn cstr(name: &OsStr) -> std::io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| invalid(format!("{name:?} holds a NUL")))
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `struct open_how` of `openat2(2)` (libc's is not constructible outside it).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// A folder held open; every name below it is resolved beneath it, no symlink followed.
+pub struct Dir {
+    fd: OwnedFd,
+    /// For messages only; never used to reach the folder.
+    path: PathBuf,
+}
+
+impl Dir {
+    /// Opens a configured root (the root itself may be reached through a symlink).
+    pub fn open_root(path: &Path) -> std::io::Result<Dir> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(path)?;
+        Ok(Dir {
+            fd: OwnedFd::from(f),
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn openat2(&self, rel: &Path, flags: libc::c_int, mode: u32) -> std::io::Result<OwnedFd> {
+        let c = cstr(rel.as_os_str())?;
+        let how = OpenHow {
+            flags: (flags | libc::O_CLOEXEC) as u64,
+            mode: mode as u64,
+            resolve: libc::RESOLVE_BENEATH
+                | libc::RESOLVE_NO_SYMLINKS
+                | libc::RESOLVE_NO_MAGICLINKS,
+        };
+        // SAFETY: a valid dirfd, a NUL-terminated path and an open_how of the size given.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::EXDEV) => invalid(format!(
+                    "{} passes through a symbolic link or leaves its root",
+                    self.path.join(rel).display()
+                )),
+                Some(libc::ENOTDIR) if flags & libc::O_DIRECTORY != 0 => invalid(format!(
+                    "{} is not a folder (a symbolic link is never followed)",
+                    self.path.join(rel).display()
+                )),
+                _ => e,
+            });
+        }
+        // SAFETY: the kernel returned a new descriptor that nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    }
+
+    /// A folder below this one (`rel` may have several components).
+    pub fn sub(&self, rel: &Path) -> std::io::Result<Dir> {
+        if rel.as_os_str().is_empty() {
+            return Ok(Dir {
+                fd: self.fd.try_clone()?,
+                path: self.path.clone(),
+            });
+        }
+        let fd = self.openat2(
+            rel,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )?;
+        Ok(Dir {
+            fd,
+            path: self.path.join(rel),
+        })
+    }
+
+    /// A folder directly below this one, created when missing.
+    pub fn make_sub(&self, name: &str) -> std::io::Result<Dir> {
+        let c = cstr(OsStr::new(name))?;
+        // SAFETY: a valid dirfd and a NUL-terminated name.
+        let rc = unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), 0o755) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+            // Something else holds the name. A symlink there is refused for good; a file
+            // may be moved away by an operator, so that failure is worth retrying.
+            if let Some(st) = self.stat(OsStr::new(name))? {
+                match st_kind(&st) {
+                    libc::S_IFDIR => {}
+                    libc::S_IFLNK => {
+                        return Err(invalid(format!(
+                            "{} is a symbolic link, never followed",
+                            self.path.join(name).display()
+                        )));
+                    }
+                    other => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::NotADirectory,
+                            format!(
+                                "{} is {}, not a folder",
+                                self.path.join(name).display(),
+                                if other == libc::S_IFREG {
+                                    "a file"
+                                } else {
+                                    mode_name(other)
+                                }
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        self.sub(Path::new(name))
+    }
+
+    /// What `name` is, without following it; `None` when it does not exist.
+    fn stat(&self, name: &OsStr) -> std::io::Result<Option<libc::stat>> {
+        let c = cstr(name)?;
+        // SAFETY: zeroed plain-old-data, filled by the kernel.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid dirfd, a NUL-terminated name and a stat buffer.
+        let rc = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(st))
+    }
+
+    /// A regular file directly below, for reading; anything else is refused unopened.
+    fn open_file(&self, name: &OsStr) -> std::io::Result<(std::fs::File, Id)> {
+        let fd = self.openat2(
+            Path::new(name),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+            0,
+        )?;
+        let f = std::fs::File::from(fd);
+        let m = f.metadata()?;
+        if !m.is_file() {
+            return Err(not_regular(&self.path.join(name), kind_name(m.file_type())));
+        }
+        use std::os::unix::fs::MetadataExt;
+        Ok((f, Id(m.dev(), m.ino())))
+    }
+
+    fn create_file(&self, name: &OsStr) -> std::io::Result<std::fs::File> {
+        let fd = self.openat2(
+            Path::new(name),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            0o644,
+        )?;
+        Ok(std::fs::File::from(fd))
+    }
+
+    /// The names directly below, sorted (read through the open handle).
+    fn names(&self) -> std::io::Result<Vec<OsString>> {
+        let mut names: Vec<OsString> =
+            std::fs::read_dir(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()?;
+        names.sort();
+        Ok(names)
+    }
+
+    fn unlink(&self, name: &OsStr, dir: bool) -> std::io::Result<()> {
+        let c = cstr(name)?;
+        let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
+        // SAFETY: a valid dirfd and a NUL-terminated name.
+        check(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), flags) }).map(|_| ())
+    }
+
+    /// Renames `name` here to `to_name` in `to`, never replacing: `AlreadyExists` then.
+    fn rename_noreplace(&self, name: &OsStr, to: &Dir, to_name: &OsStr) -> std::io::Result<()> {
+        let (f, t) = (cstr(name)?, cstr(to_name)?);
+        // SAFETY: valid dirfds and NUL-terminated names.
+        check(unsafe {
+            libc::renameat2(
+                self.fd.as_raw_fd(),
+                f.as_ptr(),
+                to.fd.as_raw_fd(),
+                t.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        })
+        .map(|_| ())
+    }
+
+    pub fn sync(&self) -> std::io::Result<()> {
+        // SAFETY: a valid descriptor.
+        check(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(|_| ())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Device and inode: which file an entry is, whatever its name says later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Id(u64, u64);
+
+fn st_id(st: &libc::stat) -> Id {
+    Id(st.st_dev, st.st_ino)
+}
+
+fn st_kind(st: &libc::stat) -> u32 {
+    st.st_mode & libc::S_IFMT
+}
+
 fn not_regular(path: &Path, what: &str) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        format!("{} is {what}, not a regular file or folder", path.display()),
-    )
+    invalid(format!(
+        "{} is {what}, not a regular file or folder",
+        path.display()
+    ))
 }
 
 fn kind_name(t: std::fs::FileType) -> &'static str {
@@ -128,186 +378,356 @@ fn kind_name(t: std::fs::FileType) -> &'static str {
         "a socket"
     } else if t.is_block_device() || t.is_char_device() {
         "a device"
+    } else if t.is_dir() {
+        "a folder"
     } else {
         "something else"
     }
 }
 
-/// Opens a regular file for reading without following a final symlink and without
-/// blocking on a FIFO, then checks with `fstat` what was opened.
-pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                not_regular(path, "a symbolic link")
-            } else {
-                e
-            }
-        })?;
-    let t = f.metadata()?.file_type();
-    if !t.is_file() {
-        return Err(not_regular(path, kind_name(t)));
-    }
-    Ok(f)
-}
-
-/// What a staged product is made of: the folders (relative, parents first) and the
-/// regular files (relative, in name order). A single file has one entry named "".
-struct Tree {
-    is_dir: bool,
-    dirs: Vec<PathBuf>,
-    files: Vec<PathBuf>,
-}
-
-fn tree(path: &Path) -> std::io::Result<Tree> {
-    let t = std::fs::symlink_metadata(path)?.file_type();
-    if t.is_file() {
-        return Ok(Tree {
-            is_dir: false,
-            dirs: Vec::new(),
-            files: vec![PathBuf::new()],
-        });
-    }
-    if !t.is_dir() {
-        return Err(not_regular(path, kind_name(t)));
-    }
-    let mut out = Tree {
-        is_dir: true,
-        dirs: Vec::new(),
-        files: Vec::new(),
-    };
-    walk(path, path, &mut out)?;
-    out.files.sort();
-    Ok(out)
-}
-
-fn walk(root: &Path, dir: &Path, out: &mut Tree) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            out.dirs.push(rel);
-            walk(root, &path, out)?;
-        } else if kind.is_file() {
-            out.files.push(rel);
-        } else {
-            // Following a symlink could pull in a file from outside the stage root; a
-            // FIFO would block the reader.
-            return Err(not_regular(&path, kind_name(kind)));
-        }
-    }
-    Ok(())
-}
-
-fn join(base: &Path, rel: &Path) -> PathBuf {
-    if rel.as_os_str().is_empty() {
-        base.to_path_buf()
-    } else {
-        base.join(rel)
+fn mode_name(mode: u32) -> &'static str {
+    match mode {
+        libc::S_IFLNK => "a symbolic link",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFBLK | libc::S_IFCHR => "a device",
+        _ => "something else",
     }
 }
 
-/// BLAKE3 of a file, or of a folder's files (relative names and contents, in name
-/// order), and the total size. Anything but regular files and folders is refused.
-pub fn checksum_path(path: &Path) -> std::io::Result<(String, u64)> {
-    let tree = tree(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut size = 0;
-    for rel in &tree.files {
-        if tree.is_dir {
-            hasher.update(rel.to_string_lossy().as_bytes());
-            hasher.update(&[0]);
-        }
-        let f = open_regular(&join(path, rel))?;
-        size += f.metadata()?.len();
-        hasher.update_reader(f)?;
-    }
-    Ok((hasher.finalize().to_hex().to_string(), size))
+/// What was read of a staged product: its checksum (and the old folder form when asked),
+/// its size, and the identity of every entry, for removing exactly those.
+pub struct Walked {
+    pub checksum: String,
+    legacy: Option<String>,
+    pub size: u64,
+    tree: Node,
 }
 
-/// Copies `src` (a file or a folder) to the new name `dst`, fsyncing every file and
-/// folder written, and returns the checksum of what was read, in [`checksum_path`]'s
-/// form: one read of the source serves both.
-fn copy_hashing(src: &Path, dst: &Path, budget: &Budget) -> std::io::Result<String> {
-    let tree = tree(src)?;
-    let mut hasher = blake3::Hasher::new();
-    if tree.is_dir {
-        std::fs::create_dir(dst)?;
-        for d in &tree.dirs {
-            std::fs::create_dir(dst.join(d))?;
-        }
-    }
-    let mut buf = vec![0u8; CHUNK];
-    for rel in &tree.files {
-        if tree.is_dir {
-            hasher.update(rel.to_string_lossy().as_bytes());
-            hasher.update(&[0]);
-        }
-        let mut from = open_regular(&join(src, rel))?;
-        let mut to = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(join(dst, rel))?;
-        loop {
-            budget.check()?;
-            let n = match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            hasher.update(&buf[..n]);
-            to.write_all(&buf[..n])?;
-        }
-        to.sync_all()?;
-    }
-    if tree.is_dir {
-        for d in tree.dirs.iter().rev() {
-            fsync_dir(&dst.join(d))?;
-        }
-        fsync_dir(dst)?;
-    }
-    Ok(hasher.finalize().to_hex().to_string())
+enum Node {
+    File(Id),
+    Dir(Id, Vec<(OsString, Node)>),
 }
 
-pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Removes a file or a folder; never follows a symlink.
-pub fn remove_path(p: &Path) -> std::io::Result<()> {
-    if std::fs::symlink_metadata(p)?.is_dir() {
-        std::fs::remove_dir_all(p)
-    } else {
-        std::fs::remove_file(p)
+impl Walked {
+    /// Whether this is what `recorded` names (a folder recorded before `tree2:` is
+    /// compared in its old form).
+    pub fn matches(&self, recorded: &str) -> bool {
+        self.checksum == recorded || self.legacy.as_deref() == Some(recorded)
     }
 }
 
-/// Renames without replacing: fails with `AlreadyExists` when `to` exists.
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let f = std::ffi::CString::new(from.as_os_str().as_bytes())?;
-    let t = std::ffi::CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: two valid NUL-terminated paths; renameat2 reads them and nothing else.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
+/// Reads the product `name` in `parent` (a file or a folder of regular files and
+/// folders), hashing it and, when `to` is given, copying it there under `to_name` with
+/// every file and folder fsynced. `legacy`: also compute a folder's pre-`tree2:` checksum.
+fn walk(
+    parent: &Dir,
+    name: &OsStr,
+    to: Option<(&Dir, &OsStr)>,
+    legacy: bool,
+    budget: &Budget,
+) -> std::io::Result<Walked> {
+    let st = parent.stat(name)?.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} does not exist", parent.path.join(name).display()),
         )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+    })?;
+    let mut buf = vec![0u8; CHUNK];
+    match st_kind(&st) {
+        libc::S_IFREG => {
+            let mut hasher = blake3::Hasher::new();
+            let (mut from, id) = parent.open_file(name)?;
+            let mut out = to.map(|(d, n)| d.create_file(n)).transpose()?;
+            let size = copy_chunks(&mut from, out.as_mut(), &mut hasher, &mut buf, budget)?;
+            if let Some(o) = out {
+                o.sync_all()?;
+            }
+            Ok(Walked {
+                checksum: hasher.finalize().to_hex().to_string(),
+                legacy: None,
+                size,
+                tree: Node::File(id),
+            })
+        }
+        libc::S_IFDIR => {
+            let dir = parent.sub(Path::new(name))?;
+            let out = match to {
+                Some((d, n)) => Some(d.make_new_sub(n)?),
+                None => None,
+            };
+            let mut w = Hashers {
+                tree: blake3::Hasher::new(),
+                legacy: legacy.then(blake3::Hasher::new),
+                size: 0,
+                buf,
+            };
+            let children = walk_dir(&dir, out.as_ref(), Path::new(""), &mut w, budget)?;
+            if let Some(o) = &out {
+                o.sync()?;
+            }
+            Ok(Walked {
+                checksum: format!("{TREE}{}", w.tree.finalize().to_hex()),
+                legacy: w.legacy.map(|h| h.finalize().to_hex().to_string()),
+                size: w.size,
+                tree: Node::Dir(st_id(&st), children),
+            })
+        }
+        other => Err(not_regular(&parent.path.join(name), mode_name(other))),
     }
+}
+
+impl Dir {
+    /// A new folder directly below (it must not exist yet).
+    fn make_new_sub(&self, name: &OsStr) -> std::io::Result<Dir> {
+        let c = cstr(name)?;
+        // SAFETY: a valid dirfd and a NUL-terminated name.
+        check(unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), 0o755) })?;
+        self.sub(Path::new(name))
+    }
+}
+
+struct Hashers {
+    tree: blake3::Hasher,
+    legacy: Option<blake3::Hasher>,
+    size: u64,
+    buf: Vec<u8>,
+}
+
+fn walk_dir(
+    dir: &Dir,
+    out: Option<&Dir>,
+    rel: &Path,
+    h: &mut Hashers,
+    budget: &Budget,
+) -> std::io::Result<Vec<(OsString, Node)>> {
+    let mut nodes = Vec::new();
+    for name in dir.names()? {
+        budget.check()?;
+        let st = dir.stat(&name)?.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "{} vanished while it was read",
+                    dir.path.join(&name).display()
+                ),
+            )
+        })?;
+        let path = rel.join(&name);
+        let bytes = path.as_os_str().as_bytes();
+        match st_kind(&st) {
+            libc::S_IFDIR => {
+                h.tree.update(b"d");
+                h.tree.update(&(bytes.len() as u64).to_le_bytes());
+                h.tree.update(bytes);
+                let sub = dir.sub(Path::new(&name))?;
+                let sub_out = match out {
+                    Some(o) => Some(o.make_new_sub(&name)?),
+                    None => None,
+                };
+                let children = walk_dir(&sub, sub_out.as_ref(), &path, h, budget)?;
+                if let Some(o) = &sub_out {
+                    o.sync()?;
+                }
+                nodes.push((name, Node::Dir(st_id(&st), children)));
+            }
+            libc::S_IFREG => {
+                let (mut from, id) = dir.open_file(&name)?;
+                let size = from.metadata()?.len();
+                h.tree.update(b"f");
+                h.tree.update(&(bytes.len() as u64).to_le_bytes());
+                h.tree.update(bytes);
+                h.tree.update(&size.to_le_bytes());
+                if let Some(l) = &mut h.legacy {
+                    l.update(bytes);
+                    l.update(&[0]);
+                }
+                let mut to = out.map(|o| o.create_file(&name)).transpose()?;
+                let mut tee = Tee {
+                    a: &mut h.tree,
+                    b: h.legacy.as_mut(),
+                };
+                let n = copy_chunks(&mut from, to.as_mut(), &mut tee, &mut h.buf, budget)?;
+                if n != size {
+                    return Err(std::io::Error::other(format!(
+                        "{} changed size while it was read",
+                        dir.path.join(&name).display()
+                    )));
+                }
+                if let Some(t) = to {
+                    t.sync_all()?;
+                }
+                h.size += n;
+                nodes.push((name, Node::File(id)));
+            }
+            other => return Err(not_regular(&dir.path.join(&name), mode_name(other))),
+        }
+    }
+    Ok(nodes)
+}
+
+trait Update {
+    fn update(&mut self, b: &[u8]);
+}
+
+impl Update for blake3::Hasher {
+    fn update(&mut self, b: &[u8]) {
+        blake3::Hasher::update(self, b);
+    }
+}
+
+struct Tee<'a> {
+    a: &'a mut blake3::Hasher,
+    b: Option<&'a mut blake3::Hasher>,
+}
+
+impl Update for Tee<'_> {
+    fn update(&mut self, bytes: &[u8]) {
+        self.a.update(bytes);
+        if let Some(b) = &mut self.b {
+            b.update(bytes);
+        }
+    }
+}
+
+fn copy_chunks(
+    from: &mut std::fs::File,
+    mut to: Option<&mut std::fs::File>,
+    hasher: &mut impl Update,
+    buf: &mut [u8],
+    budget: &Budget,
+) -> std::io::Result<u64> {
+    let mut n = 0u64;
+    loop {
+        budget.check()?;
+        let got = match from.read(buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..got]);
+        if let Some(t) = to.as_deref_mut() {
+            t.write_all(&buf[..got])?;
+        }
+        n += got as u64;
+    }
+}
+
+/// Removes exactly the entries `walked` read, those still the same files (device and
+/// inode) under the same names; a folder that holds anything else is left in place.
+fn remove_walked(parent: &Dir, name: &OsStr, node: &Node) -> std::io::Result<()> {
+    let Some(st) = parent.stat(name)? else {
+        return Ok(());
+    };
+    match node {
+        Node::File(id) if st_kind(&st) == libc::S_IFREG && st_id(&st) == *id => {
+            parent.unlink(name, false)
+        }
+        Node::Dir(id, children) if st_kind(&st) == libc::S_IFDIR && st_id(&st) == *id => {
+            let dir = parent.sub(Path::new(name))?;
+            for (n, child) in children {
+                remove_walked(&dir, n, child)?;
+            }
+            match parent.unlink(name, true) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    tracing::warn!(path = %parent.path.join(name).display(), "a staged folder gained entries while it was published; they are left in place");
+                    Ok(())
+                }
+                other => other,
+            }
+        }
+        _ => {
+            tracing::warn!(path = %parent.path.join(name).display(), "a staged entry changed while it was published; left in place");
+            Ok(())
+        }
+    }
+}
+
+/// Removes everything below `dir` (used only on temporary copies of our own making).
+fn remove_all(parent: &Dir, name: &OsStr) -> std::io::Result<()> {
+    let Some(st) = parent.stat(name)? else {
+        return Ok(());
+    };
+    if st_kind(&st) == libc::S_IFDIR {
+        let dir = parent.sub(Path::new(name))?;
+        for n in dir.names()? {
+            remove_all(&dir, &n)?;
+        }
+        parent.unlink(name, true)
+    } else {
+        parent.unlink(name, false)
+    }
+}
+
+/// Where a recorded staged path lies: its folder (opened beneath the stage root) and its
+/// name. A path that is not below the stage root, or passes through a symlink, is refused.
+pub struct Located {
+    pub parent: Dir,
+    pub name: OsString,
+    /// The staged path below the stage root as it really is (no symlink on the way).
+    pub path: PathBuf,
+}
+
+pub fn locate(stage_root: &Path, stage_path: &str) -> std::io::Result<Located> {
+    super::paths::check_components(stage_path).map_err(|e| invalid(e.to_string()))?;
+    let root = Dir::open_root(stage_root)?;
+    let real_root = stage_root.canonicalize()?;
+    let p = Path::new(stage_path);
+    let rel = if p.is_absolute() {
+        p.strip_prefix(&real_root)
+            .or_else(|_| p.strip_prefix(stage_root))
+            .map_err(|_| {
+                invalid(format!(
+                    "{stage_path:?} is outside the stage root {}",
+                    real_root.display()
+                ))
+            })?
+    } else {
+        p
+    };
+    let name = rel
+        .file_name()
+        .ok_or_else(|| invalid(format!("{stage_path:?} names no file")))?
+        .to_os_string();
+    let parent = root.sub(rel.parent().unwrap_or(Path::new("")))?;
+    Ok(Located {
+        parent,
+        name,
+        path: real_root.join(rel),
+    })
+}
+
+/// Where a staged product really is, its checksum and its size, read beneath the stage
+/// root.
+pub fn checksum_staged(
+    stage_root: &Path,
+    stage_path: &str,
+    budget: &Budget,
+) -> std::io::Result<(PathBuf, String, u64)> {
+    let at = locate(stage_root, stage_path)?;
+    let w = walk(&at.parent, &at.name, None, false, budget)?;
+    Ok((at.path, w.checksum, w.size))
+}
+
+/// The checksum of any path (a file or a folder), opened as a root of its own: for tests
+/// and tools. Symlinks below it are refused.
+pub fn checksum_path(path: &Path) -> std::io::Result<(String, u64)> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .ok_or_else(|| invalid(format!("{} names no file", path.display())))?;
+    let cancel = AtomicBool::new(false);
+    let budget = Budget {
+        deadline: Instant::now() + std::time::Duration::from_secs(365 * 86_400),
+        cancel: &cancel,
+    };
+    let w = walk(&Dir::open_root(parent)?, name, None, false, &budget)?;
+    Ok((w.checksum, w.size))
+}
+
+fn is_legacy(recorded: &str) -> bool {
+    !recorded.starts_with(TREE)
 }
 
 fn suffixed(name: &str, n: u32) -> String {
@@ -317,39 +737,19 @@ fn suffixed(name: &str, n: u32) -> String {
     }
 }
 
-/// The names a product may be published under in `dir`: `name`, then `name_1` ... `name_99`
+/// The names a product may be published under: `name`, then `name_1` ... `name_99`
 /// (before the extension).
-fn candidates<'a>(dir: &'a Path, name: &'a str) -> impl Iterator<Item = PathBuf> + 'a {
-    std::iter::once(dir.join(name)).chain((1..100).map(move |n| dir.join(suffixed(name, n))))
+fn candidates(name: &str) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(name.to_string()).chain((1..100).map(move |n| suffixed(name, n)))
 }
 
-/// Where a staged product goes: the folder of its type under the products root and its
-/// file name (the staged name). The caller checks the result against the root where it
-/// uses it.
-pub fn destination(
-    products_root: &Path,
-    type_dir: &str,
-    source: &Path,
-) -> Result<(PathBuf, String), MoveError> {
-    let name = source
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .ok_or_else(|| MoveError::fatal(format!("{} has no file name", source.display())))?;
-    let dir = products_root.join(type_dir);
-    Ok((dir, name))
-}
-
-/// A complete copy of the product, with the recorded checksum, at its checked destination
-/// or one of its suffixed names; `None` when there is none (or the folder is outside the
-/// products root).
-pub fn find_complete(
-    products_root: &Path,
-    dir: &Path,
-    name: &str,
-    checksum: &str,
-) -> Option<PathBuf> {
-    paths::check_destination(products_root, &dir.join(name)).ok()?;
-    candidates(dir, name).find(|p| checksum_path(p).is_ok_and(|(c, _)| c == checksum))
+/// The type folder under the products root: a real folder (a symlink there is refused),
+/// never the temporaries' folder.
+fn type_folder(products: &Dir, type_dir: &str) -> std::io::Result<Dir> {
+    if type_dir == TMP_DIR || type_dir.contains('/') || type_dir.starts_with('.') {
+        return Err(invalid(format!("{type_dir:?} is not a products folder")));
+    }
+    products.make_sub(type_dir)
 }
 
 /// What a move needs: the recorded facts, the roots they must lie in, and its budget.
@@ -364,11 +764,12 @@ pub struct MoveRequest<'a> {
     pub budget: Budget<'a>,
 }
 
-/// The move: resolve the source inside the stage root; copy it into
-/// `PRODUCTS/.contimg-tmp/`, hashing as it reads, and fsync; refuse it if it no longer
-/// matches the recorded checksum; rename into place (never over an existing file), fsync
-/// both folders, verify the published copy, and only then remove the source. An existing
-/// destination with the same checksum is success; another one gets a suffix.
+/// The move: locate the source beneath the stage root; copy it into
+/// `PRODUCTS/.contimg-tmp/<uuid>`, hashing as it reads, and fsync; refuse it if it no
+/// longer matches the recorded checksum; rename into place (never over an existing
+/// file), fsync both folders, verify the published copy, and only then remove the
+/// entries that were copied. An existing destination with the same checksum is success;
+/// another one gets a suffix.
 pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     let expected = req.checksum.ok_or_else(|| {
         MoveError::fatal(format!(
@@ -376,38 +777,56 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
             req.stage_path
         ))
     })?;
-    let source = paths::resolve_inside(req.stage_root, req.stage_path).map_err(MoveError::path)?;
-    let (dest_dir, name) = destination(req.products_root, req.type_dir, &source)?;
-    std::fs::create_dir_all(&dest_dir)
-        .map_err(|e| MoveError::io("creating the products folder", e))?;
-    paths::check_destination(req.products_root, &dest_dir.join(&name))
-        .map_err(|e| MoveError::fatal(e.to_string()))?;
-    let tmp_dir = req.products_root.join(TMP_DIR);
-    std::fs::create_dir_all(&tmp_dir)
-        .map_err(|e| MoveError::io("creating the temporary folder", e))?;
-    paths::check_destination(req.products_root, &tmp_dir.join("x"))
-        .map_err(|e| MoveError::fatal(e.to_string()))?;
-    let tmp = tmp_dir.join(uuid::Uuid::new_v4().to_string());
+    let src = locate(req.stage_root, req.stage_path)
+        .map_err(|e| MoveError::io(&format!("staged product {}", req.stage_path), e))?;
+    let name = src.name.to_string_lossy().to_string();
+    let products = Dir::open_root(req.products_root)
+        .map_err(|e| MoveError::io("opening the products root", e))?;
+    let dest = type_folder(&products, req.type_dir)
+        .map_err(|e| MoveError::io("opening the products folder", e))?;
+    let tmp = products
+        .make_sub(TMP_DIR)
+        .map_err(|e| MoveError::io("opening the temporary folder", e))?;
+    let tmp_name = OsString::from(uuid::Uuid::new_v4().to_string());
+    let copied = walk(
+        &src.parent,
+        &src.name,
+        Some((&tmp, &tmp_name)),
+        is_legacy(expected),
+        &req.budget,
+    );
     let result = (|| {
-        let actual = copy_hashing(&source, &tmp, &req.budget).map_err(|e| {
+        let copied = copied.map_err(|e| {
             MoveError::io(
-                &format!("copying {} into the products root", source.display()),
+                &format!(
+                    "copying {} into the products root",
+                    src.parent.path.join(&src.name).display()
+                ),
                 e,
             )
         })?;
-        if actual != expected {
+        if !copied.matches(expected) {
             return Err(MoveError::fatal(format!(
-                "staged file {} changed since it was registered (checksum {actual}, expected {expected})",
-                source.display()
+                "staged product {} changed since it was registered (checksum {}, expected {expected})",
+                src.parent.path.join(&src.name).display(),
+                copied.checksum
             )));
         }
-        for candidate in candidates(&dest_dir, &name) {
-            match rename_noreplace(&tmp, &candidate) {
-                Ok(()) => return Ok(candidate),
+        for candidate in candidates(&name) {
+            match tmp.rename_noreplace(&tmp_name, &dest, OsStr::new(&candidate)) {
+                Ok(()) => return Ok((candidate, copied)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if checksum_path(&candidate).is_ok_and(|(c, _)| c == actual) {
-                        let _ = remove_path(&tmp);
-                        return Ok(candidate);
+                    let same = walk(
+                        &dest,
+                        OsStr::new(&candidate),
+                        None,
+                        is_legacy(expected),
+                        &req.budget,
+                    )
+                    .is_ok_and(|w| w.matches(expected));
+                    if same {
+                        let _ = remove_all(&tmp, &tmp_name);
+                        return Ok((candidate, copied));
                     }
                 }
                 Err(e) => return Err(MoveError::io("renaming into place", e)),
@@ -417,85 +836,94 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
             "100 products named like {name} already exist"
         )))
     })();
-    let dest = match result {
-        Ok(d) => d,
+    let (final_name, copied) = match result {
+        Ok(r) => r,
         Err(e) => {
-            if tmp.exists() {
-                let _ = remove_path(&tmp);
-            }
+            let _ = remove_all(&tmp, &tmp_name);
             return Err(e);
         }
     };
-    fsync_dir(&dest_dir).map_err(|e| MoveError::io("syncing the products folder", e))?;
-    let _ = fsync_dir(&tmp_dir);
-    let (written, _) =
-        checksum_path(&dest).map_err(|e| MoveError::io("verifying the published copy", e))?;
-    if written != expected {
-        let _ = remove_path(&dest);
+    dest.sync()
+        .map_err(|e| MoveError::io("syncing the products folder", e))?;
+    let _ = tmp.sync();
+    let written = walk(
+        &dest,
+        OsStr::new(&final_name),
+        None,
+        is_legacy(expected),
+        &req.budget,
+    )
+    .map_err(|e| MoveError::io("verifying the published copy", e))?;
+    if !written.matches(expected) {
+        let _ = remove_all(&dest, OsStr::new(&final_name));
         return Err(MoveError::retryable(format!(
             "published copy of {} does not match its checksum",
-            source.display()
+            req.stage_path
         )));
     }
     // The copy is verified: the product is published. A staged copy that will not go away
     // is worth a warning, not a failed publish (which would retry against a half-removed
     // source).
-    if let Err(e) = remove_path(&source) {
-        tracing::warn!(path = %source.display(), error = %e, "published, but the staged copy could not be removed");
+    if let Err(e) = remove_walked(&src.parent, &src.name, &copied.tree) {
+        tracing::warn!(path = %req.stage_path, error = %e, "published, but the staged copy could not be removed");
     }
-    if let Some(parent) = source.parent() {
-        let _ = fsync_dir(parent);
-    }
-    Ok(dest)
+    let _ = src.parent.sync();
+    Ok(dest.path.join(final_name))
 }
 
 /// What recovery found of a publish a crash cut short.
 pub struct Found {
-    /// A complete copy with the recorded checksum at the checked destination.
+    /// A complete copy with the recorded checksum where the rule puts the product.
     pub complete: Option<PathBuf>,
-    /// The staged source, resolved inside the stage root, still has the recorded checksum.
+    /// The staged source, beneath the stage root, still has the recorded checksum.
     pub source_intact: bool,
 }
 
-/// Looks for the outcome of an interrupted publish, and removes the staged source only
-/// when a complete copy with the recorded checksum was found at the checked destination
-/// and the source resolves inside the stage root. Without a recorded checksum nothing is
-/// complete and nothing is removed.
+/// Looks for the outcome of an interrupted publish. The staged source is removed only
+/// when a complete copy with the recorded checksum is where the rule puts the product
+/// *and* the source itself (beneath the stage root, no symlink) still has that checksum;
+/// then exactly the entries that were read are removed. Without a recorded checksum
+/// nothing is complete and nothing is removed.
 pub fn settle_interrupted(
     stage_root: &Path,
     products_root: &Path,
     stage_path: &str,
     type_dir: &str,
     checksum: Option<&str>,
+    budget: &Budget,
 ) -> Found {
-    let Some(checksum) = checksum else {
-        return Found {
-            complete: None,
-            source_intact: false,
-        };
+    let none = Found {
+        complete: None,
+        source_intact: false,
     };
-    let source = paths::resolve_inside(stage_root, stage_path).ok();
-    // The destination follows from the rule, not from the event: an event naming a path
-    // is a record of intent, never a permission.
+    let Some(checksum) = checksum else {
+        return none;
+    };
+    let legacy = is_legacy(checksum);
+    let source = locate(stage_root, stage_path).ok().and_then(|at| {
+        let w = walk(&at.parent, &at.name, None, legacy, budget).ok()?;
+        w.matches(checksum).then_some((at, w))
+    });
     let name = Path::new(stage_path)
         .file_name()
         .map(|n| n.to_string_lossy().to_string());
+    // The destination follows from the rule, not from the event: an event naming a path
+    // is a record of intent, never a permission.
     let complete = name.and_then(|name| {
-        find_complete(
-            products_root,
-            &products_root.join(type_dir),
-            &name,
-            checksum,
-        )
+        let products = Dir::open_root(products_root).ok()?;
+        let dest = products.sub(Path::new(type_dir)).ok()?;
+        candidates(&name)
+            .find(|c| {
+                walk(&dest, OsStr::new(c), None, legacy, budget).is_ok_and(|w| w.matches(checksum))
+            })
+            .map(|c| dest.path.join(c))
     });
-    let source_intact = source
-        .as_deref()
-        .is_some_and(|s| checksum_path(s).is_ok_and(|(c, _)| c == checksum));
+    let source_intact = source.is_some();
     if complete.is_some()
-        && let Some(s) = &source
-        && let Err(e) = remove_path(s)
+        && let Some((at, w)) = &source
+        && let Err(e) = remove_walked(&at.parent, &at.name, &w.tree)
     {
-        tracing::warn!(path = %s.display(), error = %e, "recovered a publish, but the staged copy could not be removed");
+        tracing::warn!(path = %stage_path, error = %e, "recovered a publish, but the staged copy could not be removed");
     }
     Found {
         complete,
@@ -504,24 +932,29 @@ pub fn settle_interrupted(
 }
 
 /// Removes temporary copies left by an interrupted move (only the owner publishes, and
-/// this runs before it starts, so none is in use). Only `PRODUCTS/.contimg-tmp/` is
-/// touched, and only when it is a real folder.
+/// this runs before it starts, so none is in use). Only UUID-named entries of
+/// `PRODUCTS/.contimg-tmp/` are touched, and only when that is a real folder.
 pub fn remove_temporaries(products_root: &Path) {
-    let dir = products_root.join(TMP_DIR);
-    match std::fs::symlink_metadata(&dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            tracing::error!(path = %dir.display(), "the temporary folder is not a folder; leaving it alone");
+    let tmp = match Dir::open_root(products_root).and_then(|p| p.sub(Path::new(TMP_DIR))) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::error!(root = %products_root.display(), error = %e, "the temporary folder cannot be opened as a folder; leaving it alone");
             return;
         }
-        Err(_) => return,
-    }
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+    };
+    let Ok(names) = tmp.names() else {
         return;
     };
-    for e in entries.flatten() {
-        tracing::warn!(path = %e.path().display(), "removing a temporary copy left by a crash");
-        let _ = remove_path(&e.path());
+    for name in names {
+        if uuid::Uuid::parse_str(&name.to_string_lossy()).is_err() {
+            tracing::warn!(path = %tmp.path.join(&name).display(), "not a temporary copy of ours; left in place");
+            continue;
+        }
+        tracing::warn!(path = %tmp.path.join(&name).display(), "removing a temporary copy left by a crash");
+        if let Err(e) = remove_all(&tmp, &name) {
+            tracing::error!(path = %tmp.path.join(&name).display(), error = %e, "removing a temporary copy");
+        }
     }
 }
 
@@ -529,19 +962,27 @@ pub fn remove_temporaries(products_root: &Path) {
 mod tests {
     use super::*;
 
+    fn budget(cancel: &AtomicBool) -> Budget<'_> {
+        Budget {
+            deadline: Instant::now() + std::time::Duration::from_secs(60),
+            cancel,
+        }
+    }
+
+    fn mkfifo(p: &Path) {
+        let c = CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
     #[test]
     fn a_fifo_is_refused_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("pipe");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        mkfifo(&fifo);
         let e = checksum_path(&fifo).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("FIFO"), "{e}");
-        let e = open_regular(&fifo).unwrap_err();
-        assert!(e.to_string().contains("FIFO"), "{e}");
-        // Inside a folder too.
         let folder = dir.path().join("f");
         std::fs::create_dir(&folder).unwrap();
         std::fs::write(folder.join("a"), b"x").unwrap();
@@ -555,36 +996,211 @@ mod tests {
     }
 
     #[test]
-    fn folder_copy_hashes_like_checksum_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("m.ms");
+    fn symlinks_below_a_root_are_refused_anywhere() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        let stage = root.path();
+        std::fs::create_dir_all(stage.join("real/sub")).unwrap();
+        std::fs::write(stage.join("real/sub/a.fits"), b"a").unwrap();
+        // A symlinked folder on the way, and one inside a staged folder.
+        std::os::unix::fs::symlink(outside.path(), stage.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), stage.join("real/sub/s"))
+            .unwrap();
+        let cancel = AtomicBool::new(false);
+        let e = checksum_staged(stage, "link/secret", &budget(&cancel))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let e = checksum_staged(stage, "real", &budget(&cancel))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let abs = outside.path().join("secret");
+        let e = checksum_staged(stage, abs.to_str().unwrap(), &budget(&cancel))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("outside"), "{e}");
+    }
+
+    #[test]
+    fn folder_checksums_tell_shapes_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let two = d.path().join("two");
+        std::fs::create_dir(&two).unwrap();
+        std::fs::write(two.join("a"), b"1").unwrap();
+        std::fs::write(two.join("b"), b"2").unwrap();
+        let one = d.path().join("one");
+        std::fs::create_dir(&one).unwrap();
+        std::fs::write(one.join("a"), b"1b\x002").unwrap();
+        let file = d.path().join("file");
+        std::fs::write(&file, b"a\x001b\x002").unwrap();
+        let empty = d.path().join("empty");
+        std::fs::create_dir_all(empty.join("e")).unwrap();
+        let bare = d.path().join("bare");
+        std::fs::create_dir(&bare).unwrap();
+        let sums: Vec<String> = [&two, &one, &file, &empty, &bare]
+            .iter()
+            .map(|p| checksum_path(p).unwrap().0)
+            .collect();
+        for (i, a) in sums.iter().enumerate() {
+            for b in &sums[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert!(sums[0].starts_with(TREE));
+        // A file's checksum is what b3sum prints.
+        assert_eq!(sums[2], blake3::hash(b"a\x001b\x002").to_hex().to_string());
+    }
+
+    #[test]
+    fn a_folder_copy_hashes_like_its_checksum_and_removal_takes_only_what_was_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("stage");
+        let src = stage.join("m.ms");
         std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
         std::fs::create_dir_all(src.join("empty")).unwrap();
         std::fs::write(src.join("table.dat"), vec![3u8; 3 * CHUNK + 5]).unwrap();
         std::fs::write(src.join("sub/deeper/x"), b"x").unwrap();
+        let products = d.path().join("products");
+        std::fs::create_dir_all(&products).unwrap();
+        let (sum, size) = checksum_path(&src).unwrap();
+        assert_eq!(size, 3 * CHUNK as u64 + 6);
         let cancel = AtomicBool::new(false);
-        let budget = Budget {
-            deadline: Instant::now() + std::time::Duration::from_secs(60),
-            cancel: &cancel,
-        };
-        let dst = dir.path().join("copy");
-        let h = copy_hashing(&src, &dst, &budget).unwrap();
-        assert_eq!(h, checksum_path(&src).unwrap().0);
-        assert_eq!(h, checksum_path(&dst).unwrap().0);
-        assert!(dst.join("empty").is_dir());
+        let out = move_product(&MoveRequest {
+            stage_root: &stage,
+            products_root: &products,
+            stage_path: "m.ms",
+            type_dir: "ms",
+            checksum: Some(&sum),
+            budget: budget(&cancel),
+        })
+        .unwrap();
+        assert_eq!(out, products.join("ms/m.ms"));
+        assert_eq!(checksum_path(&out).unwrap().0, sum);
+        assert!(out.join("empty").is_dir());
+        assert!(!src.exists());
+        assert_eq!(
+            std::fs::read_dir(products.join(TMP_DIR)).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_symlinked_type_folder_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("stage");
+        let products = d.path().join("products");
+        std::fs::create_dir_all(&stage).unwrap();
+        std::fs::create_dir_all(products.join(TMP_DIR)).unwrap();
+        std::fs::write(stage.join("t.fits"), b"t").unwrap();
+        std::os::unix::fs::symlink(products.join(TMP_DIR), products.join("images")).unwrap();
+        let sum = checksum_path(&stage.join("t.fits")).unwrap().0;
+        let cancel = AtomicBool::new(false);
+        let e = move_product(&MoveRequest {
+            stage_root: &stage,
+            products_root: &products,
+            stage_path: "t.fits",
+            type_dir: "images",
+            checksum: Some(&sum),
+            budget: budget(&cancel),
+        })
+        .unwrap_err();
+        assert!(
+            !e.retryable && e.message.contains("symbolic link"),
+            "{}",
+            e.message
+        );
+        assert!(stage.join("t.fits").exists());
+    }
+
+    #[test]
+    fn recovery_removes_nothing_it_did_not_verify() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("stage");
+        let products = d.path().join("products");
+        std::fs::create_dir_all(&stage).unwrap();
+        std::fs::create_dir_all(products.join("images")).unwrap();
+        std::fs::write(stage.join("keep.fits"), b"another product").unwrap();
+        let sum = blake3::hash(b"big").to_hex().to_string();
+        std::fs::write(products.join("images/big.fits"), b"big").unwrap();
+        let cancel = AtomicBool::new(false);
+        // The staged path is now a symlink to another product: found complete, kept.
+        std::os::unix::fs::symlink("keep.fits", stage.join("big.fits")).unwrap();
+        let f = settle_interrupted(
+            &stage,
+            &products,
+            "big.fits",
+            "images",
+            Some(&sum),
+            &budget(&cancel),
+        );
+        assert!(f.complete.is_some() && !f.source_intact);
+        assert_eq!(
+            std::fs::read(stage.join("keep.fits")).unwrap(),
+            b"another product"
+        );
+        // The staged file was rewritten: not the product, kept.
+        std::fs::remove_file(stage.join("big.fits")).unwrap();
+        std::fs::write(stage.join("big.fits"), b"a new version").unwrap();
+        let f = settle_interrupted(
+            &stage,
+            &products,
+            "big.fits",
+            "images",
+            Some(&sum),
+            &budget(&cancel),
+        );
+        assert!(f.complete.is_some() && !f.source_intact);
+        assert!(stage.join("big.fits").exists());
+        // The staged file is the product: removed.
+        std::fs::write(stage.join("big.fits"), b"big").unwrap();
+        let f = settle_interrupted(
+            &stage,
+            &products,
+            "big.fits",
+            "images",
+            Some(&sum),
+            &budget(&cancel),
+        );
+        assert!(f.complete.is_some() && f.source_intact);
+        assert!(!stage.join("big.fits").exists());
+    }
+
+    /// What was opened stays what is acted on: the staged folder is swapped for a symlink
+    /// to an outside folder after it was located, and removal still happens in the real
+    /// folder, never outside.
+    #[test]
+    fn a_swap_after_locating_cannot_redirect_removal() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("stage");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(stage.join("sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(stage.join("sub/a.fits"), b"staged").unwrap();
+        std::fs::write(outside.join("a.fits"), b"outside").unwrap();
+        let cancel = AtomicBool::new(false);
+        let at = locate(&stage, "sub/a.fits").unwrap();
+        let w = walk(&at.parent, &at.name, None, false, &budget(&cancel)).unwrap();
+        std::fs::rename(stage.join("sub"), stage.join("sub.real")).unwrap();
+        std::os::unix::fs::symlink(&outside, stage.join("sub")).unwrap();
+        remove_walked(&at.parent, &at.name, &w.tree).unwrap();
+        assert_eq!(std::fs::read(outside.join("a.fits")).unwrap(), b"outside");
+        assert!(
+            !stage.join("sub.real/a.fits").exists(),
+            "the staged file went"
+        );
     }
 
     #[test]
     fn a_cancelled_copy_stops_between_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("big");
-        std::fs::write(&src, vec![1u8; 4 * CHUNK]).unwrap();
+        std::fs::write(dir.path().join("big"), vec![1u8; 4 * CHUNK]).unwrap();
+        let root = Dir::open_root(dir.path()).unwrap();
         let cancel = AtomicBool::new(true);
-        let budget = Budget {
-            deadline: Instant::now() + std::time::Duration::from_secs(60),
-            cancel: &cancel,
-        };
-        let e = copy_hashing(&src, &dir.path().join("c"), &budget).unwrap_err();
+        let e = walk(&root, OsStr::new("big"), None, false, &budget(&cancel))
+            .err()
+            .unwrap();
         let m = MoveError::io("copying", e);
         assert!(m.interrupted && m.retryable, "{}", m.message);
         cancel.store(false, Ordering::Relaxed);
@@ -592,7 +1208,9 @@ mod tests {
             deadline: Instant::now(),
             cancel: &cancel,
         };
-        let e = copy_hashing(&src, &dir.path().join("d"), &late).unwrap_err();
+        let e = walk(&root, OsStr::new("big"), None, false, &late)
+            .err()
+            .unwrap();
         let m = MoveError::io("copying", e);
         assert!(!m.interrupted && m.retryable, "{}", m.message);
         assert!(m.message.contains("time limit"), "{}", m.message);

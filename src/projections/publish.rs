@@ -339,6 +339,25 @@ impl PublishModel {
             .collect()
     }
 
+    /// A product not yet published, other than `except`, staged at `path`, inside it, or
+    /// holding it: publishing either would carry the other's files away.
+    pub fn unpublished_overlapping(&self, path: &str, except: &str) -> Option<&ProductState> {
+        let inside = |a: &str, b: &str| {
+            a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'/'
+        };
+        self.staging_by_age
+            .iter()
+            .chain(self.publishing_by_age.iter())
+            .filter_map(|(_, id)| self.products.get(id.as_ref()))
+            .find(|p| {
+                p.data_id != except
+                    && (p.stage_path == path
+                        || inside(&p.stage_path, path)
+                        || inside(path, &p.stage_path))
+            })
+            .map(|p| &**p)
+    }
+
     /// Every product currently publishing (crash recovery).
     pub fn publishing(&self) -> Vec<&ProductState> {
         self.publishing_by_age

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use self::decide::{Command, Policy};
 use super::moves::{
-    Budget, MoveError, MoveRequest, checksum_path, move_product, remove_temporaries,
+    Budget, MoveError, MoveRequest, checksum_staged, move_product, remove_temporaries,
     settle_interrupted,
 };
 use super::paths::{self, PathError};
@@ -175,6 +175,18 @@ pub async fn register_product(
     req: Registration,
     actor: &str,
 ) -> Result<(bool, Option<u64>), PublishError> {
+    register_checked(ledger, stage_root, req, actor, |_| None).await
+}
+
+/// [`register_product`], with `overlap` asked, once the staged path is resolved, for an
+/// unpublished product it would share files with (refused: 409).
+async fn register_checked(
+    ledger: &Ledger,
+    stage_root: &Path,
+    req: Registration,
+    actor: &str,
+    overlap: impl Fn(&str) -> Option<String>,
+) -> Result<(bool, Option<u64>), PublishError> {
     paths::validate_data_id(&req.data_id)?;
     // Over HTTP the server registers: product streams take no raw appends, and the
     // server checks the path against its own stage root.
@@ -197,13 +209,24 @@ pub async fn register_product(
     let stage_root = stage_root.to_path_buf();
     let stage_path = req.stage_path.clone();
     let (real, checksum, size) = tokio::task::spawn_blocking(move || {
-        let real = paths::resolve_inside(&stage_root, &stage_path)?;
-        let (checksum, size) = checksum_path(&real)
-            .map_err(|e| PublishError::Invalid(format!("reading {}: {e}", real.display())))?;
-        Ok::<_, PublishError>((real, checksum, size))
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let budget = Budget {
+            deadline: Instant::now() + REGISTER_HASH_LIMIT,
+            cancel: &cancel,
+        };
+        checksum_staged(&stage_root, &stage_path, &budget).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => PublishError::Invalid(format!("{stage_path}: {e}")),
+            _ => PublishError::Invalid(format!("reading {stage_path}: {e}")),
+        })
     })
     .await
     .map_err(task_failed)??;
+    if let Some(other) = overlap(&real.display().to_string()) {
+        return Err(PublishError::Conflict(format!(
+            "{} shares files with product {other}, not yet published; stage it in a place of its own",
+            real.display()
+        )));
+    }
     let event = ProductRegistered {
         data_id: req.data_id.clone(),
         data_type: req.data_type,
@@ -251,6 +274,9 @@ pub async fn register_product(
         Err(e) => Err(e.into()),
     }
 }
+
+/// Longest a registration may spend reading a staged product to checksum it.
+const REGISTER_HASH_LIMIT: Duration = Duration::from_secs(3600);
 
 fn task_failed(e: tokio::task::JoinError) -> PublishError {
     PublishError::Store(StoreError::Task(format!("a publish task failed: {e}")))
@@ -374,11 +400,18 @@ impl Publisher {
     /// Registers a staged product. `Ok(true)` when new, `Ok(false)` for an identical repeat.
     pub async fn register(&self, req: Registration) -> Result<(ProductState, bool), PublishError> {
         let id = req.data_id.clone();
-        let (created, position) = register_product(
+        let projections = self.inner.projections.clone();
+        let (created, position) = register_checked(
             &self.inner.ledger,
             &self.inner.config.stage_root,
             req,
             "register",
+            |path| {
+                projections.read(|m| {
+                    m.unpublished_overlapping(path, &id)
+                        .map(|p| p.data_id.clone())
+                })
+            },
         )
         .await?;
         if let Some(p) = position {
@@ -487,6 +520,12 @@ impl Publisher {
                 other => other.into(),
             })?;
         let clock = Instant::now();
+        // A folder holding another unpublished product (or held by one) would carry its
+        // files away: the attempt fails, and the ledger says why.
+        let overlapping = self.inner.projections.read(|m| {
+            m.unpublished_overlapping(&state.stage_path, id)
+                .map(|p| p.data_id.clone())
+        });
         let inner = self.inner.clone();
         let (stage_path, checksum, data_type) = (
             state.stage_path.clone(),
@@ -494,6 +533,11 @@ impl Publisher {
             state.data_type.clone(),
         );
         let moved = tokio::task::spawn_blocking(move || {
+            if let Some(other) = overlapping {
+                return Err(MoveError::fatal(format!(
+                    "{stage_path} shares files with product {other}, not yet published; stage them apart"
+                )));
+            }
             let cfg = &inner.config;
             let r = move_product(&MoveRequest {
                 stage_root: &cfg.stage_root,
@@ -587,12 +631,17 @@ impl Publisher {
             );
             let found = tokio::task::spawn_blocking(move || {
                 let cfg = &inner.config;
+                let budget = Budget {
+                    deadline: Instant::now() + cfg.timeout,
+                    cancel: &inner.cancel,
+                };
                 let f = settle_interrupted(
                     &cfg.stage_root,
                     &cfg.products_root,
                     &stage_path,
                     type_dir(&data_type),
                     checksum.as_deref(),
+                    &budget,
                 );
                 (f.complete, f.source_intact)
             })
