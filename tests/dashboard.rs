@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::webdriver::{Browser, have_webdriver};
+use common::webdriver::{Browser, require_webdriver};
 use common::{TestServer, get_json};
 use contimg::api::ServerConfig;
 use reqwest::StatusCode;
@@ -47,10 +47,9 @@ async fn server_with_stage(dir: &Path) -> (TestServer, PathBuf) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium and chromium-driver; .ci/run runs it"]
 async fn dashboard_shows_a_failed_publish_and_its_retry_publishes_it() {
-    if !have_webdriver() {
-        return;
-    }
+    require_webdriver();
     // Given a server with one published product and one whose staged file vanished.
     let dir = tempfile::tempdir().unwrap();
     let (server, stage) = server_with_stage(dir.path()).await;
@@ -149,10 +148,9 @@ async fn dashboard_shows_a_failed_publish_and_its_retry_publishes_it() {
 /// Markup in the data appears as text, never as elements; a click on a product opens its
 /// timeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium and chromium-driver; .ci/run runs it"]
 async fn dashboard_escapes_data_and_shows_a_timeline() {
-    if !have_webdriver() {
-        return;
-    }
+    require_webdriver();
     let dir = tempfile::tempdir().unwrap();
     let (server, stage) = server_with_stage(dir.path()).await;
     let c = reqwest::Client::new();
@@ -200,10 +198,9 @@ async fn dashboard_escapes_data_and_shows_a_timeline() {
 /// With a token on the server and none in the tab, a Retry is refused with 401: the page
 /// opens its token form, says why, and nothing moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium and chromium-driver; .ci/run runs it"]
 async fn a_retry_without_the_token_is_refused_and_shown() {
-    if !have_webdriver() {
-        return;
-    }
+    require_webdriver();
     let dir = tempfile::tempdir().unwrap();
     let ledger = dir.path().join("var");
     let mut config = ServerConfig::under(&ledger);

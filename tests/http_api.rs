@@ -566,4 +566,10 @@ fn export_import_round_trip_is_identical() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 6"));
+    // Nothing of it was written: the ledger is empty, if it exists at all.
+    if fresh.exists() {
+        let store = contimg::events::Store::open(&fresh).unwrap();
+        assert_eq!(store.event_count(), 0);
+        store.close();
+    }
 }

@@ -710,6 +710,25 @@ async fn poison_events_are_parked_and_snapshots_survive_restarts() {
     let c = reqwest::Client::new();
     let sys: Value = common::get_json(&c, server.url("/api/metrics/system")).await;
     assert_eq!(sys["projection"]["parked_events"], json!(1));
+    let health: Value = common::get_json(&c, server.url("/api/status")).await;
+    assert_eq!(health["projection"]["parked_events"], json!(1));
+    assert_eq!(
+        health["pipeline"]["parked_events"],
+        Value::Null,
+        "no pipeline here"
+    );
+    let metrics = c
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("contimg_projection_parked_events 1"),
+        "{metrics}"
+    );
     let status: Value = common::get_json(&c, server.url("/api/monitoring/publish/status")).await;
     assert_eq!(status["total_published"], json!(1));
     assert_eq!(status["ledger_position"], json!(3));

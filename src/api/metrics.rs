@@ -291,6 +291,18 @@ async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         "Durable events not yet folded into the read model.",
         state.projections.lag() as f64,
     );
+    gauge(
+        "contimg_projection_parked_events",
+        "Product events the read model could not fold (kept aside).",
+        state.projections.read(|m| m.parked().1) as f64,
+    );
+    if let Some(c) = state.pipeline_parked.get() {
+        gauge(
+            "contimg_pipeline_parked_events",
+            "Pipeline events the worker's fold could not take (kept aside).",
+            c.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+    }
     state.http.render(&mut out);
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -46,6 +46,8 @@ pub struct AppState {
     pub limits: Arc<HttpLimits>,
     /// One permit per as-of replay allowed to run at once (each folds the log so far).
     pub replays: Arc<tokio::sync::Semaphore>,
+    /// The pipeline fold's parked-event count, when the pipeline runs in this process.
+    pub pipeline_parked: Arc<std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>>,
 }
 
 /// Bounds on what clients can hold: time, connections, replays; and the names the server
@@ -136,6 +138,7 @@ impl AppState {
                 config.http.max_as_of_replays.max(1),
             )),
             limits: Arc::new(config.http),
+            pipeline_parked: Arc::default(),
         })
     }
 

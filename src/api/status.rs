@@ -23,6 +23,15 @@ struct LedgerStatus {
 struct ProjectionStatus {
     checkpoint: Option<u64>,
     lag_events: u64,
+    /// Product events the read model could not fold (kept aside, counted).
+    parked_events: u64,
+}
+
+#[derive(Serialize)]
+struct PipelineStatus {
+    /// Pipeline events the worker's fold could not take; `null` when the pipeline runs
+    /// in another process.
+    parked_events: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -34,6 +43,7 @@ struct Status {
     timestamp: String,
     ledger: LedgerStatus,
     projection: ProjectionStatus,
+    pipeline: PipelineStatus,
     auto_publish: bool,
     /// Free bytes of the file system under each root (`null` when unreadable).
     disk_free_bytes: std::collections::BTreeMap<&'static str, Option<u64>>,
@@ -53,6 +63,13 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
         projection: ProjectionStatus {
             checkpoint: state.projections.checkpoint(),
             lag_events: state.projections.lag(),
+            parked_events: state.projections.read(|m| m.parked().1),
+        },
+        pipeline: PipelineStatus {
+            parked_events: state
+                .pipeline_parked
+                .get()
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed)),
         },
         auto_publish: state.auto_publish,
         disk_free_bytes: [

@@ -191,6 +191,7 @@ async fn demo(args: DemoArgs, root: PathBuf, config: Config) -> anyhow::Result<E
         },
     )
     .await?;
+    let _ = state.pipeline_parked.set(pipeline.parked_counter());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(pipeline.clone().run(stop_rx));
     let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();

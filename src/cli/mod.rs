@@ -350,6 +350,7 @@ fn serve_on(
         let pipeline = if mode == Mode::Both {
             let p =
                 Pipeline::open(Ledger::Local(store), PipelineConfig::from_config(&config)).await?;
+            let _ = state.pipeline_parked.set(p.parked_counter());
             Some(tokio::spawn(p.run(stop_rx)))
         } else {
             None

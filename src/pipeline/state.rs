@@ -231,6 +231,44 @@ pub struct PipelineState {
     pub mosaic_order: Vec<String>,
     /// Every registered product id.
     pub products: HashSet<String>,
+    /// Events of the pipeline's categories whose payload did not decode: counted and
+    /// kept aside (the first ones, with the reason), never silently dropped.
+    pub parked: ParkedEvents,
+}
+
+/// Events a fold could not take.
+#[derive(Debug, Clone, Default)]
+pub struct ParkedEvents {
+    pub total: u64,
+    /// The first [`ParkedEvents::KEPT`]: position, type and reason.
+    pub first: Vec<(u64, String, String)>,
+}
+
+impl ParkedEvents {
+    pub const KEPT: usize = 100;
+
+    fn park(&mut self, e: &RecordRef<'_>, reason: String) {
+        self.total += 1;
+        tracing::warn!(position = e.position, event_type = e.event_type, %reason, "pipeline event parked: its payload does not decode");
+        if self.first.len() < Self::KEPT {
+            self.first
+                .push((e.position, e.event_type.to_string(), reason));
+        }
+    }
+}
+
+/// The payload of `e`, or `None` with the event parked.
+fn decode<T: serde::de::DeserializeOwned>(
+    e: &RecordRef<'_>,
+    parked: &mut ParkedEvents,
+) -> Option<T> {
+    match serde_json::from_slice(e.data) {
+        Ok(v) => Some(v),
+        Err(err) => {
+            parked.park(e, format!("{} does not decode: {err}", e.event_type));
+            None
+        }
+    }
 }
 
 impl PipelineState {
@@ -250,7 +288,7 @@ impl PipelineState {
             "group" => self.apply_group(e, at),
             "mosaic" => self.apply_mosaic(e, at),
             "product" if e.event_type == ProductRegistered::TYPE => {
-                if let Ok(p) = serde_json::from_slice::<ProductRegistered>(e.data) {
+                if let Some(p) = decode::<ProductRegistered>(e, &mut self.parked) {
                     self.products.insert(p.data_id);
                 }
             }
@@ -261,7 +299,7 @@ impl PipelineState {
     fn apply_ingest(&mut self, e: &RecordRef<'_>, at: DateTime<Utc>) {
         match e.event_type {
             SubbandFileAccepted::TYPE => {
-                let Ok(f) = serde_json::from_slice::<SubbandFileAccepted>(e.data) else {
+                let Some(f) = decode::<SubbandFileAccepted>(e, &mut self.parked) else {
                     return;
                 };
                 let name = file_name(&f.path);
@@ -284,18 +322,18 @@ impl PipelineState {
                     .or_insert(f.path);
             }
             SubbandFileRejected::TYPE => {
-                if let Ok(f) = serde_json::from_slice::<SubbandFileRejected>(e.data) {
+                if let Some(f) = decode::<SubbandFileRejected>(e, &mut self.parked) {
                     let name = file_name(&f.path);
                     self.files.entry(name).or_insert(Err(f.reason));
                 }
             }
             IngestGroupTimedOut::TYPE => {
-                if let Ok(t) = serde_json::from_slice::<IngestGroupTimedOut>(e.data) {
+                if let Some(t) = decode::<IngestGroupTimedOut>(e, &mut self.parked) {
                     self.close(t.obs_time, ObsOutcome::TimedOut);
                 }
             }
             GroupRejected::TYPE => {
-                if let Ok(r) = serde_json::from_slice::<GroupRejected>(e.data) {
+                if let Some(r) = decode::<GroupRejected>(e, &mut self.parked) {
                     self.close(r.obs_time, ObsOutcome::Refused);
                 }
             }
@@ -325,7 +363,7 @@ impl PipelineState {
             return;
         };
         if e.event_type == GroupFormed::TYPE {
-            let Ok(g) = serde_json::from_slice::<GroupFormed>(e.data) else {
+            let Some(g) = decode::<GroupFormed>(e, &mut self.parked) else {
                 return;
             };
             // One group per observation: a second id for a formed observation (another
@@ -366,21 +404,21 @@ impl PipelineState {
         group.head = group.head.max(e.revision);
         match e.event_type {
             StageStarted::TYPE => {
-                if let Ok(s) = serde_json::from_slice::<StageStarted>(e.data)
+                if let Some(s) = decode::<StageStarted>(e, &mut self.parked)
                     && let Some(p) = Stage::parse(&s.stage).and_then(|st| group.stage_mut(st))
                 {
                     p.started(s.attempt, at, s.worker.clone().or_else(|| host_of(e)));
                 }
             }
             StageCompleted::TYPE => {
-                if let Ok(s) = serde_json::from_slice::<StageCompleted>(e.data)
+                if let Some(s) = decode::<StageCompleted>(e, &mut self.parked)
                     && let Some(p) = Stage::parse(&s.stage).and_then(|st| group.stage_mut(st))
                 {
                     p.completed(s.attempt, s.outputs);
                 }
             }
             StageFailed::TYPE => {
-                if let Ok(s) = serde_json::from_slice::<StageFailed>(e.data)
+                if let Some(s) = decode::<StageFailed>(e, &mut self.parked)
                     && let Some(p) = Stage::parse(&s.stage).and_then(|st| group.stage_mut(st))
                 {
                     p.failed(&s);
@@ -396,12 +434,12 @@ impl PipelineState {
         };
         match e.event_type {
             MosaicGroupCreated::TYPE => {
-                if let Ok(m) = serde_json::from_slice::<MosaicGroupCreated>(e.data) {
+                if let Some(m) = decode::<MosaicGroupCreated>(e, &mut self.parked) {
                     self.decide_mosaic(id, m.members, None, e.revision);
                 }
             }
             MosaicGroupRejected::TYPE => {
-                let Ok(m) = serde_json::from_slice::<MosaicGroupRejected>(e.data) else {
+                let Some(m) = decode::<MosaicGroupRejected>(e, &mut self.parked) else {
                     return;
                 };
                 // A collision recorded after the created group: that group stands, and the
@@ -422,18 +460,18 @@ impl PipelineState {
                 m.head = m.head.max(e.revision);
                 match e.event_type {
                     StageStarted::TYPE => {
-                        if let Ok(s) = serde_json::from_slice::<StageStarted>(e.data) {
+                        if let Some(s) = decode::<StageStarted>(e, &mut self.parked) {
                             m.build
                                 .started(s.attempt, at, s.worker.clone().or_else(|| host_of(e)));
                         }
                     }
                     StageCompleted::TYPE => {
-                        if let Ok(s) = serde_json::from_slice::<StageCompleted>(e.data) {
+                        if let Some(s) = decode::<StageCompleted>(e, &mut self.parked) {
                             m.build.completed(s.attempt, s.outputs);
                         }
                     }
                     _ => {
-                        if let Ok(s) = serde_json::from_slice::<StageFailed>(e.data) {
+                        if let Some(s) = decode::<StageFailed>(e, &mut self.parked) {
                             m.build.failed(&s);
                         }
                     }
@@ -500,4 +538,52 @@ pub fn file_name(path: &str) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::RecordedEvent;
+
+    fn record(stream: &str, event_type: &str, data: &[u8], position: u64) -> RecordedEvent {
+        RecordedEvent {
+            event_id: uuid::Uuid::new_v4(),
+            stream_id: stream.into(),
+            revision: position,
+            position,
+            event_type: event_type.into(),
+            event_version: 1,
+            data: data.to_vec(),
+            metadata: b"{}".to_vec(),
+            created_micros: 1_796_000_000_000_000,
+            checksum: 0,
+        }
+    }
+
+    /// Regression: a `StageCompleted` that did not decode vanished, and its stage looked
+    /// running forever. Now it is parked and counted.
+    #[test]
+    fn an_event_that_does_not_decode_is_parked_and_counted() {
+        let mut s = PipelineState::default();
+        let formed = serde_json::to_vec(&GroupFormed {
+            group_id: "g1".into(),
+            obs_time: "2026-11-30T10:00:00".into(),
+            files: vec!["/in/a_sb00.hdf5".into()],
+            dec_deg: Some(71.6),
+        })
+        .unwrap();
+        s.apply(&record("group-g1", GroupFormed::TYPE, &formed, 0).view());
+        s.apply(&record("group-g1", StageCompleted::TYPE, br#"{"stage": 5}"#, 1).view());
+        s.apply(&record("ingest-2026-11-30", SubbandFileAccepted::TYPE, b"[]", 2).view());
+        assert_eq!(s.parked.total, 2);
+        assert_eq!(s.parked.first[0].0, 1);
+        assert!(
+            s.parked.first[0].2.contains("StageCompleted"),
+            "{:?}",
+            s.parked.first
+        );
+        // Events of other categories are not the pipeline's to judge.
+        s.apply(&record("scratch-1", StageCompleted::TYPE, b"nonsense", 3).view());
+        assert_eq!(s.parked.total, 2);
+    }
 }

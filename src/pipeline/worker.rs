@@ -102,6 +102,8 @@ pub struct Pipeline {
     /// Work that failed without an event to show for it (staging a product, say), with
     /// its failures so far and when it may be tried again; the rest goes on meanwhile.
     held: Arc<std::sync::Mutex<HashMap<String, (u32, std::time::Instant)>>>,
+    /// Events the fold parked so far (also in the state), readable without its lock.
+    parked: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn store_err(e: StoreError) -> anyhow::Error {
@@ -129,6 +131,7 @@ impl Pipeline {
             meta,
             worker: Arc::from(worker),
             held: Arc::default(),
+            parked: Arc::default(),
         };
         p.catch_up().await?;
         Ok(p)
@@ -148,9 +151,22 @@ impl Pipeline {
         f(&*self.state.lock().await)
     }
 
+    /// The count of events the fold parked (undecodable payloads), shared with the API
+    /// server when the pipeline runs in its process.
+    pub fn parked_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.parked.clone()
+    }
+
     /// Folds every event committed since the last fold.
     pub async fn catch_up(&self) -> anyhow::Result<()> {
         let mut state = self.state.lock().await;
+        let r = self.fold_new(&mut state).await;
+        self.parked
+            .store(state.parked.total, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    async fn fold_new(&self, state: &mut PipelineState) -> anyhow::Result<()> {
         if let Ledger::Local(store) = &self.ledger {
             // Read in place: most of a ledger is other categories, skipped without a copy.
             for raw in store.raw_from(state.next_position) {

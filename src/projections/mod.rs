@@ -294,9 +294,15 @@ impl Projections {
         let started = Instant::now();
         let mut loaded = None;
         let mut model = match store.load_snapshot(SNAPSHOT_NAME)? {
+            Some((_, bytes)) if !bytes.starts_with(&PublishSnapshot::format()) => {
+                tracing::warn!(
+                    "the projection snapshot was written in another format; replaying from the start"
+                );
+                PublishModel::new(max_attempts)
+            }
             Some((checkpoint, bytes)) => {
                 match bincode::serde::decode_from_slice::<PublishSnapshot, _>(
-                    &bytes,
+                    &bytes[8..],
                     bincode::config::standard(),
                 ) {
                     Ok((snap, _))
@@ -430,8 +436,13 @@ impl Projections {
     /// Writes the model and its checkpoint to sled in one value.
     pub fn save_snapshot(&self) -> Result<(), StoreError> {
         let (checkpoint, bytes) = self.read(|m| {
-            let bytes = bincode::serde::encode_to_vec(m.snapshot(), bincode::config::standard())
-                .expect("encoding into a Vec cannot fail");
+            let mut bytes = PublishSnapshot::format().to_vec();
+            bincode::serde::encode_into_std_write(
+                m.snapshot(),
+                &mut bytes,
+                bincode::config::standard(),
+            )
+            .expect("encoding into a Vec cannot fail");
             (m.last_position(), bytes)
         });
         self.shared
@@ -616,6 +627,46 @@ mod tests {
         let (parked, total) = fast.parked();
         assert_eq!(total, 2);
         assert_eq!(parked[0].event_type, PublishStarted::TYPE);
+        store.close();
+    }
+
+    #[test]
+    fn a_snapshot_of_another_format_is_replayed_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let meta = EventMetadata::actor("test");
+        let r = ProductRegistered {
+            data_id: "p".into(),
+            data_type: "image".into(),
+            stage_path: "/s/p".into(),
+            checksum: None,
+            size_bytes: None,
+            qa_status: None,
+            validation_status: None,
+            auto_publish: false,
+            metadata: Default::default(),
+        };
+        store
+            .append_blocking(
+                "product-p",
+                ExpectedRevision::NoStream,
+                vec![r.to_proposed(&meta)],
+            )
+            .unwrap();
+        // A snapshot that claims the checkpoint but was written in some other format.
+        let mut foreign = vec![0u8; 8];
+        foreign.extend_from_slice(&[7u8; 40]);
+        store
+            .save_snapshot(SNAPSHOT_NAME, Some(0), &foreign)
+            .unwrap();
+        let p = Projections::open(&store, 3).unwrap();
+        assert_eq!(p.read(|m| m.product_count()), 1, "replayed from the log");
+        // Its own snapshot round-trips.
+        p.save_snapshot().unwrap();
+        let (_, bytes) = store.load_snapshot(SNAPSHOT_NAME).unwrap().unwrap();
+        assert!(bytes.starts_with(&PublishSnapshot::format()));
+        let again = Projections::open(&store, 3).unwrap();
+        assert_eq!(again.read(|m| m.product_count()), 1);
         store.close();
     }
 }

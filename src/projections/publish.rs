@@ -57,6 +57,66 @@ pub struct PublishSnapshot {
     pub last_time: i64,
 }
 
+impl PublishSnapshot {
+    /// The snapshot's format, derived from the type itself: the first bytes of the BLAKE3
+    /// of a sample with every field (and every optional field of a product) filled in,
+    /// encoded as snapshots are. Adding, removing, reordering or retyping a field changes
+    /// it, so a snapshot written by another version is replayed from the log instead of
+    /// being misread.
+    pub fn format() -> [u8; 8] {
+        static FORMAT: std::sync::OnceLock<[u8; 8]> = std::sync::OnceLock::new();
+        *FORMAT.get_or_init(|| {
+            let product = ProductState {
+                data_id: "i".into(),
+                data_type: "t".into(),
+                stage_path: "s".into(),
+                checksum: Some("c".into()),
+                size_bytes: Some(1),
+                qa_status: Some("q".into()),
+                validation_status: Some("v".into()),
+                auto_publish: true,
+                metadata: [("k".to_string(), "v".to_string())].into_iter().collect(),
+                status: ProductStatus::Publishing,
+                publish_attempts: 2,
+                total_attempts: 3,
+                last_error: Some("e".into()),
+                last_error_retryable: true,
+                next_retry_at: Some(4),
+                created_at: 5,
+                staged_at: 6,
+                last_failure_at: Some(7),
+                publishing_since: Some(8),
+                published_at: Some(9),
+                published_path: Some("p".into()),
+                destination: Some("d".into()),
+                revision: 10,
+            };
+            let sample = PublishSnapshot {
+                max_attempts: 3,
+                products: vec![product],
+                failure_times: vec![11],
+                parked: vec![Parked {
+                    position: 12,
+                    stream_id: "product-i".into(),
+                    event_type: "x".into(),
+                    reason: "r".into(),
+                }],
+                parked_total: 13,
+                last_position: Some(14),
+                last_time: 15,
+            };
+            let bytes = bincode::serde::encode_to_vec(&sample, bincode::config::standard())
+                .expect("encoding into a Vec cannot fail");
+            let mut h = blake3::Hasher::new();
+            h.update(std::any::type_name::<PublishSnapshot>().as_bytes());
+            h.update(&bytes);
+            let mut out = [0u8; 8];
+            out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+            out
+        })
+    }
+}
+
 /// A product id shared by the map and every index (a reference count, not a copy).
 type Id = Arc<str>;
 

@@ -203,22 +203,25 @@ pub const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// Whether the browser tests can run: `false` (with a SKIPPED line) where Chromium is not
 /// installed; under CI a missing Chromium fails the test instead.
-pub fn have_chromium() -> bool {
-    if Path::new(CHROMIUM).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have Debian's chromium (.ci/run installs it)"
-    );
-    eprintln!("SKIPPED: {CHROMIUM} is not installed (apt-get install chromium)");
-    false
+/// The first of `paths` that is an executable file, or a panic naming what to install.
+/// Tests that need a tool outside Rust are `#[ignore = "needs ..."]`: `cargo test` reports
+/// them as not run, and `.ci/run` runs them (`-- --ignored`) after installing the tools,
+/// so a missing tool is a failure there, never a silent pass.
+pub fn require_tool(paths: &[&str], install: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    paths
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| panic!("this test needs {} ({install})", paths.join(" or ")))
 }
 
 /// Headless Chromium on one URL, with every name lookup but loopback failing (no network)
 /// and console messages on stderr.
 pub fn browse(profile: &Path, url: &str, extra: &[&str]) -> std::process::Output {
-    Command::new(CHROMIUM)
+    Command::new(require_tool(&[CHROMIUM], "apt-get install chromium"))
         .args([
             "--headless",
             "--no-sandbox",

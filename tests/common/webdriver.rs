@@ -10,7 +10,6 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -27,23 +26,13 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The key of a W3C element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-/// Whether the WebDriver tests can run: `false` (with a SKIPPED line) where Chromium or
-/// ChromeDriver is not installed; under CI a missing one fails the test instead.
-pub fn have_webdriver() -> bool {
-    let executable = |p: &str| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    if executable(CHROMIUM) && executable(CHROMEDRIVER) {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have Debian's chromium and chromium-driver (.ci/run installs them)"
-    );
-    eprintln!(
-        "SKIPPED: {CHROMIUM} or {CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)"
-    );
-    false
+/// Why the browser tests are ignored by default (see [`super::require_tool`]).
+pub const NEEDS: &str = "needs Debian's chromium and chromium-driver; .ci/run runs it";
+
+/// Panics naming the packages when Chromium or ChromeDriver is missing.
+pub fn require_webdriver() {
+    super::require_tool(&[CHROMIUM], "apt-get install chromium");
+    super::require_tool(&[CHROMEDRIVER], "apt-get install chromium-driver");
 }
 
 /// One headless Chromium behind its own chromedriver, with one session.
