@@ -842,3 +842,54 @@ fn a_client_that_never_reads_cannot_hold_a_slot() {
     drop(hog);
     assert!(server.sigterm().success());
 }
+
+/// Recovery's `recovered` branch, driven on purpose: a crash after the rename and before
+/// `PublishSucceeded` leaves a complete copy where the rule puts the product; recovery
+/// records the success and removes the staged copy, which still has the checksum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_records_a_complete_copy_as_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("var");
+    let mut config = ServerConfig::under(&ledger);
+    config.auto_publish = false;
+    let stage = config.publish.stage_root.clone();
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::write(stage.join("done.fits"), b"complete").unwrap();
+    let server = TestServer::start_with(&ledger, config.clone()).await;
+    let c = reqwest::Client::new();
+    let r = c
+        .post(server.url("/api/products"))
+        .json(&json!({"data_id": "done", "data_type": "image", "stage_path": "done.fits", "auto_publish": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    server.stop().await;
+    // The crash's leftovers: the copy in place, its PublishStarted, no outcome.
+    let dest = ledger.join("products/images/done.fits");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    std::fs::write(&dest, b"complete").unwrap();
+    append_offline(
+        &ledger,
+        "product-done",
+        ExpectedRevision::Exact(0),
+        &[PublishStarted {
+            attempt: 1,
+            destination: dest.display().to_string(),
+            trigger: "manual".into(),
+        }],
+    );
+    let server = TestServer::start_with(&ledger, config).await;
+    let history = get_json(&c, server.url("/api/products/done/history")).await;
+    let last = history["events"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["eventType"], json!("PublishSucceeded"), "{last}");
+    assert_eq!(last["data"]["recovered"], json!(true), "{last}");
+    assert_eq!(std::fs::read(&dest).unwrap(), b"complete");
+    assert!(!stage.join("done.fits").exists(), "the staged copy went");
+    server.stop().await;
+}

@@ -97,7 +97,13 @@ async fn sigkill_while_publishing_loses_nothing() {
     std::fs::create_dir_all(root.join("stage")).unwrap();
     let c = reqwest::Client::new();
     let mut sums = HashMap::new();
-    let mut rng = rand::thread_rng();
+    // Kill times and file contents come from a seed, printed so a failure can be replayed.
+    let seed = std::env::var("CONTIMG_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| rand::random());
+    eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     let mut interrupted_seen = 0;
     for cycle in 0..6 {
         // Right after a restart, with the automatic publisher held so nothing moves.
@@ -109,10 +115,15 @@ async fn sigkill_while_publishing_loses_nothing() {
         let server = ChildServer::start(&ledger, &args);
         // New products every cycle, registered for automatic publishing by a client that
         // keeps going while the server is killed under it, mid-stream.
+        // Every other cycle, a large product first: the kill waits until it is being
+        // published, so at least those kills land mid-publish (not left to chance).
+        let big = cycle % 2 == 1;
         let mut batch = Vec::new();
         for i in 0..PRODUCTS / 4 {
             let id = format!("c{cycle}p{i}");
-            let bytes: Vec<u8> = (0..1024 * 1024).map(|_| rng.r#gen()).collect();
+            let size = if big && i == 0 { 64 << 20 } else { 1 << 20 };
+            let mut bytes = vec![0u8; size];
+            rng.fill(&mut bytes[..]);
             std::fs::write(root.join("stage").join(format!("{id}.fits")), &bytes).unwrap();
             batch.push((id, blake3::hash(&bytes).to_hex().to_string()));
         }
@@ -136,7 +147,20 @@ async fn sigkill_while_publishing_loses_nothing() {
                 registered
             })
         };
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..120))).await;
+        if big {
+            let first = format!("{}/api/products/c{cycle}p0", server.base);
+            let publishing = eventually(20.0, || async {
+                let p: Value = match c.get(&first).send().await {
+                    Ok(r) => r.json().await.unwrap_or(Value::Null),
+                    Err(_) => Value::Null,
+                };
+                (p["status"] == "publishing").then_some(())
+            })
+            .await;
+            assert!(publishing.is_some(), "c{cycle}p0 was never seen publishing");
+        } else {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(20..120))).await;
+        }
         tokio::task::spawn_blocking(move || server.kill9())
             .await
             .unwrap();
@@ -200,6 +224,10 @@ async fn sigkill_while_publishing_loses_nothing() {
         .count();
     assert_eq!(files, sums.len(), "one file per product, no duplicates");
     eprintln!("recoveries seen across the kills: {interrupted_seen}");
+    assert!(
+        interrupted_seen >= 1,
+        "no kill landed mid-publish, so recovery was not exercised (seed {seed})"
+    );
     server.kill9();
     let out = common::contimg(&["verify", "--data-dir", ledger.to_str().unwrap()]);
     assert!(out.status.success());

@@ -623,7 +623,7 @@ mod tests {
         for e in store.events_from(0) {
             slow.apply(&e.unwrap());
         }
-        assert!(fast.same_as(&slow));
+        assert_eq!(fast, slow);
         let (parked, total) = fast.parked();
         assert_eq!(total, 2);
         assert_eq!(parked[0].event_type, PublishStarted::TYPE);

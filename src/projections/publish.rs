@@ -120,7 +120,9 @@ impl PublishSnapshot {
 /// A product id shared by the map and every index (a reference count, not a copy).
 type Id = Arc<str>;
 
-#[derive(Debug, Clone)]
+/// Equality is of the whole model, every index and counter included ("a rebuild equals
+/// the live model" means all of it).
+#[derive(Debug, Clone, PartialEq)]
 pub struct PublishModel {
     max_attempts: u32,
     /// Boxed, so that growing the map moves pointers rather than whole states; hashed
@@ -455,18 +457,5 @@ impl PublishModel {
         m.last_position = s.last_position;
         m.last_time = s.last_time;
         m
-    }
-
-    /// Same content, whatever the order things were inserted in.
-    pub fn same_as(&self, other: &PublishModel) -> bool {
-        self.products == other.products
-            && self.counts == other.counts
-            && self.failed == other.failed
-            && self.staging_by_age == other.staging_by_age
-            && self.publishing_by_age == other.publishing_by_age
-            && self.due == other.due
-            && self.failure_times == other.failure_times
-            && self.parked == other.parked
-            && self.last_position == other.last_position
     }
 }

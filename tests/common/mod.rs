@@ -116,8 +116,21 @@ impl ChildServer {
             .spawn()
             .expect("spawn contimg serve");
         let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+        // A child that never says where it listens fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("contimg serve printed no address within 120 s");
+            }
+        };
         let base = line
             .trim()
             .strip_prefix("contimg: listening on ")
@@ -152,11 +165,29 @@ impl Drop for ChildServer {
     }
 }
 
+/// Runs `contimg` to completion and returns what it printed. A run that takes longer than
+/// 15 minutes is killed and fails the test, so a hung child never hangs the suite.
 pub fn contimg(args: &[&str]) -> std::process::Output {
-    Command::new(bin())
+    let child = Command::new(bin())
         .args(args)
-        .output()
-        .expect("run contimg")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run contimg");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(900)) {
+        Ok(out) => out.expect("wait for contimg"),
+        Err(_) => {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("contimg {args:?} did not finish within 15 minutes");
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, for at most `secs` seconds.
