@@ -101,7 +101,7 @@ async fn sigkill_while_publishing_loses_nothing() {
     let seed = std::env::var("CONTIMG_TEST_SEED")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     let mut interrupted_seen = 0;
