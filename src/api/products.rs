@@ -14,7 +14,6 @@ use super::streams::EventsPage;
 use crate::events::StoreError;
 use crate::events::jsonl::WireEvent;
 use crate::events::record::micros_to_datetime;
-use crate::pipeline::paths::validate_data_id;
 use crate::pipeline::publish::{PublishError, Registration, Trigger};
 use crate::projections::product::ProductState;
 
@@ -192,13 +191,19 @@ async fn history(
     Path(id): Path<String>,
     Query(p): Query<Params>,
 ) -> Result<Json<EventsPage>, ApiError> {
-    validate_data_id(&id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let data_id =
+        crate::pipeline::paths::data_id(&id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let from = params::opt_u64(&p, "from")?;
     let limit = params::limit(&p, 1000)?;
     let direction = params::direction(&p)?;
     let events = state
         .store
-        .read_stream(&format!("product-{id}"), from, direction, limit)
+        .read_stream(
+            &crate::events::catalogue::StreamName::product(&data_id),
+            from,
+            direction,
+            limit,
+        )
         .map_err(|e| match e {
             StoreError::StreamNotFound(_) => ApiError::NotFound(format!("product {id} not found")),
             other => other.into(),

@@ -326,6 +326,89 @@ pub enum CatalogueError {
     },
 }
 
+/// A stream's name, `category-id`, built by the one constructor of its category (the
+/// ledger's API takes it as a `&str` through `Deref`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamName(String);
+
+impl StreamName {
+    /// `ingest-<YYYY-MM-DD>`: the subband files of one observing day.
+    pub fn ingest(date: chrono::NaiveDate) -> Self {
+        StreamName(format!("ingest-{}", date.format("%Y-%m-%d")))
+    }
+    /// `group-<group_id>`: one observation's group and its stages.
+    pub fn group(group_id: &str) -> Self {
+        StreamName(format!("group-{group_id}"))
+    }
+    /// `mosaic-<mosaic_id>`: a mosaic group's decision and its build.
+    pub fn mosaic(mosaic_id: &str) -> Self {
+        StreamName(format!("mosaic-{mosaic_id}"))
+    }
+    /// `product-<data_id>`: a staged product's publish lifecycle.
+    pub fn product(id: &DataId) -> Self {
+        StreamName(format!("product-{}", id.as_str()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The id part of `name` when it is a stream of `category` with an id.
+    pub fn id_in<'a>(name: &'a str, category: &str) -> Option<&'a str> {
+        name.strip_prefix(category)?
+            .strip_prefix('-')
+            .filter(|id| !id.is_empty())
+    }
+}
+
+impl std::ops::Deref for StreamName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for StreamName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A product's id (`data_id`), checked: 1 to [`DataId::MAX`] letters, digits and
+/// `._:+-`, not `.` or `..` (which would name a folder rather than a product), so that
+/// `product-<data_id>` stays within a stream name's 200 characters. A product id and a
+/// stream name are different types.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DataId(String);
+
+impl DataId {
+    pub const MAX: usize = 192;
+
+    /// The id, or the input (cut to 210 characters) when it breaks the rule.
+    pub fn parse(id: &str) -> Result<DataId, String> {
+        let ok = !id.is_empty()
+            && id.chars().count() <= Self::MAX
+            && id != "."
+            && id != ".."
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._:+-".contains(c));
+        if ok {
+            Ok(DataId(id.to_string()))
+        } else {
+            Err(id.chars().take(210).collect())
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DataId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The domain categories: streams in these only take catalogue events.
 pub const DOMAIN_CATEGORIES: &[&str] = &["ingest", "group", "mosaic", "product"];
 

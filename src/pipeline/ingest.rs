@@ -19,7 +19,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use super::state::{PipelineState, file_name};
 use crate::config::IngestConfig;
 use crate::events::catalogue::{
-    GroupFormed, IngestGroupTimedOut, SubbandFileAccepted, SubbandFileRejected,
+    GroupFormed, IngestGroupTimedOut, StreamName, SubbandFileAccepted, SubbandFileRejected,
 };
 
 /// The HDF5 format signature; the superblock sits at 0, 512, 1024, 2048... bytes.
@@ -330,7 +330,7 @@ fn assign(
 /// `ingest-<date>` of an observation (today's date for names that do not parse).
 pub fn ingest_stream(obs: Option<NaiveDateTime>, now: DateTime<Utc>) -> String {
     let date = obs.map_or_else(|| now.date_naive(), |t| t.date());
-    format!("ingest-{}", date.format("%Y-%m-%d"))
+    StreamName::ingest(date).as_str().to_string()
 }
 
 /// A group id from its members: the compact observation time and a short hash of the

@@ -4,6 +4,8 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::events::catalogue::DataId;
+
 /// Why a path or id was refused. Rejected input: HTTP 400/422.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
@@ -22,24 +24,16 @@ pub enum PathError {
 }
 
 /// Longest `data_id`: `product-` plus this fills a stream name's 200 characters.
-pub const MAX_DATA_ID: usize = 192;
+pub const MAX_DATA_ID: usize = DataId::MAX;
 
-/// `data_id`: letters, digits and `._:+-`, no `/`, not `.` or `..` (which would name a
-/// folder rather than a product), and at most [`MAX_DATA_ID`] characters so that its
-/// stream, `product-<data_id>`, stays within the ledger's 200.
+/// The `data_id` rule ([`DataId::parse`]) as a path error.
+pub fn data_id(id: &str) -> Result<DataId, PathError> {
+    DataId::parse(id).map_err(PathError::BadDataId)
+}
+
+/// Checks a `data_id` ([`DataId::parse`]).
 pub fn validate_data_id(id: &str) -> Result<(), PathError> {
-    let ok = !id.is_empty()
-        && id.chars().count() <= MAX_DATA_ID
-        && id != "."
-        && id != ".."
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._:+-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(PathError::BadDataId(id.chars().take(210).collect()))
-    }
+    data_id(id).map(|_| ())
 }
 
 /// Refuses control characters and `..` components; `a..b.fits` passes.

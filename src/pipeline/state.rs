@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use crate::events::catalogue::{
     DomainEvent, EventMetadata, GroupFormed, GroupRejected, IngestGroupTimedOut,
     MosaicGroupCreated, MosaicGroupRejected, ProductRegistered, StageCompleted, StageFailed,
-    StageStarted, SubbandFileAccepted, SubbandFileRejected,
+    StageStarted, StreamName, SubbandFileAccepted, SubbandFileRejected,
 };
 use crate::events::record::RecordRef;
 
@@ -359,7 +359,7 @@ impl PipelineState {
 
     fn apply_group(&mut self, e: &RecordRef<'_>, at: DateTime<Utc>) {
         // `group` alone is a valid stream of the category, with no id: not a group.
-        let Some(id) = e.stream_id.strip_prefix("group-").map(str::to_string) else {
+        let Some(id) = StreamName::id_in(e.stream_id, "group").map(str::to_string) else {
             return;
         };
         if e.event_type == GroupFormed::TYPE {
@@ -429,7 +429,7 @@ impl PipelineState {
     }
 
     fn apply_mosaic(&mut self, e: &RecordRef<'_>, at: DateTime<Utc>) {
-        let Some(id) = e.stream_id.strip_prefix("mosaic-").map(str::to_string) else {
+        let Some(id) = StreamName::id_in(e.stream_id, "mosaic").map(str::to_string) else {
             return;
         };
         match e.event_type {

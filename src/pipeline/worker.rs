@@ -30,7 +30,7 @@ use super::state::{GroupState, PipelineState, Stage, StageProgress};
 use crate::config::{Config, IngestConfig, MosaicConfig, StagesConfig};
 use crate::events::catalogue::{
     DomainEvent, EventMetadata, GroupFormed, GroupRejected, MosaicGroupCreated,
-    MosaicGroupRejected, StageCompleted, StageFailed, StageStarted,
+    MosaicGroupRejected, StageCompleted, StageFailed, StageStarted, StreamName,
 };
 use crate::events::record::format_time;
 use crate::events::{Direction, ExpectedRevision, Ledger, ProposedEvent, StoreError};
@@ -48,6 +48,39 @@ pub struct PipelineConfig {
     pub default_dec: f64,
     /// Stage tile images as products too (mosaics always are).
     pub stage_images: bool,
+    /// Where decisions get the time: the system clock, or a test's.
+    pub clock: Clock,
+}
+
+/// The time decisions are made at. Decision code never reads the system clock itself;
+/// tests give a clock they move, instead of sleeping.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Clock(Arc::new(Utc::now))
+    }
+
+    pub fn new(f: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(f))
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
 }
 
 impl PipelineConfig {
@@ -61,6 +94,7 @@ impl PipelineConfig {
             mosaic: c.mosaic.clone(),
             default_dec: 71.6,
             stage_images: true,
+            clock: Clock::system(),
         }
     }
 }
@@ -101,7 +135,7 @@ pub struct Pipeline {
     worker: Arc<str>,
     /// Work that failed without an event to show for it (staging a product, say), with
     /// its failures so far and when it may be tried again; the rest goes on meanwhile.
-    held: Arc<std::sync::Mutex<HashMap<String, (u32, std::time::Instant)>>>,
+    held: Arc<std::sync::Mutex<Held>>,
     /// Events the fold parked so far (also in the state), readable without its lock.
     parked: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -236,7 +270,7 @@ impl Pipeline {
         let (outcome, mut heads) = {
             let state = self.state.lock().await;
             let outcome = ingest
-                .scan(&state, Utc::now())
+                .scan(&state, self.cfg.clock.now())
                 .map_err(|e| anyhow::anyhow!("scanning {}: {e}", ingest.dir.display()))?;
             let heads: HashMap<String, Option<u64>> = outcome
                 .ingest
@@ -283,7 +317,7 @@ impl Pipeline {
                 .files
                 .first()
                 .and_then(|f| super::sim::read_subband_dec(Path::new(f)));
-            let stream = format!("group-{}", g.group_id);
+            let stream = StreamName::group(&g.group_id);
             let key = format!("{stream}/GroupFormed");
             match self
                 .append(
@@ -310,7 +344,7 @@ impl Pipeline {
     /// idempotent repeat; other members are safeguard 1: the group is refused with a
     /// `GroupRejected` in the ingest stream, and the existing group is left as it is.
     async fn refuse_collision(&self, g: &GroupFormed) -> anyhow::Result<usize> {
-        let stream = format!("group-{}", g.group_id);
+        let stream = StreamName::group(&g.group_id);
         let first = self
             .ledger
             .read_stream(&stream, Some(0), Direction::Forward, 1)
@@ -337,7 +371,7 @@ impl Pipeline {
         tracing::error!(group = %g.group_id, %reason, "group id collision");
         let ingest = super::ingest::ingest_stream(
             chrono::NaiveDateTime::parse_from_str(&g.obs_time, super::ingest::NAME_TIME).ok(),
-            Utc::now(),
+            self.cfg.clock.now(),
         );
         let head = self.state.lock().await.ingest_heads.get(&ingest).copied();
         let expected = head.map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
@@ -392,11 +426,11 @@ impl Pipeline {
         let n = groups.len() + mosaics.len();
         let streams = groups
             .into_iter()
-            .map(|(id, stage, a, head)| (format!("group-{id}"), stage, a, head))
+            .map(|(id, stage, a, head)| (StreamName::group(&id), stage, a, head))
             .chain(
                 mosaics
                     .into_iter()
-                    .map(|(id, a, head)| (format!("mosaic-{id}"), Stage::Mosaic, a, head)),
+                    .map(|(id, a, head)| (StreamName::mosaic(&id), Stage::Mosaic, a, head)),
             );
         for (stream, stage, attempt, head) in streams {
             let f = self.failure(stage, attempt, &RunResult::interrupted(), &self.cfg.stages);
@@ -415,90 +449,22 @@ impl Pipeline {
         Ok(n)
     }
 
-    /// Picks the next due unit of work: staging and mosaic decisions first (cheap), then
-    /// mosaic builds, then group stages in observation order. `Err(when)` when nothing is
-    /// due, with the earliest retry time if one is pending.
-    async fn next_work(&self, now: DateTime<Utc>) -> Result<Work, Option<DateTime<Utc>>> {
-        let s = self.state.lock().await;
-        let held = self.held_now();
-        let free = |w: &Work| !held.contains(&w.key());
-        let mut earliest: Option<DateTime<Utc>> = None;
-        let mut due = |p: &StageProgress| -> bool {
-            if p.settled() || p.running.is_some() {
-                return false;
-            }
-            match p.next_retry_at {
-                Some(t) if t > now => {
-                    earliest = Some(earliest.map_or(t, |e| e.min(t)));
-                    false
-                }
-                _ => true,
-            }
-        };
-        for id in &s.mosaic_order {
-            let m = &s.mosaics[id];
-            if m.rejected.is_some() || !s.known_members(m) {
-                continue;
-            }
-            let w = Work::RegisterMosaic {
-                mosaic: m.id.clone(),
-            };
-            if m.build.completed.is_some()
-                && !s.products.contains(&mosaic_product(&m.id))
-                && free(&w)
-            {
-                return Ok(w);
-            }
-        }
-        if self.cfg.stage_images {
-            for g in s.groups.values() {
-                let w = Work::RegisterImage {
-                    group: g.id.clone(),
-                };
-                if g.imaged() && !s.products.contains(&image_product(&g.id)) && free(&w) {
-                    return Ok(w);
-                }
-            }
-        }
-        if let Some(members) = next_window(&s, &self.cfg.mosaic) {
-            let w = Work::Decide { members };
-            if free(&w) {
-                return Ok(w);
-            }
-        }
-        for id in &s.mosaic_order {
-            let m = &s.mosaics[id];
-            let w = Work::Build {
-                mosaic: m.id.clone(),
-            };
-            if m.rejected.is_none() && s.known_members(m) && free(&w) && due(&m.build) {
-                return Ok(w);
-            }
-        }
-        for g in s.groups.values() {
-            if let Some(stage) = g.next_stage() {
-                let w = Work::Stage {
-                    group: g.id.clone(),
-                    stage,
-                };
-                if free(&w) && due(g.stage(stage)) {
-                    return Ok(w);
-                }
-            }
-        }
-        Err(earliest)
-    }
-
     /// Does one unit of work. `Ok(None)` when something was done; `Ok(Some(wait))` when
     /// nothing is due for `wait`.
     pub async fn step(&self) -> anyhow::Result<Option<Duration>> {
         self.catch_up().await?;
         let idle = Duration::from_secs_f64(self.cfg.ingest.poll_interval_s);
-        let work = match self.next_work(Utc::now()).await {
+        let now = self.cfg.clock.now();
+        let work = {
+            let state = self.state.lock().await;
+            let held = held_at(&self.held.lock().expect("held lock"), now);
+            next_work(&state, &held, &self.cfg, now)
+        };
+        let work = match work {
             Ok(w) => w,
             Err(None) => return Ok(Some(idle)),
             Err(Some(t)) => {
-                let wait = (t - Utc::now()).to_std().unwrap_or_default();
+                let wait = (t - now).to_std().unwrap_or_default();
                 return Ok(Some(wait.min(idle)));
             }
         };
@@ -522,23 +488,15 @@ impl Pipeline {
                 let wait = idle
                     .mul_f64(2f64.powi(failures.min(12) as i32))
                     .min(Duration::from_secs(300));
-                held.insert(key.clone(), (failures, std::time::Instant::now() + wait));
+                let until =
+                    self.cfg.clock.now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                held.insert(key.clone(), (failures, until));
                 Err(e.context(format!(
                     "{key} (failure {failures}; held back {:.1} s)",
                     wait.as_secs_f64()
                 )))
             }
         }
-    }
-
-    /// Keys of the work held back now.
-    fn held_now(&self) -> std::collections::HashSet<String> {
-        let now = std::time::Instant::now();
-        let held = self.held.lock().expect("held lock");
-        held.iter()
-            .filter(|(_, (_, until))| *until > now)
-            .map(|(k, _)| k.clone())
-            .collect()
     }
 
     fn failure(
@@ -551,7 +509,7 @@ impl Pipeline {
         let f = r.outcome.as_ref().err();
         let next = (attempt < cfg.max_attempts).then(|| {
             let wait = crate::config::Backoff::from_secs(&cfg.backoff_s).after(attempt);
-            format_time(Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default())
+            format_time(self.cfg.clock.now() + chrono::Duration::from_std(wait).unwrap_or_default())
         });
         StageFailed {
             stage: stage.name().into(),
@@ -583,7 +541,7 @@ impl Pipeline {
             }
             _ => None,
         };
-        let stream = format!("group-{id}");
+        let stream = StreamName::group(id);
         let Some(head) = self
             .take_stage(&stream, group.head, stage, attempt, command)
             .await?
@@ -687,7 +645,7 @@ impl Pipeline {
             )
         };
         let id = mosaic_id(&groups);
-        let stream = format!("mosaic-{id}");
+        let stream = StreamName::mosaic(&id);
         let first = groups
             .first()
             .map(|g| g.obs_time.clone())
@@ -778,7 +736,7 @@ impl Pipeline {
             (m, tiles, beams)
         };
         let attempt = mosaic.build.attempts + 1;
-        let stream = format!("mosaic-{id}");
+        let stream = StreamName::mosaic(id);
         let Some(head) = self
             .take_stage(&stream, mosaic.head, Stage::Mosaic, attempt, None)
             .await?
@@ -1013,6 +971,96 @@ pub fn mosaic_id(members: &[GroupState]) -> String {
     )
 }
 
+/// Picks the next due unit of work, a pure function of the fold, the work held back and
+/// the time: staging and mosaic decisions first (cheap), then mosaic builds, then group
+/// stages in observation order. `Err(when)` when nothing is due, with the earliest retry
+/// time if one is pending.
+fn next_work(
+    s: &PipelineState,
+    held: &std::collections::HashSet<String>,
+    cfg: &PipelineConfig,
+    now: DateTime<Utc>,
+) -> Result<Work, Option<DateTime<Utc>>> {
+    let free = |w: &Work| !held.contains(&w.key());
+    let mut earliest: Option<DateTime<Utc>> = None;
+    let mut due = |p: &StageProgress| -> bool {
+        if p.settled() || p.running.is_some() {
+            return false;
+        }
+        match p.next_retry_at {
+            Some(t) if t > now => {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+                false
+            }
+            _ => true,
+        }
+    };
+    for id in &s.mosaic_order {
+        let m = &s.mosaics[id];
+        if m.rejected.is_some() || !s.known_members(m) {
+            continue;
+        }
+        let w = Work::RegisterMosaic {
+            mosaic: m.id.clone(),
+        };
+        if m.build.completed.is_some() && !s.products.contains(&mosaic_product(&m.id)) && free(&w) {
+            return Ok(w);
+        }
+    }
+    if cfg.stage_images {
+        for g in s.groups.values() {
+            let w = Work::RegisterImage {
+                group: g.id.clone(),
+            };
+            if g.imaged() && !s.products.contains(&image_product(&g.id)) && free(&w) {
+                return Ok(w);
+            }
+        }
+    }
+    if let Some(members) = next_window(s, &cfg.mosaic) {
+        let w = Work::Decide { members };
+        if free(&w) {
+            return Ok(w);
+        }
+    }
+    for id in &s.mosaic_order {
+        let m = &s.mosaics[id];
+        let w = Work::Build {
+            mosaic: m.id.clone(),
+        };
+        if m.rejected.is_none() && s.known_members(m) && free(&w) && due(&m.build) {
+            return Ok(w);
+        }
+    }
+    for g in s.groups.values() {
+        if let Some(stage) = g.next_stage() {
+            let w = Work::Stage {
+                group: g.id.clone(),
+                stage,
+            };
+            if free(&w) && due(g.stage(stage)) {
+                return Ok(w);
+            }
+        }
+    }
+    Err(earliest)
+}
+
+/// Work held back after failing without an event of its own: its key, the failures so
+/// far, and until when.
+type Held = HashMap<String, (u32, DateTime<Utc>)>;
+
+/// Keys of the work held back at `now`.
+fn held_at(
+    held: &Held,
+    now: DateTime<Utc>,
+) -> std::collections::HashSet<String> {
+    held.iter()
+        .filter(|(_, (_, until))| *until > now)
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 pub fn mosaic_product(id: &str) -> String {
     format!("mosaic-{id}")
 }
@@ -1139,5 +1187,51 @@ mod tests {
         assert!(interrupted(Some("h1"), Some("h1"), &me));
         assert!(!interrupted(Some("h2"), Some("h1"), &me));
         assert!(interrupted(None, Some("h1"), &me));
+    }
+
+    fn config() -> PipelineConfig {
+        PipelineConfig::from_config(&Config::default())
+    }
+
+    /// Given a group whose convert failed with a retry due at T+60 s, when the worker asks
+    /// at T, then nothing is due until T+60 s; when it asks at T+60 s, the retry is due;
+    /// and work held back is passed over until its time. No sleeping: the time is given.
+    #[test]
+    fn a_failed_stage_is_due_again_at_its_retry_time_and_held_work_waits() {
+        let t = DateTime::parse_from_rfc3339("2026-11-30T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut g = imaged(0);
+        g.stages = Default::default();
+        g.stages[0] = StageProgress {
+            attempts: 1,
+            last_error: Some("convert exited with status 1".into()),
+            next_retry_at: Some(t + chrono::Duration::seconds(60)),
+            ..Default::default()
+        };
+        let mut s = PipelineState::default();
+        s.group_obs.insert(g.id.clone(), g.obs_time.clone());
+        s.groups.insert(g.obs_time.clone(), g);
+        let cfg = config();
+        let none = std::collections::HashSet::new();
+        let at = |secs| t + chrono::Duration::seconds(secs);
+        assert!(matches!(
+            next_work(&s, &none, &cfg, t),
+            Err(Some(when)) if when == at(60)
+        ));
+        assert!(matches!(
+            next_work(&s, &none, &cfg, at(60)),
+            Ok(Work::Stage {
+                stage: Stage::Convert,
+                ..
+            })
+        ));
+        let mut held = HashMap::new();
+        held.insert("convert of g0".to_string(), (1, at(90)));
+        assert!(next_work(&s, &held_at(&held, at(60)), &cfg, at(60)).is_err());
+        assert!(matches!(
+            next_work(&s, &held_at(&held, at(90)), &cfg, at(90)),
+            Ok(Work::Stage { .. })
+        ));
     }
 }

@@ -21,7 +21,7 @@ use super::moves::{
 };
 use super::paths::{self, PathError};
 use crate::config::Backoff;
-use crate::events::catalogue::{DomainEvent, EventMetadata, ProductRegistered};
+use crate::events::catalogue::{DomainEvent, EventMetadata, ProductRegistered, StreamName};
 use crate::events::{Direction, ExpectedRevision, Ledger, StoreError};
 use crate::projections::Projections;
 use crate::projections::product::ProductEvent;
@@ -238,7 +238,7 @@ async fn register_checked(
         auto_publish: req.auto_publish,
         metadata: req.metadata,
     };
-    let stream = stream_of(&req.data_id);
+    let stream = stream_of(&req.data_id)?;
     // The decision for a new stream; a lost race is decided again against the winner.
     let mut events = decide::decide(
         None,
@@ -303,8 +303,9 @@ fn proposed(e: ProductEvent, actor: &str) -> crate::events::ProposedEvent {
 /// Events read per page when a product's stream is loaded.
 const LOAD_PAGE: usize = 1000;
 
-fn stream_of(id: &str) -> String {
-    format!("product-{id}")
+/// The product's stream, from its checked id.
+fn stream_of(id: &str) -> Result<StreamName, PublishError> {
+    Ok(StreamName::product(&paths::data_id(id)?))
 }
 
 fn meta(actor: &str) -> EventMetadata {
@@ -353,7 +354,7 @@ impl Publisher {
     /// The product's state folded from its own stream (authoritative, not the projection).
     pub async fn load(&self, id: &str) -> Result<ProductState, PublishError> {
         paths::validate_data_id(id)?;
-        let stream = stream_of(id);
+        let stream = stream_of(id)?;
         let mut events = Vec::new();
         // Page to the end: a product retried many times outgrows one read.
         loop {
@@ -447,7 +448,7 @@ impl Publisher {
             .inner
             .ledger
             .append(
-                &stream_of(&state.data_id),
+                &stream_of(&state.data_id)?,
                 ExpectedRevision::Exact(state.revision),
                 proposed,
             )
@@ -510,7 +511,7 @@ impl Publisher {
             .inner
             .ledger
             .append(
-                &stream_of(id),
+                &stream_of(id)?,
                 ExpectedRevision::Exact(state.revision),
                 proposed_events,
             )
@@ -664,7 +665,7 @@ impl Publisher {
             self.inner
                 .ledger
                 .append(
-                    &stream_of(&id),
+                    &stream_of(&id)?,
                     ExpectedRevision::Exact(state.revision),
                     proposed,
                 )
