@@ -1051,10 +1051,7 @@ fn next_work(
 type Held = HashMap<String, (u32, DateTime<Utc>)>;
 
 /// Keys of the work held back at `now`.
-fn held_at(
-    held: &Held,
-    now: DateTime<Utc>,
-) -> std::collections::HashSet<String> {
+fn held_at(held: &Held, now: DateTime<Utc>) -> std::collections::HashSet<String> {
     held.iter()
         .filter(|(_, (_, until))| *until > now)
         .map(|(k, _)| k.clone())

@@ -1,0 +1,89 @@
+//! The key layout of the `ledger` tree and the chunk format of the log.
+
+/// Key layout of the `ledger` tree.
+pub(crate) mod keys {
+    pub const LOG: u8 = b'L';
+    pub const HEAD: u8 = b'H';
+    pub const INDEX: u8 = b'S';
+    pub const ID: u8 = b'I';
+
+    pub fn log(position: u64) -> [u8; 9] {
+        let mut k = [LOG; 9];
+        k[1..].copy_from_slice(&position.to_be_bytes());
+        k
+    }
+
+    pub fn head(stream: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(stream.len() + 1);
+        k.push(HEAD);
+        k.extend_from_slice(stream.as_bytes());
+        k
+    }
+
+    /// `kind`, stream, 0x00, `suffix`.
+    pub fn in_stream(kind: u8, stream: &str, suffix: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(stream.len() + 2 + suffix.len());
+        k.push(kind);
+        k.extend_from_slice(stream.as_bytes());
+        k.push(0);
+        k.extend_from_slice(suffix);
+        k
+    }
+
+    pub fn index(stream: &str, revision: u64) -> Vec<u8> {
+        in_stream(INDEX, stream, &revision.to_be_bytes())
+    }
+
+    pub fn id(stream: &str, id: &uuid::Uuid) -> Vec<u8> {
+        in_stream(ID, stream, id.as_bytes())
+    }
+}
+
+/// A log value holds the records of one commit (or a part of one, up to
+/// [`chunk::MAX_BYTES`]), keyed by the first one's position: one sled insert per commit
+/// instead of one per event, and one sled step per chunk when replaying.
+/// Layout: `[TAG]` then, per record, `[length: u32 LE][record]`.
+pub(crate) mod chunk {
+    use std::ops::Range;
+
+    pub const TAG: u8 = 0xC1;
+    /// Records are added to a chunk while it stays under this size (a single larger
+    /// record gets a chunk of its own).
+    pub const MAX_BYTES: usize = 64 * 1024;
+
+    pub fn encode(records: &[Vec<u8>]) -> Vec<u8> {
+        let len = 1 + records.iter().map(|r| r.len() + 4).sum::<usize>();
+        let mut out = Vec::with_capacity(len);
+        out.push(TAG);
+        for r in records {
+            out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+            out.extend_from_slice(r);
+        }
+        out
+    }
+
+    /// Byte ranges of the records in a chunk.
+    pub fn entries(bytes: &[u8]) -> Result<Vec<Range<usize>>, String> {
+        if bytes.first() != Some(&TAG) {
+            return Err("log value is not a chunk".into());
+        }
+        let mut out = Vec::new();
+        let mut at = 1;
+        while at < bytes.len() {
+            let Some(len) = bytes.get(at..at + 4) else {
+                return Err(format!("chunk truncated at byte {at}"));
+            };
+            let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+            let start = at + 4;
+            if start + len > bytes.len() {
+                return Err(format!("chunk truncated at byte {at}"));
+            }
+            out.push(start..start + len);
+            at = start + len;
+        }
+        if out.is_empty() {
+            return Err("empty chunk".into());
+        }
+        Ok(out)
+    }
+}
