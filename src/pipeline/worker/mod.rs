@@ -13,7 +13,6 @@
 //! every append the worker folds the log (its own events and anyone else's) into
 //! [`PipelineState`]; that fold is the only thing it decides from.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,31 +98,6 @@ impl PipelineConfig {
     }
 }
 
-/// One unit of work the worker can take.
-#[derive(Debug, Clone)]
-enum Work {
-    Stage { group: String, stage: Stage },
-    Decide { members: Vec<String> },
-    Build { mosaic: String },
-    RegisterMosaic { mosaic: String },
-    RegisterImage { group: String },
-}
-
-impl Work {
-    /// What the work is about, for holding it back after a failure.
-    fn key(&self) -> String {
-        match self {
-            Work::Stage { group, stage } => format!("{stage} of {group}"),
-            Work::Decide { members } => {
-                format!("mosaic window from {}", members.first().map_or("", |m| m))
-            }
-            Work::Build { mosaic } => format!("mosaic {mosaic}"),
-            Work::RegisterMosaic { mosaic } => format!("staging {}", mosaic_product(mosaic)),
-            Work::RegisterImage { group } => format!("staging {}", image_product(group)),
-        }
-    }
-}
-
 /// The worker. Cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -139,6 +113,14 @@ pub struct Pipeline {
     /// Events the fold parked so far (also in the state), readable without its lock.
     parked: Arc<std::sync::atomic::AtomicU64>,
 }
+
+mod intake;
+mod recovery;
+mod schedule;
+mod staging;
+
+pub use schedule::next_window;
+use schedule::{Held, Work, held_at, next_work};
 
 fn store_err(e: StoreError) -> anyhow::Error {
     anyhow::anyhow!("ledger: {e}")
@@ -259,194 +241,6 @@ impl Pipeline {
         let bytes: [u8; 16] = hash.as_bytes()[..16].try_into().expect("16 bytes");
         p.event_id = uuid::Builder::from_random_bytes(bytes).into_uuid();
         p
-    }
-
-    /// One look at the incoming folder; returns the events written.
-    pub async fn ingest_once(&self, ingest: &mut Ingest) -> anyhow::Result<usize> {
-        self.catch_up().await?;
-        // The scan decides against the fold as it stands; its appends expect exactly the
-        // stream heads it decided against, so a fact another worker wrote meanwhile makes
-        // them conflict instead of slipping in beside a decision it would have changed.
-        let (outcome, mut heads) = {
-            let state = self.state.lock().await;
-            let outcome = ingest
-                .scan(&state, self.cfg.clock.now())
-                .map_err(|e| anyhow::anyhow!("scanning {}: {e}", ingest.dir.display()))?;
-            let heads: HashMap<String, Option<u64>> = outcome
-                .ingest
-                .keys()
-                .map(|k| (k.clone(), state.ingest_heads.get(k).copied()))
-                .collect();
-            (outcome, heads)
-        };
-        if outcome.is_empty() {
-            return Ok(0);
-        }
-        let mut written = 0;
-        for (stream, facts) in outcome.ingest {
-            for chunk in facts.chunks(500) {
-                let head = heads.get(&stream).copied().flatten();
-                let expected = head.map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
-                let events: Vec<ProposedEvent> = chunk
-                    .iter()
-                    .map(|f| match f {
-                        IngestFact::Accepted(a) => self.event(a),
-                        IngestFact::Rejected(r) => {
-                            tracing::warn!(path = %r.path, reason = %r.reason, "subband file refused");
-                            self.event(r)
-                        }
-                        IngestFact::TimedOut(t) => {
-                            tracing::warn!(obs = %t.obs_time, missing = ?t.missing, "observation timed out");
-                            self.event(t)
-                        }
-                    })
-                    .collect();
-                match self.append_at(&stream, expected, events).await {
-                    Ok(revision) => {
-                        heads.insert(stream.clone(), Some(revision));
-                        written += chunk.len();
-                    }
-                    // Another worker wrote first: decide again on the next scan.
-                    Err(StoreError::WrongExpectedVersion { .. }) => return Ok(written),
-                    Err(e) => return Err(store_err(e)),
-                }
-            }
-        }
-        for mut g in outcome.formed {
-            g.dec_deg = g
-                .files
-                .first()
-                .and_then(|f| super::sim::read_subband_dec(Path::new(f)));
-            let stream = StreamName::group(&g.group_id);
-            let key = format!("{stream}/GroupFormed");
-            match self
-                .append(
-                    &stream,
-                    ExpectedRevision::NoStream,
-                    vec![self.event_with_id(&g, &key)],
-                )
-                .await
-            {
-                Ok(()) => {
-                    tracing::info!(group = %g.group_id, obs = %g.obs_time, "group formed");
-                    written += 1;
-                }
-                Err(StoreError::WrongExpectedVersion { .. }) => {
-                    written += self.refuse_collision(&g).await?;
-                }
-                Err(e) => return Err(store_err(e)),
-            }
-        }
-        Ok(written)
-    }
-
-    /// A `GroupFormed` met an existing `group-<id>` stream. The same members are an
-    /// idempotent repeat; other members are safeguard 1: the group is refused with a
-    /// `GroupRejected` in the ingest stream, and the existing group is left as it is.
-    async fn refuse_collision(&self, g: &GroupFormed) -> anyhow::Result<usize> {
-        let stream = StreamName::group(&g.group_id);
-        let first = self
-            .ledger
-            .read_stream(&stream, Some(0), Direction::Forward, 1)
-            .await
-            .map_err(store_err)?;
-        let held: Option<GroupFormed> = first
-            .first()
-            .and_then(|e| serde_json::from_slice(&e.data).ok());
-        if held.as_ref().map(|h| &h.files) == Some(&g.files) {
-            return Ok(0);
-        }
-        let reason = match &held {
-            Some(h) => format!(
-                "group id {} already holds observation {} with {} other files; refusing rather than overwrite",
-                g.group_id,
-                h.obs_time,
-                h.files.len()
-            ),
-            None => format!(
-                "group id {} is already taken by a stream that is not a group",
-                g.group_id
-            ),
-        };
-        tracing::error!(group = %g.group_id, %reason, "group id collision");
-        let ingest = super::ingest::ingest_stream(
-            chrono::NaiveDateTime::parse_from_str(&g.obs_time, super::ingest::NAME_TIME).ok(),
-            self.cfg.clock.now(),
-        );
-        let head = self.state.lock().await.ingest_heads.get(&ingest).copied();
-        let expected = head.map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
-        let event = GroupRejected {
-            obs_time: g.obs_time.clone(),
-            group_id: g.group_id.clone(),
-            files: g.files.clone(),
-            reason,
-        };
-        match self
-            .append(&ingest, expected, vec![self.event(&event)])
-            .await
-        {
-            Ok(()) => Ok(1),
-            // Decided again on the next scan.
-            Err(StoreError::WrongExpectedVersion { .. }) => Ok(0),
-            Err(e) => Err(store_err(e)),
-        }
-    }
-
-    /// Settles stages and mosaic builds this host left running when it stopped: each gets
-    /// a `StageFailed` marked as interrupted, and is retried like any failure.
-    pub async fn recover(&self) -> anyhow::Result<usize> {
-        self.catch_up().await?;
-        let host = self.meta.host.clone();
-        let me = self.worker.clone();
-        let (groups, mosaics) = {
-            let s = self.state.lock().await;
-            let settle = |p: &StageProgress| {
-                p.running
-                    .as_ref()
-                    .filter(|(_, _, who)| interrupted(who.as_deref(), host.as_deref(), &me))
-                    .map(|(a, _, _)| *a)
-            };
-            let groups: Vec<(String, Stage, u32, u64)> = s
-                .groups
-                .values()
-                .flat_map(|g| {
-                    Stage::GROUP
-                        .into_iter()
-                        .filter_map(|st| settle(g.stage(st)).map(|a| (g.id.clone(), st, a, g.head)))
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            let mosaics: Vec<(String, u32, u64)> = s
-                .mosaics
-                .values()
-                .filter_map(|m| settle(&m.build).map(|a| (m.id.clone(), a, m.head)))
-                .collect();
-            (groups, mosaics)
-        };
-        let n = groups.len() + mosaics.len();
-        let streams = groups
-            .into_iter()
-            .map(|(id, stage, a, head)| (StreamName::group(&id), stage, a, head))
-            .chain(
-                mosaics
-                    .into_iter()
-                    .map(|(id, a, head)| (StreamName::mosaic(&id), Stage::Mosaic, a, head)),
-            );
-        for (stream, stage, attempt, head) in streams {
-            let f = self.failure(stage, attempt, &RunResult::interrupted(), &self.cfg.stages);
-            // Exact: if anything was appended meanwhile, the stage was not abandoned.
-            match self
-                .append(&stream, ExpectedRevision::Exact(head), vec![self.event(&f)])
-                .await
-            {
-                Ok(()) | Err(StoreError::WrongExpectedVersion { .. }) => {}
-                Err(e) => return Err(store_err(e)),
-            }
-        }
-        if n > 0 {
-            tracing::warn!(interrupted = n, "settled stages a stop cut short");
-        }
-        Ok(n)
     }
 
     /// Does one unit of work. `Ok(None)` when something was done; `Ok(Some(wait))` when
@@ -781,83 +575,6 @@ impl Pipeline {
             .await
     }
 
-    async fn register(&self, req: Registration) -> anyhow::Result<()> {
-        let id = req.data_id.clone();
-        match register_product(&self.ledger, &self.cfg.stage_root, req, "pipeline").await {
-            Ok(_) => {
-                tracing::info!(product = %id, "staged");
-                self.catch_up().await
-            }
-            Err(e) => Err(anyhow::anyhow!("registering {id}: {e}")),
-        }
-    }
-
-    async fn register_mosaic(&self, id: &str) -> anyhow::Result<()> {
-        let Some(m) = self.state.lock().await.mosaics.get(id).cloned() else {
-            return Ok(());
-        };
-        let Some(folder) = m.build.completed.as_ref().and_then(|o| o.first()).cloned() else {
-            return Ok(());
-        };
-        let metadata = [
-            ("mosaic_id".to_string(), id.to_string()),
-            ("members".to_string(), m.members.join(",")),
-        ]
-        .into_iter()
-        .collect();
-        self.register(Registration {
-            data_id: mosaic_product(id),
-            data_type: "mosaic".into(),
-            stage_path: folder,
-            qa_status: Some("passed".into()),
-            validation_status: Some("validated".into()),
-            auto_publish: true,
-            metadata,
-        })
-        .await
-    }
-
-    async fn register_image(&self, group: &str) -> anyhow::Result<()> {
-        let Some(g) = self.state.lock().await.group(group).cloned() else {
-            return Ok(());
-        };
-        let Some(tile) = g.outputs(Stage::Image).first().cloned() else {
-            return Ok(());
-        };
-        let dir = self.cfg.stage_root.join("images");
-        let name = format!("{group}.pbcor.fits");
-        let staged = dir.join(&name);
-        let (src, dst) = (PathBuf::from(&tile), staged.clone());
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            if dst.exists() {
-                return Ok(());
-            }
-            std::fs::create_dir_all(&dir)?;
-            let tmp = dir.join(format!(".partial-{}-{name}", uuid::Uuid::new_v4()));
-            std::fs::copy(&src, &tmp)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &dst)
-        })
-        .await?
-        .map_err(|e| anyhow::anyhow!("staging {tile}: {e}"))?;
-        let metadata = [
-            ("group_id".to_string(), group.to_string()),
-            ("obs_time".to_string(), g.obs_time.clone()),
-        ]
-        .into_iter()
-        .collect();
-        self.register(Registration {
-            data_id: image_product(group),
-            data_type: "image".into(),
-            stage_path: staged.display().to_string(),
-            qa_status: Some("passed".into()),
-            validation_status: Some("validated".into()),
-            auto_publish: true,
-            metadata,
-        })
-        .await
-    }
-
     /// Runs ingest and the stages until `shutdown` turns true. A stage cut short by the
     /// shutdown is left running in the ledger and settled by [`Pipeline::recover`] at the
     /// next start.
@@ -912,47 +629,6 @@ fn ignore_conflict(e: StoreError) -> anyhow::Result<()> {
     }
 }
 
-/// The next window of consecutive groups to decide a mosaic over, when it is ready: it
-/// starts at the first group (or `overlap` members before the end of the last decided
-/// mosaic group), holds `tiles` groups in observation order, every member is imaged or
-/// given up, and no observation inside it is still collecting subbands.
-pub fn next_window(s: &PipelineState, cfg: &MosaicConfig) -> Option<Vec<String>> {
-    use std::ops::Bound;
-    // The window starts `overlap` members before the end of the last decided one (read
-    // from its own members, so a change of `tiles` or `overlap` does not lose the chain),
-    // or right after it when there is no overlap.
-    let start = match s.last_mosaic() {
-        Some(m) => match m
-            .members
-            .len()
-            .checked_sub(cfg.overlap)
-            .filter(|k| *k < m.members.len())
-        {
-            Some(k) => Bound::Included(s.group_obs.get(&m.members[k])?.clone()),
-            None => Bound::Excluded(s.group_obs.get(m.members.last()?)?.clone()),
-        },
-        None => Bound::Included(s.groups.keys().next()?.clone()),
-    };
-    let members: Vec<&GroupState> = s
-        .groups
-        .range((start, Bound::Unbounded))
-        .map(|(_, g)| g)
-        .take(cfg.tiles)
-        .collect();
-    if members.len() < cfg.tiles || !members.iter().all(|g| g.settled()) {
-        return None;
-    }
-    let (first, last) = (&members[0].obs_time, &members[members.len() - 1].obs_time);
-    if s.pending
-        .range(first.clone()..=last.clone())
-        .next()
-        .is_some()
-    {
-        return None;
-    }
-    Some(members.iter().map(|g| g.id.clone()).collect())
-}
-
 /// A mosaic group id from its members: the first member's compact time and a short hash
 /// of the member ids.
 pub fn mosaic_id(members: &[GroupState]) -> String {
@@ -971,93 +647,6 @@ pub fn mosaic_id(members: &[GroupState]) -> String {
     )
 }
 
-/// Picks the next due unit of work, a pure function of the fold, the work held back and
-/// the time: staging and mosaic decisions first (cheap), then mosaic builds, then group
-/// stages in observation order. `Err(when)` when nothing is due, with the earliest retry
-/// time if one is pending.
-fn next_work(
-    s: &PipelineState,
-    held: &std::collections::HashSet<String>,
-    cfg: &PipelineConfig,
-    now: DateTime<Utc>,
-) -> Result<Work, Option<DateTime<Utc>>> {
-    let free = |w: &Work| !held.contains(&w.key());
-    let mut earliest: Option<DateTime<Utc>> = None;
-    let mut due = |p: &StageProgress| -> bool {
-        if p.settled() || p.running.is_some() {
-            return false;
-        }
-        match p.next_retry_at {
-            Some(t) if t > now => {
-                earliest = Some(earliest.map_or(t, |e| e.min(t)));
-                false
-            }
-            _ => true,
-        }
-    };
-    for id in &s.mosaic_order {
-        let m = &s.mosaics[id];
-        if m.rejected.is_some() || !s.known_members(m) {
-            continue;
-        }
-        let w = Work::RegisterMosaic {
-            mosaic: m.id.clone(),
-        };
-        if m.build.completed.is_some() && !s.products.contains(&mosaic_product(&m.id)) && free(&w) {
-            return Ok(w);
-        }
-    }
-    if cfg.stage_images {
-        for g in s.groups.values() {
-            let w = Work::RegisterImage {
-                group: g.id.clone(),
-            };
-            if g.imaged() && !s.products.contains(&image_product(&g.id)) && free(&w) {
-                return Ok(w);
-            }
-        }
-    }
-    if let Some(members) = next_window(s, &cfg.mosaic) {
-        let w = Work::Decide { members };
-        if free(&w) {
-            return Ok(w);
-        }
-    }
-    for id in &s.mosaic_order {
-        let m = &s.mosaics[id];
-        let w = Work::Build {
-            mosaic: m.id.clone(),
-        };
-        if m.rejected.is_none() && s.known_members(m) && free(&w) && due(&m.build) {
-            return Ok(w);
-        }
-    }
-    for g in s.groups.values() {
-        if let Some(stage) = g.next_stage() {
-            let w = Work::Stage {
-                group: g.id.clone(),
-                stage,
-            };
-            if free(&w) && due(g.stage(stage)) {
-                return Ok(w);
-            }
-        }
-    }
-    Err(earliest)
-}
-
-/// Work held back after failing without an event of its own: its key, the failures so
-/// far, and until when.
-type Held = HashMap<String, (u32, DateTime<Utc>)>;
-
-/// Keys of the work held back at `now`.
-fn held_at(held: &Held, now: DateTime<Utc>) -> std::collections::HashSet<String> {
-    held.iter()
-        .filter(|(_, (_, until))| *until > now)
-        .map(|(k, _)| k.clone())
-        .collect()
-}
-
 pub fn mosaic_product(id: &str) -> String {
     format!("mosaic-{id}")
 }
@@ -1066,36 +655,9 @@ pub fn image_product(group: &str) -> String {
     format!("image-{group}")
 }
 
-/// Whether a stage left running by `who` (the `worker` of its `StageStarted`, or a host
-/// name from older events) was cut short, as seen by worker `me` on `host`: a worker of
-/// this host whose process is gone. Stages of other hosts, or of live workers here, are
-/// not this worker's to settle.
-fn interrupted(who: Option<&str>, host: Option<&str>, me: &str) -> bool {
-    let Some(who) = who else {
-        return true;
-    };
-    if who == me {
-        return true;
-    }
-    let mut parts = who.rsplitn(3, ':');
-    let (Some(_instance), Some(pid), Some(on)) = (parts.next(), parts.next(), parts.next()) else {
-        // A bare host name (events written before workers were named).
-        return Some(who) == host;
-    };
-    let Ok(pid) = pid.parse::<i32>() else {
-        return false;
-    };
-    Some(on) == host && !process_alive(pid)
-}
-
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::recovery::interrupted;
     use super::*;
     use crate::pipeline::state::{GroupState, MosaicState};
 
@@ -1223,7 +785,7 @@ mod tests {
                 ..
             })
         ));
-        let mut held = HashMap::new();
+        let mut held = std::collections::HashMap::new();
         held.insert("convert of g0".to_string(), (1, at(90)));
         assert!(next_work(&s, &held_at(&held, at(60)), &cfg, at(60)).is_err());
         assert!(matches!(
