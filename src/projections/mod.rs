@@ -3,10 +3,12 @@
 //! The engine loads the last snapshot (stored with its checkpoint in one sled value),
 //! catches up from the checkpoint through a catch-up subscription, and then follows the
 //! log live. `rebuild` replays from position 0 into a fresh model and swaps it in;
-//! [`replay`] folds up to any position for as-of questions. Projections never append to
-//! the log.
+//! [`fold_as_of`] folds up to any position or time for as-of questions (`fold.rs`: the
+//! whole-log fold, with reader and decoder threads ahead of it). Projections never append
+//! to the log.
 
 pub mod alerts;
+mod fold;
 pub mod metrics;
 pub mod product;
 pub mod publish;
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::events::{Store, StoreError};
+pub use fold::{AsOf, Decoded, FoldItem, FoldSource, fold_as_of, fold_source};
 use publish::{PublishModel, PublishSnapshot};
 
 const SNAPSHOT_NAME: &str = "publish-v1";
@@ -26,250 +29,9 @@ const SNAPSHOT_EVERY_EVENTS: u64 = 100_000;
 /// ...or this long after the last one, when anything changed.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
 
-/// Products a fold of `store` from `from` may meet, to size the model's map once: a
-/// product takes three events or more (registered, publish started, an outcome), so a
-/// quarter of the events is a generous bound; the map's untouched room costs address
-/// space, not memory.
-fn product_estimate(store: &Store, from: u64) -> usize {
-    (store.event_count().saturating_sub(from) / 4) as usize
-}
-
-/// A product fact as decoded from an event (see [`product::ProductEvent::decode`]).
-pub type Decoded = Result<Option<product::ProductEvent>, String>;
-
-/// An event as the fold sees it, with its product fact decoded. The payload and metadata
-/// bytes are gone; what is left is enough for [`PublishModel::apply_decoded`].
-pub type FoldItem = Result<(crate::events::RecordedEvent, Decoded), StoreError>;
-
-/// Where a fold reads its events.
-pub enum FoldSource {
-    /// A ledger this process holds, from a position: records are read in place.
-    Store(Store, u64),
-    /// Records from anywhere (an export file, a server over HTTP), in position order.
-    Records(Box<dyn Iterator<Item = Result<crate::events::RecordedEvent, StoreError>> + Send>),
-}
-
-/// One record from any source, decoded for the fold.
-fn decode_record(item: Result<crate::events::RecordedEvent, StoreError>) -> FoldItem {
-    item.map(|mut e| {
-        let d = product::ProductEvent::decode(&e);
-        e.data = Vec::new();
-        e.metadata = Vec::new();
-        (e, d)
-    })
-}
-
-/// One stored record, decoded for the fold from its bytes in place: only a product
-/// event's stream name (and a poison event's type) is copied out.
-fn decode_raw(item: Result<crate::events::RawRecord, StoreError>) -> FoldItem {
-    let raw = item?;
-    let r = raw.view()?;
-    let d = product::ProductEvent::decode_view(&r);
-    let e = crate::events::RecordedEvent {
-        event_id: r.event_id,
-        stream_id: if matches!(d, Ok(None)) {
-            String::new()
-        } else {
-            r.stream_id.to_string()
-        },
-        revision: r.revision,
-        position: r.position,
-        // Only a poison event needs its type copied (the fold names it when it parks
-        // it); a decoded fact knows its own (`ProductEvent::type_name`).
-        event_type: if d.is_err() {
-            r.event_type.to_string()
-        } else {
-            String::new()
-        },
-        event_version: r.event_version,
-        data: Vec::new(),
-        metadata: Vec::new(),
-        created_micros: r.created_micros,
-        checksum: 0,
-    };
-    Ok((e, d))
-}
-
-/// Feeds every event of `source`, product facts decoded, to `f` in position order; `f`
-/// returns `false` to stop early. The fold is one thread by nature; reading and decoding
-/// (most of the work) run ahead of it on two decoder threads fed by a reader thread, batch
-/// by batch in turn, so order is kept. Each batch goes back to the decoder that made it to
-/// be freed there: the allocator frees fastest on the thread that allocated.
-pub fn fold_source(
-    source: FoldSource,
-    f: impl FnMut(&crate::events::RecordedEvent, Decoded) -> bool,
-) -> Result<(), StoreError> {
-    match source {
-        FoldSource::Store(store, from) => fold_parallel(store.raw_from(from), decode_raw, f),
-        FoldSource::Records(records) => fold_parallel(records, decode_record, f),
-    }
-}
-
-fn fold_parallel<T, I>(
-    items: I,
-    decode: fn(Result<T, StoreError>) -> FoldItem,
-    mut f: impl FnMut(&crate::events::RecordedEvent, Decoded) -> bool,
-) -> Result<(), StoreError>
-where
-    T: Send + 'static,
-    I: Iterator<Item = Result<T, StoreError>> + Send + 'static,
-{
-    use std::sync::mpsc::{channel, sync_channel};
-    const BATCH: usize = 2048;
-    const DECODERS: usize = 2;
-    let spawn = |name: String, work: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(work)
-            .map_err(|e| StoreError::Task(format!("starting a fold thread: {e}")))
-    };
-    let mut raw_txs = Vec::new();
-    let mut out_rxs = Vec::new();
-    let mut back_txs = Vec::new();
-    let mut threads = Vec::new();
-    for d in 0..DECODERS {
-        let (raw_tx, raw_rx) = sync_channel::<Vec<Result<T, StoreError>>>(4);
-        let (out_tx, out_rx) = sync_channel::<Vec<FoldItem>>(4);
-        let (back_tx, back_rx) = channel::<Vec<FoldItem>>();
-        threads.push(spawn(
-            format!("fold-decode-{d}"),
-            Box::new(move || {
-                for raw in raw_rx {
-                    let decoded: Vec<FoldItem> = raw.into_iter().map(decode).collect();
-                    if out_tx.send(decoded).is_err() {
-                        break;
-                    }
-                    while let Ok(used) = back_rx.try_recv() {
-                        drop(used);
-                    }
-                }
-                drop(out_tx);
-                for used in back_rx {
-                    drop(used);
-                }
-            }),
-        )?);
-        raw_txs.push(raw_tx);
-        out_rxs.push(out_rx);
-        back_txs.push(back_tx);
-    }
-    threads.push(spawn(
-        "fold-read".into(),
-        Box::new(move || {
-            let mut items = items;
-            for turn in 0usize.. {
-                let mut batch = Vec::with_capacity(BATCH);
-                let mut failed = false;
-                for item in items.by_ref() {
-                    failed = item.is_err();
-                    batch.push(item);
-                    if batch.len() == BATCH || failed {
-                        break;
-                    }
-                }
-                let last = batch.len() < BATCH || failed;
-                if batch.is_empty() || raw_txs[turn % DECODERS].send(batch).is_err() || last {
-                    break;
-                }
-            }
-        }),
-    )?);
-    let mut result = Ok(());
-    'batches: for turn in 0usize.. {
-        let Ok(mut batch) = out_rxs[turn % DECODERS].recv() else {
-            break;
-        };
-        for item in batch.iter_mut() {
-            match item {
-                Ok((e, d)) => {
-                    let d = std::mem::replace(d, Ok(None));
-                    if !f(e, d) {
-                        break 'batches;
-                    }
-                }
-                Err(e) => {
-                    result = Err(std::mem::replace(e, StoreError::Closed));
-                    break 'batches;
-                }
-            }
-        }
-        let _ = back_txs[turn % DECODERS].send(batch);
-    }
-    drop(out_rxs);
-    drop(back_txs);
-    // A thread that panicked ended its channel early: what was folded is not the whole
-    // log, and must not pass for it.
-    let mut panicked = false;
-    for t in threads {
-        panicked |= t.join().is_err();
-    }
-    if panicked && result.is_ok() {
-        return Err(StoreError::Task(
-            "a thread reading the log failed; the fold is incomplete".into(),
-        ));
-    }
-    result
-}
-
 /// Completes once a shutdown watch turns true (or its sender is gone).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-/// Where an as-of question stops: at a log position, or at a time (the last position whose
-/// commit time is at or before it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AsOf {
-    Position(u64),
-    /// Microseconds since the epoch, UTC.
-    Time(i64),
-    /// The whole log (a rebuild).
-    End,
-}
-
-/// The read model as it stood at `as_of`, folded from `events` (any source, in position
-/// order), with the position it corresponds to (`None`: before the first event) and the
-/// time at which its time windows are evaluated (the as-of time, or the commit time of
-/// the position asked for).
-pub fn fold_as_of(
-    events: FoldSource,
-    as_of: AsOf,
-    max_attempts: u32,
-) -> Result<(PublishModel, Option<u64>, i64), StoreError> {
-    let mut model = PublishModel::new(max_attempts);
-    if let FoldSource::Store(store, from) = &events {
-        model.reserve(product_estimate(store, *from));
-    }
-    let mut at = None;
-    let mut now = match as_of {
-        AsOf::Time(t) => t,
-        AsOf::Position(_) | AsOf::End => i64::MIN,
-    };
-    fold_source(events, |e, decoded| {
-        let past = match as_of {
-            AsOf::Position(p) => e.position > p,
-            AsOf::Time(t) => e.created_micros > t,
-            AsOf::End => false,
-        };
-        if past {
-            return false;
-        }
-        model.apply_decoded(e, decoded);
-        at = Some(e.position);
-        if !matches!(as_of, AsOf::Time(_)) {
-            now = e.created_micros;
-        }
-        true
-    })?;
-    if let AsOf::Position(p) = as_of
-        && at != Some(p)
-    {
-        return Err(StoreError::InvalidInput(format!(
-            "position {p} is past the end of the log (last: {})",
-            at.map_or("none".to_string(), |a| a.to_string())
-        )));
-    }
-    Ok((model, at, now))
 }
 
 struct Shared {
