@@ -6,6 +6,26 @@
 //! [`fold_as_of`] folds up to any position or time for as-of questions (`fold.rs`: the
 //! whole-log fold, with reader and decoder threads ahead of it). Projections never append
 //! to the log.
+//!
+//! The snapshot is one value, `publish-v1`, in the store's `snapshots` tree: the 8-byte
+//! fingerprint `PublishSnapshot::format()` (derived from the type, so a change of its
+//! fields changes it), then the bincode encoding. It is used only when the fingerprint
+//! matches, the checkpoint inside it agrees with the stored one and lies within the
+//! durable log; otherwise the model is replayed from position 0. A loaded snapshot is
+//! re-indexed for the current `max_attempts`. Readers take the model under a std
+//! `RwLock`, never held across an `.await`; code that appended and wants to read its write
+//! calls `wait_for(position)`. A rebuild folds the log outside the lock, then under the
+//! write lock folds what arrived meanwhile and swaps the new model in.
+//!
+//! Tunable numbers: a snapshot is saved after 100,000 events folded
+//! (`SNAPSHOT_EVERY_EVENTS`), or once 300 s have passed since the last and something
+//! changed (`SNAPSHOT_EVERY`, checked as events arrive); also at shutdown (unless the saved
+//! one is current), after a rebuild, and after an open that caught up 100,000 events or
+//! more. A failed subscription is retried after 1 s. In `fold.rs`, one reader and two
+//! decoder threads feed the fold in batches of 2,048 events; in `publish.rs`, the model
+//! keeps the first 1,000 parked events (all are counted); in `status.rs`, a product counts
+//! as stuck after 24 h in staging or 30 min publishing (the defaults of `StuckRule`; the
+//! second is `[publish] stuck_publishing_min`).
 
 pub mod alerts;
 mod fold;

@@ -23,6 +23,20 @@
 //! Readers only see events up to the durable head: an event becomes visible after the
 //! batch holding it has been flushed and `fdatasync`ed, at the moment its writers are
 //! acknowledged. So nothing a projection folds can vanish in a crash.
+//!
+//! A failed sync (the flush, the `fdatasync`, or the fsync of a new sled blob file)
+//! poisons the store: every later append is refused until a restart. A second tree,
+//! `snapshots`, holds one value per projection: a format byte, the checkpoint plus one
+//! (u64 big-endian, 0 for none), then the projection's bytes, so a snapshot and its
+//! checkpoint cannot disagree. It is not part of the log; `verify` ignores it.
+//!
+//! Tunable numbers: a payload (`data` or `metadata`) is at most 64 KiB
+//! (`MAX_PAYLOAD_BYTES`), an append request at most 1,000 events (`MAX_BATCH_EVENTS`);
+//! the writer takes queued requests into one group commit while it holds fewer than 4,096
+//! events (`MAX_COMMIT_EVENTS`); a log chunk is filled while it stays under 64 KiB
+//! (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk of its own); a
+//! catch-up subscription reads history 1,024 events a page (`subscription.rs`); sled's
+//! page cache is 1 GiB (`Store::open`).
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -56,13 +70,13 @@ use writer::{Reply, Ticket, Writer};
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Most events one group commit writes.
 const MAX_COMMIT_EVENTS: usize = 4096;
-/// Most events one append request may carry.
 /// What the store keeps in a ledger folder: the owner's lock and the sled database. No
 /// other root may lie there.
 pub const LOCK_FILE: &str = "contimg.lock";
 pub const LOG_DIR: &str = "log";
 pub const STORE_ENTRIES: &[&str] = &[LOCK_FILE, LOG_DIR];
 
+/// Most events one append request may carry.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,6 +5,27 @@
 //! Decide, then apply: every event comes from [`decide::decide`], a pure function of the
 //! product's state, the command and the time; this module reads the stream, moves files
 //! ([`crate::pipeline::moves`]) and appends around it.
+//!
+//! A publish, in order: decide from the product's stream as it stands (the read model only
+//! nominates: the due set for `run_auto`, the failed set for `retry_all`, the publishing
+//! set for `recover`); take the lock, `PublishStarted` at `Exact(revision)` (an operator
+//! retry appends `RetryRequested` in the same append); move the files on a blocking
+//! thread; record `PublishSucceeded` or `PublishFailed` at `Exact` on the revision after
+//! `PublishStarted` (a move cut short by a shutdown waits no backoff). `recover` runs
+//! before the server serves: it removes the temporary copies in `PRODUCTS/.contimg-tmp`,
+//! then settles every product left `publishing`.
+//!
+//! Tunable numbers: the defaults of `PublishConfig::new` (and of `[publish]` in
+//! `config.rs`) are 3 attempts, waits of 60, 300 and 1500 s before automatic retries (the
+//! last one repeats) and 3600 s for one publish. In this module: `run_auto` takes at most
+//! 64 due ids per round, then waits for the read model to change or 250 ms; a product's
+//! stream is read 1,000 events a page (`LOAD_PAGE`); after an append the publisher waits
+//! at most 5 s for the read model to fold it; a registration spends at most 3600 s hashing
+//! the staged product (`REGISTER_HASH_LIMIT`); `data_type` and the QA and validation words
+//! are at most 64 characters. In `moves.rs`: files are read 1 MiB at a time between looks
+//! at the time limit and the shutdown flag (`CHUNK`), and a name taken by another product
+//! gets `_1` to `_99` before its extension. An error is cut to 500 characters
+//! (`MAX_ERROR_CHARS` in `projections/product.rs`).
 
 pub mod decide;
 

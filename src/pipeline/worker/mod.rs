@@ -12,6 +12,24 @@
 //! stream. Several workers on one ledger therefore never do the same work twice. After
 //! every append the worker folds the log (its own events and anyone else's) into
 //! [`PipelineState`]; that fold is the only thing it decides from.
+//!
+//! `run` first settles this host's interrupted stages (`recover`), then runs two loops
+//! over one `PipelineState` behind a tokio `Mutex`: ingest (`ingest_once`, every
+//! `poll_interval_s`: scan the incoming folder against the fold, append the facts, then a
+//! `GroupFormed` per complete observation) and work (`step`: catch up, take one unit from
+//! `next_work`, do it). Decisions take the time from the `Clock` in [`PipelineConfig`], so
+//! a test moves the time instead of sleeping. `PipelineState` is not a projection: it has
+//! no snapshot and is folded from position 0 at every start.
+//!
+//! Tunable numbers (the configuration's own defaults are in `config.rs`): when nothing is
+//! due, `step` sleeps until the earliest retry time or for `poll_interval_s`, whichever is
+//! sooner, and `run` waits as long after a failed step; work that fails without an event
+//! of its own (staging a product, say) is held back for the poll interval doubled per
+//! failure (the exponent capped at 12), at most 5 min, while the rest goes on; ingest
+//! appends at most 500 facts per append; over HTTP the fold reads `$all` 1,000 events a
+//! page; a worker names itself `host:pid:` and 8 hex digits in every `StageStarted` it
+//! appends; simulated tiles take declination 71.6 degrees when the subband files carry
+//! none; the fold keeps the first 100 parked events (`ParkedEvents::KEPT`; all counted).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
