@@ -41,6 +41,34 @@ fn still_there(files: &[(PathBuf, Vec<u8>)]) {
     }
 }
 
+/// A ledger folder in a fresh temporary folder, its server's configuration, and its
+/// stage root, created.
+fn layout() -> (tempfile::TempDir, PathBuf, ServerConfig, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("var");
+    let config = ServerConfig::under(&ledger);
+    let stage = config.publish.stage_root.clone();
+    std::fs::create_dir_all(&stage).unwrap();
+    (dir, ledger, config, stage)
+}
+
+/// Registers a staged image (`path` relative to the stage root), without automatic
+/// publishing; the status code.
+async fn register(
+    c: &reqwest::Client,
+    server: &TestServer,
+    id: &str,
+    path: impl AsRef<str>,
+) -> u16 {
+    c.post(server.url("/api/products"))
+        .json(&json!({"data_id": id, "data_type": "image", "stage_path": path.as_ref(), "auto_publish": false}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 fn event(ty: &str, data: Value) -> Value {
     json!({"eventId": uuid::Uuid::new_v4().to_string(), "eventType": ty, "data": data, "metadata": {}})
 }
@@ -168,21 +196,11 @@ async fn a_product_registered_outside_the_stage_root_is_never_moved() {
 /// it finds no copy, deletes nothing, and records an interrupted failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_destination_makes_recovery_delete_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("var");
-    let config = ServerConfig::under(&ledger);
-    let stage = config.publish.stage_root.clone();
-    std::fs::create_dir_all(&stage).unwrap();
+    let (_dir, ledger, config, stage) = layout();
     std::fs::write(stage.join("empty.fits"), b"").unwrap();
     let server = TestServer::start_with(&ledger, config.clone()).await;
     let c = reqwest::Client::new();
-    let r = c
-        .post(server.url("/api/products"))
-        .json(&json!({"data_id": "e", "data_type": "image", "stage_path": "empty.fits", "auto_publish": false}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(register(&c, &server, "e", "empty.fits").await, 201);
     server.stop().await;
     append_offline(
         &ledger,
@@ -220,23 +238,13 @@ async fn a_forged_destination_makes_recovery_delete_nothing() {
 /// (which cleans temporaries) leaves it alone: temporaries have a folder of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_product_named_like_a_temporary_survives_restarts() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("var");
-    let config = ServerConfig::under(&ledger);
-    let stage = config.publish.stage_root.clone();
-    std::fs::create_dir_all(&stage).unwrap();
+    let (_dir, ledger, config, stage) = layout();
     let name = ".contimg-tmp-0000-x.fits";
     let bytes = vec![5u8; 3000];
     std::fs::write(stage.join(name), &bytes).unwrap();
     let server = TestServer::start_with(&ledger, config.clone()).await;
     let c = reqwest::Client::new();
-    let r = c
-        .post(server.url("/api/products"))
-        .json(&json!({"data_id": "t", "data_type": "image", "stage_path": name, "auto_publish": false}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(register(&c, &server, "t", name).await, 201);
     let r = c
         .post(server.url("/api/products/t/publish"))
         .send()
@@ -317,23 +325,13 @@ fn a_fifo_blocks_neither_the_publisher_nor_the_shutdown() {
 /// leaves the staged file and no temporary behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_past_its_time_limit_is_cut_short() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("var");
-    let mut config = ServerConfig::under(&ledger);
+    let (_dir, ledger, mut config, stage) = layout();
     config.publish.timeout = Duration::from_nanos(1);
-    let stage = config.publish.stage_root.clone();
-    std::fs::create_dir_all(&stage).unwrap();
     let bytes = vec![3u8; 3 << 20];
     std::fs::write(stage.join("slow.fits"), &bytes).unwrap();
     let server = TestServer::start_with(&ledger, config).await;
     let c = reqwest::Client::new();
-    let r = c
-        .post(server.url("/api/products"))
-        .json(&json!({"data_id": "slow", "data_type": "image", "stage_path": "slow.fits", "auto_publish": false}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(register(&c, &server, "slow", "slow.fits").await, 201);
     let r = c
         .post(server.url("/api/products/slow/publish"))
         .send()
@@ -669,21 +667,11 @@ async fn as_of_replays_are_bounded() {
 /// is the whole history's, so its `Exact` append lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_product_with_a_long_history_still_publishes() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("var");
-    let config = ServerConfig::under(&ledger);
-    let stage = config.publish.stage_root.clone();
-    std::fs::create_dir_all(&stage).unwrap();
+    let (_dir, ledger, config, stage) = layout();
     std::fs::write(stage.join("long.fits"), b"long history").unwrap();
     let server = TestServer::start_with(&ledger, config.clone()).await;
     let c = reqwest::Client::new();
-    let r = c
-        .post(server.url("/api/products"))
-        .json(&json!({"data_id": "long", "data_type": "image", "stage_path": "long.fits", "auto_publish": false}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(register(&c, &server, "long", "long.fits").await, 201);
     server.stop().await;
     let verdicts: Vec<ProductFinalized> = (0..2500)
         .map(|i| ProductFinalized {
@@ -848,22 +836,12 @@ fn a_client_that_never_reads_cannot_hold_a_slot() {
 /// records the success and removes the staged copy, which still has the checksum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_records_a_complete_copy_as_published() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("var");
-    let mut config = ServerConfig::under(&ledger);
+    let (_dir, ledger, mut config, stage) = layout();
     config.auto_publish = false;
-    let stage = config.publish.stage_root.clone();
-    std::fs::create_dir_all(&stage).unwrap();
     std::fs::write(stage.join("done.fits"), b"complete").unwrap();
     let server = TestServer::start_with(&ledger, config.clone()).await;
     let c = reqwest::Client::new();
-    let r = c
-        .post(server.url("/api/products"))
-        .json(&json!({"data_id": "done", "data_type": "image", "stage_path": "done.fits", "auto_publish": false}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(register(&c, &server, "done", "done.fits").await, 201);
     server.stop().await;
     // The crash's leftovers: the copy in place, its PublishStarted, no outcome.
     let dest = ledger.join("products/images/done.fits");

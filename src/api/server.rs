@@ -138,7 +138,18 @@ impl<T> JsonErrors<T> {
 impl<T: AsyncWrite + Unpin> JsonErrors<T> {
     /// `poll_write` of the connection, with the stall watch.
     fn write_watched(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.io).poll_write(cx, buf) {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watched(cx, r)
+    }
+
+    /// A write or flush that made no progress starts (or goes on with) the stall clock;
+    /// one that did stops it.
+    fn watched<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        match r {
             Poll::Pending => match self.stalled(cx) {
                 Poll::Ready(e) => Poll::Ready(Err(e)),
                 Poll::Pending => Poll::Pending,
@@ -199,16 +210,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         ready!(self.poll_drain(cx))?;
-        match Pin::new(&mut self.io).poll_flush(cx) {
-            Poll::Pending => match self.stalled(cx) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
-            ready => {
-                self.stall = None;
-                ready
-            }
-        }
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.watched(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
