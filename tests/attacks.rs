@@ -581,6 +581,10 @@ async fn errors_before_the_router_answer_json() {
     let cases = [
         ("GARBAGE\r\n\r\n".to_string(), "400"),
         ("GET / HTTP/1.1\r\nBad Header\r\n\r\n".to_string(), "400"),
+        (
+            "GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n".to_string(),
+            "400",
+        ),
         (long_uri, "414"),
         (big_header, "431"),
     ];
@@ -789,7 +793,16 @@ async fn a_product_cannot_hold_another_products_files() {
             .as_u16(),
         201
     );
-    for (id, path) in [("grab", "batch"), ("twin", "batch/victim.fits")] {
+    // Every spelling of the same place is the same place.
+    for (id, path) in [
+        ("grab", "batch"),
+        ("grab2", "batch/"),
+        ("grab3", "./batch"),
+        ("grab4", "batch/."),
+        ("grab5", "batch//"),
+        ("twin", "batch/victim.fits"),
+        ("twin2", "./batch/victim.fits"),
+    ] {
         let r = reg(id, path).await.unwrap();
         assert_eq!(r.status().as_u16(), 409, "{id}");
         let v: Value = r.json().await.unwrap();

@@ -110,9 +110,10 @@ fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 
 fn check_request(state: &AppState, req: &Request) -> Result<(), ApiError> {
     // HTTP/1.1 requires Host; an absolute-form target names its host too, and both count.
-    if req.version() == axum::http::Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if req.version() == axum::http::Version::HTTP_11 && hosts != 1 {
         return Err(ApiError::BadRequest(
-            "an HTTP/1.1 request needs a Host header".into(),
+            "an HTTP/1.1 request needs exactly one Host header".into(),
         ));
     }
     if state.token.is_none()
@@ -184,7 +185,7 @@ pub fn check_headers(state: &AppState, method: &Method, h: &HeaderMap) -> Result
 /// which none of these is.
 pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
     let host = host.trim();
-    let port_ok = |p: &str| p.is_empty() || (p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok = |p: &str| p.is_empty() || p.parse::<u16>().is_ok();
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split_once(']').is_some_and(|(ip, after)| {
             ip.parse::<std::net::Ipv6Addr>().is_ok()
@@ -234,6 +235,7 @@ mod tests {
             "[::1].evil.example",
             "[::1]evil.example:80",
             "127.0.0.1:80:80",
+            "127.0.0.1:99999",
             "localhost:",
             "",
         ] {

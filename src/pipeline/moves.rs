@@ -16,8 +16,9 @@
 //! Checksums: a file's is the BLAKE3 of its bytes (what `b3sum` prints); a folder's is
 //! `tree2:` and the BLAKE3 of a manifest of every entry in name order (a tag for file or
 //! folder, the relative name with its length, a file's size and bytes), so two trees of
-//! different shapes never share one. Folder checksums recorded before `tree2:` are
-//! still verified in their old form.
+//! different shapes never share one. (A folder registered before `tree2:` carries a bare
+//! checksum that no folder matches now; it must be registered again. Accepting the old
+//! form would let a folder pose as a file whose bytes spell its manifest.)
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{Read, Write};
@@ -36,6 +37,10 @@ pub const CHUNK: usize = 1 << 20;
 
 /// The prefix of a folder's checksum in the manifest form.
 const TREE: &str = "tree2:";
+
+/// Deepest nesting of folders read below a staged product: deeper is refused (a walk
+/// holds one open folder per level, and a tree is never followed without a bound).
+pub const MAX_DEPTH: usize = 64;
 
 /// A failed move, and whether trying again later may help.
 #[derive(Debug)]
@@ -113,6 +118,11 @@ impl Budget<'_> {
         };
         Err(std::io::Error::other(stop))
     }
+}
+
+/// Whether an error is a [`Budget`] stop (shutdown or time limit).
+fn is_stop(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<Stopped>())
 }
 
 fn invalid(msg: String) -> std::io::Error {
@@ -399,7 +409,6 @@ fn mode_name(mode: u32) -> &'static str {
 /// its size, and the identity of every entry, for removing exactly those.
 pub struct Walked {
     pub checksum: String,
-    legacy: Option<String>,
     pub size: u64,
     tree: Node,
 }
@@ -410,21 +419,20 @@ enum Node {
 }
 
 impl Walked {
-    /// Whether this is what `recorded` names (a folder recorded before `tree2:` is
-    /// compared in its old form).
+    /// Whether this is what `recorded` names. A file's checksum never equals a folder's
+    /// (`tree2:` prefix), so a file swapped for a folder, or back, never matches.
     pub fn matches(&self, recorded: &str) -> bool {
-        self.checksum == recorded || self.legacy.as_deref() == Some(recorded)
+        self.checksum == recorded
     }
 }
 
 /// Reads the product `name` in `parent` (a file or a folder of regular files and
 /// folders), hashing it and, when `to` is given, copying it there under `to_name` with
-/// every file and folder fsynced. `legacy`: also compute a folder's pre-`tree2:` checksum.
+/// every file and folder fsynced.
 fn walk(
     parent: &Dir,
     name: &OsStr,
     to: Option<(&Dir, &OsStr)>,
-    legacy: bool,
     budget: &Budget,
 ) -> std::io::Result<Walked> {
     let st = parent.stat(name)?.ok_or_else(|| {
@@ -445,7 +453,6 @@ fn walk(
             }
             Ok(Walked {
                 checksum: hasher.finalize().to_hex().to_string(),
-                legacy: None,
                 size,
                 tree: Node::File(id),
             })
@@ -458,17 +465,15 @@ fn walk(
             };
             let mut w = Hashers {
                 tree: blake3::Hasher::new(),
-                legacy: legacy.then(blake3::Hasher::new),
                 size: 0,
                 buf,
             };
-            let children = walk_dir(&dir, out.as_ref(), Path::new(""), &mut w, budget)?;
+            let children = walk_dir(&dir, out.as_ref(), Path::new(""), &mut w, budget, 1)?;
             if let Some(o) = &out {
                 o.sync()?;
             }
             Ok(Walked {
                 checksum: format!("{TREE}{}", w.tree.finalize().to_hex()),
-                legacy: w.legacy.map(|h| h.finalize().to_hex().to_string()),
                 size: w.size,
                 tree: Node::Dir(st_id(&st), children),
             })
@@ -489,7 +494,6 @@ impl Dir {
 
 struct Hashers {
     tree: blake3::Hasher,
-    legacy: Option<blake3::Hasher>,
     size: u64,
     buf: Vec<u8>,
 }
@@ -500,7 +504,14 @@ fn walk_dir(
     rel: &Path,
     h: &mut Hashers,
     budget: &Budget,
+    depth: usize,
 ) -> std::io::Result<Vec<(OsString, Node)>> {
+    if depth > MAX_DEPTH {
+        return Err(invalid(format!(
+            "{} is nested deeper than {MAX_DEPTH} folders",
+            dir.path.display()
+        )));
+    }
     let mut nodes = Vec::new();
     for name in dir.names()? {
         budget.check()?;
@@ -525,7 +536,7 @@ fn walk_dir(
                     Some(o) => Some(o.make_new_sub(&name)?),
                     None => None,
                 };
-                let children = walk_dir(&sub, sub_out.as_ref(), &path, h, budget)?;
+                let children = walk_dir(&sub, sub_out.as_ref(), &path, h, budget, depth + 1)?;
                 if let Some(o) = &sub_out {
                     o.sync()?;
                 }
@@ -538,16 +549,8 @@ fn walk_dir(
                 h.tree.update(&(bytes.len() as u64).to_le_bytes());
                 h.tree.update(bytes);
                 h.tree.update(&size.to_le_bytes());
-                if let Some(l) = &mut h.legacy {
-                    l.update(bytes);
-                    l.update(&[0]);
-                }
                 let mut to = out.map(|o| o.create_file(&name)).transpose()?;
-                let mut tee = Tee {
-                    a: &mut h.tree,
-                    b: h.legacy.as_mut(),
-                };
-                let n = copy_chunks(&mut from, to.as_mut(), &mut tee, &mut h.buf, budget)?;
+                let n = copy_chunks(&mut from, to.as_mut(), &mut h.tree, &mut h.buf, budget)?;
                 if n != size {
                     return Err(std::io::Error::other(format!(
                         "{} changed size while it was read",
@@ -566,34 +569,10 @@ fn walk_dir(
     Ok(nodes)
 }
 
-trait Update {
-    fn update(&mut self, b: &[u8]);
-}
-
-impl Update for blake3::Hasher {
-    fn update(&mut self, b: &[u8]) {
-        blake3::Hasher::update(self, b);
-    }
-}
-
-struct Tee<'a> {
-    a: &'a mut blake3::Hasher,
-    b: Option<&'a mut blake3::Hasher>,
-}
-
-impl Update for Tee<'_> {
-    fn update(&mut self, bytes: &[u8]) {
-        self.a.update(bytes);
-        if let Some(b) = &mut self.b {
-            b.update(bytes);
-        }
-    }
-}
-
 fn copy_chunks(
     from: &mut std::fs::File,
     mut to: Option<&mut std::fs::File>,
-    hasher: &mut impl Update,
+    hasher: &mut blake3::Hasher,
     buf: &mut [u8],
     budget: &Budget,
 ) -> std::io::Result<u64> {
@@ -644,15 +623,26 @@ fn remove_walked(parent: &Dir, name: &OsStr, node: &Node) -> std::io::Result<()>
     }
 }
 
-/// Removes everything below `dir` (used only on temporary copies of our own making).
+/// Removes `name` and everything below it (used only on copies of our own making, which
+/// are never deeper than [`MAX_DEPTH`]; anything deeper is left in place).
 fn remove_all(parent: &Dir, name: &OsStr) -> std::io::Result<()> {
+    remove_below(parent, name, 0)
+}
+
+fn remove_below(parent: &Dir, name: &OsStr, depth: usize) -> std::io::Result<()> {
     let Some(st) = parent.stat(name)? else {
         return Ok(());
     };
     if st_kind(&st) == libc::S_IFDIR {
+        if depth > MAX_DEPTH {
+            return Err(invalid(format!(
+                "{} is nested deeper than {MAX_DEPTH} folders; left in place",
+                parent.path.join(name).display()
+            )));
+        }
         let dir = parent.sub(Path::new(name))?;
         for n in dir.names()? {
-            remove_all(&dir, &n)?;
+            remove_below(&dir, &n, depth + 1)?;
         }
         parent.unlink(name, true)
     } else {
@@ -686,6 +676,12 @@ pub fn locate(stage_root: &Path, stage_path: &str) -> std::io::Result<Located> {
     } else {
         p
     };
+    // One spelling per place: `x/`, `./x`, `x/.` and `x//` are all `x`, so that the path
+    // recorded (and compared with other products') is the same however it was written.
+    let rel: PathBuf = rel
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
     let name = rel
         .file_name()
         .ok_or_else(|| invalid(format!("{stage_path:?} names no file")))?
@@ -694,7 +690,7 @@ pub fn locate(stage_root: &Path, stage_path: &str) -> std::io::Result<Located> {
     Ok(Located {
         parent,
         name,
-        path: real_root.join(rel),
+        path: real_root.join(&rel),
     })
 }
 
@@ -706,7 +702,7 @@ pub fn checksum_staged(
     budget: &Budget,
 ) -> std::io::Result<(PathBuf, String, u64)> {
     let at = locate(stage_root, stage_path)?;
-    let w = walk(&at.parent, &at.name, None, false, budget)?;
+    let w = walk(&at.parent, &at.name, None, budget)?;
     Ok((at.path, w.checksum, w.size))
 }
 
@@ -722,12 +718,8 @@ pub fn checksum_path(path: &Path) -> std::io::Result<(String, u64)> {
         deadline: Instant::now() + std::time::Duration::from_secs(365 * 86_400),
         cancel: &cancel,
     };
-    let w = walk(&Dir::open_root(parent)?, name, None, false, &budget)?;
+    let w = walk(&Dir::open_root(parent)?, name, None, &budget)?;
     Ok((w.checksum, w.size))
-}
-
-fn is_legacy(recorded: &str) -> bool {
-    !recorded.starts_with(TREE)
 }
 
 fn suffixed(name: &str, n: u32) -> String {
@@ -788,13 +780,7 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
         .make_sub(TMP_DIR)
         .map_err(|e| MoveError::io("opening the temporary folder", e))?;
     let tmp_name = OsString::from(uuid::Uuid::new_v4().to_string());
-    let copied = walk(
-        &src.parent,
-        &src.name,
-        Some((&tmp, &tmp_name)),
-        is_legacy(expected),
-        &req.budget,
-    );
+    let copied = walk(&src.parent, &src.name, Some((&tmp, &tmp_name)), &req.budget);
     let result = (|| {
         let copied = copied.map_err(|e| {
             MoveError::io(
@@ -814,19 +800,20 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
         }
         for candidate in candidates(&name) {
             match tmp.rename_noreplace(&tmp_name, &dest, OsStr::new(&candidate)) {
-                Ok(()) => return Ok((candidate, copied)),
+                Ok(()) => return Ok((candidate, copied, true)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let same = walk(
-                        &dest,
-                        OsStr::new(&candidate),
-                        None,
-                        is_legacy(expected),
-                        &req.budget,
-                    )
-                    .is_ok_and(|w| w.matches(expected));
+                    // A shutdown or the time limit while looking is not "different": it
+                    // stops the move, rather than placing a second copy under the next name.
+                    let same = match walk(&dest, OsStr::new(&candidate), None, &req.budget) {
+                        Ok(w) => w.matches(expected),
+                        Err(e) if is_stop(&e) => {
+                            return Err(MoveError::io("comparing with an existing product", e));
+                        }
+                        Err(_) => false,
+                    };
                     if same {
                         let _ = remove_all(&tmp, &tmp_name);
-                        return Ok((candidate, copied));
+                        return Ok((candidate, copied, false));
                     }
                 }
                 Err(e) => return Err(MoveError::io("renaming into place", e)),
@@ -836,7 +823,7 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
             "100 products named like {name} already exist"
         )))
     })();
-    let (final_name, copied) = match result {
+    let (final_name, copied, ours) = match result {
         Ok(r) => r,
         Err(e) => {
             let _ = remove_all(&tmp, &tmp_name);
@@ -846,16 +833,19 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     dest.sync()
         .map_err(|e| MoveError::io("syncing the products folder", e))?;
     let _ = tmp.sync();
-    let written = walk(
-        &dest,
-        OsStr::new(&final_name),
-        None,
-        is_legacy(expected),
-        &req.budget,
-    )
-    .map_err(|e| MoveError::io("verifying the published copy", e))?;
+    // A copy this move put in place and could not verify goes again; one that was there
+    // before is somebody else's and stays.
+    let drop_ours = || {
+        if ours {
+            let _ = remove_all(&dest, OsStr::new(&final_name));
+        }
+    };
+    let written = walk(&dest, OsStr::new(&final_name), None, &req.budget).map_err(|e| {
+        drop_ours();
+        MoveError::io("verifying the published copy", e)
+    })?;
     if !written.matches(expected) {
-        let _ = remove_all(&dest, OsStr::new(&final_name));
+        drop_ours();
         return Err(MoveError::retryable(format!(
             "published copy of {} does not match its checksum",
             req.stage_path
@@ -899,9 +889,8 @@ pub fn settle_interrupted(
     let Some(checksum) = checksum else {
         return none;
     };
-    let legacy = is_legacy(checksum);
     let source = locate(stage_root, stage_path).ok().and_then(|at| {
-        let w = walk(&at.parent, &at.name, None, legacy, budget).ok()?;
+        let w = walk(&at.parent, &at.name, None, budget).ok()?;
         w.matches(checksum).then_some((at, w))
     });
     let name = Path::new(stage_path)
@@ -913,9 +902,7 @@ pub fn settle_interrupted(
         let products = Dir::open_root(products_root).ok()?;
         let dest = products.sub(Path::new(type_dir)).ok()?;
         candidates(&name)
-            .find(|c| {
-                walk(&dest, OsStr::new(c), None, legacy, budget).is_ok_and(|w| w.matches(checksum))
-            })
+            .find(|c| walk(&dest, OsStr::new(c), None, budget).is_ok_and(|w| w.matches(checksum)))
             .map(|c| dest.path.join(c))
     });
     let source_intact = source.is_some();
@@ -1181,7 +1168,7 @@ mod tests {
         std::fs::write(outside.join("a.fits"), b"outside").unwrap();
         let cancel = AtomicBool::new(false);
         let at = locate(&stage, "sub/a.fits").unwrap();
-        let w = walk(&at.parent, &at.name, None, false, &budget(&cancel)).unwrap();
+        let w = walk(&at.parent, &at.name, None, &budget(&cancel)).unwrap();
         std::fs::rename(stage.join("sub"), stage.join("sub.real")).unwrap();
         std::os::unix::fs::symlink(&outside, stage.join("sub")).unwrap();
         remove_walked(&at.parent, &at.name, &w.tree).unwrap();
@@ -1192,13 +1179,46 @@ mod tests {
         );
     }
 
+    /// Regression: a folder nested some hundreds of levels deep overflowed the stack of
+    /// the thread walking it, and the server could not start again.
+    #[test]
+    fn a_folder_nested_too_deep_is_refused_not_walked() {
+        let d = tempfile::tempdir().unwrap();
+        let mut deep = d.path().join("deep");
+        for _ in 0..MAX_DEPTH + 5 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("leaf"), b"x").unwrap();
+        let e = checksum_path(&d.path().join("deep")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("deeper than"), "{e}");
+    }
+
+    /// Regression: a file whose bytes spell a folder manifest in the old checksum form
+    /// matched that folder, so a file could be swapped for a folder and still publish.
+    #[test]
+    fn a_file_swapped_for_a_folder_never_matches() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p.fits");
+        std::fs::write(&p, b"q.fits\x00DATA").unwrap();
+        let (file_sum, _) = checksum_path(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("q.fits"), b"DATA").unwrap();
+        let cancel = AtomicBool::new(false);
+        let root = Dir::open_root(d.path()).unwrap();
+        let w = walk(&root, OsStr::new("p.fits"), None, &budget(&cancel)).unwrap();
+        assert!(!w.matches(&file_sum));
+    }
+
     #[test]
     fn a_cancelled_copy_stops_between_chunks() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("big"), vec![1u8; 4 * CHUNK]).unwrap();
         let root = Dir::open_root(dir.path()).unwrap();
         let cancel = AtomicBool::new(true);
-        let e = walk(&root, OsStr::new("big"), None, false, &budget(&cancel))
+        let e = walk(&root, OsStr::new("big"), None, &budget(&cancel))
             .err()
             .unwrap();
         let m = MoveError::io("copying", e);
@@ -1208,9 +1228,7 @@ mod tests {
             deadline: Instant::now(),
             cancel: &cancel,
         };
-        let e = walk(&root, OsStr::new("big"), None, false, &late)
-            .err()
-            .unwrap();
+        let e = walk(&root, OsStr::new("big"), None, &late).err().unwrap();
         let m = MoveError::io("copying", e);
         assert!(!m.interrupted && m.retryable, "{}", m.message);
         assert!(m.message.contains("time limit"), "{}", m.message);

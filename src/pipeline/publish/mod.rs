@@ -183,6 +183,9 @@ struct Inner {
     moves: std::sync::atomic::AtomicU64,
     /// Set at shutdown: a move in progress stops at its next chunk.
     cancel: std::sync::atomic::AtomicBool,
+    /// Registrations one at a time: the overlap check and the append it guards must see
+    /// each other's products (a tokio Mutex: held across the append).
+    registering: tokio::sync::Mutex<()>,
 }
 
 /// Checks a staged product (id, type, verdict words, a path inside the stage root),
@@ -348,6 +351,7 @@ impl Publisher {
                 config,
                 moves: std::sync::atomic::AtomicU64::new(0),
                 cancel: std::sync::atomic::AtomicBool::new(false),
+                registering: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -422,6 +426,7 @@ impl Publisher {
     /// Registers a staged product. `Ok(true)` when new, `Ok(false)` for an identical repeat.
     pub async fn register(&self, req: Registration) -> Result<(ProductState, bool), PublishError> {
         let id = req.data_id.clone();
+        let _one_at_a_time = self.inner.registering.lock().await;
         let projections = self.inner.projections.clone();
         let (created, position) = register_checked(
             &self.inner.ledger,
