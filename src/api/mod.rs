@@ -199,11 +199,14 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let follower = tokio::spawn(state.projections.clone().run(stop_rx.clone()));
+    // The publisher stops at the signal; the read model follows the log until the
+    // publisher is done, so its last outcomes are folded and nobody waits on a stopped fold.
+    let (stop_pub_tx, stop_pub_rx) = tokio::sync::watch::channel(false);
+    let (stop_fold_tx, stop_fold_rx) = tokio::sync::watch::channel(false);
+    let follower = tokio::spawn(state.projections.clone().run(stop_fold_rx));
     let publisher = state
         .auto_publish
-        .then(|| tokio::spawn(state.publisher.clone().run_auto(stop_rx)));
+        .then(|| tokio::spawn(state.publisher.clone().run_auto(stop_pub_rx)));
     let store = state.store.clone();
     let limits = server::ConnLimits {
         header_timeout: state.limits.header_timeout,
@@ -213,21 +216,27 @@ pub async fn run(
     };
     let deadline = state.limits.shutdown_deadline;
     let moves = state.publisher.clone();
-    let stopping = stop_tx.clone();
+    let stopping = stop_pub_tx.clone();
+    // One deadline, counted from the signal, for the requests and the publish in flight.
+    let signalled = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let signal_time = signalled.clone();
     let shutdown = async move {
         shutdown.await;
+        let _ = signal_time.set(Instant::now());
         let _ = stopping.send(true);
         moves.interrupt();
     };
     server::serve(listener, app(state), limits, shutdown).await;
-    let _ = stop_tx.send(true);
+    let _ = stop_pub_tx.send(true);
+    let left = deadline.saturating_sub(signalled.get().map_or(Duration::ZERO, |t| t.elapsed()));
     if let Some(p) = publisher
-        && tokio::time::timeout(deadline, p).await.is_err()
+        && tokio::time::timeout(left, p).await.is_err()
     {
         tracing::warn!(
             "a publish was still running at the shutdown deadline; recovery settles it at the next start"
         );
     }
+    let _ = stop_fold_tx.send(true);
     let _ = follower.await;
     tokio::task::spawn_blocking(move || store.close())
         .await

@@ -182,7 +182,7 @@ struct Inner {
     /// Counts real file moves, for tests and metrics.
     moves: std::sync::atomic::AtomicU64,
     /// Set at shutdown: a move in progress stops at its next chunk.
-    cancel: std::sync::atomic::AtomicBool,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
     /// Registrations one at a time: the overlap check and the append it guards must see
     /// each other's products (a tokio Mutex: held across the append).
     registering: tokio::sync::Mutex<()>,
@@ -199,7 +199,7 @@ pub async fn register_product(
     req: Registration,
     actor: &str,
 ) -> Result<(bool, Option<u64>), PublishError> {
-    register_checked(ledger, stage_root, req, actor, |_| None).await
+    register_checked(ledger, stage_root, req, actor, Arc::default(), |_| None).await
 }
 
 /// [`register_product`], with `overlap` asked, once the staged path is resolved, for an
@@ -209,6 +209,7 @@ async fn register_checked(
     stage_root: &Path,
     req: Registration,
     actor: &str,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
     overlap: impl Fn(&str) -> Option<String>,
 ) -> Result<(bool, Option<u64>), PublishError> {
     paths::validate_data_id(&req.data_id)?;
@@ -233,7 +234,6 @@ async fn register_checked(
     let stage_root = stage_root.to_path_buf();
     let stage_path = req.stage_path.clone();
     let (real, checksum, size) = tokio::task::spawn_blocking(move || {
-        let cancel = std::sync::atomic::AtomicBool::new(false);
         let budget = Budget {
             deadline: Instant::now() + REGISTER_HASH_LIMIT,
             cancel: &cancel,
@@ -350,7 +350,7 @@ impl Publisher {
                 projections,
                 config,
                 moves: std::sync::atomic::AtomicU64::new(0),
-                cancel: std::sync::atomic::AtomicBool::new(false),
+                cancel: Arc::default(),
                 registering: tokio::sync::Mutex::new(()),
             }),
         })
@@ -433,6 +433,7 @@ impl Publisher {
             &self.inner.config.stage_root,
             req,
             "register",
+            self.inner.cancel.clone(),
             |path| {
                 projections.read(|m| {
                     m.unpublished_overlapping(path, &id)
