@@ -459,3 +459,166 @@ impl PublishModel {
         m
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::catalogue::{
+        DomainEvent, EventMetadata, ProductRegistered, PublishFailed, PublishStarted,
+        PublishSucceeded, RetryRequested,
+    };
+
+    const T0: i64 = 1_796_000_000_000_000;
+    const SEC: i64 = 1_000_000;
+
+    /// The log being given, one event at a time, with positions and revisions kept.
+    struct Given {
+        model: PublishModel,
+        next: u64,
+        heads: HashMap<String, u64>,
+    }
+
+    impl Given {
+        fn new() -> Self {
+            Given {
+                model: PublishModel::new(3),
+                next: 0,
+                heads: HashMap::new(),
+            }
+        }
+
+        fn event<E: DomainEvent>(&mut self, id: &str, e: E, at: i64) -> &mut Self {
+            let stream = format!("product-{id}");
+            let revision = self.heads.get(&stream).map_or(0, |h| h + 1);
+            self.heads.insert(stream.clone(), revision);
+            let p = e.to_proposed(&EventMetadata::actor("test"));
+            let r = RecordedEvent {
+                event_id: p.event_id,
+                stream_id: stream,
+                revision,
+                position: self.next,
+                event_type: p.event_type,
+                event_version: p.event_version,
+                data: p.data,
+                metadata: p.metadata,
+                created_micros: at,
+                checksum: 0,
+            };
+            self.next += 1;
+            self.model.apply(&r);
+            self
+        }
+
+        fn registered(&mut self, id: &str, at: i64) -> &mut Self {
+            let r = ProductRegistered {
+                data_id: id.into(),
+                data_type: "image".into(),
+                stage_path: format!("/stage/{id}.fits"),
+                checksum: Some("c".into()),
+                size_bytes: Some(1),
+                qa_status: Some("passed".into()),
+                validation_status: Some("validated".into()),
+                auto_publish: true,
+                metadata: Default::default(),
+            };
+            self.event(id, r, at)
+        }
+
+        fn attempt(&mut self, id: &str, n: u32, at: i64, next_retry: Option<i64>) -> &mut Self {
+            let started = PublishStarted {
+                attempt: n,
+                destination: "/p".into(),
+                trigger: "auto".into(),
+            };
+            self.event(id, started, at);
+            let failed = PublishFailed {
+                attempt: n,
+                error: "disk full".into(),
+                retryable: true,
+                interrupted: false,
+                next_retry_at: next_retry.map(|t| {
+                    crate::events::record::format_time(crate::events::record::micros_to_datetime(t))
+                }),
+            };
+            self.event(id, failed, at)
+        }
+    }
+
+    fn ids(v: Vec<&ProductState>) -> Vec<&str> {
+        v.into_iter().map(|p| p.data_id.as_str()).collect()
+    }
+
+    /// Given products staged, failed once, failed three times and published, then the
+    /// counters, the failed list (most attempts first, then oldest), the staging and
+    /// publishing indexes and the due set are what those histories say; and they follow a
+    /// retry and a success.
+    #[test]
+    fn every_index_follows_each_event() {
+        let mut g = Given::new();
+        g.registered("new", T0)
+            .registered("once", T0 + SEC)
+            .registered("thrice", T0 + 2 * SEC)
+            .registered("done", T0 + 3 * SEC);
+        g.attempt("once", 1, T0 + 10 * SEC, Some(T0 + 70 * SEC));
+        for n in 1..=3 {
+            g.attempt(
+                "thrice",
+                n,
+                T0 + (10 + n as i64) * SEC,
+                (n < 3).then_some(T0),
+            );
+        }
+        g.event(
+            "done",
+            PublishStarted {
+                attempt: 1,
+                destination: "/p".into(),
+                trigger: "auto".into(),
+            },
+            T0 + 20 * SEC,
+        );
+        let m = &g.model;
+        let c = m.counts();
+        assert_eq!((c.staging, c.publishing, c.published), (3, 1, 0));
+        assert_eq!((c.failed, c.max_attempts_exceeded), (2, 1));
+        assert_eq!(ids(m.failed(None, 10)), ["thrice", "once"]);
+        assert_eq!(ids(m.failed(Some(3), 10)), ["once"], "below 3 attempts");
+        assert_eq!(ids(m.stuck_staging(T0 + 2 * SEC)), ["new", "once"]);
+        assert_eq!(ids(m.publishing()), ["done"]);
+        assert_eq!(
+            m.due(T0 + 69 * SEC, 10),
+            ["new"],
+            "once waits for its retry time"
+        );
+        assert_eq!(m.due(T0 + 70 * SEC, 10), ["new", "once"]);
+        assert_eq!(m.failures_within(T0 + 20 * SEC, 3_600 * SEC), 4);
+
+        // An operator retry of the exhausted one, and a success.
+        g.event(
+            "thrice",
+            RetryRequested {
+                actor: Some("operator".into()),
+                reason: None,
+            },
+            T0 + 30 * SEC,
+        );
+        g.event(
+            "done",
+            PublishSucceeded {
+                published_path: "/p/done.fits".into(),
+                checksum: Some("c".into()),
+                duration_ms: 1,
+                recovered: false,
+            },
+            T0 + 31 * SEC,
+        );
+        let m = &g.model;
+        let c = m.counts();
+        assert_eq!((c.staging, c.publishing, c.published), (3, 0, 1));
+        assert_eq!((c.failed, c.max_attempts_exceeded), (1, 0));
+        assert_eq!(ids(m.failed(None, 10)), ["once"]);
+        assert!(m.publishing().is_empty());
+        assert_eq!(m.due(T0 + 70 * SEC, 10), ["new", "thrice", "once"]);
+        assert_eq!(m.success_rate_percent(), 50.0);
+    }
+}
