@@ -87,6 +87,15 @@ fn registered(id: &str, stage_path: &Path, checksum: Option<String>) -> ProductR
     }
 }
 
+/// A registration of a staged image as the publisher writes it (checksum included).
+fn registered_image(id: &str, stage_path: &Path) -> ProductRegistered {
+    ProductRegistered {
+        data_type: "image".into(),
+        checksum: Some("0".repeat(64)),
+        ..registered(id, stage_path, None)
+    }
+}
+
 async fn product(c: &reqwest::Client, base: &str, id: &str) -> Value {
     get_json(c, format!("{base}/api/products/{id}")).await
 }
@@ -883,4 +892,71 @@ async fn recovery_records_a_complete_copy_as_published() {
     assert_eq!(std::fs::read(&dest).unwrap(), b"complete");
     assert!(!stage.join("done.fits").exists(), "the staged copy went");
     server.stop().await;
+}
+
+/// A stop asked for while start-up recovery reads a large staged file ends the process
+/// promptly; the publish it was settling is settled at the next start.
+#[test]
+fn a_stop_during_start_up_recovery_is_honoured() {
+    let (_dir, ledger, _config, stage) = layout();
+    // A sparse 64 GiB staged file: reading it for its checksum takes far longer than the
+    // test waits, and costs no disk.
+    let big = stage.join("huge.fits");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(64 << 30).unwrap();
+    drop(f);
+    append_offline(
+        &ledger,
+        "product-huge",
+        ExpectedRevision::NoStream,
+        &[registered_image("huge", &big)],
+    );
+    append_offline(
+        &ledger,
+        "product-huge",
+        ExpectedRevision::Exact(0),
+        &[PublishStarted {
+            attempt: 1,
+            destination: "/nowhere".into(),
+            trigger: "manual".into(),
+        }],
+    );
+    let mut child = std::process::Command::new(common::bin())
+        .args([
+            "serve",
+            "--mode",
+            "api",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&ledger)
+        .env("CONTIMG_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until recovery is reading the file (the process holds it open), then stop it.
+    let reading = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == big))
+    });
+    assert!(reading, "recovery never opened the staged file");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exited = (0..200).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        child.try_wait().unwrap()
+    });
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let status = exited.expect("the process did not stop within 10 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+    // Nothing was settled or removed: the next start settles it.
+    assert!(big.exists());
 }

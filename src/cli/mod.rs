@@ -345,9 +345,19 @@ fn serve_on(
                  address can register, publish and retry; set CONTIMG_API_TOKEN"
             );
         }
-        let signal = shutdown_signal();
+        let mut signal = Box::pin(shutdown_signal());
         let events = store.event_count();
-        let state = AppState::open(store.clone(), server).await?;
+        // Settling publishes a crash cut short may read large files; a stop asked for
+        // meanwhile ends the start-up (what is left is settled at the next start).
+        let state = tokio::select! {
+            state = AppState::open(store.clone(), server) => state?,
+            _ = &mut signal => {
+                tracing::warn!("stopped during start-up; publishes not yet settled are settled at the next start");
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || s.close()).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let pipeline = if mode == Mode::Both {
             let p =
