@@ -69,6 +69,17 @@ async fn register(
         .as_u16()
 }
 
+/// Registers a staged image through a server started for it, then stops that server,
+/// so that a test can write the rest of the history offline.
+async fn register_then_stop(ledger: &Path, config: &ServerConfig, id: &str, path: &str) {
+    let server = TestServer::start_with(ledger, config.clone()).await;
+    assert_eq!(
+        register(&reqwest::Client::new(), &server, id, path).await,
+        201
+    );
+    server.stop().await;
+}
+
 fn event(ty: &str, data: Value) -> Value {
     json!({"eventId": uuid::Uuid::new_v4().to_string(), "eventType": ty, "data": data, "metadata": {}})
 }
@@ -207,10 +218,8 @@ async fn a_product_registered_outside_the_stage_root_is_never_moved() {
 async fn a_forged_destination_makes_recovery_delete_nothing() {
     let (_dir, ledger, config, stage) = layout();
     std::fs::write(stage.join("empty.fits"), b"").unwrap();
-    let server = TestServer::start_with(&ledger, config.clone()).await;
+    register_then_stop(&ledger, &config, "e", "empty.fits").await;
     let c = reqwest::Client::new();
-    assert_eq!(register(&c, &server, "e", "empty.fits").await, 201);
-    server.stop().await;
     append_offline(
         &ledger,
         "product-e",
@@ -682,10 +691,8 @@ async fn as_of_replays_are_bounded() {
 async fn a_product_with_a_long_history_still_publishes() {
     let (_dir, ledger, config, stage) = layout();
     std::fs::write(stage.join("long.fits"), b"long history").unwrap();
-    let server = TestServer::start_with(&ledger, config.clone()).await;
+    register_then_stop(&ledger, &config, "long", "long.fits").await;
     let c = reqwest::Client::new();
-    assert_eq!(register(&c, &server, "long", "long.fits").await, 201);
-    server.stop().await;
     let verdicts: Vec<ProductFinalized> = (0..2500)
         .map(|i| ProductFinalized {
             qa_status: Some(format!("review-{i}")),
@@ -861,10 +868,8 @@ async fn recovery_records_a_complete_copy_as_published() {
     let (_dir, ledger, mut config, stage) = layout();
     config.auto_publish = false;
     std::fs::write(stage.join("done.fits"), b"complete").unwrap();
-    let server = TestServer::start_with(&ledger, config.clone()).await;
+    register_then_stop(&ledger, &config, "done", "done.fits").await;
     let c = reqwest::Client::new();
-    assert_eq!(register(&c, &server, "done", "done.fits").await, 201);
-    server.stop().await;
     // The crash's leftovers: the copy in place, its PublishStarted, no outcome.
     let dest = ledger.join("products/images/done.fits");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();

@@ -144,12 +144,7 @@ async fn acknowledged_appends_survive_sigkill_and_sigterm() {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let sent: Sent = Arc::default();
     // Kill times from a seed, printed so a failure can be replayed.
-    let seed = std::env::var("CONTIMG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let (_seed, mut rng) = common::seeded_rng();
     for cycle in 0..12 {
         // Mostly SIGKILL; two graceful stops check that pending appends are answered.
         let wait = rng.gen_range(150..700);

@@ -98,12 +98,7 @@ async fn sigkill_while_publishing_loses_nothing() {
     let c = reqwest::Client::new();
     let mut sums = HashMap::new();
     // Kill times and file contents come from a seed, printed so a failure can be replayed.
-    let seed = std::env::var("CONTIMG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let (seed, mut rng) = common::seeded_rng();
     let mut interrupted_seen = 0;
     for cycle in 0..6 {
         // Right after a restart, with the automatic publisher held so nothing moves.

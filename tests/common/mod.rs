@@ -165,6 +165,20 @@ impl Drop for ChildServer {
     }
 }
 
+/// A random generator from `CONTIMG_TEST_SEED`, or from a fresh seed; the seed is printed
+/// so that a failing run can be replayed.
+pub fn seeded_rng() -> (u64, rand::rngs::StdRng) {
+    let seed = std::env::var("CONTIMG_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
+    (
+        seed,
+        <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed),
+    )
+}
+
 /// Runs `contimg` to completion and returns what it printed. A run that takes longer than
 /// 15 minutes is killed and fails the test, so a hung child never hangs the suite.
 pub fn contimg(args: &[&str]) -> std::process::Output {
