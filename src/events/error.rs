@@ -109,6 +109,13 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A file beside the ledger (an export) could not be opened or read.
+    #[error("reading {path}")]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A batch could not be made durable (flush, fdatasync, fsync); it was not
     /// acknowledged, and the store takes no more writes. HTTP 500.
     #[error("making appends durable failed ({step})")]

@@ -92,22 +92,29 @@ pub fn read_export(
     super::StoreError,
 > {
     use std::io::BufRead;
-    let file = std::fs::File::open(path).map_err(|source| super::StoreError::Folder {
+    let file = std::fs::File::open(path).map_err(|source| super::StoreError::File {
         path: path.to_path_buf(),
         source,
     })?;
     let path = path.to_path_buf();
+    // Lines as bytes: a line that is not UTF-8 is an error naming it, like any other bad
+    // line, and the lines after it are still read.
     Ok(std::io::BufReader::with_capacity(1 << 20, file)
-        .lines()
+        .split(b'\n')
         .enumerate()
         .filter_map(move |(i, line)| {
             let line = match line {
-                Ok(l) if l.trim().is_empty() => return None,
+                Ok(l) if l.iter().all(u8::is_ascii_whitespace) => return None,
                 Ok(l) => l,
-                Err(e) => return Some(Err(super::StoreError::Io(e))),
+                Err(e) => {
+                    return Some(Err(super::StoreError::File {
+                        path: path.clone(),
+                        source: e,
+                    }));
+                }
             };
             Some(
-                serde_json::from_str::<WireEvent>(&line)
+                serde_json::from_slice::<WireEvent>(&line)
                     .map_err(|e| format!("not an exported event: {e}"))
                     .and_then(WireEvent::into_record)
                     .map(|r| (i + 1, r))
