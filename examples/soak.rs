@@ -198,8 +198,10 @@ async fn check(
         return Err(format!("rebuild answered {}", r.status()));
     }
     let mut rebuilt = get(c, format!("{base}/api/monitoring/publish/status")).await?;
+    // Figures of the clock, not of the model, move between two reads.
     for v in [&mut live, &mut rebuilt] {
         v["timestamp"] = Value::Null;
+        v["oldest_staging_hours"] = Value::Null;
     }
     // The check runs with the automatic publisher held, so nothing moves between the reads.
     if live != rebuilt {
