@@ -353,10 +353,6 @@ impl Dir {
         // SAFETY: a valid descriptor.
         check(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(|_| ())
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Device and inode: which file an entry is, whatever its name says later.
