@@ -3,20 +3,27 @@
 //! failed publishes, and shows a product's timeline. When a call answers 401 it opens a
 //! form for the bearer token (never a blocking dialog) and keeps it in sessionStorage.
 
-use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 
 /// The page, compiled into the binary.
 pub const PAGE: &str = include_str!("dashboard.html");
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/", get(page))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(page))
 }
 
+/// The operators' dashboard.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "service",
+    responses((status = 200, description = "One self-contained HTML page", content_type = "text/html", body = String))
+)]
 async fn page() -> impl IntoResponse {
     (
         [

@@ -7,21 +7,23 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use axum::Json;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::monitoring::publish_status;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/metrics/system", get(system))
-        .route("/metrics", get(prometheus))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(system))
+        .routes(routes!(prometheus))
 }
 
 /// Latency histogram bucket bounds, seconds.
@@ -139,7 +141,7 @@ fn method_label(m: &axum::http::Method) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Disk {
     path: String,
     free_bytes: Option<u64>,
@@ -168,7 +170,7 @@ pub fn disk_space(path: &Path) -> Option<(u64, u64)> {
     Some((s.f_bavail as u64 * frsize, s.f_blocks as u64 * frsize))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct LedgerFigures {
     events: u64,
     position: Option<u64>,
@@ -176,7 +178,7 @@ struct LedgerFigures {
     durable_commits: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ProjectionFigures {
     checkpoint: Option<u64>,
     lag_events: u64,
@@ -184,17 +186,28 @@ struct ProjectionFigures {
     parked_events: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct System {
+    /// `ok`, or `degraded` while the read model lags 10,000 events or more.
+    #[schema(value_type = String)]
     health: &'static str,
+    #[schema(value_type = String)]
     version: &'static str,
     uptime_s: f64,
     ledger: LedgerFigures,
     projection: ProjectionFigures,
+    #[schema(value_type = BTreeMap<String, Disk>)]
     disk: BTreeMap<&'static str, Disk>,
     publish_moves: u64,
 }
 
+/// The service's figures as JSON: the ledger, the read model, free space per root.
+#[utoipa::path(
+    get,
+    path = "/api/metrics/system",
+    tag = "service",
+    responses((status = 200, description = "The figures", body = System))
+)]
 async fn system(State(state): State<AppState>) -> Json<System> {
     let lag = state.projections.lag();
     let (products, parked) = state
@@ -226,6 +239,13 @@ async fn system(State(state): State<AppState>) -> Json<System> {
     })
 }
 
+/// The figures in Prometheus' text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String))
+)]
 async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let now = chrono::Utc::now().timestamp_micros();
     let s = state.projections.read(|m| publish_status(m, now));

@@ -7,6 +7,7 @@ pub mod error;
 pub mod guard;
 pub mod metrics;
 pub mod monitoring;
+pub mod openapi;
 pub mod params;
 pub mod products;
 pub mod server;
@@ -166,13 +167,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The whole application.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .merge(streams::router())
-        .merge(status::router())
-        .merge(products::router())
-        .merge(monitoring::router())
-        .merge(metrics::router())
-        .merge(dashboard::router())
+    let (routes, _) = openapi::routes().split_for_parts();
+    routes
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(

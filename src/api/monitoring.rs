@@ -1,11 +1,13 @@
 //! The old monitoring endpoints (same paths, parameters and field names), plus what they
 //! lacked: stuck lists, alerts, rebuild.
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::error::ApiError;
@@ -17,15 +19,15 @@ use crate::projections::status::{self, StuckRow, StuckRule};
 pub use crate::projections::status::{FailedRow, PublishStatus, alert_inputs, publish_status};
 use crate::projections::{AsOf, fold_as_of};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/monitoring/publish/status", get(status))
-        .route("/api/monitoring/publish/failed", get(failed))
-        .route("/api/monitoring/publish/stuck", get(stuck))
-        .route("/api/monitoring/publish/retry/{data_id}", post(retry))
-        .route("/api/monitoring/publish/retry-all", post(retry_all))
-        .route("/api/monitoring/alerts", get(alerts_now))
-        .route("/api/projections/rebuild", post(rebuild))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(failed))
+        .routes(routes!(stuck))
+        .routes(routes!(retry))
+        .routes(routes!(retry_all))
+        .routes(routes!(alerts_now))
+        .routes(routes!(rebuild))
 }
 
 fn now_micros() -> i64 {
@@ -81,6 +83,15 @@ async fn model_as_of(
     .map_err(ApiError::from)
 }
 
+/// The publish status, as the old endpoint answered it; now or as of a past moment.
+#[utoipa::path(
+    get,
+    path = "/api/monitoring/publish/status",
+    operation_id = "publish_status",
+    tag = "monitoring",
+    params(super::params::AsOfParams),
+    responses((status = 200, description = "The publish status", body = PublishStatus))
+)]
 async fn status(
     State(state): State<AppState>,
     Query(p): Query<Params>,
@@ -97,7 +108,7 @@ async fn status(
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct FailedList {
     pub count: usize,
     pub failed_publishes: Vec<FailedRow>,
@@ -111,6 +122,18 @@ fn max_attempts_param(p: &Params) -> Result<Option<u32>, ApiError> {
         .transpose()
 }
 
+/// Products whose last publish failed, oldest failure first.
+#[utoipa::path(
+    get,
+    path = "/api/monitoring/publish/failed",
+    tag = "monitoring",
+    params(
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "At most this many rows (50 by default)"),
+        ("max_attempts" = Option<u32>, Query, description = "Only those with fewer attempts than this"),
+        super::params::AsOfParams,
+    ),
+    responses((status = 200, description = "The failed list", body = FailedList))
+)]
 async fn failed(
     State(state): State<AppState>,
     Query(p): Query<Params>,
@@ -139,7 +162,7 @@ async fn failed(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct StuckList {
     older_than_hours: f64,
     publishing_older_than_minutes: f64,
@@ -148,6 +171,17 @@ struct StuckList {
     stuck_publishing: Vec<StuckRow>,
 }
 
+/// Products stuck in staging or in publishing.
+#[utoipa::path(
+    get,
+    path = "/api/monitoring/publish/stuck",
+    tag = "monitoring",
+    params(
+        ("older_than_hours" = Option<f64>, Query, minimum = 0, maximum = 87600, description = "In staging longer than this (24 by default)"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "At most this many of each kind (1,000 by default)"),
+    ),
+    responses((status = 200, description = "The stuck lists", body = StuckList))
+)]
 async fn stuck(
     State(state): State<AppState>,
     Query(p): Query<Params>,
@@ -182,7 +216,7 @@ async fn stuck(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AlertsReply {
     count: usize,
     alerts: Vec<Alert>,
@@ -190,6 +224,13 @@ struct AlertsReply {
     timestamp: String,
 }
 
+/// The alert rules evaluated now.
+#[utoipa::path(
+    get,
+    path = "/api/monitoring/alerts",
+    tag = "monitoring",
+    responses((status = 200, description = "The alerts firing now", body = AlertsReply))
+)]
 async fn alerts_now(State(state): State<AppState>) -> Json<AlertsReply> {
     let now = now_micros();
     let status = state.projections.read(|m| publish_status(m, now));
@@ -203,14 +244,28 @@ async fn alerts_now(State(state): State<AppState>) -> Json<AlertsReply> {
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct RetryReply {
     retried: bool,
     published: bool,
+    #[schema(value_type = String)]
     status: &'static str,
     published_path: String,
 }
 
+/// Retries one failed publish now.
+#[utoipa::path(
+    post,
+    path = "/api/monitoring/publish/retry/{data_id}",
+    tag = "monitoring",
+    params(("data_id" = String, Path, description = "The product's data id")),
+    responses(
+        (status = 200, description = "Published", body = RetryReply),
+        (status = 404, description = "No such product", body = super::openapi::ErrorBody),
+        (status = 409, description = "A publish is in progress, or the product conflicts with another", body = super::openapi::ConflictBody),
+        (status = 500, description = "The publish ran and failed; the failure is recorded", body = super::openapi::ErrorBody),
+    )
+)]
 async fn retry(
     State(state): State<AppState>,
     Path(data_id): Path<String>,
@@ -226,7 +281,7 @@ async fn retry(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct RetryAllRow {
     data_id: String,
     success: bool,
@@ -234,7 +289,7 @@ struct RetryAllRow {
     error: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct RetryAllReply {
     total_attempted: usize,
     successful: usize,
@@ -242,6 +297,17 @@ struct RetryAllReply {
     results: Vec<RetryAllRow>,
 }
 
+/// Retries the failed publishes that have attempts left.
+#[utoipa::path(
+    post,
+    path = "/api/monitoring/publish/retry-all",
+    tag = "monitoring",
+    params(
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 10000, description = "At most this many (10 by default)"),
+        ("max_attempts" = Option<u32>, Query, description = "Only those with fewer attempts than this"),
+    ),
+    responses((status = 200, description = "Each retry's outcome", body = RetryAllReply))
+)]
 async fn retry_all(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -267,13 +333,20 @@ async fn retry_all(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct RebuildReply {
     rebuilt: bool,
     events: u64,
     seconds: f64,
 }
 
+/// Rebuilds the read model from the whole log.
+#[utoipa::path(
+    post,
+    path = "/api/projections/rebuild",
+    tag = "monitoring",
+    responses((status = 200, description = "Rebuilt", body = RebuildReply))
+)]
 async fn rebuild(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -42,3 +42,43 @@ pub fn direction(p: &Params) -> Result<Direction, ApiError> {
         ))),
     }
 }
+
+/// The query parameters of a page of events, as the OpenAPI description gives them (read
+/// by [`opt_u64`], [`limit`] and [`direction`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // a description only
+pub struct PageParams {
+    /// The first revision (of a stream) or position (of `$all`) to read; the start or the
+    /// end by default, by direction.
+    from: Option<u64>,
+    /// At most this many events (1 to 10,000; 100 by default, 1,000 for a product's
+    /// history).
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<u64>,
+    #[param(inline)]
+    direction: Option<DirectionName>,
+}
+
+/// The order of a page.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // a description only
+pub enum DirectionName {
+    Forward,
+    Forwards,
+    Backward,
+    Backwards,
+}
+
+/// A question about the past: the read model as it stood at a time or after a position.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // a description only
+pub struct AsOfParams {
+    /// An RFC 3339 time; not with `position`.
+    #[param(format = DateTime)]
+    as_of: Option<String>,
+    /// A `$all` position; not with `as_of`.
+    position: Option<u64>,
+}

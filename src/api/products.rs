@@ -1,11 +1,13 @@
 //! Products: register, finalize, publish, read state and history.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::error::ApiError;
@@ -17,13 +19,13 @@ use crate::events::record::micros_to_datetime;
 use crate::pipeline::publish::{PublishError, Registration, Trigger};
 use crate::projections::product::ProductState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/products", post(register))
-        .route("/api/products/{id}", get(product))
-        .route("/api/products/{id}/history", get(history))
-        .route("/api/products/{id}/finalize", post(finalize))
-        .route("/api/products/{id}/publish", post(publish))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(product))
+        .routes(routes!(history))
+        .routes(routes!(finalize))
+        .routes(routes!(publish))
 }
 
 impl From<PublishError> for ApiError {
@@ -52,10 +54,12 @@ fn iso(micros: Option<i64>) -> Option<String> {
 
 /// A product as clients see it. Times are Unix seconds (as the old API had them), with
 /// RFC 3339 twins for people.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ProductView {
     pub data_id: String,
     pub data_type: String,
+    /// `staging`, `publishing`, `published` or `failed`.
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub stage_path: String,
     pub published_path: Option<String>,
@@ -107,7 +111,7 @@ impl ProductView {
 
 /// The body of `POST /api/products`, as clients send it. `metadata` values may be any
 /// JSON; strings are kept as they are, anything else as its JSON text.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
     data_id: String,
@@ -120,6 +124,7 @@ struct RegisterBody {
     #[serde(default)]
     auto_publish: Option<bool>,
     #[serde(default)]
+    #[schema(value_type = Option<std::collections::BTreeMap<String, serde_json::Value>>)]
     metadata: Option<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
@@ -153,6 +158,19 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::Unprocessable(format!("invalid JSON body: {e}")))
 }
 
+/// Registers a staged product (idempotent: the same registration again answers 200).
+#[utoipa::path(
+    post,
+    path = "/api/products",
+    tag = "products",
+    request_body(content = RegisterBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Registered", body = ProductView),
+        (status = 200, description = "Already registered with the same fields", body = ProductView),
+        (status = 409, description = "Registered with other fields, or overlapping another unpublished product", body = super::openapi::ConflictBody),
+        (status = 422, description = "A body that does not decode", body = super::openapi::ErrorBody),
+    )
+)]
 async fn register(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -175,6 +193,17 @@ async fn register(
     ))
 }
 
+/// A product's current state.
+#[utoipa::path(
+    get,
+    path = "/api/products/{id}",
+    tag = "products",
+    params(("id" = String, Path, description = "The product's data id")),
+    responses(
+        (status = 200, description = "The product", body = ProductView),
+        (status = 404, description = "No such product", body = super::openapi::ErrorBody),
+    )
+)]
 async fn product(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -186,6 +215,17 @@ async fn product(
     )))
 }
 
+/// A product's events, oldest first by default.
+#[utoipa::path(
+    get,
+    path = "/api/products/{id}/history",
+    tag = "products",
+    params(("id" = String, Path, description = "The product's data id"), super::params::PageParams),
+    responses(
+        (status = 200, description = "A page of the product's events", body = EventsPage),
+        (status = 404, description = "No such product", body = super::openapi::ErrorBody),
+    )
+)]
 async fn history(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -213,7 +253,8 @@ async fn history(
     }))
 }
 
-#[derive(Deserialize)]
+/// The QA and validation verdicts (at least one).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct FinalizeBody {
     #[serde(default)]
@@ -222,6 +263,20 @@ struct FinalizeBody {
     validation_status: Option<String>,
 }
 
+/// Records QA and validation verdicts.
+#[utoipa::path(
+    post,
+    path = "/api/products/{id}/finalize",
+    tag = "products",
+    params(("id" = String, Path, description = "The product's data id")),
+    request_body(content = FinalizeBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The product after the verdicts", body = ProductView),
+        (status = 404, description = "No such product", body = super::openapi::ErrorBody),
+        (status = 409, description = "A publish is in progress", body = super::openapi::ConflictBody),
+        (status = 422, description = "A body that does not decode, or holds no verdict", body = super::openapi::ErrorBody),
+    )
+)]
 async fn finalize(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -245,14 +300,28 @@ async fn finalize(
     )))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct PublishReply {
     pub data_id: String,
     pub published: bool,
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub published_path: String,
 }
 
+/// Publishes a product now: moves it from the stage root to the products root.
+#[utoipa::path(
+    post,
+    path = "/api/products/{id}/publish",
+    tag = "products",
+    params(("id" = String, Path, description = "The product's data id")),
+    responses(
+        (status = 200, description = "Published", body = PublishReply),
+        (status = 404, description = "No such product", body = super::openapi::ErrorBody),
+        (status = 409, description = "A publish is in progress, or the product conflicts with another", body = super::openapi::ConflictBody),
+        (status = 500, description = "The publish ran and failed; the failure is recorded", body = super::openapi::ErrorBody),
+    )
+)]
 async fn publish(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -1,25 +1,27 @@
 //! `GET /api/status`: health, version, the ledger's position, the read model's lag, the
 //! automatic publisher and free space per root.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use crate::events::record::format_time;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/status", get(status))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(status))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct LedgerStatus {
     events: u64,
     position: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ProjectionStatus {
     checkpoint: Option<u64>,
     lag_events: u64,
@@ -27,17 +29,20 @@ struct ProjectionStatus {
     parked_events: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PipelineStatus {
     /// Pipeline events the worker's fold could not take; `null` when the pipeline runs
     /// in another process.
     parked_events: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Status {
+    #[schema(value_type = String)]
     status: &'static str,
+    #[schema(value_type = String)]
     service: &'static str,
+    #[schema(value_type = String)]
     version: &'static str,
     uptime_s: f64,
     timestamp: String,
@@ -46,9 +51,18 @@ struct Status {
     pipeline: PipelineStatus,
     auto_publish: bool,
     /// Free bytes of the file system under each root (`null` when unreadable).
+    #[schema(value_type = std::collections::BTreeMap<String, Option<u64>>)]
     disk_free_bytes: std::collections::BTreeMap<&'static str, Option<u64>>,
 }
 
+/// Health, version, the ledger's position, the read model's lag, free space.
+#[utoipa::path(
+    get,
+    path = "/api/status",
+    operation_id = "service_status",
+    tag = "service",
+    responses((status = 200, description = "The service's status", body = Status))
+)]
 async fn status(State(state): State<AppState>) -> Json<Status> {
     Json(Status {
         status: "ok",

@@ -1,12 +1,14 @@
 //! The ledger's HTTP face: append to a stream, read a stream, read `$all`.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::error::ApiError;
@@ -17,25 +19,35 @@ use crate::events::ledger::next_after;
 use crate::events::record::{json_depth, validate_event_type, validate_stream_name};
 use crate::events::{ExpectedRevision, ProposedEvent};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/streams/{stream}", get(read_stream).post(append))
-        .route("/api/events", get(read_all))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(read_stream, append))
+        .routes(routes!(read_all))
 }
 
-#[derive(Deserialize)]
+/// An event as a client proposes it.
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct IncomingEvent {
+    /// A UUID, the idempotency key within the stream.
+    #[schema(format = Uuid)]
     event_id: String,
     event_type: String,
+    /// The payload's schema version (1 when omitted).
     #[serde(default)]
+    #[schema(minimum = 1)]
     event_version: Option<u32>,
+    /// The payload: any JSON, an object in the domain's streams, where the event type
+    /// says what it holds (`docs/events.md`).
+    #[schema(value_type = serde_json::Value)]
     data: Box<RawValue>,
+    /// A JSON object; `{}` when omitted.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<Box<RawValue>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct AppendReply {
     next_expected_version: u64,
@@ -132,6 +144,26 @@ pub fn parse_events(stream: &str, body: &[u8]) -> Result<Vec<ProposedEvent>, Api
         .collect()
 }
 
+/// Appends events to a stream, all or none. Product streams (`product-*`) and the publish
+/// lifecycle's event types are refused (403): only the product commands write them.
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}",
+    tag = "ledger",
+    params(
+        ("stream" = String, Path, description = "The stream's name"),
+        ("ES-ExpectedVersion" = Option<i64>, Header,
+            description = "-2 any (default), -1 no stream yet, -4 the stream exists, N its last revision"),
+    ),
+    request_body(content = Vec<IncomingEvent>, description = "1 to 1,000 events", content_type = "application/json"),
+    responses(
+        (status = 201, description = "Written (or found written: an idempotent repeat)", body = AppendReply),
+        (status = 409, description = "The stream is not at the expected revision; nothing was written",
+            body = super::openapi::ConflictBody,
+            headers(("ES-CurrentVersion" = i64, description = "The stream's last revision, -1 for none"))),
+        (status = 422, description = "An event whose type or payload the catalogue refuses", body = super::openapi::ErrorBody),
+    )
+)]
 async fn append(
     State(state): State<AppState>,
     Path(stream): Path<String>,
@@ -153,17 +185,31 @@ async fn append(
     ))
 }
 
-#[derive(Serialize)]
+/// A page of one stream's events.
+#[derive(Serialize, ToSchema)]
 pub struct EventsPage {
     pub events: Vec<WireEvent>,
 }
 
-#[derive(Serialize)]
+/// A page of `$all`.
+#[derive(Serialize, ToSchema)]
 struct AllPage {
     events: Vec<WireEvent>,
+    /// Where the next page starts (`from`), or null at the end.
     next: Option<u64>,
 }
 
+/// Reads a stream's events by revision.
+#[utoipa::path(
+    get,
+    path = "/api/streams/{stream}",
+    tag = "ledger",
+    params(("stream" = String, Path, description = "The stream's name"), super::params::PageParams),
+    responses(
+        (status = 200, description = "A page of events", body = EventsPage),
+        (status = 404, description = "No such stream", body = super::openapi::ErrorBody),
+    )
+)]
 async fn read_stream(
     State(state): State<AppState>,
     Path(stream): Path<String>,
@@ -183,6 +229,14 @@ async fn read_stream(
     }))
 }
 
+/// Reads the whole log (`$all`) by position.
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    tag = "ledger",
+    params(super::params::PageParams),
+    responses((status = 200, description = "A page of events", body = AllPage))
+)]
 async fn read_all(
     State(state): State<AppState>,
     Query(p): Query<Params>,

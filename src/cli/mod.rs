@@ -68,6 +68,8 @@ pub enum Command {
     Mosaic(mosaic::MosaicArgs),
     /// Pre-deployment checks: config, folders, free space, ledger, port, units, clock.
     Validate(validate::ValidateArgs),
+    /// Print the HTTP API's description (OpenAPI 3.1), as `GET /api/openapi.json` serves it.
+    Openapi,
 }
 
 /// What `serve` runs: the API, the pipeline, or both in one process.
@@ -247,6 +249,13 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Audit(args) => audit::run(args),
         Command::Report(args) => report::run(args),
         Command::Mosaic(args) => mosaic::run(args),
+        Command::Openapi => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(crate::api::openapi::spec_json().as_bytes())
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(code) => code,

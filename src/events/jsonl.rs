@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::record::RecordedEvent;
 
 /// One event as clients and export files see it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WireEvent {
     pub event_id: Uuid,
@@ -20,7 +20,10 @@ pub struct WireEvent {
     pub position: u64,
     /// RFC 3339, microseconds, `Z`.
     pub created: String,
+    /// Any JSON; an object in the domain's streams.
+    #[schema(value_type = serde_json::Value)]
     pub data: Box<RawValue>,
+    #[schema(value_type = Object)]
     pub metadata: Box<RawValue>,
 }
 

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Thresholds, as the old script's `--alert-thresholds` JSON file spelled them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlertThresholds {
     pub min_success_rate: f64,
@@ -37,9 +37,11 @@ pub struct AlertInputs {
     pub max_attempts_exceeded: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Alert {
+    #[schema(value_type = String)]
     pub name: &'static str,
+    #[schema(value_type = String)]
     pub severity: &'static str,
     pub message: String,
     pub value: f64,

@@ -10,7 +10,7 @@ use super::publish::{MICROS_PER_HOUR, PublishModel};
 use crate::events::record::format_time;
 
 /// The publish status, as the old endpoint answered it, plus new fields beside.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct PublishStatus {
     pub total_published: u64,
     pub total_staging: u64,
@@ -57,10 +57,11 @@ impl Default for StuckRule {
 }
 
 /// A stuck product.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct StuckRow {
     pub data_id: String,
     pub data_type: String,
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub stage_path: String,
     /// Since when (Unix seconds): staged, or the publish started.
@@ -131,7 +132,7 @@ pub fn alert_inputs(s: &PublishStatus) -> AlertInputs {
 }
 
 /// One row of the failed list, with the old field names.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct FailedRow {
     pub data_id: String,
     pub data_type: String,
