@@ -73,6 +73,7 @@ pub struct Config {
     pub mosaic: MosaicConfig,
     pub publish: PublishSection,
     pub server: ServerSection,
+    pub ledger: LedgerSection,
     pub validate: ValidateConfig,
 }
 
@@ -88,6 +89,7 @@ impl Default for Config {
             mosaic: MosaicConfig::default(),
             publish: PublishSection::default(),
             server: ServerSection::default(),
+            ledger: LedgerSection::default(),
             validate: ValidateConfig::default(),
         }
     }
@@ -286,6 +288,30 @@ impl Default for ServerSection {
     }
 }
 
+/// The ledger's own settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    /// Free space (MiB) commits leave on the ledger's file system: below it appends are
+    /// refused (HTTP 507) until space is freed, instead of the store running out mid-write.
+    /// 0 turns the check off.
+    pub reserve_mb: f64,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            reserve_mb: (crate::events::store::DEFAULT_RESERVE_BYTES / (1024 * 1024)) as f64,
+        }
+    }
+}
+
+impl LedgerSection {
+    pub fn reserve_bytes(&self) -> u64 {
+        (self.reserve_mb * 1024.0 * 1024.0) as u64
+    }
+}
+
 /// Free-space thresholds of `contimg validate`, in GB (10^9 bytes).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -425,6 +451,7 @@ impl Config {
             p.stuck_publishing_min,
             7.0 * 1440.0,
         )?;
+        non_negative("ledger.reserve_mb", self.ledger.reserve_mb, 1024.0 * 1024.0)?;
         let h = &self.server;
         positive("server.header_timeout_s", h.header_timeout_s, 3600.0)?;
         positive("server.body_timeout_s", h.body_timeout_s, 3600.0)?;

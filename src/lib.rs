@@ -15,6 +15,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod disk;
 pub mod events;
 pub mod pipeline;
 pub mod projections;

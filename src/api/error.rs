@@ -52,6 +52,12 @@ pub enum ApiError {
     /// recorded and the text is the client's to see.
     #[error("{0}")]
     Failed(String),
+    /// 507: the ledger's file system is under its reserve; nothing was written.
+    #[error("{0}")]
+    InsufficientStorage(String),
+    /// 503: the ledger cannot make writes durable now (a failed flush, until a restart).
+    #[error("{0}")]
+    StorageUnavailable(String),
     /// 503: the server is shutting down.
     #[error("the server is shutting down")]
     Unavailable,
@@ -79,6 +85,10 @@ impl From<StoreError> for ApiError {
             StoreError::StreamNotFound(_) => ApiError::NotFound(e.to_string()),
             StoreError::InvalidInput(m) => ApiError::BadRequest(m),
             StoreError::Closed => ApiError::Unavailable,
+            StoreError::NoSpace { .. } => ApiError::InsufficientStorage(e.to_string()),
+            StoreError::NotDurable { .. } | StoreError::Poisoned => {
+                ApiError::StorageUnavailable(crate::events::error::chain(&e))
+            }
             other => ApiError::Internal(crate::events::error::chain(&other)),
         }
     }
@@ -97,7 +107,10 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::StorageUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "request failed");

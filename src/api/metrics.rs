@@ -149,25 +149,12 @@ struct Disk {
 }
 
 fn disk(path: &Path) -> Disk {
-    let (free, total) = disk_space(path).map_or((None, None), |(f, t)| (Some(f), Some(t)));
+    let (free, total) = crate::disk::space(path).map_or((None, None), |(f, t)| (Some(f), Some(t)));
     Disk {
         path: path.display().to_string(),
         free_bytes: free,
         total_bytes: total,
     }
-}
-
-/// (free, total) bytes of the file system holding `path`.
-pub fn disk_space(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a zeroed statvfs for the kernel to fill.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    let frsize = s.f_frsize as u64;
-    Some((s.f_bavail as u64 * frsize, s.f_blocks as u64 * frsize))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -88,6 +88,10 @@ const MUTATING: &[(&str, &str)] = &[
     ("408", "The request body did not arrive in time"),
     ("413", "The request body is over the limit"),
     ("415", "A body that is not `Content-Type: application/json`"),
+    (
+        "507",
+        "The ledger's file system is under its reserve; nothing was written",
+    ),
 ];
 
 impl Modify for Refusals {

@@ -92,7 +92,7 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
             ("products", state.publisher.config().products_root.as_path()),
         ]
         .into_iter()
-        .map(|(name, path)| (name, super::metrics::disk_space(path).map(|(free, _)| free)))
+        .map(|(name, path)| (name, crate::disk::space(path).map(|(free, _)| free)))
         .collect(),
     })
 }

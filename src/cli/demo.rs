@@ -166,6 +166,7 @@ fn prepare(dir: &Path) -> anyhow::Result<()> {
 async fn demo(args: DemoArgs, root: PathBuf, config: Config) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let store = Store::open(config.ledger_dir())?;
+    store.set_reserve_bytes(config.ledger.reserve_bytes());
     let products = config.products_root();
     std::fs::create_dir_all(&products)?;
     let blocker = products.join("mosaics");

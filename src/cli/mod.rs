@@ -343,6 +343,7 @@ fn serve_on(
         let data_dir = config.ledger_dir();
         let store = Store::open(&data_dir)
             .with_context(|| format!("opening ledger at {}", data_dir.display()))?;
+        store.set_reserve_bytes(config.ledger.reserve_bytes());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;

@@ -252,7 +252,7 @@ fn check_folder(f: &mut Findings, name: &str, path: &Path) {
 fn check_space(f: &mut Findings, name: &str, path: &Path, min_gb: f64) {
     let check = format!("disk:{name}");
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
-    let Some((free, total)) = crate::api::metrics::disk_space(existing) else {
+    let Some((free, total)) = crate::disk::space(existing) else {
         f.warn(
             &check,
             format!("cannot read the free space under {}", existing.display()),

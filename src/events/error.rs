@@ -117,15 +117,26 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A batch could not be made durable (flush, fdatasync, fsync); it was not
-    /// acknowledged, and the store takes no more writes. HTTP 500.
+    /// acknowledged, and the store takes no more writes. HTTP 503.
     #[error("making appends durable failed ({step})")]
     NotDurable {
         step: String,
         #[source]
         source: std::io::Error,
     },
+    /// The ledger's file system has less free space than the reserve; nothing was written,
+    /// and appends succeed again once space is freed. HTTP 507.
+    #[error(
+        "the ledger's file system ({path}) has {free} bytes free, under the reserve of {reserve} \
+         ([ledger] reserve_mb); nothing was written. Free space and try again"
+    )]
+    NoSpace {
+        path: std::path::PathBuf,
+        free: u64,
+        reserve: u64,
+    },
     /// An earlier batch could not be made durable; writes are refused until the store is
-    /// reopened (a restart). HTTP 500.
+    /// reopened (a restart). HTTP 503.
     #[error("an earlier flush failed; restart to recover")]
     Poisoned,
     /// sled failed. HTTP 500.

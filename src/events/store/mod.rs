@@ -76,6 +76,10 @@ pub const LOCK_FILE: &str = "contimg.lock";
 pub const LOG_DIR: &str = "log";
 pub const STORE_ENTRIES: &[&str] = &[LOCK_FILE, LOG_DIR];
 
+/// Free space the ledger leaves on its file system by default (`[ledger] reserve_mb`):
+/// commits are refused below it ([`StoreError::NoSpace`]).
+pub const DEFAULT_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Most events one append request may carry.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 
@@ -127,6 +131,8 @@ struct Inner {
     closed: AtomicBool,
     /// Set after a failed flush: the state on disk is unknown, so no more appends.
     poisoned: Arc<AtomicBool>,
+    /// Free bytes a commit leaves on the ledger's file system.
+    reserve: Arc<AtomicU64>,
     _lock: File,
 }
 
@@ -294,6 +300,7 @@ impl Store {
         let (head_tx, _) = watch::channel(next_position);
         let (tx, rx) = mpsc::channel();
         let poisoned = Arc::new(AtomicBool::new(false));
+        let reserve = Arc::new(AtomicU64::new(DEFAULT_RESERVE_BYTES));
         let inner = Arc::new(Inner {
             dir,
             db: db.clone(),
@@ -305,6 +312,7 @@ impl Store {
             sender: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
             poisoned: poisoned.clone(),
+            reserve: reserve.clone(),
             closed: AtomicBool::new(false),
             _lock: lock,
         });
@@ -313,6 +321,11 @@ impl Store {
             next_position,
             last_created,
             poisoned: poisoned.clone(),
+            reserve: writer::Reserve {
+                dir: sled_dir.clone(),
+                bytes: reserve,
+                refusing: false,
+            },
         };
         let syncer = Syncer {
             db,
@@ -332,6 +345,12 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Sets the free space commits leave on the ledger's file system
+    /// ([`DEFAULT_RESERVE_BYTES`] until set; 0 turns the check off).
+    pub fn set_reserve_bytes(&self, bytes: u64) {
+        self.inner.reserve.store(bytes, Ordering::Relaxed);
     }
 
     /// Number of durable events; the last position is this minus one.

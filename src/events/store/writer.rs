@@ -4,7 +4,7 @@
 //! the syncer with the answers it owes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
@@ -31,6 +31,42 @@ pub(super) struct Writer {
     pub(super) next_position: u64,
     pub(super) last_created: i64,
     pub(super) poisoned: Arc<AtomicBool>,
+    pub(super) reserve: Reserve,
+}
+
+/// The free space a group commit leaves untouched on the ledger's file system. sled
+/// cannot recover from a write that runs out of space (it stops, and a restart is
+/// needed), so a commit is refused while less than this is free: nothing is written, the
+/// refusal says why (HTTP 507), and appends succeed again once space is freed.
+pub(super) struct Reserve {
+    pub(super) dir: PathBuf,
+    pub(super) bytes: Arc<AtomicU64>,
+    /// Whether the last commit was refused: the log says when refusing starts and stops,
+    /// not at every commit.
+    pub(super) refusing: bool,
+}
+
+impl Reserve {
+    /// `Some((free, reserve))` when a commit must be refused.
+    fn short(&mut self) -> Option<(u64, u64)> {
+        let reserve = self.bytes.load(Ordering::Relaxed);
+        let short = match crate::disk::space(&self.dir) {
+            Some((free, _)) if free < reserve => Some((free, reserve)),
+            _ => None,
+        };
+        match (short, self.refusing) {
+            (Some((free, reserve)), false) => tracing::error!(
+                free, reserve, dir = %self.dir.display(),
+                "the ledger's file system is under its reserve; appends are refused until space is freed"
+            ),
+            (None, true) => {
+                tracing::warn!("the ledger's file system has room again; appends resume")
+            }
+            _ => {}
+        }
+        self.refusing = short.is_some();
+        short
+    }
 }
 
 /// One applied batch waiting to be made durable, with the answers it owes.
@@ -109,6 +145,20 @@ impl Writer {
                 match msg {
                     WriterMsg::Append(r) => drop(r.reply.send(Err(StoreError::Closed))),
                     WriterMsg::Import(r) => drop(r.reply.send(Err(StoreError::Closed))),
+                }
+            }
+            return;
+        }
+        if let Some((free, reserve)) = self.reserve.short() {
+            for msg in batch {
+                let e = || StoreError::NoSpace {
+                    path: self.reserve.dir.clone(),
+                    free,
+                    reserve,
+                };
+                match msg {
+                    WriterMsg::Append(r) => drop(r.reply.send(Err(e()))),
+                    WriterMsg::Import(r) => drop(r.reply.send(Err(e()))),
                 }
             }
             return;
