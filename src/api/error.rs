@@ -86,7 +86,10 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidInput(m) => ApiError::BadRequest(m),
             StoreError::Closed => ApiError::Unavailable,
             StoreError::NoSpace { .. } => ApiError::InsufficientStorage(e.to_string()),
-            StoreError::NotDurable { .. } | StoreError::Poisoned => {
+            StoreError::NotDurable { .. }
+            | StoreError::Poisoned
+            | StoreError::Database { .. }
+            | StoreError::Unavailable(_) => {
                 ApiError::StorageUnavailable(crate::events::error::chain(&e))
             }
             other => ApiError::Internal(crate::events::error::chain(&other)),

@@ -139,6 +139,20 @@ pub enum StoreError {
     /// reopened (a restart). HTTP 503.
     #[error("an earlier flush failed; restart to recover")]
     Poisoned,
+    /// The ledger database failed or could not be reached; the append was not
+    /// acknowledged. HTTP 503.
+    #[error("{what}")]
+    Database {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The ledger database is unreachable now; nothing was acknowledged. HTTP 503.
+    #[error("the ledger database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database named as the ledger is not one this build can use.
+    #[error("the database is not a contimg ledger this version can use: {0}")]
+    NotALedger(String),
     /// sled failed. HTTP 500.
     #[error("storage error")]
     Sled(#[from] sled::Error),

@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use super::error::StoreError;
 use super::record::RecordedEvent;
 use super::shape::{Empty, LogShape, ShapeError};
 use super::store::{Store, chunk, keys};
@@ -41,8 +42,113 @@ fn be(bytes: &[u8]) -> Option<u64> {
 }
 
 /// Checks a store opened by this process (so nobody appends meanwhile).
-pub fn verify(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyReport, sled::Error> {
-    let tree = store.raw_tree();
+pub fn verify(store: &Store, progress: impl FnMut(u64)) -> Result<VerifyReport, StoreError> {
+    match (store.as_sled(), store.as_postgres()) {
+        (Some(_), _) => Ok(verify_sled(store, progress)?),
+        (None, Some(pg)) => verify_postgres(pg, progress),
+        (None, None) => unreachable!("a store has a backend"),
+    }
+}
+
+/// Checks a PostgreSQL ledger: every row's record decodes, matches its columns and its
+/// position, positions gapless from 0, revisions consecutive, ids unique per stream, commit
+/// times never going back, and the heads (the log's, each stream's) agreeing with the rows.
+fn verify_postgres(
+    pg: &super::store::postgres::PgStore,
+    mut progress: impl FnMut(u64),
+) -> Result<VerifyReport, StoreError> {
+    let mut problems = Vec::new();
+    let mut add = |position: Option<u64>, message: String| {
+        if problems.len() < MAX_PROBLEMS {
+            problems.push(Problem { position, message });
+        }
+    };
+    let mut shape = LogShape::from_start(true);
+    let mut expected_pos = 0u64;
+    let mut events = 0u64;
+    loop {
+        let page = pg.scan_page(expected_pos)?;
+        if page.is_empty() {
+            break;
+        }
+        for row in page {
+            let pos = row.position;
+            if pos != expected_pos {
+                add(
+                    Some(expected_pos),
+                    format!("gap: positions {expected_pos}..{pos} are missing"),
+                );
+            }
+            expected_pos = pos + 1;
+            events += 1;
+            if events.is_multiple_of(65536) {
+                progress(events);
+            }
+            let r = match RecordedEvent::decode(&row.record) {
+                Ok(r) => r,
+                Err(e) => {
+                    add(Some(pos), format!("record does not decode: {e}"));
+                    continue;
+                }
+            };
+            if r.position != pos {
+                add(Some(pos), format!("record says position {}", r.position));
+            }
+            if r.stream_id != row.stream || r.revision != row.revision || r.event_id != row.event_id
+            {
+                add(
+                    Some(pos),
+                    format!(
+                        "row says {}@{} {}, its record {}@{} {}",
+                        row.stream, row.revision, row.event_id, r.stream_id, r.revision, r.event_id
+                    ),
+                );
+            }
+            if let Ok(Err(fault)) = shape.check(&r, &mut Empty)
+                && !matches!(fault, ShapeError::Position { .. })
+            {
+                add(Some(pos), fault.to_string());
+            }
+        }
+    }
+    progress(events);
+    let (head, stored) = pg.stored_heads()?;
+    if head != events {
+        add(
+            None,
+            format!("the log's head says {head} events; the table holds {events}"),
+        );
+    }
+    for (stream, revision) in &stored {
+        match shape.heads().get(stream) {
+            Some(&r) if r == *revision => {}
+            seen => add(
+                None,
+                format!("head of {stream} is {revision}, log ends at {seen:?}"),
+            ),
+        }
+    }
+    if stored.len() != shape.heads().len() {
+        add(
+            None,
+            format!(
+                "{} stream heads for {} streams",
+                stored.len(),
+                shape.heads().len()
+            ),
+        );
+    }
+    problems.sort_by_key(|p| p.position.unwrap_or(u64::MAX));
+    Ok(VerifyReport {
+        events,
+        streams: shape.heads().len() as u64,
+        problems,
+    })
+}
+
+fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyReport, sled::Error> {
+    let sled = store.as_sled().expect("a sled store");
+    let tree = sled.raw_tree();
     let mut problems = Vec::new();
     let mut add = |position: Option<u64>, message: String| {
         if problems.len() < MAX_PROBLEMS {

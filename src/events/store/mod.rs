@@ -1,69 +1,37 @@
-//! The event store on sled: one writer thread with group commit, reads of streams and of
-//! `$all`, and catch-up subscriptions.
+//! The event store: one contract, two backends.
 //!
-//! One sled tree, `ledger`, holds four kinds of key, told apart by a first byte (numbers
-//! big-endian so that sled's byte order is numeric order):
-//! - `L` position -> a chunk: the encoded records of one commit from that position on
-//!   (the truth, `$all`);
-//! - `H` stream -> last revision (the stream head);
-//! - `S` stream 0x00 revision -> position (the stream index);
-//! - `I` stream 0x00 event id -> revision, position (the durable idempotency index).
+//! - [`sled`](self::sled): an embedded sled folder, the default; one process owns it.
+//! - [`postgres`]: a PostgreSQL database, which several servers may share.
 //!
-//! One tree because a sled batch on one tree is atomic, crash included: a group commit
-//! writes events, heads and both indexes in one `apply_batch`, which costs a fraction of
-//! a multi-tree transaction. Stream names hold no control character, so 0x00 cannot occur
-//! inside one.
-//!
-//! Appends go through two threads. The writer takes every queued request, decides each
-//! (expected revision, idempotency), and applies the accepted ones in one batch; the
-//! syncer then makes everything applied so far durable (sled flush, then `fdatasync` of
-//! the data file) and only then answers. While the syncer waits on the disk the writer
-//! applies the next requests, so a group commit grows with the load by itself.
-//!
-//! Readers only see events up to the durable head: an event becomes visible after the
-//! batch holding it has been flushed and `fdatasync`ed, at the moment its writers are
-//! acknowledged. So nothing a projection folds can vanish in a crash.
-//!
-//! A failed sync (the flush, the `fdatasync`, or the fsync of a new sled blob file)
-//! poisons the store: every later append is refused until a restart. A second tree,
-//! `snapshots`, holds one value per projection: a format byte, the checkpoint plus one
-//! (u64 big-endian, 0 for none), then the projection's bytes, so a snapshot and its
-//! checkpoint cannot disagree. It is not part of the log; `verify` ignores it.
+//! Both decide appends with the same code ([`plan`]): expected revision, idempotency by
+//! (stream, event id), positions and commit times; only how a decided batch is written
+//! and made durable differs. Both give the same guarantees: an append is acknowledged
+//! only once durable; `$all` positions are gapless and readers see them in order, never
+//! N+1 before N; a catch-up subscription switches from history to live without a gap.
+//! `tests/store.rs` runs one body of tests against both.
 //!
 //! Tunable numbers: a payload (`data` or `metadata`) is at most 64 KiB
 //! (`MAX_PAYLOAD_BYTES`), an append request at most 1,000 events (`MAX_BATCH_EVENTS`);
-//! the writer takes queued requests into one group commit while it holds fewer than 4,096
-//! events (`MAX_COMMIT_EVENTS`); a log chunk is filled while it stays under 64 KiB
-//! (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk of its own); a
-//! catch-up subscription reads history 1,024 events a page (`subscription.rs`); sled's
-//! page cache is 1 GiB (`Store::open`).
+//! a writer takes queued requests into one group commit while it holds fewer than 4,096
+//! events (`MAX_COMMIT_EVENTS`); a catch-up subscription reads history 1,024 events a page.
 
 use std::collections::{HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::JoinHandle;
+use std::path::Path;
 
 use tokio::sync::{oneshot, watch};
 
-use super::error::be_u64;
 use super::error::{ExpectedRevision, StoreError};
 use super::record::{
     ProposedEvent, RecordRef, RecordedEvent, validate_event_type, validate_stream_name,
 };
-use super::shape::{Before, LogShape};
 
-mod layout;
+pub mod plan;
+pub mod postgres;
+pub mod sled;
 mod subscription;
-mod syncer;
-mod writer;
 
-pub(crate) use layout::{chunk, keys};
+pub(crate) use self::sled::{chunk, keys};
 pub use subscription::Subscription;
-use syncer::{SyncQueue, Syncer};
-use writer::{Reply, Ticket, Writer};
 
 /// Largest `data` or `metadata` payload accepted, in bytes. Events are facts, not files;
 /// the bound also keeps every value out of sled's separately written blob files.
@@ -114,253 +82,101 @@ enum WriterMsg {
     Import(ImportRequest),
 }
 
-struct Inner {
-    dir: PathBuf,
-    db: sled::Db,
-    tree: sled::Tree,
-    /// Projection snapshots, each stored with its checkpoint in one value.
-    snapshots: sled::Tree,
-    /// Number of durable events: positions `0..durable` are readable.
-    durable: AtomicU64,
-    /// Durability rounds (flush + fdatasync) since open.
-    syncs: AtomicU64,
-    head_tx: watch::Sender<u64>,
-    sender: Mutex<Option<mpsc::Sender<WriterMsg>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
-    /// Set by `close`, after the writer has answered everything.
-    closed: AtomicBool,
-    /// Set after a failed flush: the state on disk is unknown, so no more appends.
-    poisoned: Arc<AtomicBool>,
-    /// Free bytes a commit leaves on the ledger's file system.
-    reserve: Arc<AtomicU64>,
-    _lock: File,
+impl WriterMsg {
+    fn len(&self) -> usize {
+        match self {
+            WriterMsg::Append(r) => r.events.len(),
+            WriterMsg::Import(r) => r.records.len(),
+        }
+    }
+
+    /// Answers with `err()` without writing.
+    fn refuse(self, err: impl Fn() -> StoreError) {
+        match self {
+            WriterMsg::Append(r) => drop(r.reply.send(Err(err()))),
+            WriterMsg::Import(r) => drop(r.reply.send(Err(err()))),
+        }
+    }
 }
 
 /// A stored projection snapshot: its checkpoint and its bytes.
 pub type Snapshot = (Option<u64>, Vec<u8>);
 
-/// A handle to an open ledger. Cheap to clone; all clones share one writer.
-#[derive(Clone)]
+/// A handle to an open ledger, on either backend. Cheap to clone; all clones share one
+/// writer.
+#[derive(Clone, Debug)]
 pub struct Store {
-    inner: Arc<Inner>,
+    backend: Backend,
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("dir", &self.inner.dir)
-            .finish()
-    }
+#[derive(Clone, Debug)]
+enum Backend {
+    Sled(self::sled::SledStore),
+    Postgres(postgres::PgStore),
 }
 
-/// One record's place: its position and its bytes inside a chunk value.
-type LogEntry = (u64, sled::IVec, std::ops::Range<usize>);
-
-/// Walks log chunks lazily, yielding the records whose positions lie in `[from, to)`.
-struct LogIter {
-    chunks: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>,
-    pending: VecDeque<LogEntry>,
-    from: u64,
-    to: u64,
-    backward: bool,
-}
-
-impl Iterator for LogIter {
-    type Item = Result<LogEntry, StoreError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(e) = self.pending.pop_front() {
-                return Some(Ok(e));
-            }
-            let (k, v) = match self.chunks.next()? {
-                Ok(kv) => kv,
-                Err(e) => return Some(Err(e.into())),
-            };
-            let start = match be_u64(&k[1..], "log key") {
-                Ok(s) => s,
-                Err(e) => return Some(Err(e)),
-            };
-            let ranges = match chunk::entries(&v) {
-                Ok(r) => r,
-                Err(reason) => {
-                    return Some(Err(StoreError::Corrupt {
-                        position: start,
-                        reason,
-                    }));
-                }
-            };
-            let mut entries: Vec<LogEntry> = ranges
-                .into_iter()
-                .enumerate()
-                .map(|(i, r)| (start + i as u64, v.clone(), r))
-                .filter(|(p, _, _)| *p >= self.from && *p < self.to)
-                .collect();
-            if self.backward {
-                entries.reverse();
-            }
-            self.pending.extend(entries);
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &$self.backend {
+            Backend::Sled($s) => $e,
+            Backend::Postgres($s) => $e,
         }
-    }
-}
-
-fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
-/// Takes the folder's lock file, or says who holds it.
-fn lock_folder(dir: &Path) -> Result<File, StoreError> {
-    let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let mut text = String::new();
-        let _ = file.read_to_string(&mut text);
-        return Err(StoreError::Locked {
-            dir: dir.display().to_string(),
-            pid: text.trim().parse().ok(),
-        });
-    }
-    file.set_len(0)?;
-    file.rewind()?;
-    write!(file, "{}", std::process::id())?;
-    file.sync_data()?;
-    Ok(file)
+    };
 }
 
 impl Store {
-    /// Opens (creating if needed) the ledger in `dir`. Fails at once, naming the folder and
-    /// the owner's pid, when another process holds it.
+    /// Opens (creating if needed) the sled ledger in `dir`. Fails at once, naming the
+    /// folder and the owner's pid, when another process holds it.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, StoreError> {
-        let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Folder {
-            path: dir.clone(),
-            source,
-        })?;
-        let lock = lock_folder(&dir)?;
-        let sled_dir = dir.join(LOG_DIR);
-        let fresh = !sled_dir.exists();
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            .cache_capacity(1024 * 1024 * 1024)
-            .open()
-            .map_err(|e| StoreError::Folder {
-                path: sled_dir.clone(),
-                source: match e {
-                    sled::Error::Io(io) => io,
-                    other => std::io::Error::other(other.to_string()),
-                },
-            })?;
-        if fresh {
-            // New files exist now: make their directory entries durable.
-            File::open(&sled_dir)?.sync_all()?;
-            File::open(&dir)?.sync_all()?;
+        Ok(Store {
+            backend: Backend::Sled(self::sled::SledStore::open(dir)?),
+        })
+    }
+
+    /// Connects to the PostgreSQL ledger at `url` (creating its tables in an empty
+    /// database). `dir` is the local folder whose free space the server reports.
+    pub fn connect(url: &str, dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Postgres(postgres::PgStore::connect(url, dir.as_ref())?),
+        })
+    }
+
+    /// Where the ledger lives, for people: a folder, or a database URL without its
+    /// password.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sled(s) => s.dir().display().to_string(),
+            Backend::Postgres(p) => p.describe(),
         }
-        let tree = db.open_tree("ledger")?;
-        let (next_position, last_created) = match tree
-            .range(keys::log(0)..=keys::log(u64::MAX))
-            .next_back()
-        {
-            Some(item) => {
-                let (k, v) = item?;
-                let start = be_u64(&k[1..], "log key")?;
-                // A damaged last chunk must not keep `verify` from reporting on it.
-                match chunk::entries(&v) {
-                    Ok(ranges) => {
-                        let last = start + ranges.len() as u64 - 1;
-                        let r = ranges.last().expect("a chunk is never empty").clone();
-                        let created = decode_at(last, &v[r]).map_or_else(
-                            |e| {
-                                tracing::error!(error = %e, "the last record is damaged; run contimg verify");
-                                now_micros()
-                            },
-                            |r| r.created_micros,
-                        );
-                        (last + 1, created)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, position = start, "the last log chunk is damaged; run contimg verify");
-                        (start + 1, now_micros())
-                    }
-                }
-            }
-            None => (0, i64::MIN),
-        };
-        let data_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(sled_dir.join("db"))?;
-        let (head_tx, _) = watch::channel(next_position);
-        let (tx, rx) = mpsc::channel();
-        let poisoned = Arc::new(AtomicBool::new(false));
-        let reserve = Arc::new(AtomicU64::new(DEFAULT_RESERVE_BYTES));
-        let inner = Arc::new(Inner {
-            dir,
-            db: db.clone(),
-            tree: tree.clone(),
-            snapshots: db.open_tree("snapshots")?,
-            durable: AtomicU64::new(next_position),
-            syncs: AtomicU64::new(0),
-            head_tx,
-            sender: Mutex::new(Some(tx)),
-            writer: Mutex::new(None),
-            poisoned: poisoned.clone(),
-            reserve: reserve.clone(),
-            closed: AtomicBool::new(false),
-            _lock: lock,
-        });
-        let writer = Writer {
-            tree,
-            next_position,
-            last_created,
-            poisoned: poisoned.clone(),
-            reserve: writer::Reserve {
-                dir: sled_dir.clone(),
-                bytes: reserve,
-                refusing: false,
-            },
-        };
-        let syncer = Syncer {
-            db,
-            data_file,
-            blobs_dir: sled_dir.join("blobs"),
-            synced_blobs: Mutex::new(HashSet::new()),
-            queue: Arc::new(SyncQueue::default()),
-            inner: Arc::downgrade(&inner),
-            poisoned,
-        };
-        let handle = std::thread::Builder::new()
-            .name("contimg-writer".into())
-            .spawn(move || writer.run(rx, syncer))?;
-        *inner.writer.lock().expect("writer mutex") = Some(handle);
-        Ok(Store { inner })
     }
 
+    /// Whether the ledger is a PostgreSQL database (shared by several servers).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// The local folder of this ledger: the sled folder, or (PostgreSQL) the data folder
+    /// the server was given.
     pub fn dir(&self) -> &Path {
-        &self.inner.dir
+        both!(self, s => s.dir())
     }
 
-    /// Sets the free space commits leave on the ledger's file system
-    /// ([`DEFAULT_RESERVE_BYTES`] until set; 0 turns the check off).
+    /// Sets the free space commits leave on the ledger's file system (sled only: a
+    /// database server guards its own disk).
     pub fn set_reserve_bytes(&self, bytes: u64) {
-        self.inner.reserve.store(bytes, Ordering::Relaxed);
+        if let Backend::Sled(s) = &self.backend {
+            s.set_reserve_bytes(bytes);
+        }
     }
 
-    /// Number of durable events; the last position is this minus one.
+    /// Number of durable events this handle can read: positions `0..event_count()`.
     pub fn event_count(&self) -> u64 {
-        self.inner.durable.load(Ordering::Acquire)
+        both!(self, s => s.event_count())
     }
 
-    /// Durability rounds (one flush and one fdatasync each) since the store was opened.
+    /// Durability rounds (group commits made durable) since the store was opened.
     pub fn sync_count(&self) -> u64 {
-        self.inner.syncs.load(Ordering::Relaxed)
+        both!(self, s => s.sync_count())
     }
 
     /// The last durable position, `None` when the log is empty.
@@ -375,6 +191,7 @@ impl Store {
         expected: ExpectedRevision,
         events: Vec<ProposedEvent>,
     ) -> Result<AppendResult, StoreError> {
+        check_append(stream, &events)?;
         let rx = self.submit_append(stream, expected, events)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -386,6 +203,7 @@ impl Store {
         expected: ExpectedRevision,
         events: Vec<ProposedEvent>,
     ) -> Result<AppendResult, StoreError> {
+        check_append(stream, &events)?;
         let rx = self.submit_append(stream, expected, events)?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)?
     }
@@ -396,14 +214,14 @@ impl Store {
         expected: ExpectedRevision,
         events: Vec<ProposedEvent>,
     ) -> Result<oneshot::Receiver<Result<AppendResult, StoreError>>, StoreError> {
-        check_append(stream, &events)?;
         let (reply, rx) = oneshot::channel();
-        self.send(WriterMsg::Append(AppendRequest {
+        let msg = WriterMsg::Append(AppendRequest {
             stream: stream.to_string(),
             expected,
             events,
             reply,
-        }))?;
+        });
+        both!(self, s => s.send(msg))?;
         Ok(rx)
     }
 
@@ -411,58 +229,23 @@ impl Store {
     /// of an export. Each record must come next in the log and in its stream.
     pub fn import_blocking(&self, records: Vec<RecordedEvent>) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(WriterMsg::Import(ImportRequest { records, reply }))?;
+        both!(self, s => s.send(WriterMsg::Import(ImportRequest { records, reply })))?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)?
-    }
-
-    fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
-        if self.inner.poisoned.load(Ordering::Acquire) {
-            return Err(StoreError::Poisoned);
-        }
-        let guard = self.inner.sender.lock().expect("sender mutex");
-        let sender = guard.as_ref().ok_or(StoreError::Closed)?;
-        sender.send(msg).map_err(|_| StoreError::Closed)
     }
 
     /// Stops taking appends, lets the writer finish (and acknowledge) what it holds, and
     /// waits for it. Later appends fail with [`StoreError::Closed`].
     pub fn close(&self) {
-        drop(self.inner.sender.lock().expect("sender mutex").take());
-        if let Some(handle) = self.inner.writer.lock().expect("writer mutex").take() {
-            let _ = handle.join();
-        }
-        // Wake caught-up subscribers so that they see the end.
-        self.inner.closed.store(true, Ordering::Release);
-        self.inner.head_tx.send_modify(|_| {});
+        both!(self, s => s.close())
     }
 
     pub fn is_closed(&self) -> bool {
-        self.inner.closed.load(Ordering::Acquire)
+        both!(self, s => s.is_closed())
     }
 
     /// The last revision of a stream among durable events, `None` when it has none.
     pub fn stream_head(&self, stream: &str) -> Result<Option<u64>, StoreError> {
-        let Some(rev) = self.inner.tree.get(keys::head(stream))? else {
-            return Ok(None);
-        };
-        // The head may be ahead of durability for a moment; step back to the durable part.
-        let durable = self.event_count();
-        let prefix_len = keys::in_stream(keys::INDEX, stream, &[]).len();
-        for item in self
-            .inner
-            .tree
-            .range(keys::index(stream, 0)..=keys::index(stream, be_u64(&rev, "stream head")?))
-            .rev()
-        {
-            let (k, v) = item?;
-            if be_u64(&v, "stream index value")? < durable {
-                return Ok(Some(be_u64(
-                    k.get(prefix_len..).unwrap_or_default(),
-                    "stream index key",
-                )?));
-            }
-        }
-        Ok(None)
+        both!(self, s => s.stream_head(stream))
     }
 
     /// Reads up to `limit` events of a stream from revision `from` (inclusive; `None`
@@ -474,46 +257,7 @@ impl Store {
         direction: Direction,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let durable = self.event_count();
-        let low = keys::index(stream, 0);
-        let high = keys::index(stream, u64::MAX);
-        let exists = match self.inner.tree.range(low.clone()..=high.clone()).next() {
-            Some(item) => be_u64(&item?.1, "stream index value")? < durable,
-            None => false,
-        };
-        if !exists {
-            return Err(StoreError::StreamNotFound(stream.to_string()));
-        }
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match direction
-        {
-            Direction::Forward => Box::new(
-                self.inner
-                    .tree
-                    .range(keys::index(stream, from.unwrap_or(0))..=high),
-            ),
-            Direction::Backward => Box::new(
-                self.inner
-                    .tree
-                    .range(low..=keys::index(stream, from.unwrap_or(u64::MAX)))
-                    .rev(),
-            ),
-        };
-        let mut out = Vec::new();
-        for item in iter {
-            if out.len() >= limit {
-                break;
-            }
-            let position = be_u64(&item?.1, "stream index value")?;
-            if position >= durable {
-                // Not yet durable: invisible. Going forward nothing after it is either.
-                if direction == Direction::Forward {
-                    break;
-                }
-                continue;
-            }
-            out.push(self.get(position)?);
-        }
-        Ok(out)
+        both!(self, s => s.read_stream(stream, from, direction, limit))
     }
 
     /// The event at a position.
@@ -523,63 +267,12 @@ impl Store {
                 "position {position} is past the end of the log"
             )));
         }
-        match self.log_range(position, position + 1).next() {
-            Some(entry) => {
-                let (p, bytes, r) = entry?;
-                decode_at(p, &bytes[r])
-            }
-            None => Err(StoreError::Corrupt {
+        match self.read_all(Some(position), Direction::Forward, 1)?.pop() {
+            Some(e) if e.position == position => Ok(e),
+            _ => Err(StoreError::Corrupt {
                 position,
                 reason: "missing from the log".into(),
             }),
-        }
-    }
-
-    /// The key of the chunk holding `position` (its first position).
-    fn chunk_start(&self, position: u64) -> Result<u64, StoreError> {
-        Ok(
-            match self
-                .inner
-                .tree
-                .range(keys::log(0)..=keys::log(position))
-                .next_back()
-            {
-                Some(item) => be_u64(&item?.0[1..], "log key")?,
-                None => position,
-            },
-        )
-    }
-
-    /// Records in `[from, to)`, in order, read lazily chunk by chunk.
-    fn log_range(&self, from: u64, to: u64) -> LogIter {
-        self.log_iter(from, to, false)
-    }
-
-    /// Records in `[from, to)`, last first.
-    fn log_range_rev(&self, from: u64, to: u64) -> LogIter {
-        self.log_iter(from, to, true)
-    }
-
-    fn log_iter(&self, from: u64, to: u64, backward: bool) -> LogIter {
-        let first = if from >= to {
-            to
-        } else {
-            self.chunk_start(from).unwrap_or(from)
-        };
-        let range = self
-            .inner
-            .tree
-            .range(keys::log(first)..keys::log(to.max(first)));
-        LogIter {
-            chunks: if backward {
-                Box::new(range.rev())
-            } else {
-                Box::new(range)
-            },
-            pending: VecDeque::new(),
-            from,
-            to,
-            backward,
         }
     }
 
@@ -591,29 +284,7 @@ impl Store {
         direction: Direction,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let durable = self.event_count();
-        let mut out = Vec::with_capacity(limit.min(4096));
-        let entries: LogIter = match direction {
-            Direction::Forward => {
-                let start = from.unwrap_or(0);
-                if start >= durable {
-                    return Ok(out);
-                }
-                self.log_range(start, durable)
-            }
-            Direction::Backward => {
-                let Some(last) = durable.checked_sub(1) else {
-                    return Ok(out);
-                };
-                let start = from.unwrap_or(last).min(last);
-                self.log_range_rev(0, start + 1)
-            }
-        };
-        for entry in entries.take(limit) {
-            let (position, bytes, r) = entry?;
-            out.push(decode_at(position, &bytes[r])?);
-        }
-        Ok(out)
+        both!(self, s => s.read_all(from, direction, limit))
     }
 
     /// Visits every durable event from `from` (inclusive) in order, without collecting them:
@@ -623,11 +294,9 @@ impl Store {
         from: u64,
         mut f: impl FnMut(RecordedEvent) -> Result<(), StoreError>,
     ) -> Result<u64, StoreError> {
-        let durable = self.event_count();
         let mut n = 0;
-        for entry in self.log_range(from, durable.max(from)) {
-            let (position, bytes, r) = entry?;
-            f(decode_at(position, &bytes[r])?)?;
+        for e in self.events_from(from) {
+            f(e?)?;
             n += 1;
         }
         Ok(n)
@@ -637,26 +306,19 @@ impl Store {
     pub fn events_from(
         &self,
         from: u64,
-    ) -> impl Iterator<Item = Result<RecordedEvent, StoreError>> + use<> {
-        let durable = self.event_count();
-        self.log_range(from, durable.max(from))
-            .map(|entry| entry.and_then(|(p, bytes, r)| decode_at(p, &bytes[r])))
+    ) -> impl Iterator<Item = Result<RecordedEvent, StoreError>> + Send + use<> {
+        self.raw_from(from)
+            .map(|r| r.and_then(|r| decode_at(r.position, r.bytes())))
     }
 
-    /// Every durable record from `from` on, in order, undecoded: [`RawRecord::view`] reads
-    /// one in place. For folds over the whole log that skip most of what they read.
-    pub fn raw_from(
-        &self,
-        from: u64,
-    ) -> impl Iterator<Item = Result<RawRecord, StoreError>> + Send + use<> {
-        let durable = self.event_count();
-        self.log_range(from, durable.max(from)).map(|entry| {
-            entry.map(|(position, bytes, range)| RawRecord {
-                position,
-                bytes,
-                range,
-            })
-        })
+    /// Every durable record from `from` on (up to the durable end when called), in order,
+    /// undecoded: [`RawRecord::view`] reads one in place. For folds over the whole log
+    /// that skip most of what they read.
+    pub fn raw_from(&self, from: u64) -> RawIter {
+        match &self.backend {
+            Backend::Sled(s) => RawIter::Sled(s.raw_from(from)),
+            Backend::Postgres(p) => RawIter::Postgres(p.raw_from(from)),
+        }
     }
 
     /// A catch-up subscription to `$all` starting after `after` (exclusive; `None` means from
@@ -665,9 +327,15 @@ impl Store {
         Subscription {
             store: self.clone(),
             next: after.map_or(0, |p| p + 1),
-            head: self.inner.head_tx.subscribe(),
+            head: both!(self, s => s.head_watch()),
             buf: VecDeque::new(),
         }
+    }
+
+    /// A watch of the durable head (`event_count`), overwritten as it moves; also woken at
+    /// close.
+    pub fn head_watch(&self) -> watch::Receiver<u64> {
+        both!(self, s => s.head_watch())
     }
 
     /// Stores a projection snapshot together with its checkpoint (the position of the last
@@ -678,52 +346,100 @@ impl Store {
         checkpoint: Option<u64>,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(bytes.len() + 9);
-        value.push(1u8);
-        value.extend_from_slice(&checkpoint.map_or(0, |c| c + 1).to_be_bytes());
-        value.extend_from_slice(bytes);
-        self.inner.snapshots.insert(name.as_bytes(), value)?;
-        Ok(())
+        both!(self, s => s.save_snapshot(name, checkpoint, bytes))
     }
 
     /// The last snapshot saved under `name`, with its checkpoint.
     pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
-        let Some(v) = self.inner.snapshots.get(name.as_bytes())? else {
-            return Ok(None);
-        };
-        if v.len() < 9 || v[0] != 1 {
-            return Ok(None);
-        }
-        let c = be_u64(&v[1..9], "snapshot checkpoint")?;
-        Ok(Some((c.checked_sub(1), v[9..].to_vec())))
+        both!(self, s => s.load_snapshot(name))
     }
 
-    /// Raw access for `verify`.
-    pub(crate) fn raw_tree(&self) -> sled::Tree {
-        self.inner.tree.clone()
-    }
-
-    /// Bytes sled occupies on disk.
+    /// Bytes the log occupies on disk (sled's files, or the events table and its indexes).
     pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        both!(self, s => s.size_on_disk())
+    }
+
+    /// Whether this server may run the ledger's single-owner duties now (the automatic
+    /// publisher, crash recovery): always for a sled folder, which one process owns; on
+    /// PostgreSQL, while this server holds the ledger's advisory lock. The watch follows
+    /// the lock as it is won and lost.
+    pub fn leadership(&self) -> watch::Receiver<bool> {
+        match &self.backend {
+            Backend::Sled(_) => watch::channel(true).1,
+            Backend::Postgres(p) => p.leadership(),
+        }
+    }
+
+    /// The sled backend, for what only it has (`verify`'s index walk, the tests of its
+    /// files).
+    pub fn as_sled(&self) -> Option<&self::sled::SledStore> {
+        match &self.backend {
+            Backend::Sled(s) => Some(s),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL backend, when the ledger lives there.
+    pub fn as_postgres(&self) -> Option<&postgres::PgStore> {
+        match &self.backend {
+            Backend::Postgres(p) => Some(p),
+            Backend::Sled(_) => None,
+        }
     }
 }
 
-/// One stored record, still in its log chunk (shared, not copied).
+/// Records read in order without decoding them, from either backend.
+pub enum RawIter {
+    Sled(self::sled::RawIter),
+    Postgres(postgres::RawIter),
+}
+
+impl Iterator for RawIter {
+    type Item = Result<RawRecord, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            RawIter::Sled(i) => i.next(),
+            RawIter::Postgres(i) => i.next(),
+        }
+    }
+}
+
+/// The bytes a record lies in: a shared sled chunk, or a row's own copy.
+pub enum RawBytes {
+    Sled(::sled::IVec),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for RawBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            RawBytes::Sled(v) => v,
+            RawBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// One stored record, still in the bytes it was read in (a sled chunk is shared, not
+/// copied).
 pub struct RawRecord {
     pub position: u64,
-    bytes: sled::IVec,
+    bytes: RawBytes,
     range: std::ops::Range<usize>,
 }
 
 impl RawRecord {
+    /// The encoded record.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[self.range.clone()]
+    }
+
     /// The record, read in place: checksum checked, position matched.
     pub fn view(&self) -> Result<RecordRef<'_>, StoreError> {
-        let r = RecordRef::decode(&self.bytes[self.range.clone()]).map_err(|e| {
-            StoreError::Corrupt {
-                position: self.position,
-                reason: e.to_string(),
-            }
+        let r = RecordRef::decode(self.bytes()).map_err(|e| StoreError::Corrupt {
+            position: self.position,
+            reason: e.to_string(),
         })?;
         if r.position != self.position {
             return Err(StoreError::Corrupt {
@@ -747,6 +463,10 @@ fn decode_at(position: u64, bytes: &[u8]) -> Result<RecordedEvent, StoreError> {
         });
     }
     Ok(r)
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
 }
 
 /// Checks done before a request reaches the writer, so that bad input costs it nothing.

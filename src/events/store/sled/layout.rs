@@ -51,11 +51,12 @@ pub(crate) mod chunk {
     /// record gets a chunk of its own).
     pub const MAX_BYTES: usize = 64 * 1024;
 
-    pub fn encode(records: &[Vec<u8>]) -> Vec<u8> {
-        let len = 1 + records.iter().map(|r| r.len() + 4).sum::<usize>();
+    pub fn encode<R: AsRef<[u8]>>(records: &[R]) -> Vec<u8> {
+        let len = 1 + records.iter().map(|r| r.as_ref().len() + 4).sum::<usize>();
         let mut out = Vec::with_capacity(len);
         out.push(TAG);
         for r in records {
+            let r = r.as_ref();
             out.extend_from_slice(&(r.len() as u32).to_le_bytes());
             out.extend_from_slice(r);
         }

@@ -1,0 +1,991 @@
+//! The event store on PostgreSQL: the same log, on a database several servers share.
+//!
+//! Tables (schema version 1, in the connection's current schema):
+//! - `contimg_meta (key, value)`: `format = contimg-ledger`, `schema_version = 1`;
+//! - `contimg_head`: one row, the log's next position and last commit time. Every commit
+//!   takes it `FOR UPDATE` first, so commits are serialised across servers: positions are
+//!   gapless and committed in position order, and a reader that sees the head at N sees
+//!   every event below N;
+//! - `contimg_events (position, stream, revision, event_id, record)`: the log; `record` is
+//!   the same encoded record as in a sled chunk (format byte, CRC-32, bincode body), so
+//!   checksums, `verify` and exports are the same; unique on (stream, revision) and
+//!   (stream, event_id), the durable idempotency index;
+//! - `contimg_streams (stream, revision)`: stream heads;
+//! - `contimg_snapshots (name, checkpoint, bytes)`: projection snapshots, not the log.
+//!
+//! One writer task per server takes every queued request into one transaction: lock the
+//! head row, look up the heads and ids the batch names (two queries), decide with the
+//! shared [`Planner`], insert the accepted records with `UNNEST` arrays, move the head,
+//! `pg_notify` the new head, commit. The commit returns once PostgreSQL has made it
+//! durable (`synchronous_commit = on`), and only then are the appenders answered. A
+//! connection lost mid-commit answers 503 (`StoreError::Database`): the append was not
+//! acknowledged, and a retry with the same event ids is idempotent.
+//!
+//! Each server follows the head through `LISTEN contimg_log` (and after its own commits);
+//! a reconnecting listener re-reads the head row, so nothing is missed and nothing polls.
+//! Leadership (the automatic publisher, crash recovery) is a session advisory lock, held
+//! on a connection of its own while the server lives; PostgreSQL releases it when that
+//! session ends, and another server takes it within a second or two.
+//!
+//! The store runs its own small Tokio runtime, so its blocking reads may be called from
+//! anywhere, async code included, as the sled store's are.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use uuid::Uuid;
+
+use super::super::error::StoreError;
+use super::super::record::RecordedEvent;
+use super::plan::{Index, Plan, Planner};
+use super::{
+    AppendResult, Direction, MAX_COMMIT_EVENTS, RawBytes, RawRecord, Snapshot, WriterMsg,
+    decode_at, now_micros,
+};
+
+/// The schema this build reads and writes.
+pub const SCHEMA_VERSION: &str = "1";
+const FORMAT: &str = "contimg-ledger";
+/// The channel commits are announced on (payload: the new head).
+const CHANNEL: &str = "contimg_log";
+/// The advisory lock of leadership ("contimg" in ASCII).
+const LEADER_LOCK: i64 = 0x0063_6f6e_7469_6d67;
+/// The advisory lock that serialises creating the tables.
+const INIT_LOCK: i64 = LEADER_LOCK + 1;
+/// Rows a replay reads per query.
+const PAGE: i64 = 20_000;
+
+const SCHEMA: &str = "
+CREATE TABLE contimg_meta (key text PRIMARY KEY, value text NOT NULL);
+INSERT INTO contimg_meta VALUES ('format', 'contimg-ledger'), ('schema_version', '1');
+CREATE TABLE contimg_head (
+    id int PRIMARY KEY CHECK (id = 1),
+    next_position bigint NOT NULL,
+    last_created bigint NOT NULL
+);
+INSERT INTO contimg_head VALUES (1, 0, -9223372036854775808);
+CREATE TABLE contimg_events (
+    position bigint PRIMARY KEY,
+    stream text NOT NULL,
+    revision bigint NOT NULL,
+    event_id uuid NOT NULL,
+    record bytea NOT NULL,
+    UNIQUE (stream, revision),
+    UNIQUE (stream, event_id)
+);
+CREATE TABLE contimg_streams (stream text PRIMARY KEY, revision bigint NOT NULL);
+CREATE TABLE contimg_snapshots (name text PRIMARY KEY, checkpoint bigint, bytes bytea NOT NULL);
+";
+
+/// What the store's tasks share.
+struct Shared {
+    config: tokio_postgres::Config,
+    /// Events readable here: positions `0..durable` are committed.
+    durable: AtomicU64,
+    syncs: AtomicU64,
+    head_tx: watch::Sender<u64>,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn advance(&self, head: u64) {
+        let before = self.durable.fetch_max(head, Ordering::AcqRel);
+        if head > before {
+            self.head_tx.send_replace(head);
+        }
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    describe: String,
+    dir: PathBuf,
+    /// `Some` until dropped; shut down in the background, so a drop inside async code is
+    /// fine.
+    rt: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    sender: Mutex<Option<mpsc::UnboundedSender<WriterMsg>>>,
+    writer_done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    reader: Arc<tokio::sync::Mutex<Option<Client>>>,
+    leader: Mutex<Option<watch::Receiver<bool>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.lock().ok().and_then(|mut r| r.take()) {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A handle to a PostgreSQL ledger. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("ledger", &self.inner.describe)
+            .finish()
+    }
+}
+
+fn db_error(what: &str) -> impl FnOnce(tokio_postgres::Error) -> StoreError + '_ {
+    move |source| StoreError::Database {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// `postgres://user@host:port/db`, without the password.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}@{host}:{port}/{}",
+        config.get_user().unwrap_or(""),
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+/// A connection, its driver running on the current runtime.
+async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<(Client, tokio::task::JoinHandle<()>), StoreError> {
+    let (client, conn) = config
+        .connect(NoTls)
+        .await
+        .map_err(db_error("connecting to the ledger database"))?;
+    let driver = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "a ledger database connection ended");
+        }
+    });
+    Ok((client, driver))
+}
+
+impl PgStore {
+    /// Connects, checks that the database is a contimg ledger of this schema version (an
+    /// empty database gets the tables), and starts the writer and the head listener.
+    pub fn connect(url: &str, dir: &Path) -> Result<PgStore, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::InvalidInput(format!(
+                "the ledger URL is not a PostgreSQL connection string ({e}); \
+                 write postgres://USER@HOST[:PORT]/DATABASE"
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.application_name("contimg");
+        let describe = describe(&config);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("contimg-pg")
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let init_config = config.clone();
+        let head = run_on(&handle, async move { init(&init_config).await })??;
+        let (head_tx, _) = watch::channel(head);
+        let shared = Arc::new(Shared {
+            config,
+            durable: AtomicU64::new(head),
+            syncs: AtomicU64::new(0),
+            head_tx,
+            closed: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        handle.spawn(write_loop(shared.clone(), rx, done_tx));
+        handle.spawn(listen_loop(shared.clone()));
+        tracing::info!(ledger = %describe, events = head, "ledger on PostgreSQL");
+        Ok(PgStore {
+            inner: Arc::new(Inner {
+                shared,
+                describe,
+                dir: dir.to_path_buf(),
+                rt: Mutex::new(Some(rt)),
+                handle,
+                sender: Mutex::new(Some(tx)),
+                writer_done: Mutex::new(Some(done_rx)),
+                reader: Arc::new(tokio::sync::Mutex::new(None)),
+                leader: Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        self.inner.describe.clone()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn event_count(&self) -> u64 {
+        self.inner.shared.durable.load(Ordering::Acquire)
+    }
+
+    pub fn sync_count(&self) -> u64 {
+        self.inner.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
+        let guard = self.inner.sender.lock().expect("sender mutex");
+        let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+        sender.send(msg).map_err(|_| StoreError::Closed)
+    }
+
+    /// Stops taking appends and waits until the writer has answered what it holds.
+    pub fn close(&self) {
+        drop(self.inner.sender.lock().expect("sender mutex").take());
+        if let Some(done) = self.inner.writer_done.lock().expect("writer mutex").take() {
+            let _ = done.recv();
+        }
+        self.inner.shared.closed.store(true, Ordering::Release);
+        self.inner.shared.head_tx.send_modify(|_| {});
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.closed.load(Ordering::Acquire)
+    }
+
+    pub fn head_watch(&self) -> watch::Receiver<u64> {
+        self.inner.shared.head_tx.subscribe()
+    }
+
+    /// Runs a query on the read connection (reconnecting when it was lost) on the store's
+    /// runtime, and waits for it.
+    fn query<T: Send + 'static, F>(&self, what: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(
+                &'c Client,
+            )
+                -> futures::future::BoxFuture<'c, Result<T, tokio_postgres::Error>>
+            + Send
+            + 'static,
+    {
+        let shared = self.inner.shared.clone();
+        let reader = self.inner.reader.clone();
+        run_on(&self.inner.handle, async move {
+            let mut guard = reader.lock().await;
+            if guard.as_ref().is_none_or(|c| c.is_closed()) {
+                *guard = Some(connect(&shared.config).await?.0);
+            }
+            let client = guard.as_ref().expect("connected");
+            f(client).await.map_err(db_error(what))
+        })?
+    }
+
+    pub fn stream_head(&self, stream: &str) -> Result<Option<u64>, StoreError> {
+        let stream = stream.to_string();
+        let durable = self.event_count() as i64;
+        self.query("reading a stream head", move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_one(
+                        "SELECT max(revision) FROM contimg_events WHERE stream = $1 AND position < $2",
+                        &[&stream, &durable],
+                    )
+                    .await?;
+                Ok(row.get::<_, Option<i64>>(0).map(|r| r as u64))
+            })
+        })
+    }
+
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let durable = self.event_count() as i64;
+        let limit = limit as i64;
+        let name = stream.to_string();
+        let rows: Vec<(i64, Vec<u8>)> = self.query("reading a stream", move |c| {
+            Box::pin(async move {
+                let rows = match direction {
+                    Direction::Forward => {
+                        let from = from.unwrap_or(0).min(i64::MAX as u64) as i64;
+                        c.query(
+                            "SELECT position, record FROM contimg_events WHERE stream = $1 \
+                             AND revision >= $2 AND position < $3 ORDER BY revision LIMIT $4",
+                            &[&name, &from, &durable, &limit],
+                        )
+                        .await?
+                    }
+                    Direction::Backward => {
+                        let from = from.unwrap_or(u64::MAX).min(i64::MAX as u64) as i64;
+                        c.query(
+                            "SELECT position, record FROM contimg_events WHERE stream = $1 \
+                             AND revision <= $2 AND position < $3 ORDER BY revision DESC LIMIT $4",
+                            &[&name, &from, &durable, &limit],
+                        )
+                        .await?
+                    }
+                };
+                let mut out: Vec<(i64, Vec<u8>)> =
+                    rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                if out.is_empty() {
+                    let exists = c
+                        .query_opt(
+                            "SELECT 1 FROM contimg_events WHERE stream = $1 AND position < $2 LIMIT 1",
+                            &[&name, &durable],
+                        )
+                        .await?;
+                    if exists.is_none() {
+                        out.push((-1, Vec::new()));
+                    }
+                }
+                Ok(out)
+            })
+        })?;
+        if rows.first().is_some_and(|(p, _)| *p < 0) {
+            return Err(StoreError::StreamNotFound(stream.to_string()));
+        }
+        rows.into_iter()
+            .map(|(p, bytes)| decode_at(p as u64, &bytes))
+            .collect()
+    }
+
+    pub fn read_all(
+        &self,
+        from: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let durable = self.event_count();
+        let limit = limit as i64;
+        let (low, high, sql) = match direction {
+            Direction::Forward => {
+                let start = from.unwrap_or(0);
+                if start >= durable {
+                    return Ok(Vec::new());
+                }
+                (
+                    start as i64,
+                    durable as i64,
+                    "SELECT position, record FROM contimg_events WHERE position >= $1 \
+                     AND position < $2 ORDER BY position LIMIT $3",
+                )
+            }
+            Direction::Backward => {
+                let Some(last) = durable.checked_sub(1) else {
+                    return Ok(Vec::new());
+                };
+                let start = from.unwrap_or(last).min(last);
+                (
+                    0,
+                    start as i64 + 1,
+                    "SELECT position, record FROM contimg_events WHERE position >= $1 \
+                     AND position < $2 ORDER BY position DESC LIMIT $3",
+                )
+            }
+        };
+        let rows: Vec<(i64, Vec<u8>)> = self.query("reading the log", move |c| {
+            Box::pin(async move {
+                let rows = c.query(sql, &[&low, &high, &limit]).await?;
+                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            })
+        })?;
+        rows.into_iter()
+            .map(|(p, bytes)| decode_at(p as u64, &bytes))
+            .collect()
+    }
+
+    /// Every durable record from `from` on (up to the head when called), a page at a time.
+    pub fn raw_from(&self, from: u64) -> RawIter {
+        RawIter {
+            store: self.clone(),
+            next: from,
+            end: self.event_count().max(from),
+            buf: VecDeque::new(),
+            failed: false,
+        }
+    }
+
+    fn page(&self, from: u64, end: u64) -> Result<Vec<RawRecord>, StoreError> {
+        let (low, high) = (from as i64, end as i64);
+        let rows: Vec<(i64, Vec<u8>)> = self.query("reading the log", move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT position, record FROM contimg_events WHERE position >= $1 \
+                         AND position < $2 ORDER BY position LIMIT $3",
+                        &[&low, &high, &PAGE],
+                    )
+                    .await?;
+                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            })
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(p, bytes)| RawRecord {
+                position: p as u64,
+                range: 0..bytes.len(),
+                bytes: RawBytes::Owned(bytes),
+            })
+            .collect())
+    }
+
+    pub fn save_snapshot(
+        &self,
+        name: &str,
+        checkpoint: Option<u64>,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let (name, bytes) = (name.to_string(), bytes.to_vec());
+        let checkpoint = checkpoint.map(|c| c as i64);
+        self.query("saving a snapshot", move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO contimg_snapshots (name, checkpoint, bytes) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET checkpoint = EXCLUDED.checkpoint, bytes = EXCLUDED.bytes",
+                    &[&name, &checkpoint, &bytes],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+    }
+
+    pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
+        let name = name.to_string();
+        self.query("loading a snapshot", move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        "SELECT checkpoint, bytes FROM contimg_snapshots WHERE name = $1",
+                        &[&name],
+                    )
+                    .await?;
+                Ok(row.map(|r| {
+                    (
+                        r.get::<_, Option<i64>>(0).map(|c| c as u64),
+                        r.get::<_, Vec<u8>>(1),
+                    )
+                }))
+            })
+        })
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.query("measuring the log", |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_one("SELECT pg_total_relation_size('contimg_events')", &[])
+                    .await?;
+                Ok(row.get::<_, i64>(0) as u64)
+            })
+        })
+        .unwrap_or(0)
+    }
+
+    /// Rows from `from` on, whatever the head says, for `verify`.
+    pub fn scan_page(&self, from: u64) -> Result<Vec<ScannedRow>, StoreError> {
+        let from = from as i64;
+        self.query("reading the log", move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT position, stream, revision, event_id, record FROM contimg_events \
+                         WHERE position >= $1 ORDER BY position LIMIT $2",
+                        &[&from, &PAGE],
+                    )
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| ScannedRow {
+                        position: r.get::<_, i64>(0) as u64,
+                        stream: r.get(1),
+                        revision: r.get::<_, i64>(2) as u64,
+                        event_id: r.get(3),
+                        record: r.get(4),
+                    })
+                    .collect())
+            })
+        })
+    }
+
+    /// The heads the streams table holds, for `verify`.
+    pub fn stored_heads(&self) -> Result<(u64, HashMap<String, u64>), StoreError> {
+        self.query("reading the stream heads", |c| {
+            Box::pin(async move {
+                let head = c
+                    .query_one("SELECT next_position FROM contimg_head WHERE id = 1", &[])
+                    .await?
+                    .get::<_, i64>(0) as u64;
+                let rows = c
+                    .query("SELECT stream, revision FROM contimg_streams", &[])
+                    .await?;
+                Ok((
+                    head,
+                    rows.iter()
+                        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+                        .collect(),
+                ))
+            })
+        })
+    }
+
+    /// Whether this server holds the ledger's leadership, followed as it changes. The
+    /// first call starts the task that tries for the advisory lock every second.
+    pub fn leadership(&self) -> watch::Receiver<bool> {
+        let mut slot = self.inner.leader.lock().expect("leader mutex");
+        if let Some(rx) = slot.as_ref() {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(false);
+        self.inner
+            .handle
+            .spawn(lead_loop(self.inner.shared.clone(), tx));
+        *slot = Some(rx.clone());
+        rx
+    }
+
+    /// Runs SQL on the ledger's database (for tests that damage it on purpose).
+    pub fn execute_sql(&self, sql: &str) -> Result<(), StoreError> {
+        let sql = sql.to_string();
+        self.query("running SQL", move |c| {
+            Box::pin(async move { c.batch_execute(&sql).await })
+        })
+    }
+}
+
+/// A row of the events table, as `verify` reads it.
+pub struct ScannedRow {
+    pub position: u64,
+    pub stream: String,
+    pub revision: u64,
+    pub event_id: Uuid,
+    pub record: Vec<u8>,
+}
+
+/// Runs `fut` on `handle` and waits for it from any thread (async code included).
+fn run_on<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| StoreError::Closed)
+}
+
+/// Checks the database (or creates the tables in an empty one) and reads the head.
+async fn init(config: &tokio_postgres::Config) -> Result<u64, StoreError> {
+    let (mut client, _driver) = connect(config).await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(db_error("starting the schema check"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INIT_LOCK])
+        .await
+        .map_err(db_error("locking the schema check"))?;
+    let has_meta = tx
+        .query_opt(
+            "SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'contimg_meta'",
+            &[],
+        )
+        .await
+        .map_err(db_error("reading the catalog"))?
+        .is_some();
+    if has_meta {
+        let rows = tx
+            .query("SELECT key, value FROM contimg_meta", &[])
+            .await
+            .map_err(db_error("reading contimg_meta"))?;
+        let meta: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(StoreError::NotALedger(
+                "its contimg_meta table does not name a contimg ledger".into(),
+            ));
+        }
+        let version = meta.get("schema_version").cloned().unwrap_or_default();
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::NotALedger(format!(
+                "its schema version is {version:?}; this contimg reads version {SCHEMA_VERSION}"
+            )));
+        }
+    } else {
+        let others = tx
+            .query(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename LIMIT 5",
+                &[],
+            )
+            .await
+            .map_err(db_error("reading the catalog"))?;
+        if !others.is_empty() {
+            let names: Vec<String> = others.iter().map(|r| r.get(0)).collect();
+            return Err(StoreError::NotALedger(format!(
+                "it holds other tables ({}) and no contimg ledger; give contimg an empty database",
+                names.join(", ")
+            )));
+        }
+        tx.batch_execute(SCHEMA)
+            .await
+            .map_err(db_error("creating the ledger's tables"))?;
+        tracing::info!("created a new ledger's tables");
+    }
+    let head = tx
+        .query_one("SELECT next_position FROM contimg_head WHERE id = 1", &[])
+        .await
+        .map_err(db_error("reading the log's head"))?
+        .get::<_, i64>(0) as u64;
+    tx.commit()
+        .await
+        .map_err(db_error("finishing the schema check"))?;
+    Ok(head)
+}
+
+/// What a commit found committed: the heads and ids its requests name.
+struct Fetched {
+    heads: HashMap<String, u64>,
+    ids: HashMap<(String, Uuid), (u64, u64)>,
+}
+
+impl Index for Fetched {
+    fn head(&mut self, stream: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.heads.get(stream).copied())
+    }
+    fn find_id(&mut self, stream: &str, id: Uuid) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(self.ids.get(&(stream.to_string(), id)).copied())
+    }
+}
+
+enum Outcome {
+    Append(Result<AppendResult, StoreError>),
+    Import(Result<(), StoreError>),
+}
+
+/// One group commit: decide every request under the head row's lock, write the accepted
+/// records, move and announce the head, commit.
+async fn commit(
+    client: &mut Client,
+    batch: &[WriterMsg],
+) -> Result<(Vec<Outcome>, u64), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            "SELECT next_position, last_created FROM contimg_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await?;
+    let mut planner = Planner {
+        next_position: row.get::<_, i64>(0) as u64,
+        last_created: row.get(1),
+    };
+    let mut streams: Vec<&str> = Vec::new();
+    let mut id_streams: Vec<&str> = Vec::new();
+    let mut id_ids: Vec<Uuid> = Vec::new();
+    for m in batch {
+        match m {
+            WriterMsg::Append(r) => {
+                streams.push(&r.stream);
+                for e in &r.events {
+                    id_streams.push(&r.stream);
+                    id_ids.push(e.event_id);
+                }
+            }
+            WriterMsg::Import(r) => {
+                for rec in &r.records {
+                    streams.push(&rec.stream_id);
+                    id_streams.push(&rec.stream_id);
+                    id_ids.push(rec.event_id);
+                }
+            }
+        }
+    }
+    streams.sort_unstable();
+    streams.dedup();
+    let heads = tx
+        .query(
+            "SELECT stream, revision FROM contimg_streams WHERE stream = ANY($1)",
+            &[&streams],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+        .collect();
+    let ids = tx
+        .query(
+            "SELECT e.stream, e.event_id, e.revision, e.position FROM contimg_events e \
+             JOIN UNNEST($1::text[], $2::uuid[]) AS k(stream, event_id) USING (stream, event_id)",
+            &[&id_streams, &id_ids],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                (r.get::<_, String>(0), r.get::<_, Uuid>(1)),
+                (r.get::<_, i64>(2) as u64, r.get::<_, i64>(3) as u64),
+            )
+        })
+        .collect();
+    let mut index = Fetched { heads, ids };
+    let mut plan = Plan::default();
+    let now = now_micros();
+    let outcomes = batch
+        .iter()
+        .map(|m| match m {
+            WriterMsg::Append(r) => Outcome::Append(
+                planner.append(&r.stream, r.expected, &r.events, &mut plan, &mut index, now),
+            ),
+            WriterMsg::Import(r) => {
+                Outcome::Import(planner.import(&r.records, &mut plan, &mut index))
+            }
+        })
+        .collect();
+    if !plan.records.is_empty() {
+        let n = plan.records.len();
+        let mut positions = Vec::with_capacity(n);
+        let mut rec_streams = Vec::with_capacity(n);
+        let mut revisions = Vec::with_capacity(n);
+        let mut event_ids = Vec::with_capacity(n);
+        let mut bytes: Vec<&[u8]> = Vec::with_capacity(n);
+        for (r, encoded) in &plan.records {
+            positions.push(r.position as i64);
+            rec_streams.push(r.stream_id.as_str());
+            revisions.push(r.revision as i64);
+            event_ids.push(r.event_id);
+            bytes.push(encoded);
+        }
+        tx.execute(
+            "INSERT INTO contimg_events (position, stream, revision, event_id, record) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::bytea[])",
+            &[&positions, &rec_streams, &revisions, &event_ids, &bytes],
+        )
+        .await?;
+        let (head_streams, head_revisions): (Vec<&str>, Vec<i64>) = plan
+            .heads
+            .iter()
+            .map(|(s, r)| (s.as_str(), *r as i64))
+            .unzip();
+        tx.execute(
+            "INSERT INTO contimg_streams (stream, revision) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+             ON CONFLICT (stream) DO UPDATE SET revision = EXCLUDED.revision",
+            &[&head_streams, &head_revisions],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE contimg_head SET next_position = $1, last_created = $2 WHERE id = 1",
+            &[&(planner.next_position as i64), &planner.last_created],
+        )
+        .await?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &planner.next_position.to_string()],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok((outcomes, planner.next_position))
+}
+
+/// The writer: group commits, one transaction each, answered once committed.
+async fn write_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+    done: std::sync::mpsc::SyncSender<()>,
+) {
+    let mut client: Option<Client> = None;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut count = batch[0].len();
+        while count < MAX_COMMIT_EVENTS {
+            match rx.try_recv() {
+                Ok(m) => {
+                    count += m.len();
+                    batch.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            match connect(&shared.config).await {
+                Ok((c, _)) => client = Some(c),
+                Err(e) => {
+                    let detail = crate::events::error::chain(&e);
+                    tracing::warn!(error = %detail, "the ledger database is unreachable; appends refused");
+                    batch
+                        .into_iter()
+                        .for_each(|m| m.refuse(|| StoreError::Unavailable(detail.clone())));
+                    continue;
+                }
+            }
+        }
+        let c = client.as_mut().expect("connected");
+        match commit(c, &batch).await {
+            Ok((outcomes, end)) => {
+                shared.syncs.fetch_add(1, Ordering::Relaxed);
+                shared.advance(end);
+                for (m, o) in batch.into_iter().zip(outcomes) {
+                    match (m, o) {
+                        (WriterMsg::Append(r), Outcome::Append(o)) => drop(r.reply.send(o)),
+                        (WriterMsg::Import(r), Outcome::Import(o)) => drop(r.reply.send(o)),
+                        _ => unreachable!("outcomes follow the batch"),
+                    }
+                }
+            }
+            Err(e) => {
+                let detail = format!("the commit failed: {}", crate::events::error::chain(&e));
+                tracing::warn!(error = %detail, "a group commit failed; its appends were not acknowledged");
+                if c.is_closed() {
+                    client = None;
+                }
+                batch
+                    .into_iter()
+                    .for_each(|m| m.refuse(|| StoreError::Unavailable(detail.clone())));
+            }
+        }
+    }
+    let _ = done.send(());
+}
+
+/// Follows the head: `LISTEN`, re-reading the head row after every (re)connection.
+async fn listen_loop(shared: Arc<Shared>) {
+    while !shared.closed.load(Ordering::Acquire) {
+        if let Ok((client, mut conn)) = shared.config.connect(NoTls).await {
+            let (ntx, mut nrx) = mpsc::unbounded_channel::<String>();
+            let driver = tokio::spawn(async move {
+                let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                while let Some(m) = messages.next().await {
+                    match m {
+                        Ok(AsyncMessage::Notification(n)) => {
+                            let _ = ntx.send(n.payload().to_string());
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+            let listening = client.batch_execute(&format!("LISTEN {CHANNEL}")).await;
+            if listening.is_ok() {
+                if let Ok(row) = client
+                    .query_one("SELECT next_position FROM contimg_head WHERE id = 1", &[])
+                    .await
+                {
+                    shared.advance(row.get::<_, i64>(0) as u64);
+                }
+                while let Some(payload) = nrx.recv().await {
+                    if let Ok(head) = payload.parse::<u64>() {
+                        shared.advance(head);
+                    }
+                }
+            }
+            driver.abort();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Tries for the leadership lock every second; holds it on its own connection, checked
+/// every second, until that connection fails.
+async fn lead_loop(shared: Arc<Shared>, tx: watch::Sender<bool>) {
+    while !shared.closed.load(Ordering::Acquire) {
+        if let Ok((client, mut driver)) = connect(&shared.config).await {
+            loop {
+                match client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+                    .await
+                {
+                    Ok(row) if row.get::<_, bool>(0) => {
+                        tracing::info!("this server leads the ledger (publisher and recovery)");
+                        tx.send_replace(true);
+                        loop {
+                            tokio::select! {
+                                _ = &mut driver => break,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                            let alive = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                client.simple_query("SELECT 1"),
+                            )
+                            .await;
+                            if !matches!(alive, Ok(Ok(_))) || shared.closed.load(Ordering::Acquire)
+                            {
+                                break;
+                            }
+                        }
+                        tracing::warn!("this server lost the ledger's leadership");
+                        tx.send_replace(false);
+                        break;
+                    }
+                    Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    Err(_) => break,
+                }
+                if shared.closed.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+            driver.abort();
+        }
+        tx.send_replace(false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Records of the log from a position, read a page at a time; a missing position is
+/// reported as corrupt, never skipped.
+pub struct RawIter {
+    store: PgStore,
+    next: u64,
+    end: u64,
+    buf: VecDeque<RawRecord>,
+    failed: bool,
+}
+
+impl Iterator for RawIter {
+    type Item = Result<RawRecord, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        if self.buf.is_empty() && self.next < self.end {
+            match self.store.page(self.next, self.end) {
+                Ok(page) => self.buf.extend(page),
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        if self.next >= self.end {
+            return None;
+        }
+        match self.buf.pop_front() {
+            Some(r) if r.position == self.next => {
+                self.next += 1;
+                Some(Ok(r))
+            }
+            _ => {
+                self.failed = true;
+                Some(Err(StoreError::Corrupt {
+                    position: self.next,
+                    reason: "missing from the log".into(),
+                }))
+            }
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! The event store on sled, the embedded backend: one writer thread with group commit,
+//! reads of streams and of `$all`.
+//!
+//! One sled tree, `ledger`, holds four kinds of key, told apart by a first byte (numbers
+//! big-endian so that sled's byte order is numeric order):
+//! - `L` position -> a chunk: the encoded records of one commit from that position on
+//!   (the truth, `$all`);
+//! - `H` stream -> last revision (the stream head);
+//! - `S` stream 0x00 revision -> position (the stream index);
+//! - `I` stream 0x00 event id -> revision, position (the durable idempotency index).
+//!
+//! One tree because a sled batch on one tree is atomic, crash included: a group commit
+//! writes events, heads and both indexes in one `apply_batch`, which costs a fraction of
+//! a multi-tree transaction. Stream names hold no control character, so 0x00 cannot occur
+//! inside one.
+//!
+//! Appends go through two threads. The writer takes every queued request, decides each
+//! (expected revision, idempotency), and applies the accepted ones in one batch; the
+//! syncer then makes everything applied so far durable (sled flush, then `fdatasync` of
+//! the data file) and only then answers. While the syncer waits on the disk the writer
+//! applies the next requests, so a group commit grows with the load by itself.
+//!
+//! Readers only see events up to the durable head: an event becomes visible after the
+//! batch holding it has been flushed and `fdatasync`ed, at the moment its writers are
+//! acknowledged. So nothing a projection folds can vanish in a crash.
+//!
+//! A failed sync (the flush, the `fdatasync`, or the fsync of a new sled blob file)
+//! poisons the store: every later append is refused until a restart. A second tree,
+//! `snapshots`, holds one value per projection: a format byte, the checkpoint plus one
+//! (u64 big-endian, 0 for none), then the projection's bytes, so a snapshot and its
+//! checkpoint cannot disagree. It is not part of the log; `verify` ignores it.
+//!
+//! Tunable numbers (besides the store's, in `store/mod.rs`): a log chunk is filled while
+//! it stays under 64 KiB (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk
+//! of its own); sled's page cache is 1 GiB (`SledStore::open`).
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use super::super::error::{StoreError, be_u64};
+use super::super::record::RecordedEvent;
+use super::{
+    DEFAULT_RESERVE_BYTES, Direction, LOCK_FILE, LOG_DIR, MAX_COMMIT_EVENTS, RawBytes, RawRecord,
+    Snapshot, WriterMsg, decode_at, now_micros,
+};
+
+mod layout;
+mod syncer;
+mod writer;
+
+pub(crate) use layout::{chunk, keys};
+use syncer::{SyncQueue, Syncer};
+use writer::{Reply, Ticket, Writer};
+
+struct Inner {
+    dir: PathBuf,
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Projection snapshots, each stored with its checkpoint in one value.
+    snapshots: sled::Tree,
+    /// Number of durable events: positions `0..durable` are readable.
+    durable: AtomicU64,
+    /// Durability rounds (flush + fdatasync) since open.
+    syncs: AtomicU64,
+    head_tx: watch::Sender<u64>,
+    sender: Mutex<Option<mpsc::Sender<WriterMsg>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set by `close`, after the writer has answered everything.
+    closed: AtomicBool,
+    /// Set after a failed flush: the state on disk is unknown, so no more appends.
+    poisoned: Arc<AtomicBool>,
+    /// Free bytes a commit leaves on the ledger's file system.
+    reserve: Arc<AtomicU64>,
+    _lock: File,
+}
+
+/// A handle to an open sled ledger. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+/// Records of the log in order, undecoded, each in its shared chunk.
+pub struct RawIter(LogIter);
+
+impl Iterator for RawIter {
+    type Item = Result<RawRecord, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(self.0.next()?.map(|(position, bytes, range)| RawRecord {
+            position,
+            bytes: RawBytes::Sled(bytes),
+            range,
+        }))
+    }
+}
+
+/// One record's place: its position and its bytes inside a chunk value.
+type LogEntry = (u64, sled::IVec, std::ops::Range<usize>);
+
+/// Walks log chunks lazily, yielding the records whose positions lie in `[from, to)`.
+pub struct LogIter {
+    chunks: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>,
+    pending: VecDeque<LogEntry>,
+    from: u64,
+    to: u64,
+    backward: bool,
+}
+
+impl Iterator for LogIter {
+    type Item = Result<LogEntry, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(Ok(e));
+            }
+            let (k, v) = match self.chunks.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let start = match be_u64(&k[1..], "log key") {
+                Ok(s) => s,
+                Err(e) => return Some(Err(e)),
+            };
+            let ranges = match chunk::entries(&v) {
+                Ok(r) => r,
+                Err(reason) => {
+                    return Some(Err(StoreError::Corrupt {
+                        position: start,
+                        reason,
+                    }));
+                }
+            };
+            let mut entries: Vec<LogEntry> = ranges
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (start + i as u64, v.clone(), r))
+                .filter(|(p, _, _)| *p >= self.from && *p < self.to)
+                .collect();
+            if self.backward {
+                entries.reverse();
+            }
+            self.pending.extend(entries);
+        }
+    }
+}
+
+/// Takes the folder's lock file, or says who holds it.
+fn lock_folder(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        return Err(StoreError::Locked {
+            dir: dir.display().to_string(),
+            pid: text.trim().parse().ok(),
+        });
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    file.sync_data()?;
+    Ok(file)
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the ledger in `dir`. Fails at once, naming the folder and
+    /// the owner's pid, when another process holds it.
+    pub fn open(dir: impl AsRef<Path>) -> Result<SledStore, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Folder {
+            path: dir.clone(),
+            source,
+        })?;
+        let lock = lock_folder(&dir)?;
+        let sled_dir = dir.join(LOG_DIR);
+        let fresh = !sled_dir.exists();
+        let db = sled::Config::new()
+            .path(&sled_dir)
+            .cache_capacity(1024 * 1024 * 1024)
+            .open()
+            .map_err(|e| StoreError::Folder {
+                path: sled_dir.clone(),
+                source: match e {
+                    sled::Error::Io(io) => io,
+                    other => std::io::Error::other(other.to_string()),
+                },
+            })?;
+        if fresh {
+            // New files exist now: make their directory entries durable.
+            File::open(&sled_dir)?.sync_all()?;
+            File::open(&dir)?.sync_all()?;
+        }
+        let tree = db.open_tree("ledger")?;
+        let (next_position, last_created) = match tree
+            .range(keys::log(0)..=keys::log(u64::MAX))
+            .next_back()
+        {
+            Some(item) => {
+                let (k, v) = item?;
+                let start = be_u64(&k[1..], "log key")?;
+                // A damaged last chunk must not keep `verify` from reporting on it.
+                match chunk::entries(&v) {
+                    Ok(ranges) => {
+                        let last = start + ranges.len() as u64 - 1;
+                        let r = ranges.last().expect("a chunk is never empty").clone();
+                        let created = decode_at(last, &v[r]).map_or_else(
+                            |e| {
+                                tracing::error!(error = %e, "the last record is damaged; run contimg verify");
+                                now_micros()
+                            },
+                            |r| r.created_micros,
+                        );
+                        (last + 1, created)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, position = start, "the last log chunk is damaged; run contimg verify");
+                        (start + 1, now_micros())
+                    }
+                }
+            }
+            None => (0, i64::MIN),
+        };
+        let data_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(sled_dir.join("db"))?;
+        let (head_tx, _) = watch::channel(next_position);
+        let (tx, rx) = mpsc::channel();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let reserve = Arc::new(AtomicU64::new(DEFAULT_RESERVE_BYTES));
+        let inner = Arc::new(Inner {
+            dir,
+            db: db.clone(),
+            tree: tree.clone(),
+            snapshots: db.open_tree("snapshots")?,
+            durable: AtomicU64::new(next_position),
+            syncs: AtomicU64::new(0),
+            head_tx,
+            sender: Mutex::new(Some(tx)),
+            writer: Mutex::new(None),
+            poisoned: poisoned.clone(),
+            reserve: reserve.clone(),
+            closed: AtomicBool::new(false),
+            _lock: lock,
+        });
+        let writer = Writer {
+            tree,
+            planner: crate::events::store::plan::Planner {
+                next_position,
+                last_created,
+            },
+            poisoned: poisoned.clone(),
+            reserve: writer::Reserve {
+                dir: sled_dir.clone(),
+                bytes: reserve,
+                refusing: false,
+            },
+        };
+        let syncer = Syncer {
+            db,
+            data_file,
+            blobs_dir: sled_dir.join("blobs"),
+            synced_blobs: Mutex::new(HashSet::new()),
+            queue: Arc::new(SyncQueue::default()),
+            inner: Arc::downgrade(&inner),
+            poisoned,
+        };
+        let handle = std::thread::Builder::new()
+            .name("contimg-writer".into())
+            .spawn(move || writer.run(rx, syncer))?;
+        *inner.writer.lock().expect("writer mutex") = Some(handle);
+        Ok(SledStore { inner })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Sets the free space commits leave on the ledger's file system
+    /// ([`DEFAULT_RESERVE_BYTES`] until set; 0 turns the check off).
+    pub fn set_reserve_bytes(&self, bytes: u64) {
+        self.inner.reserve.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Number of durable events; the last position is this minus one.
+    pub fn event_count(&self) -> u64 {
+        self.inner.durable.load(Ordering::Acquire)
+    }
+
+    /// Durability rounds (one flush and one fdatasync each) since the store was opened.
+    pub fn sync_count(&self) -> u64 {
+        self.inner.syncs.load(Ordering::Relaxed)
+    }
+
+    /// The last durable position, `None` when the log is empty.
+    pub fn last_position(&self) -> Option<u64> {
+        self.event_count().checked_sub(1)
+    }
+
+    pub(super) fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Err(StoreError::Poisoned);
+        }
+        let guard = self.inner.sender.lock().expect("sender mutex");
+        let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+        sender.send(msg).map_err(|_| StoreError::Closed)
+    }
+
+    /// Stops taking appends, lets the writer finish (and acknowledge) what it holds, and
+    /// waits for it. Later appends fail with [`StoreError::Closed`].
+    pub fn close(&self) {
+        drop(self.inner.sender.lock().expect("sender mutex").take());
+        if let Some(handle) = self.inner.writer.lock().expect("writer mutex").take() {
+            let _ = handle.join();
+        }
+        // Wake caught-up subscribers so that they see the end.
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.head_tx.send_modify(|_| {});
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// The last revision of a stream among durable events, `None` when it has none.
+    pub fn stream_head(&self, stream: &str) -> Result<Option<u64>, StoreError> {
+        let Some(rev) = self.inner.tree.get(keys::head(stream))? else {
+            return Ok(None);
+        };
+        // The head may be ahead of durability for a moment; step back to the durable part.
+        let durable = self.event_count();
+        let prefix_len = keys::in_stream(keys::INDEX, stream, &[]).len();
+        for item in self
+            .inner
+            .tree
+            .range(keys::index(stream, 0)..=keys::index(stream, be_u64(&rev, "stream head")?))
+            .rev()
+        {
+            let (k, v) = item?;
+            if be_u64(&v, "stream index value")? < durable {
+                return Ok(Some(be_u64(
+                    k.get(prefix_len..).unwrap_or_default(),
+                    "stream index key",
+                )?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads up to `limit` events of a stream from revision `from` (inclusive; `None`
+    /// means the start going forward and the end going backward).
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let durable = self.event_count();
+        let low = keys::index(stream, 0);
+        let high = keys::index(stream, u64::MAX);
+        let exists = match self.inner.tree.range(low.clone()..=high.clone()).next() {
+            Some(item) => be_u64(&item?.1, "stream index value")? < durable,
+            None => false,
+        };
+        if !exists {
+            return Err(StoreError::StreamNotFound(stream.to_string()));
+        }
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match direction
+        {
+            Direction::Forward => Box::new(
+                self.inner
+                    .tree
+                    .range(keys::index(stream, from.unwrap_or(0))..=high),
+            ),
+            Direction::Backward => Box::new(
+                self.inner
+                    .tree
+                    .range(low..=keys::index(stream, from.unwrap_or(u64::MAX)))
+                    .rev(),
+            ),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let position = be_u64(&item?.1, "stream index value")?;
+            if position >= durable {
+                // Not yet durable: invisible. Going forward nothing after it is either.
+                if direction == Direction::Forward {
+                    break;
+                }
+                continue;
+            }
+            out.push(self.get(position)?);
+        }
+        Ok(out)
+    }
+
+    /// The event at a position.
+    pub fn get(&self, position: u64) -> Result<RecordedEvent, StoreError> {
+        if position >= self.event_count() {
+            return Err(StoreError::InvalidInput(format!(
+                "position {position} is past the end of the log"
+            )));
+        }
+        match self.log_range(position, position + 1).next() {
+            Some(entry) => {
+                let (p, bytes, r) = entry?;
+                decode_at(p, &bytes[r])
+            }
+            None => Err(StoreError::Corrupt {
+                position,
+                reason: "missing from the log".into(),
+            }),
+        }
+    }
+
+    /// The key of the chunk holding `position` (its first position).
+    fn chunk_start(&self, position: u64) -> Result<u64, StoreError> {
+        Ok(
+            match self
+                .inner
+                .tree
+                .range(keys::log(0)..=keys::log(position))
+                .next_back()
+            {
+                Some(item) => be_u64(&item?.0[1..], "log key")?,
+                None => position,
+            },
+        )
+    }
+
+    /// Records in `[from, to)`, in order, read lazily chunk by chunk.
+    fn log_range(&self, from: u64, to: u64) -> LogIter {
+        self.log_iter(from, to, false)
+    }
+
+    /// Records in `[from, to)`, last first.
+    fn log_range_rev(&self, from: u64, to: u64) -> LogIter {
+        self.log_iter(from, to, true)
+    }
+
+    fn log_iter(&self, from: u64, to: u64, backward: bool) -> LogIter {
+        let first = if from >= to {
+            to
+        } else {
+            self.chunk_start(from).unwrap_or(from)
+        };
+        let range = self
+            .inner
+            .tree
+            .range(keys::log(first)..keys::log(to.max(first)));
+        LogIter {
+            chunks: if backward {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            },
+            pending: VecDeque::new(),
+            from,
+            to,
+            backward,
+        }
+    }
+
+    /// Reads up to `limit` events of `$all` from position `from` (inclusive; `None` means
+    /// the start going forward and the end going backward).
+    pub fn read_all(
+        &self,
+        from: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let durable = self.event_count();
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let entries: LogIter = match direction {
+            Direction::Forward => {
+                let start = from.unwrap_or(0);
+                if start >= durable {
+                    return Ok(out);
+                }
+                self.log_range(start, durable)
+            }
+            Direction::Backward => {
+                let Some(last) = durable.checked_sub(1) else {
+                    return Ok(out);
+                };
+                let start = from.unwrap_or(last).min(last);
+                self.log_range_rev(0, start + 1)
+            }
+        };
+        for entry in entries.take(limit) {
+            let (position, bytes, r) = entry?;
+            out.push(decode_at(position, &bytes[r])?);
+        }
+        Ok(out)
+    }
+
+    /// Every durable record from `from` on, in order, undecoded.
+    pub fn raw_from(&self, from: u64) -> RawIter {
+        let durable = self.event_count();
+        RawIter(self.log_range(from, durable.max(from)))
+    }
+
+    /// The durable head's watch.
+    pub fn head_watch(&self) -> watch::Receiver<u64> {
+        self.inner.head_tx.subscribe()
+    }
+
+    /// Stores a projection snapshot together with its checkpoint (the position of the last
+    /// event folded into it), in one value so the two cannot disagree.
+    pub fn save_snapshot(
+        &self,
+        name: &str,
+        checkpoint: Option<u64>,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(bytes.len() + 9);
+        value.push(1u8);
+        value.extend_from_slice(&checkpoint.map_or(0, |c| c + 1).to_be_bytes());
+        value.extend_from_slice(bytes);
+        self.inner.snapshots.insert(name.as_bytes(), value)?;
+        Ok(())
+    }
+
+    /// The last snapshot saved under `name`, with its checkpoint.
+    pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
+        let Some(v) = self.inner.snapshots.get(name.as_bytes())? else {
+            return Ok(None);
+        };
+        if v.len() < 9 || v[0] != 1 {
+            return Ok(None);
+        }
+        let c = be_u64(&v[1..9], "snapshot checkpoint")?;
+        Ok(Some((c.checked_sub(1), v[9..].to_vec())))
+    }
+
+    /// Raw access for `verify`.
+    pub fn raw_tree(&self) -> sled::Tree {
+        self.inner.tree.clone()
+    }
+
+    /// Bytes sled occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+}

@@ -1,0 +1,256 @@
+//! The writer thread: takes every queued append and import, decides each (expected
+//! revision, idempotency, the log's shape), stages the accepted ones in one sled batch
+//! (events in chunks, stream heads, both indexes) and applies it, then hands the batch to
+//! the syncer with the answers it owes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::*;
+use crate::events::store::AppendResult;
+use crate::events::store::plan::{Index, Plan, Planner};
+
+/// Owns appends. Runs on its own thread because sled and fdatasync block.
+pub(super) struct Writer {
+    pub(super) tree: sled::Tree,
+    pub(super) planner: Planner,
+    pub(super) poisoned: Arc<AtomicBool>,
+    pub(super) reserve: Reserve,
+}
+
+/// The free space a group commit leaves untouched on the ledger's file system. sled
+/// cannot recover from a write that runs out of space (it stops, and a restart is
+/// needed), so a commit is refused while less than this is free: nothing is written, the
+/// refusal says why (HTTP 507), and appends succeed again once space is freed.
+pub(super) struct Reserve {
+    pub(super) dir: PathBuf,
+    pub(super) bytes: Arc<AtomicU64>,
+    /// Whether the last commit was refused: the log says when refusing starts and stops,
+    /// not at every commit.
+    pub(super) refusing: bool,
+}
+
+impl Reserve {
+    /// `Some((free, reserve))` when a commit must be refused.
+    fn short(&mut self) -> Option<(u64, u64)> {
+        let reserve = self.bytes.load(Ordering::Relaxed);
+        let short = match crate::disk::space(&self.dir) {
+            Some((free, _)) if free < reserve => Some((free, reserve)),
+            _ => None,
+        };
+        match (short, self.refusing) {
+            (Some((free, reserve)), false) => tracing::error!(
+                free, reserve, dir = %self.dir.display(),
+                "the ledger's file system is under its reserve; appends are refused until space is freed"
+            ),
+            (None, true) => {
+                tracing::warn!("the ledger's file system has room again; appends resume")
+            }
+            _ => {}
+        }
+        self.refusing = short.is_some();
+        short
+    }
+}
+
+/// One applied batch waiting to be made durable, with the answers it owes.
+pub(super) struct Ticket {
+    /// The log's next position once this batch is in.
+    pub(super) end: u64,
+    pub(super) replies: Vec<Reply>,
+}
+
+pub(super) enum Reply {
+    Append(
+        oneshot::Sender<Result<AppendResult, StoreError>>,
+        Result<AppendResult, StoreError>,
+    ),
+    Import(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
+}
+
+impl Reply {
+    pub(super) fn send(self) {
+        match self {
+            Reply::Append(tx, r) => drop(tx.send(r)),
+            Reply::Import(tx, r) => drop(tx.send(r)),
+        }
+    }
+
+    /// Turns a success into `err()`: the batch it belongs to never became durable.
+    pub(super) fn fail(self, err: impl Fn() -> StoreError) {
+        match self {
+            Reply::Append(tx, r) => drop(tx.send(r.and_then(|_| Err(err())))),
+            Reply::Import(tx, r) => drop(tx.send(r.and_then(|_| Err(err())))),
+        }
+    }
+}
+
+impl Writer {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<WriterMsg>, syncer: Syncer) {
+        let queue = syncer.queue.clone();
+        let syncer = std::thread::Builder::new()
+            .name("contimg-sync".into())
+            .spawn(move || syncer.run());
+        let syncer = match syncer {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the sync thread");
+                self.poisoned.store(true, Ordering::Release);
+                return;
+            }
+        };
+        // recv() keeps returning queued messages after every sender is gone, so a close
+        // still answers everything that was submitted.
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let mut count = batch[0].len();
+            while count < MAX_COMMIT_EVENTS {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        count += m.len();
+                        batch.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch, &queue);
+        }
+        queue.close();
+        let _ = syncer.join();
+    }
+
+    pub(super) fn commit_batch(&mut self, batch: Vec<WriterMsg>, queue: &SyncQueue) {
+        if self.poisoned.load(Ordering::Acquire) {
+            // The disk failed under an earlier batch: what is in sled now is unknown.
+            batch
+                .into_iter()
+                .for_each(|m| m.refuse(|| StoreError::Closed));
+            return;
+        }
+        if let Some((free, reserve)) = self.reserve.short() {
+            let dir = &self.reserve.dir;
+            batch.into_iter().for_each(|m| {
+                m.refuse(|| StoreError::NoSpace {
+                    path: dir.clone(),
+                    free,
+                    reserve,
+                })
+            });
+            return;
+        }
+        let start = self.planner;
+        let mut plan = Plan::default();
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut index = SledIndex(&self.tree);
+        let now = now_micros();
+        for msg in batch {
+            match msg {
+                WriterMsg::Append(req) => {
+                    let result = self.planner.append(
+                        &req.stream,
+                        req.expected,
+                        &req.events,
+                        &mut plan,
+                        &mut index,
+                        now,
+                    );
+                    replies.push(Reply::Append(req.reply, result));
+                }
+                WriterMsg::Import(req) => {
+                    let result = self.planner.import(&req.records, &mut plan, &mut index);
+                    replies.push(Reply::Import(req.reply, result));
+                }
+            }
+        }
+        if !plan.records.is_empty() {
+            // Atomic, crash included: events, heads and both indexes land together or not
+            // at all. Durability is the syncer's job.
+            if let Err(e) = self.tree.apply_batch(sled_batch(&plan)) {
+                tracing::error!(error = %e, "applying a batch failed; its appends are refused");
+                self.planner = start;
+                let e = e.to_string();
+                replies.into_iter().for_each(|r| {
+                    r.fail(|| StoreError::NotDurable {
+                        step: "applying the batch".into(),
+                        source: std::io::Error::other(e.clone()),
+                    })
+                });
+                return;
+            }
+        }
+        // Answers wait for the syncer even when nothing was written: a refusal or an
+        // idempotent repeat may rest on events of a batch that is not durable yet.
+        queue.push(Ticket {
+            end: self.planner.next_position,
+            replies,
+        });
+    }
+}
+
+/// The committed part of the `ledger` tree, as the planner asks it.
+struct SledIndex<'a>(&'a sled::Tree);
+
+impl Index for SledIndex<'_> {
+    fn head(&mut self, stream: &str) -> Result<Option<u64>, StoreError> {
+        self.0
+            .get(keys::head(stream))?
+            .map(|v| be_u64(&v, "stream head"))
+            .transpose()
+    }
+
+    fn find_id(&mut self, stream: &str, id: Uuid) -> Result<Option<(u64, u64)>, StoreError> {
+        self.0
+            .get(keys::id(stream, &id))?
+            .map(|v| {
+                Ok((
+                    be_u64(&v, "id index value")?,
+                    be_u64(v.get(8..).unwrap_or_default(), "id index value")?,
+                ))
+            })
+            .transpose()
+    }
+}
+
+/// A decided commit as one sled batch: the records in log chunks (a chunk is filled while
+/// it stays under `chunk::MAX_BYTES`), each stream's head, the stream index and the id
+/// index.
+fn sled_batch(plan: &Plan) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    let mut chunk: Vec<&[u8]> = Vec::new();
+    let mut chunk_start = 0;
+    let mut chunk_bytes = 0;
+    for (record, encoded) in &plan.records {
+        if !chunk.is_empty() && chunk_bytes + encoded.len() > chunk::MAX_BYTES {
+            batch.insert(&keys::log(chunk_start), chunk::encode(&chunk));
+            chunk.clear();
+            chunk_bytes = 0;
+        }
+        if chunk.is_empty() {
+            chunk_start = record.position;
+        }
+        chunk_bytes += encoded.len() + 4;
+        chunk.push(encoded);
+        let pos = record.position.to_be_bytes();
+        let rev = record.revision.to_be_bytes();
+        batch.insert(keys::index(&record.stream_id, record.revision), &pos);
+        let mut id_value = [0u8; 16];
+        id_value[..8].copy_from_slice(&rev);
+        id_value[8..].copy_from_slice(&pos);
+        batch.insert(keys::id(&record.stream_id, &record.event_id), &id_value);
+    }
+    if !chunk.is_empty() {
+        batch.insert(&keys::log(chunk_start), chunk::encode(&chunk));
+    }
+    for (stream, revision) in &plan.heads {
+        batch.insert(keys::head(stream), &revision.to_be_bytes());
+    }
+    batch
+}
+
+impl Writer {}
