@@ -1,5 +1,10 @@
-//! The event store on a real sled folder: semantics against a model, concurrency,
-//! idempotency, subscriptions, ownership and reopening.
+//! The event log's contract, one body of tests run on both backends: a real sled folder,
+//! and a throwaway PostgreSQL cluster of the test's own (`mod postgres`, not run without
+//! the PostgreSQL binaries). Semantics against a model, concurrency, idempotency across a
+//! reopen, subscriptions, `verify`, large commits; and what only sled has (one owner per
+//! folder).
+
+mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,6 +12,84 @@ use std::sync::Arc;
 use contimg::events::{Direction, ExpectedRevision, ProposedEvent, Store, StoreError};
 use proptest::prelude::*;
 use uuid::Uuid;
+
+/// Where the ledgers of one test live, and how one is opened again.
+pub enum Ledgers {
+    Sled(tempfile::TempDir),
+    Postgres(common::pg::PgCluster, tempfile::TempDir),
+}
+
+/// One ledger: a folder or a database URL.
+#[derive(Clone)]
+pub enum Location {
+    Folder(std::path::PathBuf),
+    Url(String),
+}
+
+impl Ledgers {
+    pub fn sled() -> Ledgers {
+        Ledgers::Sled(tempfile::tempdir().unwrap())
+    }
+
+    pub fn postgres() -> Ledgers {
+        Ledgers::Postgres(common::pg::PgCluster::start(), tempfile::tempdir().unwrap())
+    }
+
+    /// A new, empty ledger, open.
+    pub fn fresh(&self) -> (Location, Store) {
+        let loc = match self {
+            Ledgers::Sled(dir) => {
+                Location::Folder(tempfile::tempdir_in(dir.path()).unwrap().keep())
+            }
+            Ledgers::Postgres(cluster, _) => Location::Url(cluster.create_db()),
+        };
+        let store = self.open(&loc);
+        (loc, store)
+    }
+
+    pub fn open(&self, loc: &Location) -> Store {
+        match (loc, self) {
+            (Location::Folder(p), _) => Store::open(p).unwrap(),
+            (Location::Url(u), Ledgers::Postgres(_, dir)) => Store::connect(u, dir.path()).unwrap(),
+            (Location::Url(_), Ledgers::Sled(_)) => unreachable!(),
+        }
+    }
+
+    /// Damages the record at `position` (flips a byte) and removes the one at `gone`,
+    /// behind the store's back, on a closed ledger.
+    pub fn damage(&self, loc: &Location, position: u64, gone: u64) {
+        match loc {
+            Location::Folder(dir) => {
+                // Through sled itself. Each record of the test is its own commit, so its
+                // own chunk, keyed by its position.
+                let key = |p: u64| [&[b'L'][..], &p.to_be_bytes()].concat();
+                let db = sled::open(dir.join("log")).unwrap();
+                let log = db.open_tree("ledger").unwrap();
+                let mut bytes = log.get(key(position)).unwrap().unwrap().to_vec();
+                let last = bytes.len() - 1;
+                bytes[last] ^= 0x55;
+                log.insert(key(position), bytes).unwrap();
+                log.remove(key(gone)).unwrap();
+                db.flush().unwrap();
+            }
+            Location::Url(url) => {
+                let Ledgers::Postgres(cluster, _) = self else {
+                    unreachable!()
+                };
+                let db = url.rsplit('/').next().unwrap();
+                cluster.sql(
+                    db,
+                    &format!(
+                        "UPDATE contimg_events SET record = overlay(record placing \
+                         decode(lpad(to_hex(get_byte(record, length(record) - 1) # 85), 2, '0'), 'hex') \
+                         from length(record)) WHERE position = {position}; \
+                         DELETE FROM contimg_events WHERE position = {gone};"
+                    ),
+                );
+            }
+        }
+    }
+}
 
 fn ev(n: u32) -> ProposedEvent {
     ProposedEvent::new("Noted", 1, format!("{{\"n\":{n}}}").into_bytes())
@@ -98,18 +181,37 @@ fn slice<T: Clone>(
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
-    #[test]
-    fn append_and_read_match_the_model(ops in proptest::collection::vec(op(), 1..30)) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+/// The store against a model: random appends (every expected revision), repeats, and
+/// reads of streams and of `$all` in both directions.
+fn append_and_read_match_the_model(l: &Ledgers) {
+    let (seed, _) = common::seeded_rng();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 24,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op(), 1..30), |ops| {
+            model_case(l, ops)
+        })
+        .unwrap();
+}
+
+fn model_case(l: &Ledgers, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    {
+        let (_, store) = l.fresh();
         let mut model = Model::default();
         let names = ["product-a", "scratch-b", "group-c"];
         let mut n = 0;
         for op in ops {
             match op {
-                Op::Append { stream, expected, exact, count } => {
+                Op::Append {
+                    stream,
+                    expected,
+                    exact,
+                    count,
+                } => {
                     let name = names[stream];
                     let expected = match expected {
                         0 => ExpectedRevision::Any,
@@ -117,28 +219,42 @@ proptest! {
                         2 => ExpectedRevision::StreamExists,
                         _ => ExpectedRevision::Exact(exact),
                     };
-                    let events: Vec<_> = (0..count).map(|_| { n += 1; ev(n) }).collect();
+                    let events: Vec<_> = (0..count)
+                        .map(|_| {
+                            n += 1;
+                            ev(n)
+                        })
+                        .collect();
                     let current = model.head(name);
                     let result = store.append_blocking(name, expected, events.clone());
                     if expected.admits(current) {
                         let r = result.unwrap();
                         let first = current.map_or(0, |c| c + 1);
                         for (i, e) in events.iter().enumerate() {
-                            model.all.push((name.to_string(), e.event_id, first + i as u64));
+                            model
+                                .all
+                                .push((name.to_string(), e.event_id, first + i as u64));
                         }
                         prop_assert_eq!(r.next_expected_version, first + count as u64 - 1);
                         prop_assert_eq!(r.position, model.all.len() as u64 - 1);
-                        model.last_append.insert(name.to_string(), (expected, events, r.next_expected_version, r.position));
+                        model.last_append.insert(
+                            name.to_string(),
+                            (expected, events, r.next_expected_version, r.position),
+                        );
                     } else {
                         match result {
-                            Err(StoreError::WrongExpectedVersion { current: c, .. }) => prop_assert_eq!(c, current),
+                            Err(StoreError::WrongExpectedVersion { current: c, .. }) => {
+                                prop_assert_eq!(c, current)
+                            }
                             other => prop_assert!(false, "expected a conflict, got {:?}", other),
                         }
                     }
                 }
                 Op::Repeat { stream } => {
                     let name = names[stream];
-                    if let Some((expected, events, next, pos)) = model.last_append.get(name).cloned() {
+                    if let Some((expected, events, next, pos)) =
+                        model.last_append.get(name).cloned()
+                    {
                         let before = store.event_count();
                         let first = next + 1 - events.len() as u64;
                         let r = store.append_blocking(name, expected, events.clone());
@@ -154,43 +270,73 @@ proptest! {
                             prop_assert_eq!(r.next_expected_version, next);
                             prop_assert_eq!(r.position, pos);
                         } else {
-                            let is_conflict = matches!(r, Err(StoreError::WrongExpectedVersion { .. }));
+                            let is_conflict =
+                                matches!(r, Err(StoreError::WrongExpectedVersion { .. }));
                             prop_assert!(is_conflict);
                         }
                         prop_assert_eq!(store.event_count(), before);
                     }
                 }
-                Op::ReadStream { stream, from, backward, limit } => {
+                Op::ReadStream {
+                    stream,
+                    from,
+                    backward,
+                    limit,
+                } => {
                     let name = names[stream];
-                    let dir = if backward { Direction::Backward } else { Direction::Forward };
+                    let dir = if backward {
+                        Direction::Backward
+                    } else {
+                        Direction::Forward
+                    };
                     let want = model.stream(name);
                     match store.read_stream(name, from, dir, limit) {
                         Ok(got) => {
                             let want = slice(&want, |x| x.1, from, backward, limit);
-                            let got: Vec<_> = got.iter().map(|e| (e.event_id, e.revision, e.position)).collect();
+                            let got: Vec<_> = got
+                                .iter()
+                                .map(|e| (e.event_id, e.revision, e.position))
+                                .collect();
                             prop_assert_eq!(got, want);
                         }
                         Err(StoreError::StreamNotFound(_)) => prop_assert!(want.is_empty()),
                         Err(e) => prop_assert!(false, "read failed: {e}"),
                     }
                 }
-                Op::ReadAll { from, backward, limit } => {
-                    let dir = if backward { Direction::Backward } else { Direction::Forward };
-                    let items: Vec<(u64, Uuid)> = model.all.iter().enumerate().map(|(p, (_, id, _))| (p as u64, *id)).collect();
+                Op::ReadAll {
+                    from,
+                    backward,
+                    limit,
+                } => {
+                    let dir = if backward {
+                        Direction::Backward
+                    } else {
+                        Direction::Forward
+                    };
+                    let items: Vec<(u64, Uuid)> = model
+                        .all
+                        .iter()
+                        .enumerate()
+                        .map(|(p, (_, id, _))| (p as u64, *id))
+                        .collect();
                     let want = slice(&items, |x| x.0, from, backward, limit);
-                    let got: Vec<_> = store.read_all(from, dir, limit).unwrap().iter().map(|e| (e.position, e.event_id)).collect();
+                    let got: Vec<_> = store
+                        .read_all(from, dir, limit)
+                        .unwrap()
+                        .iter()
+                        .map(|e| (e.position, e.event_id))
+                        .collect();
                     prop_assert_eq!(got, want);
                 }
             }
         }
         store.close();
     }
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sixty_four_racing_exact_appenders_never_share_a_revision() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+async fn sixty_four_racing_exact_appenders_never_share_a_revision(l: &Ledgers) {
+    let (_, store) = l.fresh();
     let stream = "product-race";
     let mut successes = Vec::new();
     let mut conflicts = 0;
@@ -240,10 +386,8 @@ async fn sixty_four_racing_exact_appenders_never_share_a_revision() {
     assert_eq!(store.event_count(), 10);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_any_appends_are_all_kept_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+async fn concurrent_any_appends_are_all_kept_once(l: &Ledgers) {
+    let (_, store) = l.fresh();
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let store = store.clone();
@@ -276,10 +420,8 @@ async fn concurrent_any_appends_are_all_kept_once() {
     assert!(report.ok(), "{:?}", report.problems);
 }
 
-#[test]
-fn partial_overlap_of_committed_ids_is_a_conflict_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn partial_overlap_of_committed_ids_is_a_conflict_and_writes_nothing(l: &Ledgers) {
+    let (_, store) = l.fresh();
     let (a, b, c) = (ev(1), ev(2), ev(3));
     store
         .append_blocking(
@@ -311,18 +453,17 @@ fn partial_overlap_of_committed_ids_is_a_conflict_and_writes_nothing() {
     assert_eq!(store.event_count(), 4);
 }
 
-#[test]
-fn idempotency_survives_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+fn idempotency_survives_a_reopen(l: &Ledgers) {
     let e = ev(7);
+    let (loc, store) = l.fresh();
     {
-        let store = Store::open(dir.path()).unwrap();
         store
             .append_blocking("product-x", ExpectedRevision::NoStream, vec![e.clone()])
             .unwrap();
         store.close();
+        drop(store);
     }
-    let store = Store::open(dir.path()).unwrap();
+    let store = l.open(&loc);
     let r = store
         .append_blocking("product-x", ExpectedRevision::NoStream, vec![e])
         .unwrap();
@@ -335,7 +476,7 @@ fn idempotency_survives_a_reopen() {
 }
 
 #[test]
-fn a_second_opener_is_refused_at_once_naming_the_folder() {
+fn a_second_opener_of_a_sled_folder_is_refused_at_once_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let err = Store::open(dir.path()).unwrap_err();
@@ -347,10 +488,8 @@ fn a_second_opener_is_refused_at_once_naming_the_folder() {
     Store::open(dir.path()).expect("free again once closed");
 }
 
-#[test]
-fn bad_appends_are_refused_before_writing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn bad_appends_are_refused_before_writing(l: &Ledgers) {
+    let (_, store) = l.fresh();
     let e = ev(1);
     for (stream, events) in [
         ("", vec![ev(1)]),
@@ -376,10 +515,8 @@ fn bad_appends_are_refused_before_writing() {
     assert_eq!(store.event_count(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscription_switches_from_history_to_live_without_gap_or_duplicate() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+async fn subscription_switches_from_history_to_live_without_gap_or_duplicate(l: &Ledgers) {
+    let (_, store) = l.fresh();
     for i in 0..500 {
         store
             .append("scratch-s", ExpectedRevision::Any, vec![ev(i)])
@@ -408,47 +545,37 @@ async fn subscription_switches_from_history_to_live_without_gap_or_duplicate() {
     assert_eq!(seen, (100..1500).collect::<Vec<_>>());
 }
 
-#[test]
-fn verify_names_the_first_corrupt_position() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = Store::open(dir.path()).unwrap();
-        for i in 0..20 {
-            store
-                .append_blocking("scratch-v", ExpectedRevision::Any, vec![ev(i)])
-                .unwrap();
-        }
-        store.close();
+fn verify_names_the_first_corrupt_position(l: &Ledgers) {
+    let (loc, store) = l.fresh();
+    for i in 0..20 {
+        store
+            .append_blocking("scratch-v", ExpectedRevision::Any, vec![ev(i)])
+            .unwrap();
     }
-    // Corrupt one record behind the store's back, through sled itself. Each append above
-    // was its own commit, so each record is its own chunk, keyed by its position.
-    {
-        let key = |p: u64| [&[b'L'][..], &p.to_be_bytes()].concat();
-        let db = sled::open(dir.path().join("log")).unwrap();
-        let log = db.open_tree("ledger").unwrap();
-        let mut bytes = log.get(key(7)).unwrap().unwrap().to_vec();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x55;
-        log.insert(key(7), bytes).unwrap();
-        log.remove(key(12)).unwrap();
-        db.flush().unwrap();
-    }
-    let store = Store::open(dir.path()).unwrap();
+    store.close();
+    drop(store);
+    l.damage(&loc, 7, 12);
+    let store = l.open(&loc);
     let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
     assert!(!report.ok());
-    assert_eq!(report.first_bad_position(), Some(7));
+    assert_eq!(
+        report.first_bad_position(),
+        Some(7),
+        "{:?}",
+        report.problems
+    );
     assert!(
         report
             .problems
             .iter()
-            .any(|p| p.position == Some(12) && p.message.contains("gap"))
+            .any(|p| p.position == Some(12) && p.message.contains("gap")),
+        "{:?}",
+        report.problems
     );
 }
 
-#[test]
-fn large_commits_split_into_chunks_and_read_back_in_both_directions() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn large_commits_split_into_chunks_and_read_back_in_both_directions(l: &Ledgers) {
+    let (loc, store) = l.fresh();
     // 5 events of ~40 KiB in one append: more than one log chunk.
     let big = |i: u32| {
         ProposedEvent::new(
@@ -507,9 +634,140 @@ fn large_commits_split_into_chunks_and_read_back_in_both_directions() {
     store.close();
     drop(store);
     // Reopened, the log continues after the last chunk.
-    let store = Store::open(dir.path()).unwrap();
+    let store = l.open(&loc);
     let r = store
         .append_blocking("scratch-a", ExpectedRevision::Any, vec![ev(7)])
         .unwrap();
     assert_eq!(r.position, 7);
 }
+
+/// Snapshots keep their checkpoint with them, and a later one replaces the earlier.
+fn snapshots_keep_their_checkpoint(l: &Ledgers) {
+    let (loc, store) = l.fresh();
+    assert_eq!(store.load_snapshot("publish").unwrap(), None);
+    store.save_snapshot("publish", None, b"empty").unwrap();
+    assert_eq!(
+        store.load_snapshot("publish").unwrap(),
+        Some((None, b"empty".to_vec()))
+    );
+    store.save_snapshot("publish", Some(41), b"later").unwrap();
+    store.close();
+    drop(store);
+    let store = l.open(&loc);
+    assert_eq!(
+        store.load_snapshot("publish").unwrap(),
+        Some((Some(41), b"later".to_vec()))
+    );
+}
+
+/// An import writes records exactly as given; one out of place writes nothing.
+fn import_keeps_records_exactly_and_refuses_a_bad_one_whole(l: &Ledgers) {
+    let (_, source) = l.fresh();
+    for i in 0..30 {
+        source
+            .append_blocking(
+                &format!("scratch-{}", i % 3),
+                ExpectedRevision::Any,
+                vec![ev(i)],
+            )
+            .unwrap();
+    }
+    let records = source.read_all(None, Direction::Forward, 100).unwrap();
+    let (_, target) = l.fresh();
+    target.import_blocking(records[..10].to_vec()).unwrap();
+    // A gap (position 11 before 10) is refused, and nothing of it is written.
+    let bad = vec![records[11].clone(), records[10].clone()];
+    assert!(matches!(
+        target.import_blocking(bad),
+        Err(StoreError::InvalidInput(_))
+    ));
+    assert_eq!(target.event_count(), 10);
+    target.import_blocking(records[10..].to_vec()).unwrap();
+    let copied = target.read_all(None, Direction::Forward, 100).unwrap();
+    assert_eq!(copied, records);
+    let report = contimg::events::verify::verify(&target, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// One body of tests, for a backend.
+macro_rules! contract {
+    ($name:ident, $make:expr $(, #[$attr:meta])*) => {
+        mod $name {
+            use super::*;
+
+            $(#[$attr])*
+            #[test]
+            fn append_and_read_match_the_model() {
+                super::append_and_read_match_the_model(&$make);
+            }
+
+            $(#[$attr])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sixty_four_racing_exact_appenders_never_share_a_revision() {
+                super::sixty_four_racing_exact_appenders_never_share_a_revision(&$make).await;
+            }
+
+            $(#[$attr])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_any_appends_are_all_kept_once() {
+                super::concurrent_any_appends_are_all_kept_once(&$make).await;
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn partial_overlap_of_committed_ids_is_a_conflict_and_writes_nothing() {
+                super::partial_overlap_of_committed_ids_is_a_conflict_and_writes_nothing(&$make);
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn idempotency_survives_a_reopen() {
+                super::idempotency_survives_a_reopen(&$make);
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn bad_appends_are_refused_before_writing() {
+                super::bad_appends_are_refused_before_writing(&$make);
+            }
+
+            $(#[$attr])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn subscription_switches_from_history_to_live_without_gap_or_duplicate() {
+                super::subscription_switches_from_history_to_live_without_gap_or_duplicate(&$make)
+                    .await;
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn verify_names_the_first_corrupt_position() {
+                super::verify_names_the_first_corrupt_position(&$make);
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn large_commits_split_into_chunks_and_read_back_in_both_directions() {
+                super::large_commits_split_into_chunks_and_read_back_in_both_directions(&$make);
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn snapshots_keep_their_checkpoint() {
+                super::snapshots_keep_their_checkpoint(&$make);
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn import_keeps_records_exactly_and_refuses_a_bad_one_whole() {
+                super::import_keeps_records_exactly_and_refuses_a_bad_one_whole(&$make);
+            }
+        }
+    };
+}
+
+contract!(on_sled, Ledgers::sled());
+contract!(
+    on_postgres,
+    Ledgers::postgres(),
+    #[ignore = "needs PostgreSQL 15 (apt-get install postgresql); run with --ignored"]
+);

@@ -1,6 +1,7 @@
 //! Shared test harness: a real server on a loopback port, in this process or as a child.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
