@@ -292,6 +292,9 @@ impl Default for ServerSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerSection {
+    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`) instead of the sled folder of
+    /// `data_dir`; several servers may share it. `--ledger` and `CONTIMG_LEDGER` override.
+    pub url: Option<String>,
     /// Free space (MiB) commits leave on the ledger's file system: below it appends are
     /// refused (HTTP 507) until space is freed, instead of the store running out mid-write.
     /// 0 turns the check off.
@@ -301,6 +304,7 @@ pub struct LedgerSection {
 impl Default for LedgerSection {
     fn default() -> Self {
         LedgerSection {
+            url: None,
             reserve_mb: (crate::events::store::DEFAULT_RESERVE_BYTES / (1024 * 1024)) as f64,
         }
     }
@@ -452,6 +456,14 @@ impl Config {
             7.0 * 1440.0,
         )?;
         non_negative("ledger.reserve_mb", self.ledger.reserve_mb, 1024.0 * 1024.0)?;
+        if let Some(url) = &self.ledger.url {
+            url.parse::<tokio_postgres::Config>().map_err(|e| {
+                anyhow::anyhow!(
+                    "ledger.url is not a PostgreSQL connection string ({e}); \
+                     write postgres://USER@HOST[:PORT]/DATABASE"
+                )
+            })?;
+        }
         let h = &self.server;
         positive("server.header_timeout_s", h.header_timeout_s, 3600.0)?;
         positive("server.body_timeout_s", h.body_timeout_s, 3600.0)?;

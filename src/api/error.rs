@@ -58,6 +58,9 @@ pub enum ApiError {
     /// 503: the ledger cannot make writes durable now (a failed flush, until a restart).
     #[error("{0}")]
     StorageUnavailable(String),
+    /// 503: a publish command on a server that does not lead a shared ledger.
+    #[error("{0}")]
+    NotLeader(String),
     /// 503: the server is shutting down.
     #[error("the server is shutting down")]
     Unavailable,
@@ -110,7 +113,7 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Unavailable | ApiError::StorageUnavailable(_) => {
+            ApiError::Unavailable | ApiError::StorageUnavailable(_) | ApiError::NotLeader(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,

@@ -49,6 +49,10 @@ pub struct AppState {
     pub replays: Arc<tokio::sync::Semaphore>,
     /// The pipeline fold's parked-event count, when the pipeline runs in this process.
     pub pipeline_parked: Arc<std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>>,
+    /// Whether this server leads the ledger now: runs the automatic publisher and takes
+    /// publish commands. Always, on a sled folder; on PostgreSQL, while it holds the
+    /// ledger's advisory lock (one server of those sharing the database).
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Bounds on what clients can hold: time, connections, replays; and the names the server
@@ -121,13 +125,15 @@ impl AppState {
             projections.clone(),
             config.publish,
         )?;
-        // Recovery appends; the follower started by `run` folds what it wrote.
-        let recovered = publisher.recover().await?;
-        if recovered > 0 {
-            tracing::warn!(recovered, "settled publishes interrupted by a crash");
+        // Recovery appends; the follower started by `run` folds what it wrote. On a shared
+        // ledger only the leader recovers, when it takes the lead (`run`).
+        if !store.is_shared() {
+            let recovered = publisher.recover().await?;
+            if recovered > 0 {
+                tracing::warn!(recovered, "settled publishes interrupted by a crash");
+            }
         }
         Ok(AppState {
-            store,
             projections,
             publisher,
             started: Instant::now(),
@@ -140,7 +146,22 @@ impl AppState {
             )),
             limits: Arc::new(config.http),
             pipeline_parked: Arc::default(),
+            leading: Arc::new(std::sync::atomic::AtomicBool::new(!store.is_shared())),
+            store,
         })
+    }
+
+    /// Refuses a publish command on a server that does not lead a shared ledger: only the
+    /// leader moves files, so that its recovery never meets another server's move.
+    pub fn require_leader(&self) -> Result<(), ApiError> {
+        if self.leading.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(ApiError::NotLeader(
+            "this server does not lead the shared ledger; publishing runs on the server \
+             that does (see /api/status on each), or here once it takes the lead"
+                .into(),
+        ))
     }
 
     /// Checks the bearer token of a mutating request.
@@ -183,6 +204,68 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The leader's duties, while this server leads: on a shared ledger, settle the publishes
+/// a crash cut short (once the read model has caught up with the log), then run the
+/// automatic publisher until the lead is lost or the server stops. On a sled folder the
+/// lead is held from the start and recovery ran before serving.
+async fn lead(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use std::sync::atomic::Ordering;
+    let mut leader = state.store.leadership();
+    loop {
+        while !*leader.borrow_and_update() {
+            tokio::select! {
+                r = leader.changed() => if r.is_err() { return },
+                _ = crate::projections::stopped(&mut stop) => return,
+            }
+        }
+        if state.store.is_shared() {
+            // What the previous leader left must be in the read model before recovery
+            // looks for publishes in progress.
+            let target = state.store.event_count();
+            let mut changes = state.projections.watch();
+            while state.projections.checkpoint().map_or(0, |c| c + 1) < target {
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = crate::projections::stopped(&mut stop) => return,
+                }
+            }
+            match state.publisher.recover().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(n, "the new leader settled publishes cut short"),
+                Err(e) => tracing::error!(error = %e, "recovery on taking the lead failed"),
+            }
+        }
+        state.leading.store(true, Ordering::Release);
+        let (halt_tx, halt_rx) = tokio::sync::watch::channel(false);
+        let auto = state
+            .auto_publish
+            .then(|| tokio::spawn(state.publisher.clone().run_auto(halt_rx)));
+        // A lead that cannot change (a sled folder's, whose watch has no sender) is held
+        // until the server stops.
+        let lost = async {
+            while *leader.borrow_and_update() {
+                if leader.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let stopping = tokio::select! {
+            _ = lost => false,
+            _ = crate::projections::stopped(&mut stop) => true,
+        };
+        let _ = halt_tx.send(true);
+        if let Some(a) = auto {
+            let _ = a.await;
+        }
+        if stopping {
+            return;
+        }
+        state.leading.store(false, Ordering::Release);
+        tracing::warn!("lost the ledger's lead; the automatic publisher stopped");
+    }
+}
+
 /// Serves until `shutdown` completes, with the read model following the log and the
 /// automatic publisher running. Then a publish in progress is cut short (recorded as
 /// interrupted and retried after the restart), in-flight requests get
@@ -200,9 +283,7 @@ pub async fn run(
     let (stop_pub_tx, stop_pub_rx) = tokio::sync::watch::channel(false);
     let (stop_fold_tx, stop_fold_rx) = tokio::sync::watch::channel(false);
     let follower = tokio::spawn(state.projections.clone().run(stop_fold_rx));
-    let publisher = state
-        .auto_publish
-        .then(|| tokio::spawn(state.publisher.clone().run_auto(stop_pub_rx)));
+    let publisher = Some(tokio::spawn(lead(state.clone(), stop_pub_rx)));
     let store = state.store.clone();
     let limits = server::ConnLimits {
         header_timeout: state.limits.header_timeout,

@@ -272,6 +272,7 @@ async fn retry(
     headers: HeaderMap,
 ) -> Result<Json<RetryReply>, ApiError> {
     state.authorize(&headers)?;
+    state.require_leader()?;
     let o = state.publisher.publish(&data_id, Trigger::Retry).await?;
     Ok(Json(RetryReply {
         retried: true,
@@ -314,6 +315,7 @@ async fn retry_all(
     Query(p): Query<Params>,
 ) -> Result<Json<RetryAllReply>, ApiError> {
     state.authorize(&headers)?;
+    state.require_leader()?;
     let limit = params::limit(&p, 10)?;
     let max_attempts = max_attempts_param(&p)?;
     let results = state.publisher.retry_all(max_attempts, limit).await;

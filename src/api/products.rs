@@ -328,6 +328,7 @@ async fn publish(
     headers: HeaderMap,
 ) -> Result<Json<PublishReply>, ApiError> {
     state.authorize(&headers)?;
+    state.require_leader()?;
     let o = state.publisher.publish(&id, Trigger::Manual).await?;
     Ok(Json(PublishReply {
         data_id: o.data_id,

@@ -50,6 +50,11 @@ struct Status {
     projection: ProjectionStatus,
     pipeline: PipelineStatus,
     auto_publish: bool,
+    /// Where the ledger lives: a folder, or a PostgreSQL URL without its password.
+    ledger_location: String,
+    /// Whether this server leads the ledger (runs the automatic publisher and takes
+    /// publish commands); on a shared PostgreSQL ledger, one server does.
+    leader: bool,
     /// Free bytes of the file system under each root (`null` when unreadable).
     #[schema(value_type = std::collections::BTreeMap<String, Option<u64>>)]
     disk_free_bytes: std::collections::BTreeMap<&'static str, Option<u64>>,
@@ -86,6 +91,8 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
                 .map(|c| c.load(std::sync::atomic::Ordering::Relaxed)),
         },
         auto_publish: state.auto_publish,
+        ledger_location: state.store.describe(),
+        leader: state.leading.load(std::sync::atomic::Ordering::Acquire),
         disk_free_bytes: [
             ("data", state.store.dir()),
             ("stage", state.publisher.config().stage_root.as_path()),

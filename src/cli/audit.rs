@@ -18,11 +18,14 @@ use crate::projections::status::{FailedRow, publish_status};
 use crate::projections::{AsOf, fold_as_of};
 
 #[derive(clap::Args, Debug)]
-#[command(group = clap::ArgGroup::new("source").args(["data_dir", "export", "url"]))]
+#[command(group = clap::ArgGroup::new("source").args(["data_dir", "ledger", "export", "url"]))]
 pub struct AuditArgs {
     /// A ledger folder no server holds.
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
+    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly.
+    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true, global = true)]
+    pub ledger: Option<String>,
     /// A JSON Lines export (`contimg export`).
     #[arg(long, global = true)]
     pub export: Option<PathBuf>,
@@ -106,6 +109,7 @@ impl Source {
     fn open(args: &AuditArgs) -> anyhow::Result<Source> {
         Self::open_any(
             args.data_dir.clone(),
+            args.ledger.clone(),
             args.export.clone(),
             args.url.clone(),
             args.token.clone(),
@@ -115,6 +119,7 @@ impl Source {
     /// A server when `url` is given, else an export file, else a ledger folder (`./var`).
     pub(crate) fn open_any(
         data_dir: Option<PathBuf>,
+        ledger: Option<String>,
         export: Option<PathBuf>,
         url: Option<String>,
         token: Option<String>,
@@ -129,7 +134,7 @@ impl Source {
             File::open(f).with_context(|| format!("opening {}", f.display()))?;
             return Ok(Source::Export(f.clone()));
         }
-        match super::logtools::open_source(data_dir, None, None)? {
+        match super::logtools::open_source(data_dir, ledger, None, None)? {
             crate::events::Ledger::Local(s) => Ok(Source::Local(s)),
             crate::events::Ledger::Remote(_) => unreachable!("no URL given"),
         }

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -14,11 +14,14 @@ use crate::events::shape::{Empty, LogShape};
 use crate::events::{Direction, Ledger, RecordedEvent, Store};
 
 #[derive(clap::Args, Debug)]
-#[command(group = clap::ArgGroup::new("source").args(["data_dir", "url"]))]
+#[command(group = clap::ArgGroup::new("source").args(["data_dir", "ledger", "url"]))]
 pub struct ExportArgs {
     /// A ledger folder no server holds.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly.
+    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    pub ledger: Option<String>,
     /// A running server, read page by page over /api/events.
     #[arg(long)]
     pub url: Option<String>,
@@ -33,8 +36,12 @@ pub struct ExportArgs {
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
     /// An empty (or new) ledger folder.
-    #[arg(long)]
-    pub data_dir: PathBuf,
+    #[arg(long, required_unless_present = "ledger", conflicts_with = "ledger")]
+    pub data_dir: Option<PathBuf>,
+    /// An empty PostgreSQL ledger (`postgres://USER@HOST/DB`; an empty database gets the
+    /// ledger's tables).
+    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    pub ledger: Option<String>,
     /// A JSON Lines export.
     pub file: PathBuf,
 }
@@ -44,6 +51,9 @@ pub struct VerifyArgs {
     /// The ledger folder (no server may hold it).
     #[arg(long, default_value = "./var")]
     pub data_dir: PathBuf,
+    /// A PostgreSQL ledger instead (`postgres://USER@HOST/DB`); servers may keep running.
+    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    pub ledger: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -65,31 +75,40 @@ pub fn progress(len: Option<u64>, what: &str) -> ProgressBar {
     bar
 }
 
-/// Opens the ledger behind `--data-dir` or `--url`, `./var` when neither is given.
-pub fn open_source(
-    data_dir: Option<PathBuf>,
-    url: Option<String>,
-    token: Option<String>,
-) -> anyhow::Result<Ledger> {
-    match (data_dir, url) {
-        (_, Some(url)) => Ok(Ledger::Remote(RemoteLedger::new(&url, token)?)),
-        (dir, None) => {
-            let dir = dir.unwrap_or_else(|| PathBuf::from("./var"));
-            if !dir.join("log").exists() {
+/// Opens a ledger this process reads and writes directly: the PostgreSQL database at
+/// `ledger`, or else the sled folder `data_dir` (made when `create`, else it must exist).
+pub fn open_store(ledger: Option<&str>, data_dir: &Path, create: bool) -> anyhow::Result<Store> {
+    match ledger {
+        Some(url) => Store::connect(url, data_dir).context("opening the PostgreSQL ledger"),
+        None => {
+            if !create && !data_dir.join(crate::events::store::LOG_DIR).exists() {
                 bail!(
                     "no ledger at {} (expected a folder made by contimg serve)",
-                    dir.display()
+                    data_dir.display()
                 );
             }
-            let store = Store::open(&dir)
-                .with_context(|| format!("opening ledger at {}", dir.display()))?;
-            Ok(Ledger::Local(store))
+            Store::open(data_dir)
+                .with_context(|| format!("opening ledger at {}", data_dir.display()))
         }
     }
 }
 
+/// Opens the ledger behind `--ledger`, `--data-dir` or `--url`, `./var` when none is given.
+pub fn open_source(
+    data_dir: Option<PathBuf>,
+    ledger: Option<String>,
+    url: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<Ledger> {
+    if let Some(url) = url {
+        return Ok(Ledger::Remote(RemoteLedger::new(&url, token)?));
+    }
+    let dir = data_dir.unwrap_or_else(|| PathBuf::from("./var"));
+    Ok(Ledger::Local(open_store(ledger.as_deref(), &dir, false)?))
+}
+
 pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let ledger = open_source(args.data_dir, args.url, args.token)?;
+    let ledger = open_source(args.data_dir, args.ledger, args.url, args.token)?;
     let out: Box<dyn Write> = match &args.out {
         Some(p) => Box::new(File::create(p).with_context(|| format!("creating {}", p.display()))?),
         None => Box::new(std::io::stdout().lock()),
@@ -150,12 +169,12 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let next = shape.next_position();
     drop(shape);
 
-    let store = Store::open(&args.data_dir)
-        .with_context(|| format!("opening ledger at {}", args.data_dir.display()))?;
+    let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let store = open_store(args.ledger.as_deref(), &dir, true)?;
     if store.event_count() != 0 {
         bail!(
             "ledger at {} already holds {} events; import only into an empty ledger",
-            args.data_dir.display(),
+            store.describe(),
             store.event_count()
         );
     }
@@ -175,19 +194,15 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let n = store.event_count();
     store.close();
-    eprintln!("imported {n} events into {}", args.data_dir.display());
+    eprintln!("imported {n} events into {}", store.describe());
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    if !args.data_dir.join("log").exists() {
-        bail!("no ledger at {}", args.data_dir.display());
-    }
-    let store = Store::open(&args.data_dir)
-        .with_context(|| format!("opening ledger at {}", args.data_dir.display()))?;
+    let store = open_store(args.ledger.as_deref(), &args.data_dir, false)?;
     let bar = progress(Some(store.event_count()), "verifying");
     let report = crate::events::verify::verify(&store, |n| bar.set_position(n))
-        .with_context(|| format!("reading ledger at {}", args.data_dir.display()))?;
+        .with_context(|| format!("reading ledger at {}", store.describe()))?;
     bar.finish_and_clear();
     store.close();
     if args.json {

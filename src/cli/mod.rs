@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::api::{self, AppState, ServerConfig};
 use crate::config::Config;
-use crate::events::{Ledger, Store};
+use crate::events::Ledger;
 use crate::pipeline::{Pipeline, PipelineConfig};
 
 #[derive(Parser, Debug)]
@@ -93,6 +93,10 @@ pub struct Layout {
     /// Ledger folder (created if missing) [default: ./var].
     #[arg(long, env = "CONTIMG_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The ledger on PostgreSQL (`postgres://USER@HOST/DB`) instead of the sled folder;
+    /// several servers may share it.
+    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    pub ledger: Option<String>,
     /// Address to listen on; loopback unless you mean otherwise [default: 127.0.0.1:8000].
     #[arg(long, env = "CONTIMG_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -118,6 +122,9 @@ impl Layout {
         }
         if let Some(l) = self.listen {
             c.listen = l;
+        }
+        if let Some(u) = &self.ledger {
+            c.ledger.url = Some(u.clone());
         }
         for (flag, slot) in [
             (&self.stage_root, &mut c.paths.stage_root),
@@ -341,8 +348,7 @@ fn serve_on(
     let mode = args.mode;
     rt.block_on(async move {
         let data_dir = config.ledger_dir();
-        let store = Store::open(&data_dir)
-            .with_context(|| format!("opening ledger at {}", data_dir.display()))?;
+        let store = logtools::open_store(config.ledger.url.as_deref(), &data_dir, true)?;
         store.set_reserve_bytes(config.ledger.reserve_bytes());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -16,12 +16,15 @@ use crate::projections::publish::{MICROS_PER_HOUR, PublishModel};
 use crate::projections::status::{self, PublishStatus, StuckRow, StuckRule, publish_status};
 
 #[derive(clap::Args, Debug)]
-#[command(group = clap::ArgGroup::new("source").args(["data_dir", "export", "url"]))]
+#[command(group = clap::ArgGroup::new("source").args(["data_dir", "ledger", "export", "url"]))]
 #[command(group = clap::ArgGroup::new("window").args(["from", "last"]).required(true))]
 pub struct ReportArgs {
     /// A ledger folder no server holds.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly.
+    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    pub ledger: Option<String>,
     /// A JSON Lines export (`contimg export`).
     #[arg(long)]
     pub export: Option<PathBuf>,
@@ -91,6 +94,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
     }
     let source = Source::open_any(
         args.data_dir.clone(),
+        args.ledger.clone(),
         args.export.clone(),
         args.url.clone(),
         args.token.clone(),

@@ -193,7 +193,13 @@ pub fn check_all(args: &ValidateArgs) -> Vec<Finding> {
             check_space(&mut f, name, path, *min_gb);
         }
     }
-    let last_event = check_ledger(&mut f, &config.ledger_dir());
+    let last_event = match &config.ledger.url {
+        Some(url) => {
+            check_pg_ledger(&mut f, url);
+            None
+        }
+        None => check_ledger(&mut f, &config.ledger_dir()),
+    };
     check_port(&mut f, config.listen);
     let exec = match &args.expect_exec {
         Some(p) => Ok(p.clone()),
@@ -274,6 +280,23 @@ fn check_space(f: &mut Findings, name: &str, path: &Path, min_gb: f64) {
         );
     } else {
         f.ok(&check, message);
+    }
+}
+
+/// Connects to a PostgreSQL ledger and checks it is one this build reads; writes nothing.
+fn check_pg_ledger(f: &mut Findings, url: &str) {
+    let check = "ledger";
+    match crate::events::store::postgres::probe(url) {
+        Ok((at, Some(head))) => f.ok(check, format!("{at}: a contimg ledger of {head} events")),
+        Ok((at, None)) => f.ok(
+            check,
+            format!("{at}: an empty database; serve creates the ledger's tables"),
+        ),
+        Err(e) => f.error(
+            check,
+            format!("the PostgreSQL ledger cannot be used: {}", crate::events::error::chain(&e)),
+            "see docs/operations/postgresql.md".to_string(),
+        ),
     }
 }
 

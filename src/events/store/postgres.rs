@@ -184,16 +184,7 @@ impl PgStore {
     /// Connects, checks that the database is a contimg ledger of this schema version (an
     /// empty database gets the tables), and starts the writer and the head listener.
     pub fn connect(url: &str, dir: &Path) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-            StoreError::InvalidInput(format!(
-                "the ledger URL is not a PostgreSQL connection string ({e}); \
-                 write postgres://USER@HOST[:PORT]/DATABASE"
-            ))
-        })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        config.application_name("contimg");
+        let config = parse_url(url)?;
         let describe = describe(&config);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -202,7 +193,8 @@ impl PgStore {
             .build()?;
         let handle = rt.handle().clone();
         let init_config = config.clone();
-        let head = run_on(&handle, async move { init(&init_config).await })??;
+        let head = run_on(&handle, async move { init(&init_config, true).await })??
+            .unwrap_or(0);
         let (head_tx, _) = watch::channel(head);
         let shared = Arc::new(Shared {
             config,
@@ -591,8 +583,9 @@ fn run_on<T: Send + 'static>(
     rx.recv().map_err(|_| StoreError::Closed)
 }
 
-/// Checks the database (or creates the tables in an empty one) and reads the head.
-async fn init(config: &tokio_postgres::Config) -> Result<u64, StoreError> {
+/// Checks the database (or, when `create`, makes the tables in an empty one) and reads
+/// the head; `None` for an empty database left as it is.
+async fn init(config: &tokio_postgres::Config, create: bool) -> Result<Option<u64>, StoreError> {
     let (mut client, _driver) = connect(config).await?;
     let tx = client
         .transaction()
@@ -641,6 +634,9 @@ async fn init(config: &tokio_postgres::Config) -> Result<u64, StoreError> {
                 names.join(", ")
             )));
         }
+        if !create {
+            return Ok(None);
+        }
         tx.batch_execute(SCHEMA)
             .await
             .map_err(db_error("creating the ledger's tables"))?;
@@ -654,7 +650,32 @@ async fn init(config: &tokio_postgres::Config) -> Result<u64, StoreError> {
     tx.commit()
         .await
         .map_err(db_error("finishing the schema check"))?;
-    Ok(head)
+    Ok(Some(head))
+}
+
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+        StoreError::InvalidInput(format!(
+            "the ledger URL is not a PostgreSQL connection string ({e}); \
+             write postgres://USER@HOST[:PORT]/DATABASE"
+        ))
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config.application_name("contimg");
+    Ok(config)
+}
+
+/// What `contimg validate` says of a PostgreSQL ledger, changing nothing: its events, or
+/// that the database is empty (serve makes the tables), or why it cannot be used.
+pub fn probe(url: &str) -> Result<(String, Option<u64>), StoreError> {
+    let config = parse_url(url)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let head = rt.block_on(init(&config, false))?;
+    Ok((describe(&config), head))
 }
 
 /// What a commit found committed: the heads and ids its requests name.
