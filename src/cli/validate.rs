@@ -294,7 +294,10 @@ fn check_pg_ledger(f: &mut Findings, url: &str) {
         ),
         Err(e) => f.error(
             check,
-            format!("the PostgreSQL ledger cannot be used: {}", crate::events::error::chain(&e)),
+            format!(
+                "the PostgreSQL ledger cannot be used: {}",
+                crate::events::error::chain(&e)
+            ),
             "see docs/operations/postgresql.md".to_string(),
         ),
     }

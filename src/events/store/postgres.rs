@@ -193,8 +193,14 @@ impl PgStore {
             .build()?;
         let handle = rt.handle().clone();
         let init_config = config.clone();
-        let head = run_on(&handle, async move { init(&init_config, true).await })??
-            .unwrap_or(0);
+        // A runtime may not be dropped inside async code (serve opens the store there).
+        let head = match run_on(&handle, async move { init(&init_config, true).await }) {
+            Ok(Ok(head)) => head.unwrap_or(0),
+            Ok(Err(e)) | Err(e) => {
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
         let (head_tx, _) = watch::channel(head);
         let shared = Arc::new(Shared {
             config,
