@@ -59,8 +59,10 @@ const CHANNEL: &str = "contimg_log";
 const LEADER_LOCK: i64 = 0x0063_6f6e_7469_6d67;
 /// The advisory lock that serialises creating the tables.
 const INIT_LOCK: i64 = LEADER_LOCK + 1;
-/// Rows a replay reads per query.
+/// Rows `verify` reads per query.
 const PAGE: i64 = 20_000;
+/// Records a streamed replay hands over at a time.
+const STREAM_CHUNK: usize = 4096;
 
 const SCHEMA: &str = "
 CREATE TABLE contimg_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -113,7 +115,7 @@ struct Inner {
     handle: tokio::runtime::Handle,
     sender: Mutex<Option<mpsc::UnboundedSender<WriterMsg>>>,
     writer_done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-    reader: Arc<tokio::sync::Mutex<Option<Client>>>,
+    reader: Arc<tokio::sync::Mutex<Option<Arc<Client>>>>,
     leader: Mutex<Option<watch::Receiver<bool>>>,
 }
 
@@ -283,12 +285,19 @@ impl PgStore {
         let shared = self.inner.shared.clone();
         let reader = self.inner.reader.clone();
         run_on(&self.inner.handle, async move {
-            let mut guard = reader.lock().await;
-            if guard.as_ref().is_none_or(|c| c.is_closed()) {
-                *guard = Some(connect(&shared.config).await?.0);
-            }
-            let client = guard.as_ref().expect("connected");
-            f(client).await.map_err(db_error(what))
+            // The lock covers only (re)connecting: queries on one connection pipeline.
+            let client = {
+                let mut guard = reader.lock().await;
+                match guard.as_ref() {
+                    Some(c) if !c.is_closed() => c.clone(),
+                    _ => {
+                        let c = Arc::new(connect(&shared.config).await?.0);
+                        *guard = Some(c.clone());
+                        c
+                    }
+                }
+            };
+            f(&client).await.map_err(db_error(what))
         })?
     }
 
@@ -409,10 +418,13 @@ impl PgStore {
             .collect()
     }
 
-    /// Every durable record from `from` on (up to the head when called), a page at a time.
+    /// Every durable record from `from` on (up to the head when called), streamed by one
+    /// `COPY ... TO STDOUT (FORMAT binary)` on a connection of its own: one plan and one
+    /// pass over the range, read ahead while the caller folds.
     pub fn raw_from(&self, from: u64) -> RawIter {
         RawIter {
             store: self.clone(),
+            rx: None,
             next: from,
             end: self.event_count().max(from),
             buf: VecDeque::new(),
@@ -420,28 +432,66 @@ impl PgStore {
         }
     }
 
-    fn page(&self, from: u64, end: u64) -> Result<Vec<RawRecord>, StoreError> {
-        let (low, high) = (from as i64, end as i64);
-        let rows: Vec<(i64, Vec<u8>)> = self.query("reading the log", move |c| {
-            Box::pin(async move {
-                let rows = c
-                    .query(
-                        "SELECT position, record FROM contimg_events WHERE position >= $1 \
-                         AND position < $2 ORDER BY position LIMIT $3",
-                        &[&low, &high, &PAGE],
-                    )
-                    .await?;
-                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-            })
-        })?;
-        Ok(rows
-            .into_iter()
-            .map(|(p, bytes)| RawRecord {
-                position: p as u64,
-                range: 0..bytes.len(),
-                bytes: RawBytes::Owned(bytes),
-            })
-            .collect())
+    /// Starts streaming `[from, end)` into a channel of chunks.
+    fn stream_range(
+        &self,
+        from: u64,
+        end: u64,
+    ) -> mpsc::Receiver<Result<Vec<RawRecord>, StoreError>> {
+        let (tx, rx) = mpsc::channel(8);
+        let shared = self.inner.shared.clone();
+        self.inner.handle.spawn(async move {
+            let result = async {
+                let (client, _driver) = connect(&shared.config).await?;
+                let copy = client
+                    .copy_out(&format!(
+                        "COPY (SELECT position, record FROM contimg_events \
+                         WHERE position >= {from} AND position < {end} ORDER BY position) \
+                         TO STDOUT (FORMAT binary)"
+                    ))
+                    .await
+                    .map_err(db_error("reading the log"))?;
+                let rows = tokio_postgres::binary_copy::BinaryCopyOutStream::new(
+                    copy,
+                    &[
+                        tokio_postgres::types::Type::INT8,
+                        tokio_postgres::types::Type::BYTEA,
+                    ],
+                );
+                futures::pin_mut!(rows);
+                let mut chunk = Vec::with_capacity(STREAM_CHUNK);
+                while let Some(row) = rows.next().await {
+                    let row = row.map_err(db_error("reading the log"))?;
+                    let bytes: Vec<u8> = row.try_get(1).map_err(db_error("reading the log"))?;
+                    chunk.push(RawRecord {
+                        position: row.try_get::<i64>(0).map_err(db_error("reading the log"))?
+                            as u64,
+                        range: 0..bytes.len(),
+                        bytes: RawBytes::Owned(bytes),
+                    });
+                    if chunk.len() == STREAM_CHUNK
+                        && tx
+                            .send(Ok(std::mem::replace(
+                                &mut chunk,
+                                Vec::with_capacity(STREAM_CHUNK),
+                            )))
+                            .await
+                            .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                if !chunk.is_empty() {
+                    let _ = tx.send(Ok(chunk)).await;
+                }
+                Ok::<(), StoreError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
     }
 
     pub fn save_snapshot(
@@ -972,10 +1022,11 @@ async fn lead_loop(shared: Arc<Shared>, tx: watch::Sender<bool>) {
     }
 }
 
-/// Records of the log from a position, read a page at a time; a missing position is
-/// reported as corrupt, never skipped.
+/// Records of the log from a position, streamed; a missing position is reported as
+/// corrupt, never skipped.
 pub struct RawIter {
     store: PgStore,
+    rx: Option<mpsc::Receiver<Result<Vec<RawRecord>, StoreError>>>,
     next: u64,
     end: u64,
     buf: VecDeque<RawRecord>,
@@ -986,20 +1037,23 @@ impl Iterator for RawIter {
     type Item = Result<RawRecord, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
+        if self.failed || self.next >= self.end {
             return None;
         }
-        if self.buf.is_empty() && self.next < self.end {
-            match self.store.page(self.next, self.end) {
-                Ok(page) => self.buf.extend(page),
-                Err(e) => {
+        if self.buf.is_empty() {
+            let rx = match &mut self.rx {
+                Some(rx) => rx,
+                None => self.rx.insert(self.store.stream_range(self.next, self.end)),
+            };
+            // Not tokio's blocking_recv: this may run on a thread of another runtime.
+            match futures::executor::block_on(rx.recv()) {
+                Some(Ok(chunk)) => self.buf.extend(chunk),
+                Some(Err(e)) => {
                     self.failed = true;
                     return Some(Err(e));
                 }
+                None => {}
             }
-        }
-        if self.next >= self.end {
-            return None;
         }
         match self.buf.pop_front() {
             Some(r) if r.position == self.next => {
