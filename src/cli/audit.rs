@@ -23,8 +23,9 @@ pub struct AuditArgs {
     /// A ledger folder no server holds.
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
-    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly.
-    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true, global = true)]
+    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly; `CONTIMG_LEDGER`
+    /// when no other source is given.
+    #[arg(long, global = true)]
     pub ledger: Option<String>,
     /// A JSON Lines export (`contimg export`).
     #[arg(long, global = true)]
@@ -134,6 +135,7 @@ impl Source {
             File::open(f).with_context(|| format!("opening {}", f.display()))?;
             return Ok(Source::Export(f.clone()));
         }
+        let ledger = super::logtools::ledger_url(ledger, data_dir.is_some());
         match super::logtools::open_source(data_dir, ledger, None, None)? {
             crate::events::Ledger::Local(s) => Ok(Source::Local(s)),
             crate::events::Ledger::Remote(_) => unreachable!("no URL given"),

@@ -19,8 +19,9 @@ pub struct ExportArgs {
     /// A ledger folder no server holds.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly.
-    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly; `CONTIMG_LEDGER`
+    /// when no other source is given.
+    #[arg(long)]
     pub ledger: Option<String>,
     /// A running server, read page by page over /api/events.
     #[arg(long)]
@@ -36,11 +37,11 @@ pub struct ExportArgs {
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
     /// An empty (or new) ledger folder.
-    #[arg(long, required_unless_present = "ledger", conflicts_with = "ledger")]
+    #[arg(long, conflicts_with = "ledger")]
     pub data_dir: Option<PathBuf>,
     /// An empty PostgreSQL ledger (`postgres://USER@HOST/DB`; an empty database gets the
-    /// ledger's tables).
-    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    /// ledger's tables); `CONTIMG_LEDGER` when neither is given.
+    #[arg(long)]
     pub ledger: Option<String>,
     /// A JSON Lines export.
     pub file: PathBuf,
@@ -48,11 +49,12 @@ pub struct ImportArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
-    /// The ledger folder (no server may hold it).
-    #[arg(long, default_value = "./var")]
-    pub data_dir: PathBuf,
+    /// The ledger folder (no server may hold it) [default: ./var].
+    #[arg(long, conflicts_with = "ledger")]
+    pub data_dir: Option<PathBuf>,
     /// A PostgreSQL ledger instead (`postgres://USER@HOST/DB`); servers may keep running.
-    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    /// `CONTIMG_LEDGER` when neither is given.
+    #[arg(long)]
     pub ledger: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -73,6 +75,19 @@ pub fn progress(len: Option<u64>, what: &str) -> ProgressBar {
     };
     bar.set_message(what.to_string());
     bar
+}
+
+/// The PostgreSQL ledger a tool reads: `--ledger`, else `CONTIMG_LEDGER` when no other
+/// source was named on the command line (an explicit `--data-dir`, `--export` or `--url`
+/// wins over the environment, so a shell that loads the servers' variables can still
+/// point a tool elsewhere).
+pub fn ledger_url(flag: Option<String>, other_source_given: bool) -> Option<String> {
+    flag.or_else(|| {
+        (!other_source_given)
+            .then(|| std::env::var("CONTIMG_LEDGER").ok())
+            .flatten()
+            .filter(|u| !u.is_empty())
+    })
 }
 
 /// Opens a ledger this process reads and writes directly: the PostgreSQL database at
@@ -108,7 +123,13 @@ pub fn open_source(
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let ledger = open_source(args.data_dir, args.ledger, args.url, args.token)?;
+    let given = args.data_dir.is_some() || args.url.is_some();
+    let ledger = open_source(
+        args.data_dir,
+        ledger_url(args.ledger, given),
+        args.url,
+        args.token,
+    )?;
     let out: Box<dyn Write> = match &args.out {
         Some(p) => Box::new(File::create(p).with_context(|| format!("creating {}", p.display()))?),
         None => Box::new(std::io::stdout().lock()),
@@ -169,8 +190,15 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let next = shape.next_position();
     drop(shape);
 
-    let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let store = open_store(args.ledger.as_deref(), &dir, true)?;
+    let ledger = ledger_url(args.ledger.clone(), args.data_dir.is_some());
+    let Some(dir) = args
+        .data_dir
+        .clone()
+        .or(ledger.as_ref().map(|_| PathBuf::from(".")))
+    else {
+        bail!("give --data-dir DIR or --ledger postgres://...");
+    };
+    let store = open_store(ledger.as_deref(), &dir, true)?;
     if store.event_count() != 0 {
         bail!(
             "ledger at {} already holds {} events; import only into an empty ledger",
@@ -199,7 +227,12 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(args.ledger.as_deref(), &args.data_dir, false)?;
+    let ledger = ledger_url(args.ledger.clone(), args.data_dir.is_some());
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("./var"));
+    let store = open_store(ledger.as_deref(), &dir, false)?;
     let bar = progress(Some(store.event_count()), "verifying");
     let report = crate::events::verify::verify(&store, |n| bar.set_position(n))
         .with_context(|| format!("reading ledger at {}", store.describe()))?;

@@ -22,8 +22,9 @@ pub struct ReportArgs {
     /// A ledger folder no server holds.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly.
-    #[arg(long, env = "CONTIMG_LEDGER", hide_env_values = true)]
+    /// A PostgreSQL ledger (`postgres://USER@HOST/DB`), read directly; `CONTIMG_LEDGER`
+    /// when no other source is given.
+    #[arg(long)]
     pub ledger: Option<String>,
     /// A JSON Lines export (`contimg export`).
     #[arg(long)]
