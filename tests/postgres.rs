@@ -197,9 +197,20 @@ fn export_import_round_trip_is_byte_identical_and_the_tools_read_postgres() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("import only into an empty ledger"));
     // audit and report read the same history from either backend.
     let sled_dir = demo.join("ledger");
+    let some_product = String::from_utf8_lossy(&a)
+        .lines()
+        .find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            v["streamId"]
+                .as_str()?
+                .strip_prefix("product-")
+                .map(String::from)
+        })
+        .expect("the demo registered a product");
     for args in [
         vec!["audit", "--json", "status"],
         vec!["audit", "--json", "failed"],
+        vec!["audit", "--json", "product", some_product.as_str()],
     ] {
         let run = |source: &[&str]| {
             let mut a: Vec<&str> = args[..1].to_vec();
@@ -321,11 +332,21 @@ fn bad_urls_foreign_databases_and_other_schema_versions_exit_1_changing_nothing(
     // A ledger of another schema version: refused, left as it is.
     let url = pg.create_db();
     let db = url.rsplit('/').next().unwrap().to_string();
+    // verify (a reader) refuses an empty database and makes nothing there...
     let out = contimg(&["verify", "--ledger", &url]);
-    assert!(
-        out.status.success(),
-        "an empty database becomes an empty ledger"
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no contimg ledger"));
+    assert_eq!(
+        pg.sql(
+            &db,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        "0"
     );
+    // ...which serve (here, the library) makes.
+    contimg::events::Store::connect(&url, root.path())
+        .unwrap()
+        .close();
     pg.sql(
         &db,
         "UPDATE contimg_meta SET value = '2' WHERE key = 'schema_version'",
@@ -381,7 +402,13 @@ async fn two_servers_share_a_ledger_and_a_sigkill_under_load_loses_no_acknowledg
         vec![a.base.clone(), b.base.clone()],
         stop.clone(),
     ));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // verify reads one snapshot: clean while both servers append.
+    let url2 = url.clone();
+    tokio::task::spawn_blocking(move || verify(&url2))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let b_base = b.base.clone();
     b.kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;

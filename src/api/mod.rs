@@ -219,6 +219,8 @@ async fn lead(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
             }
         }
         if state.store.is_shared() {
+            // Moves cut short when an earlier lead was lost may run again.
+            state.publisher.resume();
             // What the previous leader left must be in the read model before recovery
             // looks for publishes in progress.
             let target = state.store.event_count();
@@ -230,10 +232,22 @@ async fn lead(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
                     _ = crate::projections::stopped(&mut stop) => return,
                 }
             }
+            if !*leader.borrow() {
+                continue;
+            }
             match state.publisher.recover().await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(n, "the new leader settled publishes cut short"),
-                Err(e) => tracing::error!(error = %e, "recovery on taking the lead failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "recovery on taking the lead failed; trying again in 5 s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                        _ = crate::projections::stopped(&mut stop) => return,
+                    }
+                }
+            }
+            if !*leader.borrow() {
+                continue;
             }
         }
         state.leading.store(true, Ordering::Release);
@@ -254,6 +268,13 @@ async fn lead(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
             _ = lost => false,
             _ = crate::projections::stopped(&mut stop) => true,
         };
+        if !stopping {
+            // Lost: refuse publish commands at once and cut every move in flight short
+            // (each is recorded as interrupted), so that the new leader's recovery meets
+            // no move of ours still running.
+            state.leading.store(false, Ordering::Release);
+            state.publisher.interrupt();
+        }
         let _ = halt_tx.send(true);
         if let Some(a) = auto {
             let _ = a.await;
@@ -261,7 +282,6 @@ async fn lead(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
         if stopping {
             return;
         }
-        state.leading.store(false, Ordering::Release);
         tracing::warn!("lost the ledger's lead; the automatic publisher stopped");
     }
 }

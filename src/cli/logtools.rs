@@ -94,7 +94,12 @@ pub fn ledger_url(flag: Option<String>, other_source_given: bool) -> Option<Stri
 /// `ledger`, or else the sled folder `data_dir` (made when `create`, else it must exist).
 pub fn open_store(ledger: Option<&str>, data_dir: &Path, create: bool) -> anyhow::Result<Store> {
     match ledger {
-        Some(url) => Store::connect(url, data_dir).context("opening the PostgreSQL ledger"),
+        Some(url) if create => {
+            Store::connect(url, data_dir).context("opening the PostgreSQL ledger")
+        }
+        Some(url) => {
+            Store::connect_existing(url, data_dir).context("opening the PostgreSQL ledger")
+        }
         None => {
             if !create && !data_dir.join(crate::events::store::LOG_DIR).exists() {
                 bail!(

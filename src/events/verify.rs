@@ -66,53 +66,48 @@ fn verify_postgres(
     let mut shape = LogShape::from_start(true);
     let mut expected_pos = 0u64;
     let mut events = 0u64;
-    loop {
-        let page = pg.scan_page(expected_pos)?;
-        if page.is_empty() {
-            break;
+    let mut scan = pg.scan_snapshot()?;
+    let (head, stored) = (scan.head, std::mem::take(&mut scan.heads));
+    for row in scan {
+        let row = row?;
+        let pos = row.position;
+        if pos != expected_pos {
+            add(
+                Some(expected_pos),
+                format!("gap: positions {expected_pos}..{pos} are missing"),
+            );
         }
-        for row in page {
-            let pos = row.position;
-            if pos != expected_pos {
-                add(
-                    Some(expected_pos),
-                    format!("gap: positions {expected_pos}..{pos} are missing"),
-                );
+        expected_pos = pos + 1;
+        events += 1;
+        if events.is_multiple_of(65536) {
+            progress(events);
+        }
+        let r = match RecordedEvent::decode(&row.record) {
+            Ok(r) => r,
+            Err(e) => {
+                add(Some(pos), format!("record does not decode: {e}"));
+                continue;
             }
-            expected_pos = pos + 1;
-            events += 1;
-            if events.is_multiple_of(65536) {
-                progress(events);
-            }
-            let r = match RecordedEvent::decode(&row.record) {
-                Ok(r) => r,
-                Err(e) => {
-                    add(Some(pos), format!("record does not decode: {e}"));
-                    continue;
-                }
-            };
-            if r.position != pos {
-                add(Some(pos), format!("record says position {}", r.position));
-            }
-            if r.stream_id != row.stream || r.revision != row.revision || r.event_id != row.event_id
-            {
-                add(
-                    Some(pos),
-                    format!(
-                        "row says {}@{} {}, its record {}@{} {}",
-                        row.stream, row.revision, row.event_id, r.stream_id, r.revision, r.event_id
-                    ),
-                );
-            }
-            if let Ok(Err(fault)) = shape.check(&r, &mut Empty)
-                && !matches!(fault, ShapeError::Position { .. })
-            {
-                add(Some(pos), fault.to_string());
-            }
+        };
+        if r.position != pos {
+            add(Some(pos), format!("record says position {}", r.position));
+        }
+        if r.stream_id != row.stream || r.revision != row.revision || r.event_id != row.event_id {
+            add(
+                Some(pos),
+                format!(
+                    "row says {}@{} {}, its record {}@{} {}",
+                    row.stream, row.revision, row.event_id, r.stream_id, r.revision, r.event_id
+                ),
+            );
+        }
+        if let Ok(Err(fault)) = shape.check(&r, &mut Empty)
+            && !matches!(fault, ShapeError::Position { .. })
+        {
+            add(Some(pos), fault.to_string());
         }
     }
     progress(events);
-    let (head, stored) = pg.stored_heads()?;
     if head != events {
         add(
             None,

@@ -90,6 +90,22 @@ impl WriterMsg {
         }
     }
 
+    /// Bytes of payload it carries.
+    fn bytes(&self) -> usize {
+        match self {
+            WriterMsg::Append(r) => r
+                .events
+                .iter()
+                .map(|e| e.data.len() + e.metadata.len())
+                .sum(),
+            WriterMsg::Import(r) => r
+                .records
+                .iter()
+                .map(|e| e.data.len() + e.metadata.len())
+                .sum(),
+        }
+    }
+
     /// Answers with `err()` without writing.
     fn refuse(self, err: impl Fn() -> StoreError) {
         match self {
@@ -133,11 +149,19 @@ impl Store {
         })
     }
 
-    /// Connects to the PostgreSQL ledger at `url` (creating its tables in an empty
-    /// database). `dir` is the local folder whose free space the server reports.
+    /// Connects to the PostgreSQL ledger at `url`, creating its tables in an empty
+    /// database. `dir` is the local folder whose free space the server reports.
     pub fn connect(url: &str, dir: impl AsRef<Path>) -> Result<Store, StoreError> {
         Ok(Store {
-            backend: Backend::Postgres(postgres::PgStore::connect(url, dir.as_ref())?),
+            backend: Backend::Postgres(postgres::PgStore::connect(url, dir.as_ref(), true)?),
+        })
+    }
+
+    /// Connects to an existing PostgreSQL ledger; an empty database is refused, not
+    /// given tables (the read-only tools change nothing).
+    pub fn connect_existing(url: &str, dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Postgres(postgres::PgStore::connect(url, dir.as_ref(), false)?),
         })
     }
 

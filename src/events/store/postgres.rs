@@ -59,8 +59,10 @@ const CHANNEL: &str = "contimg_log";
 const LEADER_LOCK: i64 = 0x0063_6f6e_7469_6d67;
 /// The advisory lock that serialises creating the tables.
 const INIT_LOCK: i64 = LEADER_LOCK + 1;
-/// Rows `verify` reads per query.
-const PAGE: i64 = 20_000;
+/// Longest a group commit may take before its connection is given up (503).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A group commit stops taking requests past this many bytes of payload.
+const MAX_COMMIT_BYTES: usize = 64 * 1024 * 1024;
 /// Records a streamed replay hands over at a time.
 const STREAM_CHUNK: usize = 4096;
 
@@ -97,10 +99,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Moves the readable head forward (never back) and wakes the readers.
     fn advance(&self, head: u64) {
         let before = self.durable.fetch_max(head, Ordering::AcqRel);
         if head > before {
-            self.head_tx.send_replace(head);
+            self.head_tx.send_if_modified(|h| {
+                let grew = head > *h;
+                *h = (*h).max(head);
+                grew
+            });
         }
     }
 }
@@ -185,7 +192,7 @@ async fn connect(
 impl PgStore {
     /// Connects, checks that the database is a contimg ledger of this schema version (an
     /// empty database gets the tables), and starts the writer and the head listener.
-    pub fn connect(url: &str, dir: &Path) -> Result<PgStore, StoreError> {
+    pub fn connect(url: &str, dir: &Path, create: bool) -> Result<PgStore, StoreError> {
         let config = parse_url(url)?;
         let describe = describe(&config);
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -196,8 +203,16 @@ impl PgStore {
         let handle = rt.handle().clone();
         let init_config = config.clone();
         // A runtime may not be dropped inside async code (serve opens the store there).
-        let head = match run_on(&handle, async move { init(&init_config, true).await }) {
-            Ok(Ok(head)) => head.unwrap_or(0),
+        let head = match run_on(&handle, async move { init(&init_config, create).await }) {
+            Ok(Ok(Some(head))) => head,
+            Ok(Ok(None)) => {
+                rt.shutdown_background();
+                return Err(StoreError::NotALedger(
+                    "the database is empty: it holds no contimg ledger yet (contimg serve or \
+                     contimg import makes one)"
+                        .into(),
+                ));
+            }
             Ok(Err(e)) | Err(e) => {
                 rt.shutdown_background();
                 return Err(e);
@@ -325,7 +340,7 @@ impl PgStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let durable = self.event_count() as i64;
-        let limit = limit as i64;
+        let limit = limit.min(i64::MAX as usize) as i64;
         let name = stream.to_string();
         let rows: Vec<(i64, Vec<u8>)> = self.query("reading a stream", move |c| {
             Box::pin(async move {
@@ -380,7 +395,7 @@ impl PgStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let durable = self.event_count();
-        let limit = limit as i64;
+        let limit = limit.min(i64::MAX as usize) as i64;
         let (low, high, sql) = match direction {
             Direction::Forward => {
                 let start = from.unwrap_or(0);
@@ -547,50 +562,94 @@ impl PgStore {
         .unwrap_or(0)
     }
 
-    /// Rows from `from` on, whatever the head says, for `verify`.
-    pub fn scan_page(&self, from: u64) -> Result<Vec<ScannedRow>, StoreError> {
-        let from = from as i64;
-        self.query("reading the log", move |c| {
-            Box::pin(async move {
-                let rows = c
-                    .query(
-                        "SELECT position, stream, revision, event_id, record FROM contimg_events \
-                         WHERE position >= $1 ORDER BY position LIMIT $2",
-                        &[&from, &PAGE],
-                    )
-                    .await?;
-                Ok(rows
-                    .iter()
-                    .map(|r| ScannedRow {
-                        position: r.get::<_, i64>(0) as u64,
-                        stream: r.get(1),
-                        revision: r.get::<_, i64>(2) as u64,
-                        event_id: r.get(3),
-                        record: r.get(4),
-                    })
-                    .collect())
-            })
-        })
-    }
-
-    /// The heads the streams table holds, for `verify`.
-    pub fn stored_heads(&self) -> Result<(u64, HashMap<String, u64>), StoreError> {
-        self.query("reading the stream heads", |c| {
-            Box::pin(async move {
-                let head = c
+    /// Everything `verify` reads, from one consistent snapshot of the database (one
+    /// `REPEATABLE READ` transaction): the head row, the stream heads, then every row in
+    /// position order, streamed. Servers may keep appending meanwhile.
+    pub fn scan_snapshot(&self) -> Result<ScanSnapshot, StoreError> {
+        let (first_tx, first_rx) = std::sync::mpsc::sync_channel(1);
+        let (tx, rx) = mpsc::channel(8);
+        let shared = self.inner.shared.clone();
+        self.inner.handle.spawn(async move {
+            let what = "reading the log for verify";
+            let scan = async {
+                let (client, _driver) = connect(&shared.config).await?;
+                client
+                    .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await
+                    .map_err(db_error(what))?;
+                let head = client
                     .query_one("SELECT next_position FROM contimg_head WHERE id = 1", &[])
-                    .await?
-                    .get::<_, i64>(0) as u64;
-                let rows = c
+                    .await
+                    .and_then(|r| r.try_get::<_, i64>(0))
+                    .map_err(db_error(what))?;
+                let heads = client
                     .query("SELECT stream, revision FROM contimg_streams", &[])
-                    .await?;
-                Ok((
-                    head,
-                    rows.iter()
-                        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
-                        .collect(),
-                ))
-            })
+                    .await
+                    .map_err(db_error(what))?
+                    .iter()
+                    .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)? as u64)))
+                    .collect::<Result<HashMap<_, _>, tokio_postgres::Error>>()
+                    .map_err(db_error(what))?;
+                let _ = first_tx.send(Ok((head.max(0) as u64, heads)));
+                use tokio_postgres::types::Type;
+                let copy = client
+                    .copy_out(
+                        "COPY (SELECT position, stream, revision, event_id, record \
+                         FROM contimg_events ORDER BY position) TO STDOUT (FORMAT binary)",
+                    )
+                    .await
+                    .map_err(db_error(what))?;
+                let rows = tokio_postgres::binary_copy::BinaryCopyOutStream::new(
+                    copy,
+                    &[Type::INT8, Type::TEXT, Type::INT8, Type::UUID, Type::BYTEA],
+                );
+                futures::pin_mut!(rows);
+                let mut chunk = Vec::with_capacity(STREAM_CHUNK);
+                while let Some(row) = rows.next().await {
+                    let row = row.map_err(db_error(what))?;
+                    let scanned = (|| {
+                        Ok::<_, tokio_postgres::Error>(ScannedRow {
+                            position: row.try_get::<i64>(0)? as u64,
+                            stream: row.try_get(1)?,
+                            revision: row.try_get::<i64>(2)? as u64,
+                            event_id: row.try_get(3)?,
+                            record: row.try_get(4)?,
+                        })
+                    })()
+                    .map_err(db_error(what))?;
+                    chunk.push(scanned);
+                    if chunk.len() == STREAM_CHUNK
+                        && tx
+                            .send(Ok(std::mem::replace(
+                                &mut chunk,
+                                Vec::with_capacity(STREAM_CHUNK),
+                            )))
+                            .await
+                            .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                if !chunk.is_empty() {
+                    let _ = tx.send(Ok(chunk)).await;
+                }
+                let _ = client.batch_execute("COMMIT").await;
+                Ok::<(), StoreError>(())
+            }
+            .await;
+            if let Err(e) = scan {
+                let msg = crate::events::error::chain(&e);
+                let _ = first_tx.send(Err(StoreError::Unavailable(msg.clone())));
+                let _ = tx.send(Err(StoreError::Unavailable(msg))).await;
+            }
+        });
+        let (head, heads) = first_rx.recv().map_err(|_| StoreError::Closed)??;
+        Ok(ScanSnapshot {
+            head,
+            heads,
+            rows: rx,
+            buf: VecDeque::new(),
+            done: false,
         })
     }
 
@@ -615,6 +674,42 @@ impl PgStore {
         self.query("running SQL", move |c| {
             Box::pin(async move { c.batch_execute(&sql).await })
         })
+    }
+}
+
+/// One snapshot of the ledger for `verify`: its head, its stream heads, and its rows.
+pub struct ScanSnapshot {
+    pub head: u64,
+    pub heads: HashMap<String, u64>,
+    rows: mpsc::Receiver<Result<Vec<ScannedRow>, StoreError>>,
+    buf: VecDeque<ScannedRow>,
+    done: bool,
+}
+
+impl Iterator for ScanSnapshot {
+    type Item = Result<ScannedRow, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(r) = self.buf.pop_front() {
+            return Some(Ok(r));
+        }
+        if self.done {
+            return None;
+        }
+        match futures::executor::block_on(tokio::task::unconstrained(self.rows.recv())) {
+            Some(Ok(chunk)) => {
+                self.buf.extend(chunk);
+                self.buf.pop_front().map(Ok)
+            }
+            Some(Err(e)) => {
+                self.done = true;
+                Some(Err(e))
+            }
+            None => {
+                self.done = true;
+                None
+            }
+        }
     }
 }
 
@@ -720,6 +815,21 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
         config.connect_timeout(Duration::from_secs(10));
     }
     config.application_name("contimg");
+    // A peer that vanishes without closing (a dead host, a cut network) is noticed within
+    // seconds, not the system's two hours: commits fail (503) instead of hanging, and a
+    // leader cut off loses its lead.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(10));
+    config.keepalives_interval(Duration::from_secs(5));
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(Duration::from_secs(30));
+    // Every connection must reach a primary: a standby takes no commits, and its reads lag.
+    if matches!(
+        config.get_target_session_attrs(),
+        tokio_postgres::config::TargetSessionAttrs::Any
+    ) {
+        config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+    }
     Ok(config)
 }
 
@@ -768,8 +878,8 @@ async fn commit(
         )
         .await?;
     let mut planner = Planner {
-        next_position: row.get::<_, i64>(0) as u64,
-        last_created: row.get(1),
+        next_position: row.try_get::<_, i64>(0)? as u64,
+        last_created: row.try_get(1)?,
     };
     let mut streams: Vec<&str> = Vec::new();
     let mut id_streams: Vec<&str> = Vec::new();
@@ -801,8 +911,8 @@ async fn commit(
         )
         .await?
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
-        .collect();
+        .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)? as u64)))
+        .collect::<Result<_, tokio_postgres::Error>>()?;
     let ids = tx
         .query(
             "SELECT e.stream, e.event_id, e.revision, e.position FROM contimg_events e \
@@ -812,12 +922,15 @@ async fn commit(
         .await?
         .iter()
         .map(|r| {
-            (
-                (r.get::<_, String>(0), r.get::<_, Uuid>(1)),
-                (r.get::<_, i64>(2) as u64, r.get::<_, i64>(3) as u64),
-            )
+            Ok((
+                (r.try_get::<_, String>(0)?, r.try_get::<_, Uuid>(1)?),
+                (
+                    r.try_get::<_, i64>(2)? as u64,
+                    r.try_get::<_, i64>(3)? as u64,
+                ),
+            ))
         })
-        .collect();
+        .collect::<Result<_, tokio_postgres::Error>>()?;
     let mut index = Fetched { heads, ids };
     let mut plan = Plan::default();
     let now = now_micros();
@@ -879,6 +992,21 @@ async fn commit(
     Ok((outcomes, planner.next_position))
 }
 
+/// The writer's connection: whatever the role's or database's defaults, a commit
+/// returns only once durable, and sees other servers' commits after taking the head lock.
+async fn writer_connection(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
+    let (client, _) = connect(config).await?;
+    client
+        .batch_execute(
+            "SET synchronous_commit = on; \
+             SET default_transaction_isolation = 'read committed'; \
+             SET statement_timeout = 0",
+        )
+        .await
+        .map_err(db_error("setting up the writer's session"))?;
+    Ok(client)
+}
+
 /// The writer: group commits, one transaction each, answered once committed.
 async fn write_loop(
     shared: Arc<Shared>,
@@ -889,18 +1017,20 @@ async fn write_loop(
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let mut count = batch[0].len();
-        while count < MAX_COMMIT_EVENTS {
+        let mut bytes = batch[0].bytes();
+        while count < MAX_COMMIT_EVENTS && bytes < MAX_COMMIT_BYTES {
             match rx.try_recv() {
                 Ok(m) => {
                     count += m.len();
+                    bytes += m.bytes();
                     batch.push(m);
                 }
                 Err(_) => break,
             }
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            match connect(&shared.config).await {
-                Ok((c, _)) => client = Some(c),
+            match writer_connection(&shared.config).await {
+                Ok(c) => client = Some(c),
                 Err(e) => {
                     let detail = crate::events::error::chain(&e);
                     tracing::warn!(error = %detail, "the ledger database is unreachable; appends refused");
@@ -912,7 +1042,14 @@ async fn write_loop(
             }
         }
         let c = client.as_mut().expect("connected");
-        match commit(c, &batch).await {
+        let committed = match tokio::time::timeout(COMMIT_TIMEOUT, commit(c, &batch)).await {
+            Ok(r) => r.map_err(|e| crate::events::error::chain(&e)),
+            Err(_) => Err(format!(
+                "no answer from the database within {} s",
+                COMMIT_TIMEOUT.as_secs()
+            )),
+        };
+        match committed {
             Ok((outcomes, end)) => {
                 shared.syncs.fetch_add(1, Ordering::Relaxed);
                 shared.advance(end);
@@ -925,11 +1062,10 @@ async fn write_loop(
                 }
             }
             Err(e) => {
-                let detail = format!("the commit failed: {}", crate::events::error::chain(&e));
+                let detail = format!("the commit failed: {e}");
                 tracing::warn!(error = %detail, "a group commit failed; its appends were not acknowledged");
-                if c.is_closed() {
-                    client = None;
-                }
+                // A new connection next time: this one may be closed, or stuck mid-commit.
+                client = None;
                 batch
                     .into_iter()
                     .for_each(|m| m.refuse(|| StoreError::Unavailable(detail.clone())));
@@ -939,40 +1075,71 @@ async fn write_loop(
     let _ = done.send(());
 }
 
-/// Follows the head: `LISTEN`, re-reading the head row after every (re)connection.
+/// Follows the head. A notification only wakes the follower, which then reads the head
+/// row (the payload is not trusted: any role may `NOTIFY`); so does every (re)connection
+/// and, as a safety net against a connection that died without a word, every 5 s.
 async fn listen_loop(shared: Arc<Shared>) {
+    async fn read_head(client: &Client, shared: &Shared) -> bool {
+        match client
+            .query_one("SELECT next_position FROM contimg_head WHERE id = 1", &[])
+            .await
+            .and_then(|row| row.try_get::<_, i64>(0))
+        {
+            Ok(head) => {
+                let head = head.max(0) as u64;
+                let known = shared.durable.load(Ordering::Acquire);
+                if head < known {
+                    tracing::error!(
+                        head,
+                        known,
+                        "the ledger database's head is behind what this server has read \
+                         (a restore or a failover lost events?); restart this server"
+                    );
+                }
+                shared.advance(head);
+                true
+            }
+            Err(_) => false,
+        }
+    }
     while !shared.closed.load(Ordering::Acquire) {
         if let Ok((client, mut conn)) = shared.config.connect(NoTls).await {
-            let (ntx, mut nrx) = mpsc::unbounded_channel::<String>();
+            let (ntx, mut nrx) = mpsc::unbounded_channel::<()>();
             let driver = tokio::spawn(async move {
                 let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
                 while let Some(m) = messages.next().await {
                     match m {
-                        Ok(AsyncMessage::Notification(n)) => {
-                            let _ = ntx.send(n.payload().to_string());
+                        Ok(AsyncMessage::Notification(_)) => {
+                            let _ = ntx.send(());
                         }
                         Ok(_) => {}
                         Err(_) => break,
                     }
                 }
             });
-            let listening = client.batch_execute(&format!("LISTEN {CHANNEL}")).await;
-            if listening.is_ok() {
-                if let Ok(row) = client
-                    .query_one("SELECT next_position FROM contimg_head WHERE id = 1", &[])
-                    .await
-                {
-                    shared.advance(row.get::<_, i64>(0) as u64);
-                }
-                while let Some(payload) = nrx.recv().await {
-                    if let Ok(head) = payload.parse::<u64>() {
-                        shared.advance(head);
+            if client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .is_ok()
+                && read_head(&client, &shared).await
+            {
+                loop {
+                    let woken = tokio::time::timeout(Duration::from_secs(5), nrx.recv()).await;
+                    if matches!(woken, Ok(None)) || shared.closed.load(Ordering::Acquire) {
+                        break;
+                    }
+                    // Many notifications at once need one read.
+                    while nrx.try_recv().is_ok() {}
+                    if !read_head(&client, &shared).await {
+                        break;
                     }
                 }
             }
             driver.abort();
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !shared.closed.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 
@@ -986,7 +1153,7 @@ async fn lead_loop(shared: Arc<Shared>, tx: watch::Sender<bool>) {
                     .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
                     .await
                 {
-                    Ok(row) if row.get::<_, bool>(0) => {
+                    Ok(row) if row.try_get::<_, bool>(0).unwrap_or(false) => {
                         tracing::info!("this server leads the ledger (publisher and recovery)");
                         tx.send_replace(true);
                         loop {
@@ -1045,8 +1212,10 @@ impl Iterator for RawIter {
                 Some(rx) => rx,
                 None => self.rx.insert(self.store.stream_range(self.next, self.end)),
             };
-            // Not tokio's blocking_recv: this may run on a thread of another runtime.
-            match futures::executor::block_on(rx.recv()) {
+            // Not tokio's blocking_recv, which refuses to run inside a runtime; and out of
+            // tokio's cooperative budget, which a task of the caller's runtime may have
+            // spent (recv would then yield forever to an executor that is not tokio's).
+            match futures::executor::block_on(tokio::task::unconstrained(rx.recv())) {
                 Some(Ok(chunk)) => self.buf.extend(chunk),
                 Some(Err(e)) => {
                     self.failed = true;

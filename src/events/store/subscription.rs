@@ -27,9 +27,23 @@ impl Subscription {
                 let page = self
                     .store
                     .read_all(Some(self.next), Direction::Forward, 1024)?;
-                if let Some(last) = page.last() {
-                    self.next = last.position + 1;
+                // The head says these positions are readable: an empty page or a gap is a
+                // fault to report, never to skip or to spin on.
+                for (i, e) in page.iter().enumerate() {
+                    if e.position != self.next + i as u64 {
+                        return Err(StoreError::Corrupt {
+                            position: self.next + i as u64,
+                            reason: "missing from the log".into(),
+                        });
+                    }
                 }
+                let Some(last) = page.last() else {
+                    return Err(StoreError::Corrupt {
+                        position: self.next,
+                        reason: "missing from the log".into(),
+                    });
+                };
+                self.next = last.position + 1;
                 self.buf.extend(page);
                 continue;
             }

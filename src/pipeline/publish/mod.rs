@@ -376,6 +376,14 @@ impl Publisher {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Lets moves run again after [`interrupt`](Self::interrupt): a server that lost the
+    /// lead of a shared ledger cut its moves short, and takes the lead again later.
+    pub fn resume(&self) {
+        self.inner
+            .cancel
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The product's state folded from its own stream (authoritative, not the projection).
     pub async fn load(&self, id: &str) -> Result<ProductState, PublishError> {
         paths::validate_data_id(id)?;
