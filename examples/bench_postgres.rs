@@ -42,12 +42,12 @@ fn appenders(store: &Store, n: usize, run: Duration) -> (f64, f64, f64) {
                 let store = store.clone();
                 let count = count.clone();
                 tokio::spawn(async move {
-                    let stream = format!("product-bench-{c}");
+                    let stream = format!("scratch-bench-{c}");
                     let mut mine = Vec::new();
                     let mut i = 0;
                     while start.elapsed() < run {
                         let t = Instant::now();
-                        let e = ProposedEvent::new("PublishStarted", 1, payload(i));
+                        let e = ProposedEvent::new("Noted", 1, payload(i));
                         store
                             .append(&stream, ExpectedRevision::Any, vec![e])
                             .await
@@ -81,11 +81,11 @@ fn replay(store: &Store, n: u64) -> (f64, f64) {
     let mut i = 0;
     while i < n {
         let events: Vec<_> = (0..1000)
-            .map(|k| ProposedEvent::new("PublishStarted", 1, payload(i + k)))
+            .map(|k| ProposedEvent::new("Noted", 1, payload(i + k)))
             .collect();
         store
             .append_blocking(
-                &format!("product-r{}", i / 1000 % 5000),
+                &format!("scratch-r{}", i / 1000 % 5000),
                 ExpectedRevision::Any,
                 events,
             )

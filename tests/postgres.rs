@@ -643,3 +643,66 @@ async fn the_leader_killed_mid_publish_is_succeeded_and_every_product_is_publish
     b.sigterm();
     verify(&url);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 (apt-get install postgresql); run with --ignored"]
+async fn only_the_leader_may_record_a_move_and_a_new_lead_fences_the_old() {
+    use contimg::events::{ExpectedRevision, ProposedEvent, Store, StoreError};
+    let pg = PgCluster::start();
+    let url = pg.create_db();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Store::connect(&url, dir.path()).unwrap(),
+        Store::connect(&url, dir.path()).unwrap(),
+    );
+    let mut lead_a = a.leadership();
+    tokio::time::timeout(Duration::from_secs(10), lead_a.wait_for(|l| *l))
+        .await
+        .expect("a leads")
+        .unwrap();
+    let mut lead_b = b.leadership();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!*lead_b.borrow(), "one leader at a time");
+    let move_event = || vec![ProposedEvent::new("PublishStarted", 1, b"{}".to_vec())];
+    a.append("product-fence", ExpectedRevision::Any, move_event())
+        .await
+        .expect("the leader records a move");
+    let refused = b
+        .append("product-fence", ExpectedRevision::Any, move_event())
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("only the ledger's leader")),
+        "{refused:?}"
+    );
+    // Anything else any server may append.
+    b.append(
+        "product-fence",
+        ExpectedRevision::Any,
+        vec![ProposedEvent::new("ProductFinalized", 1, b"{}".to_vec())],
+    )
+    .await
+    .unwrap();
+    // The leader's session ends (as when its host is cut off): b takes the lead with a new
+    // epoch, and from then on a's moves are refused.
+    pg.sql(
+        url.rsplit('/').next().unwrap(),
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    );
+    tokio::time::timeout(Duration::from_secs(10), lead_b.wait_for(|l| *l))
+        .await
+        .expect("b takes the lead")
+        .unwrap();
+    b.append("product-fence", ExpectedRevision::Any, move_event())
+        .await
+        .expect("the new leader records a move");
+    let refused = a
+        .append("product-fence", ExpectedRevision::Any, move_event())
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(b.event_count(), 3);
+    a.close();
+    b.close();
+}

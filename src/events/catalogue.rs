@@ -418,6 +418,14 @@ pub const COMMAND_ONLY_CATEGORIES: &[&str] = &["product"];
 
 /// Whether an append of `event_type` to `stream` is one only the commands may make: a
 /// stream of a command-only category, or an event type of one, in whatever stream.
+/// The events of a move of files: on a shared ledger only the current leader may append
+/// them, and the store refuses them from a server whose lead has passed to another.
+pub const LEADER_ONLY_TYPES: &[&str] = &["PublishStarted", "PublishSucceeded", "PublishFailed"];
+
+pub fn leader_only(event_type: &str) -> bool {
+    LEADER_ONLY_TYPES.contains(&event_type)
+}
+
 pub fn command_only(stream: &str, event_type: &str) -> bool {
     COMMAND_ONLY_CATEGORIES.contains(&category_of(stream))
         || entries()

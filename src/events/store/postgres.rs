@@ -71,12 +71,13 @@ CREATE TABLE contimg_meta (key text PRIMARY KEY, value text NOT NULL);
 INSERT INTO contimg_meta VALUES ('format', 'contimg-ledger'), ('schema_version', '1');
 CREATE TABLE contimg_head (
     id int PRIMARY KEY CHECK (id = 1),
-    next_position bigint NOT NULL,
-    last_created bigint NOT NULL
+    next_position bigint NOT NULL CHECK (next_position >= 0),
+    last_created bigint NOT NULL,
+    leader_epoch bigint NOT NULL
 );
-INSERT INTO contimg_head VALUES (1, 0, -9223372036854775808);
+INSERT INTO contimg_head VALUES (1, 0, -9223372036854775808, 0);
 CREATE TABLE contimg_events (
-    position bigint PRIMARY KEY,
+    position bigint PRIMARY KEY CHECK (position >= 0),
     stream text NOT NULL,
     revision bigint NOT NULL,
     event_id uuid NOT NULL,
@@ -96,6 +97,11 @@ struct Shared {
     syncs: AtomicU64,
     head_tx: watch::Sender<u64>,
     closed: AtomicBool,
+    /// The leader epoch this server holds (0: it does not lead). Taking the lead bumps the
+    /// epoch in the head row; a commit carrying a move's events is refused unless the row
+    /// still holds this server's epoch, so a deposed leader cannot record a move even
+    /// before it notices that it lost the lead.
+    epoch: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -225,6 +231,7 @@ impl PgStore {
             syncs: AtomicU64::new(0),
             head_tx,
             closed: AtomicBool::new(false),
+            epoch: std::sync::atomic::AtomicI64::new(0),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
@@ -869,14 +876,17 @@ enum Outcome {
 async fn commit(
     client: &mut Client,
     batch: &[WriterMsg],
+    epoch: i64,
 ) -> Result<(Vec<Outcome>, u64), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let row = tx
         .query_one(
-            "SELECT next_position, last_created FROM contimg_head WHERE id = 1 FOR UPDATE",
+            "SELECT next_position, last_created, leader_epoch FROM contimg_head WHERE id = 1 FOR UPDATE",
             &[],
         )
         .await?;
+    let current_epoch: i64 = row.try_get(2)?;
+    let leads = epoch != 0 && epoch == current_epoch;
     let mut planner = Planner {
         next_position: row.try_get::<_, i64>(0)? as u64,
         last_created: row.try_get(1)?,
@@ -937,6 +947,18 @@ async fn commit(
     let outcomes = batch
         .iter()
         .map(|m| match m {
+            WriterMsg::Append(r)
+                if !leads
+                    && r.events
+                        .iter()
+                        .any(|e| crate::events::catalogue::leader_only(&e.event_type)) =>
+            {
+                Outcome::Append(Err(StoreError::Unavailable(format!(
+                    "{} records a move of files, which only the ledger's leader may do; \
+                     this server does not lead it (now)",
+                    r.stream
+                ))))
+            }
             WriterMsg::Append(r) => Outcome::Append(
                 planner.append(&r.stream, r.expected, &r.events, &mut plan, &mut index, now),
             ),
@@ -1042,7 +1064,8 @@ async fn write_loop(
             }
         }
         let c = client.as_mut().expect("connected");
-        let committed = match tokio::time::timeout(COMMIT_TIMEOUT, commit(c, &batch)).await {
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        let committed = match tokio::time::timeout(COMMIT_TIMEOUT, commit(c, &batch, epoch)).await {
             Ok(r) => r.map_err(|e| crate::events::error::chain(&e)),
             Err(_) => Err(format!(
                 "no answer from the database within {} s",
@@ -1086,16 +1109,9 @@ async fn listen_loop(shared: Arc<Shared>) {
             .and_then(|row| row.try_get::<_, i64>(0))
         {
             Ok(head) => {
+                // A head lower than what this server has read is only a read that raced
+                // its own commit; `advance` never moves back.
                 let head = head.max(0) as u64;
-                let known = shared.durable.load(Ordering::Acquire);
-                if head < known {
-                    tracing::error!(
-                        head,
-                        known,
-                        "the ledger database's head is behind what this server has read \
-                         (a restore or a failover lost events?); restart this server"
-                    );
-                }
                 shared.advance(head);
                 true
             }
@@ -1154,7 +1170,25 @@ async fn lead_loop(shared: Arc<Shared>, tx: watch::Sender<bool>) {
                     .await
                 {
                     Ok(row) if row.try_get::<_, bool>(0).unwrap_or(false) => {
-                        tracing::info!("this server leads the ledger (publisher and recovery)");
+                        // A new epoch, under the head row's lock: from its commit on, the
+                        // previous leader's moves are refused.
+                        let epoch = match client
+                            .query_one(
+                                "UPDATE contimg_head SET leader_epoch = leader_epoch + 1 \
+                                 WHERE id = 1 RETURNING leader_epoch",
+                                &[],
+                            )
+                            .await
+                            .and_then(|r| r.try_get::<_, i64>(0))
+                        {
+                            Ok(e) => e,
+                            Err(_) => break,
+                        };
+                        shared.epoch.store(epoch, Ordering::Release);
+                        tracing::info!(
+                            epoch,
+                            "this server leads the ledger (publisher and recovery)"
+                        );
                         tx.send_replace(true);
                         loop {
                             tokio::select! {
@@ -1172,6 +1206,7 @@ async fn lead_loop(shared: Arc<Shared>, tx: watch::Sender<bool>) {
                             }
                         }
                         tracing::warn!("this server lost the ledger's leadership");
+                        shared.epoch.store(0, Ordering::Release);
                         tx.send_replace(false);
                         break;
                     }
@@ -1184,6 +1219,7 @@ async fn lead_loop(shared: Arc<Shared>, tx: watch::Sender<bool>) {
             }
             driver.abort();
         }
+        shared.epoch.store(0, Ordering::Release);
         tx.send_replace(false);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
