@@ -275,6 +275,47 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(backwards.status.code(), Some(1));
+
+    // Days without any publish outcome are no data, never 100%: two empty days before the
+    // week are null in report.json, gaps in the chart, `no data` in the tables.
+    let wider = dir.path().join("wider");
+    let run = contimg(&[
+        "report",
+        "--export",
+        export.to_str().unwrap(),
+        "--from",
+        "2026-11-14T00:00:00Z",
+        "--to",
+        to,
+        "--out",
+        wider.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(wider.join("report.json")).unwrap()).unwrap();
+    let days = report["metrics"]["days"].as_array().unwrap();
+    assert_eq!(days.len(), 9);
+    for d in &days[..2] {
+        assert_eq!(d["published"], 0, "{d}");
+        assert_eq!(d["failed"], 0, "{d}");
+        assert_eq!(d["success_rate_percent"], Value::Null, "{d}");
+    }
+    assert!(days[2]["success_rate_percent"].is_number());
+    let html = std::fs::read_to_string(wider.join("report.html")).unwrap();
+    let chart = &html[html.find(r#"<svg id="success-rate""#).unwrap()..];
+    let chart = &chart[..chart.find("</svg>").unwrap()];
+    assert_eq!(
+        chart.matches("<circle").count(),
+        7,
+        "a point for each day with data only"
+    );
+    assert_eq!(chart.matches("no data").count(), 2);
+    let md = std::fs::read_to_string(wider.join("report.md")).unwrap();
+    assert!(md.contains("| 2026-11-14 | 0 | 0 | 0 | no data |"), "{md}");
 }
 
 /// The page opens in headless Chromium (Debian's package, installed by `.ci/run`) with every

@@ -154,6 +154,16 @@ pub fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A rate for people: `97.50%`, or `no data`.
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "no data".to_string(), |v| format!("{v:.2}%"))
+}
+
+/// A rate in a table cell: `97.50`, or `no data`.
+fn rate_cell(v: Option<f64>) -> String {
+    v.map_or_else(|| "no data".to_string(), |v| format!("{v:.2}"))
+}
+
 fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
@@ -180,8 +190,11 @@ fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String 
     );
     let _ = writeln!(
         m,
-        "Totals: {} staged, {} published, {} failed attempts, success rate {:.2}%.",
-        r.totals.staged, r.totals.published, r.totals.failed, r.success_rate_percent
+        "Totals: {} staged, {} published, {} failed attempts, success rate {}.",
+        r.totals.staged,
+        r.totals.published,
+        r.totals.failed,
+        pct(r.success_rate_percent)
     );
     md_table(
         &mut m,
@@ -200,7 +213,7 @@ fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String 
                 d.staged.to_string(),
                 d.published.to_string(),
                 d.failed.to_string(),
-                format!("{:.2}", d.success_rate_percent),
+                rate_cell(d.success_rate_percent),
                 format!(
                     "{} / {} / {}",
                     opt(d.time_to_publish_p50_s),
@@ -348,7 +361,7 @@ fn line(
     id: &str,
     title: &str,
     labels: &[String],
-    values: &[f64],
+    values: &[Option<f64>],
     reference: f64,
     lo: f64,
     hi: f64,
@@ -373,24 +386,45 @@ fn line(
         r = y(reference),
         x2 = W - PAD
     );
-    let points: Vec<String> = values
+    // A day without data breaks the line: it is drawn as a gap, never as a value.
+    for run in values
         .iter()
         .enumerate()
-        .map(|(i, v)| format!("{:.1},{:.1}", x(i), y(v.clamp(lo, hi))))
-        .collect();
-    let _ = write!(
-        svg,
-        r##"<polyline points="{}" fill="none" stroke="#2a6" stroke-width="2"/>"##,
-        points.join(" ")
-    );
-    for (i, v) in values.iter().enumerate() {
+        .collect::<Vec<_>>()
+        .split(|(_, v)| v.is_none())
+        .filter(|run| !run.is_empty())
+    {
+        let points: Vec<String> = run
+            .iter()
+            .filter_map(|(i, v)| v.map(|v| format!("{:.1},{:.1}", x(*i), y(v.clamp(lo, hi)))))
+            .collect();
         let _ = write!(
             svg,
-            r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#2a6"><title>{}: {v:.2}%</title></circle>"##,
-            x(i),
-            y(v.clamp(lo, hi)),
-            esc(&labels[i])
+            r##"<polyline points="{}" fill="none" stroke="#2a6" stroke-width="2"/>"##,
+            points.join(" ")
         );
+    }
+    for (i, v) in values.iter().enumerate() {
+        match v {
+            Some(v) => {
+                let _ = write!(
+                    svg,
+                    r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#2a6"><title>{}: {v:.2}%</title></circle>"##,
+                    x(i),
+                    y(v.clamp(lo, hi)),
+                    esc(&labels[i])
+                );
+            }
+            None => {
+                let _ = write!(
+                    svg,
+                    r##"<text class="no-data" x="{:.1}" y="{:.1}" font-size="10" fill="#888"><title>{}: no publish outcome</title>no data</text>"##,
+                    x(i) - 12.0,
+                    H / 2.0,
+                    esc(&labels[i])
+                );
+            }
+        }
         let _ = write!(
             svg,
             r#"<text x="{:.1}" y="{}" font-size="10">{}</text>"#,
@@ -465,9 +499,10 @@ fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
     let labels: Vec<String> = r.days.iter().map(|d| d.date.clone()).collect();
     let published: Vec<f64> = r.days.iter().map(|d| d.published as f64).collect();
     let failed: Vec<f64> = r.days.iter().map(|d| d.failed as f64).collect();
-    let rates: Vec<f64> = r.days.iter().map(|d| d.success_rate_percent).collect();
+    let rates: Vec<Option<f64>> = r.days.iter().map(|d| d.success_rate_percent).collect();
     let lo = rates
         .iter()
+        .flatten()
         .copied()
         .fold(90.0_f64, f64::min)
         .floor()
@@ -478,14 +513,14 @@ fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
         page,
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>contimg weekly report {from} to {to}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:780px}} svg.chart{{width:100%;height:auto;border:1px solid #ddd;margin:.5em 0 1.5em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} th:first-child,td:first-child{{text-align:left}}</style></head><body>
-<h1>contimg weekly report</h1><p>Window {from} to {to}. {staged} staged, {pubd} published, {fail} failed attempts, success rate {rate:.2}%.</p>
+<h1>contimg weekly report</h1><p>Window {from} to {to}. {staged} staged, {pubd} published, {fail} failed attempts, success rate {rate}.</p>
 <p>At the end of the window: {sp} published, {ss} staging, {spub} publishing, {sf} failed, {sx} past their attempts.</p>"#,
         from = esc(&r.from),
         to = esc(&r.to),
         staged = r.totals.staged,
         pubd = r.totals.published,
         fail = r.totals.failed,
-        rate = r.success_rate_percent,
+        rate = pct(r.success_rate_percent),
         sp = s.total_published,
         ss = s.total_staging,
         spub = s.total_publishing,
@@ -587,12 +622,12 @@ fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
     for d in &r.days {
         let _ = write!(
             page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             d.date,
             d.staged,
             d.published,
             d.failed,
-            d.success_rate_percent,
+            rate_cell(d.success_rate_percent),
             opt(d.time_to_publish_p50_s),
             opt(d.time_to_publish_p90_s),
             opt(d.time_to_publish_p99_s)

@@ -41,8 +41,9 @@ pub struct DayMetrics {
     pub staged: u64,
     pub published: u64,
     pub failed: u64,
-    /// `round(published / (published + failed) * 100, 2)`, 100 when both are 0.
-    pub success_rate_percent: f64,
+    /// `round(published / (published + failed) * 100, 2)`; `null` on a day without any
+    /// publish outcome (no data is not a success).
+    pub success_rate_percent: Option<f64>,
     pub time_to_publish_p50_s: Option<f64>,
     pub time_to_publish_p90_s: Option<f64>,
     pub time_to_publish_p99_s: Option<f64>,
@@ -68,7 +69,8 @@ pub struct MetricsReport {
     pub to: String,
     pub days: Vec<DayMetrics>,
     pub totals: TypeCounts,
-    pub success_rate_percent: f64,
+    /// Over the window; `null` when the window holds no publish outcome.
+    pub success_rate_percent: Option<f64>,
     /// Every time to publish in the window, seconds, sorted (for the distribution).
     pub time_to_publish_s: Vec<f64>,
     pub top_failure_reasons: Vec<(String, u64)>,
@@ -81,6 +83,11 @@ pub fn success_rate(published: u64, failed: u64) -> f64 {
     } else {
         (published as f64 / (published + failed) as f64 * 10000.0).round() / 100.0
     }
+}
+
+/// The success rate of a period, `None` when it saw no outcome at all.
+pub fn rate_if_any(published: u64, failed: u64) -> Option<f64> {
+    (published + failed > 0).then(|| success_rate(published, failed))
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -239,7 +246,7 @@ impl Metrics {
                 staged: acc.counts.staged,
                 published: acc.counts.published,
                 failed: acc.counts.failed,
-                success_rate_percent: success_rate(acc.counts.published, acc.counts.failed),
+                success_rate_percent: rate_if_any(acc.counts.published, acc.counts.failed),
                 time_to_publish_p50_s: percentile(&ttp, 50.0),
                 time_to_publish_p90_s: percentile(&ttp, 90.0),
                 time_to_publish_p99_s: percentile(&ttp, 99.0),
@@ -270,7 +277,7 @@ impl Metrics {
         MetricsReport {
             from: crate::events::record::format_time(micros_to_datetime(self.from)),
             to: crate::events::record::format_time(micros_to_datetime(self.to)),
-            success_rate_percent: success_rate(totals.published, totals.failed),
+            success_rate_percent: rate_if_any(totals.published, totals.failed),
             days,
             totals,
             time_to_publish_s: all_ttp,
