@@ -2,9 +2,7 @@
 //! middleware that counts requests and their latencies by route.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::Json;
@@ -12,12 +10,19 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use super::error::ApiError;
 use super::monitoring::publish_status;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -31,75 +36,55 @@ const BUCKETS: [f64; 10] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
 
-#[derive(Default)]
-struct RouteStats {
-    count: u64,
-    sum: f64,
-    buckets: [u64; BUCKETS.len()],
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: String,
+    route: String,
+    status: String,
 }
 
-/// Request counts and latencies. std Mutex: held for a few additions, never across an
-/// `.await`.
-#[derive(Default)]
+fn http_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// Request counts and latencies by method, route template and status.
 pub struct HttpMetrics {
-    routes: Mutex<BTreeMap<(String, String, u16), RouteStats>>,
+    requests: Family<HttpLabels, Counter>,
+    durations: Family<HttpLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        HttpMetrics {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(http_histogram),
+        }
+    }
 }
 
 impl HttpMetrics {
     fn record(&self, method: &str, route: &str, status: u16, seconds: f64) {
-        let mut routes = self.routes.lock().expect("metrics lock");
-        let s = routes
-            .entry((method.to_string(), route.to_string(), status))
-            .or_default();
-        s.count += 1;
-        s.sum += seconds;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                s.buckets[i] += 1;
-            }
-        }
+        let labels = HttpLabels {
+            method: method.to_string(),
+            route: route.to_string(),
+            status: status.to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.durations.get_or_create(&labels).observe(seconds);
     }
 
-    fn render(&self, out: &mut String) {
-        let routes = self.routes.lock().expect("metrics lock");
-        out.push_str(
-            "# HELP contimg_http_requests_total HTTP requests by method, route and status.\n",
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "contimg_http_requests",
+            "HTTP requests by method, route and status",
+            self.requests.clone(),
         );
-        out.push_str("# TYPE contimg_http_requests_total counter\n");
-        for ((m, r, s), st) in routes.iter() {
-            let _ = writeln!(
-                out,
-                "contimg_http_requests_total{{method=\"{m}\",route=\"{r}\",status=\"{s}\"}} {}",
-                st.count
-            );
-        }
-        out.push_str("# HELP contimg_http_request_duration_seconds HTTP request latency.\n");
-        out.push_str("# TYPE contimg_http_request_duration_seconds histogram\n");
-        for ((m, r, s), st) in routes.iter() {
-            let labels = format!("method=\"{m}\",route=\"{r}\",status=\"{s}\"");
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "contimg_http_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {}",
-                    st.buckets[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "contimg_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                st.count
-            );
-            let _ = writeln!(
-                out,
-                "contimg_http_request_duration_seconds_sum{{{labels}}} {}",
-                st.sum
-            );
-            let _ = writeln!(
-                out,
-                "contimg_http_request_duration_seconds_count{{{labels}}} {}",
-                st.count
-            );
-        }
+        r.register_with_unit(
+            "contimg_http_request_duration",
+            "HTTP request latency",
+            Unit::Seconds,
+            self.durations.clone(),
+        );
     }
 }
 
@@ -233,83 +218,199 @@ async fn system(State(state): State<AppState>) -> Json<System> {
     tag = "service",
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String))
 )]
-async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+async fn prometheus(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let now = chrono::Utc::now().timestamp_micros();
     let s = state.projections.read(|m| publish_status(m, now));
-    let mut out = String::with_capacity(4096);
-    let mut gauge = |name: &str, help: &str, value: f64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
+    let mut r = Registry::default();
+    let count = |r: &mut Registry, name: &str, help: &str, value: u64| {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(value).unwrap_or(i64::MAX));
+        r.register(name, help, g);
     };
-    gauge(
+    count(
+        &mut r,
         "contimg_products_published",
-        "Products published.",
-        s.total_published as f64,
+        "Products published",
+        s.total_published,
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_products_staging",
-        "Products in staging.",
-        s.total_staging as f64,
+        "Products in staging",
+        s.total_staging,
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_products_publishing",
-        "Products being published.",
-        s.total_publishing as f64,
+        "Products being published",
+        s.total_publishing,
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_publish_failed",
-        "Products in staging after a failed publish.",
-        s.failed_publishes as f64,
+        "Products in staging after a failed publish",
+        s.failed_publishes,
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_publish_max_attempts_exceeded",
-        "Products that need an operator.",
-        s.max_attempts_exceeded as f64,
+        "Products that need an operator",
+        s.max_attempts_exceeded,
     );
-    gauge(
+    let rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    rate.set(s.success_rate_percent);
+    r.register(
         "contimg_publish_success_rate_percent",
-        "Published over published plus failed.",
-        s.success_rate_percent,
+        "Published over published plus failed (100 while there is neither)",
+        rate,
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_publish_failures_24h",
-        "Publish failures in the last 24 hours.",
-        s.recent_failures_24h as f64,
+        "Publish failures in the last 24 hours",
+        s.recent_failures_24h,
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_publish_failures_1h",
-        "Publish failures in the last hour.",
-        s.recent_failures_1h as f64,
+        "Publish failures in the last hour",
+        s.recent_failures_1h,
     );
-    gauge(
+    let oldest = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    oldest.set(s.oldest_staging_hours.unwrap_or(0.0) * 3600.0);
+    r.register_with_unit(
+        "contimg_staging_oldest",
+        "Age of the oldest product in staging (0 when none)",
+        Unit::Seconds,
+        oldest,
+    );
+    let position = Gauge::<i64>::default();
+    position.set(state.store.last_position().map_or(-1, |p| p as i64));
+    r.register(
         "contimg_ledger_position",
-        "Last durable ledger position (-1 when empty).",
-        state.store.last_position().map_or(-1.0, |p| p as f64),
+        "Last durable ledger position (-1 when empty)",
+        position,
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_ledger_events",
-        "Durable events in the ledger.",
-        state.store.event_count() as f64,
+        "Durable events in the ledger",
+        state.store.event_count(),
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_projection_lag_events",
-        "Durable events not yet folded into the read model.",
-        state.projections.lag() as f64,
+        "Durable events not yet folded into the read model",
+        state.projections.lag(),
     );
-    gauge(
+    count(
+        &mut r,
         "contimg_projection_parked_events",
-        "Product events the read model could not fold (kept aside).",
-        state.projections.read(|m| m.parked().1) as f64,
+        "Product events the read model could not fold (kept aside)",
+        state.projections.read(|m| m.parked().1),
     );
     if let Some(c) = state.pipeline_parked.get() {
-        gauge(
+        count(
+            &mut r,
             "contimg_pipeline_parked_events",
-            "Pipeline events the worker's fold could not take (kept aside).",
-            c.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            "Pipeline events the worker's fold could not take (kept aside)",
+            c.load(std::sync::atomic::Ordering::Relaxed),
         );
     }
-    state.http.render(&mut out);
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    count(
+        &mut r,
+        "contimg_activity_lag_events",
+        "Durable events not yet counted by the activity counters",
+        state
+            .store
+            .event_count()
+            .saturating_sub(state.activity.next_position()),
+    );
+    let leader = Gauge::<i64>::default();
+    leader.set(i64::from(
+        state.leading.load(std::sync::atomic::Ordering::Acquire),
+    ));
+    r.register(
+        "contimg_leader",
+        "1 while this server leads the ledger (runs the publisher), else 0",
+        leader,
+    );
+    state.activity.register(&mut r);
+    let timings = state.store.timings();
+    r.register_with_unit(
+        "contimg_append_duration",
+        "Append latency, from submission to the durable answer",
+        Unit::Seconds,
+        timings.append_seconds.clone(),
+    );
+    r.register_with_unit(
+        "contimg_sync_duration",
+        "Durability step of each group commit (flush and fdatasync, or COMMIT)",
+        Unit::Seconds,
+        timings.sync_seconds.clone(),
+    );
+    state.http.register(&mut r);
+    let mut out = String::with_capacity(16 * 1024);
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
+        return ApiError::Internal(format!("encoding the metrics: {e}")).into_response();
+    }
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response()
+    } else {
+        (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            to_prometheus_text(&out),
+        )
+            .into_response()
+    }
+}
+
+/// The same exposition in Prometheus' text format 0.0.4, for scrapers and tools that do
+/// not ask for OpenMetrics (`promtool check metrics` among them): a counter family is
+/// named by its `_total` samples, and there is no `# UNIT` or `# EOF` line.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                out.push_str(prefix);
+                out.push_str(&name);
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }

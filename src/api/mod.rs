@@ -53,6 +53,8 @@ pub struct AppState {
     /// publish commands. Always, on a sled folder; on PostgreSQL, while it holds the
     /// ledger's advisory lock (one server of those sharing the database).
     pub leading: Arc<std::sync::atomic::AtomicBool>,
+    /// What the pipeline and the publisher have done, counted from the log (`/metrics`).
+    pub activity: crate::projections::activity::Activity,
 }
 
 /// Bounds on what clients can hold: time, connections, replays; and the names the server
@@ -147,6 +149,7 @@ impl AppState {
             limits: Arc::new(config.http),
             pipeline_parked: Arc::default(),
             leading: Arc::new(std::sync::atomic::AtomicBool::new(!store.is_shared())),
+            activity: Default::default(),
             store,
         })
     }
@@ -202,6 +205,43 @@ pub fn app(state: AppState) -> Router {
             metrics::track,
         ))
         .with_state(state)
+}
+
+/// Follows the log from its start with the activity counters, until the server stops.
+/// A failed read is retried from where the count stands, after a second.
+async fn count_activity(
+    store: Store,
+    activity: crate::projections::activity::Activity,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let mut sub = store.subscribe_all(activity.next_position().checked_sub(1));
+        let mut counted = 0u64;
+        loop {
+            tokio::select! {
+                next = sub.next() => match next {
+                    Ok(e) => {
+                        activity.apply(&e);
+                        counted += 1;
+                        // A long history is read without waiting: let others run.
+                        if counted.is_multiple_of(1024) {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    Err(crate::events::StoreError::Closed) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "activity counters: reading the log failed; retrying");
+                        break;
+                    }
+                },
+                _ = crate::projections::stopped(&mut stop) => return,
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = crate::projections::stopped(&mut stop) => return,
+        }
+    }
 }
 
 /// The leader's duties, while this server leads: on a shared ledger, settle the publishes
@@ -302,6 +342,11 @@ pub async fn run(
     // publisher is done, so its last outcomes are folded and nobody waits on a stopped fold.
     let (stop_pub_tx, stop_pub_rx) = tokio::sync::watch::channel(false);
     let (stop_fold_tx, stop_fold_rx) = tokio::sync::watch::channel(false);
+    let counting = tokio::spawn(count_activity(
+        state.store.clone(),
+        state.activity.clone(),
+        stop_fold_rx.clone(),
+    ));
     let follower = tokio::spawn(state.projections.clone().run(stop_fold_rx));
     let publisher = Some(tokio::spawn(lead(state.clone(), stop_pub_rx)));
     let store = state.store.clone();
@@ -335,6 +380,7 @@ pub async fn run(
     }
     let _ = stop_fold_tx.send(true);
     let _ = follower.await;
+    let _ = counting.await;
     tokio::task::spawn_blocking(move || store.close())
         .await
         .map_err(std::io::Error::other)?;

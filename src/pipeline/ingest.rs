@@ -41,6 +41,28 @@ impl SubbandName {
     }
 }
 
+/// The class of a refusal's reason, for metrics labels (a bounded set): the reasons
+/// this module writes, by their wording.
+pub fn reason_class(reason: &str) -> &'static str {
+    if reason.starts_with("late file") {
+        "late"
+    } else if reason.starts_with("duplicate subband") {
+        "duplicate"
+    } else if reason.starts_with("no HDF5 signature") {
+        "not_hdf5"
+    } else if reason == "empty file" {
+        "empty"
+    } else if reason == "not a regular file" {
+        "not_a_file"
+    } else if reason.starts_with("cannot ") {
+        "unreadable"
+    } else if reason.contains(".hdf5") || reason.contains("subband") || reason.contains("time") {
+        "bad_name"
+    } else {
+        "other"
+    }
+}
+
 /// Parses `YYYY-MM-DDTHH:MM:SS_sbNN.hdf5` (NN below `subbands`).
 pub fn parse_name(name: &str, subbands: u8) -> Result<SubbandName, String> {
     let stem = name
@@ -359,6 +381,49 @@ pub fn short_hash<S: AsRef<str>>(items: impl Iterator<Item = S>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every reason this module writes falls in its class, never in `other`.
+    #[test]
+    fn refusal_reasons_have_their_class() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("e.hdf5");
+        std::fs::write(&empty, b"").unwrap();
+        let text = dir.path().join("t.hdf5");
+        std::fs::write(&text, b"not hdf5 at all").unwrap();
+        let cases = [
+            (parse_name("x.txt", 16).unwrap_err(), "bad_name"),
+            (
+                parse_name("2026-11-30T10:00:00.hdf5", 16).unwrap_err(),
+                "bad_name",
+            ),
+            (
+                parse_name("2026-13-30T10:00:00_sb01.hdf5", 16).unwrap_err(),
+                "bad_name",
+            ),
+            (
+                parse_name("2026-11-30T10:00:00_sb20.hdf5", 16).unwrap_err(),
+                "bad_name",
+            ),
+            (check_file(dir.path()).unwrap_err(), "not_a_file"),
+            (check_file(&empty).unwrap_err(), "empty"),
+            (check_file(&text).unwrap_err(), "not_hdf5"),
+            (
+                check_file(&dir.path().join("gone.hdf5")).unwrap_err(),
+                "unreadable",
+            ),
+            (
+                "late file: observation X already formed".to_string(),
+                "late",
+            ),
+            (
+                "duplicate subband sb01 of observation X: a was taken first".to_string(),
+                "duplicate",
+            ),
+        ];
+        for (reason, class) in cases {
+            assert_eq!(reason_class(&reason), class, "{reason}");
+        }
+    }
 
     #[test]
     fn names() {

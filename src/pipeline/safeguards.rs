@@ -18,6 +18,14 @@ pub const TIME_SPAN: &str = "time_span";
 pub const MS_STAGE: &str = "ms_stage";
 pub const CALIBRATION_TABLES: &str = "calibration_tables";
 pub const IMAGES: &str = "images";
+/// All of them, in the order they are applied.
+pub const NAMES: &[&str] = &[
+    ID_COLLISION,
+    TIME_SPAN,
+    MS_STAGE,
+    CALIBRATION_TABLES,
+    IMAGES,
+];
 
 /// Why a group was refused.
 #[derive(Debug, Clone, PartialEq)]

@@ -44,6 +44,14 @@ impl Stage {
         }
     }
 
+    /// A stage name as a metrics label: one of the four, or `unknown` (labels are a
+    /// bounded set whatever the log holds).
+    pub fn label(name: Option<&str>) -> String {
+        name.and_then(Stage::parse)
+            .map_or("unknown", Stage::name)
+            .to_string()
+    }
+
     pub fn parse(name: &str) -> Option<Stage> {
         [
             Stage::Convert,

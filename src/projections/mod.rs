@@ -27,6 +27,7 @@
 //! as stuck after 24 h in staging or 30 min publishing (the defaults of `StuckRule`; the
 //! second is `[publish] stuck_publishing_min`).
 
+pub mod activity;
 pub mod alerts;
 mod fold;
 pub mod metrics;

@@ -123,6 +123,28 @@ pub type Snapshot = (Option<u64>, Vec<u8>);
 #[derive(Clone, Debug)]
 pub struct Store {
     backend: Backend,
+    timings: Timings,
+}
+
+/// How long appends take, as Prometheus histograms (clones share their values).
+#[derive(Clone, Debug)]
+pub struct Timings {
+    /// From an append's submission to its answer (durable, or refused).
+    pub append_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Each group commit's durability step: sled's flush and `fdatasync`, or PostgreSQL's
+    /// `COMMIT` transaction.
+    pub sync_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        // 50 µs to about 1.6 s.
+        let buckets = || prometheus_client::metrics::histogram::exponential_buckets(5e-5, 2.0, 16);
+        Timings {
+            append_seconds: prometheus_client::metrics::histogram::Histogram::new(buckets()),
+            sync_seconds: prometheus_client::metrics::histogram::Histogram::new(buckets()),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -144,25 +166,44 @@ impl Store {
     /// Opens (creating if needed) the sled ledger in `dir`. Fails at once, naming the
     /// folder and the owner's pid, when another process holds it.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let timings = Timings::default();
         Ok(Store {
-            backend: Backend::Sled(self::sled::SledStore::open(dir)?),
+            backend: Backend::Sled(self::sled::SledStore::open(
+                dir,
+                timings.sync_seconds.clone(),
+            )?),
+            timings,
         })
     }
 
     /// Connects to the PostgreSQL ledger at `url`, creating its tables in an empty
     /// database. `dir` is the local folder whose free space the server reports.
     pub fn connect(url: &str, dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Self::connect_pg(url, dir.as_ref(), true)
+    }
+
+    fn connect_pg(url: &str, dir: &Path, create: bool) -> Result<Store, StoreError> {
+        let timings = Timings::default();
         Ok(Store {
-            backend: Backend::Postgres(postgres::PgStore::connect(url, dir.as_ref(), true)?),
+            backend: Backend::Postgres(postgres::PgStore::connect(
+                url,
+                dir,
+                create,
+                timings.sync_seconds.clone(),
+            )?),
+            timings,
         })
     }
 
     /// Connects to an existing PostgreSQL ledger; an empty database is refused, not
     /// given tables (the read-only tools change nothing).
     pub fn connect_existing(url: &str, dir: impl AsRef<Path>) -> Result<Store, StoreError> {
-        Ok(Store {
-            backend: Backend::Postgres(postgres::PgStore::connect(url, dir.as_ref(), false)?),
-        })
+        Self::connect_pg(url, dir.as_ref(), false)
+    }
+
+    /// The append and sync latency histograms.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
     }
 
     /// Where the ledger lives, for people: a folder, or a database URL without its
@@ -216,8 +257,13 @@ impl Store {
         events: Vec<ProposedEvent>,
     ) -> Result<AppendResult, StoreError> {
         check_append(stream, &events)?;
+        let started = std::time::Instant::now();
         let rx = self.submit_append(stream, expected, events)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let result = rx.await.map_err(|_| StoreError::Closed)?;
+        self.timings
+            .append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// The same append for callers outside a runtime (import, tools, benchmarks).
@@ -228,8 +274,13 @@ impl Store {
         events: Vec<ProposedEvent>,
     ) -> Result<AppendResult, StoreError> {
         check_append(stream, &events)?;
+        let started = std::time::Instant::now();
         let rx = self.submit_append(stream, expected, events)?;
-        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+        let result = rx.blocking_recv().map_err(|_| StoreError::Closed)?;
+        self.timings
+            .append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     fn submit_append(

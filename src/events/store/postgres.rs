@@ -198,7 +198,12 @@ async fn connect(
 impl PgStore {
     /// Connects, checks that the database is a contimg ledger of this schema version (an
     /// empty database gets the tables), and starts the writer and the head listener.
-    pub fn connect(url: &str, dir: &Path, create: bool) -> Result<PgStore, StoreError> {
+    pub fn connect(
+        url: &str,
+        dir: &Path,
+        create: bool,
+        sync_seconds: prometheus_client::metrics::histogram::Histogram,
+    ) -> Result<PgStore, StoreError> {
         let config = parse_url(url)?;
         let describe = describe(&config);
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -235,7 +240,7 @@ impl PgStore {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-        handle.spawn(write_loop(shared.clone(), rx, done_tx));
+        handle.spawn(write_loop(shared.clone(), rx, done_tx, sync_seconds));
         handle.spawn(listen_loop(shared.clone()));
         tracing::info!(ledger = %describe, events = head, "ledger on PostgreSQL");
         Ok(PgStore {
@@ -1034,6 +1039,7 @@ async fn write_loop(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<WriterMsg>,
     done: std::sync::mpsc::SyncSender<()>,
+    sync_seconds: prometheus_client::metrics::histogram::Histogram,
 ) {
     let mut client: Option<Client> = None;
     while let Some(first) = rx.recv().await {
@@ -1065,6 +1071,7 @@ async fn write_loop(
         }
         let c = client.as_mut().expect("connected");
         let epoch = shared.epoch.load(Ordering::Acquire);
+        let started = std::time::Instant::now();
         let committed = match tokio::time::timeout(COMMIT_TIMEOUT, commit(c, &batch, epoch)).await {
             Ok(r) => r.map_err(|e| crate::events::error::chain(&e)),
             Err(_) => Err(format!(
@@ -1074,6 +1081,7 @@ async fn write_loop(
         };
         match committed {
             Ok((outcomes, end)) => {
+                sync_seconds.observe(started.elapsed().as_secs_f64());
                 shared.syncs.fetch_add(1, Ordering::Relaxed);
                 shared.advance(end);
                 for (m, o) in batch.into_iter().zip(outcomes) {

@@ -191,7 +191,10 @@ fn lock_folder(dir: &Path) -> Result<File, StoreError> {
 impl SledStore {
     /// Opens (creating if needed) the ledger in `dir`. Fails at once, naming the folder and
     /// the owner's pid, when another process holds it.
-    pub fn open(dir: impl AsRef<Path>) -> Result<SledStore, StoreError> {
+    pub fn open(
+        dir: impl AsRef<Path>,
+        sync_seconds: prometheus_client::metrics::histogram::Histogram,
+    ) -> Result<SledStore, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Folder {
             path: dir.clone(),
@@ -290,6 +293,7 @@ impl SledStore {
             queue: Arc::new(SyncQueue::default()),
             inner: Arc::downgrade(&inner),
             poisoned,
+            sync_seconds,
         };
         let handle = std::thread::Builder::new()
             .name("contimg-writer".into())

@@ -55,6 +55,8 @@ pub(super) struct Syncer {
     pub(super) queue: Arc<SyncQueue>,
     pub(super) inner: std::sync::Weak<Inner>,
     pub(super) poisoned: Arc<AtomicBool>,
+    /// Durations of each flush and `fdatasync`.
+    pub(super) sync_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Syncer {
@@ -68,7 +70,10 @@ impl Syncer {
                     .for_each(|r| r.fail(|| StoreError::Poisoned));
                 continue;
             }
-            match self.sync() {
+            let started = std::time::Instant::now();
+            let synced = self.sync();
+            self.sync_seconds.observe(started.elapsed().as_secs_f64());
+            match synced {
                 Ok(()) => {
                     if let Some(inner) = self.inner.upgrade() {
                         inner.syncs.fetch_add(1, Ordering::Relaxed);
