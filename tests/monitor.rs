@@ -258,3 +258,127 @@ async fn monitor_flags_exit_codes_and_json() {
     assert_eq!(status.code(), Some(0));
     server.stop().await;
 }
+
+/// `--daemon --webhook`: each alert is posted when it starts and when it clears, and a
+/// receiver that fails is retried, in order, without holding the checks up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_posts_alerts_to_a_webhook_when_they_start_and_clear() {
+    use std::sync::{Arc, Mutex};
+    // The receiver: answers 500 to its first request, then keeps every body.
+    let got: Arc<Mutex<(usize, Vec<Value>)>> = Arc::default();
+    let app = {
+        let got = got.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+                let got = got.clone();
+                async move {
+                    let mut g = got.lock().unwrap();
+                    g.0 += 1;
+                    if g.0 == 1 {
+                        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    g.1.push(v);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig::under(dir.path());
+    let stage = config.publish.stage_root.clone();
+    let server = TestServer::start_with(dir.path(), config).await;
+    let url = format!("http://{}", server.addr);
+    let thresholds = dir.path().join("thresholds.json");
+    std::fs::write(
+        &thresholds,
+        r#"{"max_failed": 0, "min_success_rate": 0, "max_failures_1h": 1000}"#,
+    )
+    .unwrap();
+    let mut child = Command::new(bin())
+        .args([
+            "monitor",
+            "--url",
+            &url,
+            "--json",
+            "--daemon",
+            "--interval",
+            "0.2",
+        ])
+        .args(["--webhook", &hook, "--alert-thresholds"])
+        .arg(&thresholds)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // A publish that fails (its staged file is gone): `too_many_failed` starts.
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::write(stage.join("f.fits"), b"SIMPLE").unwrap();
+    let c = reqwest::Client::new();
+    let r = c
+        .post(format!("{url}/api/products"))
+        .json(&json!({"data_id": "f", "data_type": "image", "stage_path": "f.fits", "auto_publish": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    std::fs::remove_file(stage.join("f.fits")).unwrap();
+    let r = c
+        .post(format!("{url}/api/products/f/publish"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let started = common::eventually(20.0, || {
+        let got = got.clone();
+        async move { (!got.lock().unwrap().1.is_empty()).then_some(()) }
+    })
+    .await;
+    assert!(started.is_some(), "no notification arrived");
+    // The file is back: the retry publishes it, and the alert clears.
+    std::fs::write(stage.join("f.fits"), b"SIMPLE").unwrap();
+    let r = c
+        .post(format!("{url}/api/monitoring/publish/retry/f"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let cleared = common::eventually(20.0, || {
+        let got = got.clone();
+        async move { (got.lock().unwrap().1.len() >= 2).then_some(()) }
+    })
+    .await;
+    assert!(cleared.is_some(), "the clearing was not posted");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let (requests, bodies) = got.lock().unwrap().clone();
+    assert!(
+        requests >= 3,
+        "the failed first delivery was retried ({requests} requests)"
+    );
+    let events: Vec<(&str, &str)> = bodies
+        .iter()
+        .map(|b| {
+            (
+                b["event"].as_str().unwrap(),
+                b["alert"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("started", "too_many_failed"),
+            ("cleared", "too_many_failed")
+        ]
+    );
+    assert_eq!(bodies[0]["source"], json!(url));
+    assert!(bodies[0]["alert"]["message"].is_string());
+    assert!(bodies[1]["at"].is_string());
+    server.stop().await;
+}

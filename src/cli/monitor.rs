@@ -44,6 +44,10 @@ pub struct MonitorArgs {
     /// Seconds between checks with --daemon.
     #[arg(long, default_value_t = 60.0, requires = "daemon")]
     pub interval: f64,
+    /// With --daemon: POST each alert as JSON to this URL when it starts and when it
+    /// clears, retried with backoff, in order, without holding the checks up.
+    #[arg(long, value_name = "URL", requires = "daemon")]
+    pub webhook: Option<String>,
     /// JSON file of alert thresholds.
     #[arg(long, value_name = "FILE")]
     pub alert_thresholds: Option<PathBuf>,
@@ -140,7 +144,11 @@ pub fn run(args: MonitorArgs) -> ExitCode {
         } else if args.retry_all {
             retry_all(&client, args.limit, args.max_attempts, json_mode).await
         } else if args.daemon {
-            daemon(&client, &thresholds, args.interval, json_mode).await
+            let webhook = args
+                .webhook
+                .as_deref()
+                .map(|u| Webhook::start(u, &client.base));
+            daemon(&client, &thresholds, args.interval, json_mode, webhook).await
         } else {
             check(&client, &thresholds, json_mode).await
         }
@@ -232,12 +240,28 @@ async fn daemon(
     t: &AlertThresholds,
     interval: f64,
     json_mode: bool,
+    webhook: Option<Webhook>,
 ) -> Result<ExitCode, Unreachable> {
     let stop = super::shutdown_signal();
     tokio::pin!(stop);
+    let mut firing: std::collections::BTreeMap<String, Value> = Default::default();
     loop {
         match status_doc(client, t).await {
-            Ok((doc, _)) => emit(json_mode, &doc, || human_status(&doc)),
+            Ok((doc, _)) => {
+                emit(json_mode, &doc, || human_status(&doc));
+                let now: std::collections::BTreeMap<String, Value> = doc["alerts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| Some((a["name"].as_str()?.to_string(), a.clone())))
+                    .collect();
+                if let Some(w) = &webhook {
+                    for (event, alert) in transitions(&firing, &now) {
+                        w.send(event, alert);
+                    }
+                }
+                firing = now;
+            }
             // A daemon outlives a restart of the server: report and keep going.
             Err(Unreachable(reason)) => {
                 emit(json_mode, &json!({"error": reason, "exit_code": 2}), || {
@@ -248,6 +272,85 @@ async fn daemon(
         tokio::select! {
             _ = &mut stop => return Ok(ExitCode::SUCCESS),
             _ = tokio::time::sleep(Duration::from_secs_f64(interval)) => {}
+        }
+    }
+}
+
+/// What changed between two checks: alerts that started (in `now`, not in `before`) and
+/// alerts that cleared (the other way round), each with the alert as last seen.
+fn transitions<'a>(
+    before: &'a std::collections::BTreeMap<String, Value>,
+    now: &'a std::collections::BTreeMap<String, Value>,
+) -> Vec<(&'static str, &'a Value)> {
+    let started = now
+        .iter()
+        .filter(|(k, _)| !before.contains_key(*k))
+        .map(|(_, a)| ("started", a));
+    let cleared = before
+        .iter()
+        .filter(|(k, _)| !now.contains_key(*k))
+        .map(|(_, a)| ("cleared", a));
+    started.chain(cleared).collect()
+}
+
+/// Delivers alert notifications in order from a task of its own: a slow or failing
+/// receiver delays the notifications, never the checks. Each is retried with backoff
+/// (1 s doubling to 60 s) for up to 10 attempts. With 1,000 already waiting, a new one is
+/// dropped, with a log line; those still waiting when the daemon stops are not sent.
+struct Webhook {
+    tx: tokio::sync::mpsc::Sender<Value>,
+}
+
+impl Webhook {
+    fn start(url: &str, source: &str) -> Webhook {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1000);
+        let url = url.to_string();
+        let source = source.to_string();
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default();
+            while let Some(mut body) = rx.recv().await {
+                body["source"] = json!(source);
+                let mut wait = Duration::from_secs(1);
+                for attempt in 1..=10u32 {
+                    let sent = http.post(&url).json(&body).send().await;
+                    match sent {
+                        Ok(r) if r.status().is_success() => break,
+                        other => {
+                            let why = match other {
+                                Ok(r) => format!("answered {}", r.status()),
+                                Err(e) => root_cause(&e),
+                            };
+                            if attempt == 10 {
+                                eprintln!(
+                                    "contimg monitor: webhook gave up on a notification after 10 attempts: {why}"
+                                );
+                                break;
+                            }
+                            eprintln!(
+                                "contimg monitor: webhook attempt {attempt} failed ({why}); retrying in {} s",
+                                wait.as_secs()
+                            );
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(60));
+                        }
+                    }
+                }
+            }
+        });
+        Webhook { tx }
+    }
+
+    fn send(&self, event: &str, alert: &Value) {
+        let body = json!({
+            "event": event,
+            "alert": alert,
+            "at": crate::events::record::format_time(chrono::Utc::now()),
+        });
+        if self.tx.try_send(body).is_err() {
+            eprintln!("contimg monitor: webhook queue full; a notification was dropped");
         }
     }
 }
