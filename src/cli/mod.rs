@@ -6,6 +6,7 @@
 //! `monitor` has its own codes (see its module).
 
 pub mod audit;
+pub mod charts;
 pub mod demo;
 pub mod logtools;
 pub mod monitor;

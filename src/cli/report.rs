@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::audit::Source;
+use super::charts;
 use crate::projections::metrics::{Metrics, MetricsReport};
 use crate::projections::publish::{MICROS_PER_HOUR, PublishModel};
 use crate::projections::status::{self, PublishStatus, StuckRow, StuckRule, publish_status};
@@ -276,165 +277,11 @@ fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String 
     m
 }
 
-/// Axis label: `MM-DD` for a date, the label itself otherwise.
-fn short(label: &str) -> &str {
-    if label.len() == 10 && label.as_bytes()[4] == b'-' {
-        &label[5..]
-    } else {
-        label
-    }
-}
-
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-const W: f64 = 720.0;
-const H: f64 = 240.0;
-const PAD: f64 = 40.0;
-
-/// Grouped bars, one group per label.
-fn bars(id: &str, title: &str, labels: &[String], series: &[(&str, &str, Vec<f64>)]) -> String {
-    let max = series
-        .iter()
-        .flat_map(|s| s.2.iter().copied())
-        .fold(1.0_f64, f64::max);
-    let n = labels.len().max(1) as f64;
-    let group = (W - 2.0 * PAD) / n;
-    let bw = (group * 0.8) / series.len().max(1) as f64;
-    let mut svg = format!(
-        r#"<svg id="{id}" class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{}"><title>{}</title>"#,
-        esc(title),
-        esc(title)
-    );
-    let _ = write!(
-        svg,
-        r##"<line x1="{PAD}" y1="{y}" x2="{x2}" y2="{y}" stroke="#888"/>"##,
-        y = H - PAD,
-        x2 = W - PAD
-    );
-    let _ = write!(
-        svg,
-        r##"<text x="4" y="{}" font-size="11">{max:.0}</text>"##,
-        PAD
-    );
-    for (i, label) in labels.iter().enumerate() {
-        let x0 = PAD + i as f64 * group + group * 0.1;
-        for (k, (_, color, values)) in series.iter().enumerate() {
-            let v = values.get(i).copied().unwrap_or(0.0);
-            let h = v / max * (H - 2.0 * PAD);
-            let _ = write!(
-                svg,
-                r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{}: {v}</title></rect>"#,
-                x0 + k as f64 * bw,
-                H - PAD - h,
-                bw.max(1.0),
-                h,
-                esc(label)
-            );
-        }
-        let _ = write!(
-            svg,
-            r#"<text x="{:.1}" y="{}" font-size="10">{}</text>"#,
-            x0,
-            H - PAD + 14.0,
-            esc(short(label))
-        );
-    }
-    for (k, (name, color, _)) in series.iter().enumerate() {
-        let _ = write!(
-            svg,
-            r#"<text x="{}" y="14" font-size="12" fill="{color}">{}</text>"#,
-            W - PAD - 160.0 + k as f64 * 80.0,
-            esc(name)
-        );
-    }
-    svg.push_str("</svg>");
-    svg
-}
-
-/// A line with a horizontal reference line.
-fn line(
-    id: &str,
-    title: &str,
-    labels: &[String],
-    values: &[Option<f64>],
-    reference: f64,
-    lo: f64,
-    hi: f64,
-) -> String {
-    let n = labels.len().max(2) as f64 - 1.0;
-    let y = |v: f64| H - PAD - (v - lo) / (hi - lo) * (H - 2.0 * PAD);
-    let x = |i: usize| PAD + i as f64 / n * (W - 2.0 * PAD);
-    let mut svg = format!(
-        r#"<svg id="{id}" class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{}"><title>{}</title>"#,
-        esc(title),
-        esc(title)
-    );
-    let _ = write!(
-        svg,
-        r#"<text x="4" y="{:.1}" font-size="11">{hi}%</text><text x="4" y="{:.1}" font-size="11">{lo}%</text>"#,
-        y(hi) + 4.0,
-        y(lo)
-    );
-    let _ = write!(
-        svg,
-        r##"<line x1="{PAD}" y1="{r:.1}" x2="{x2}" y2="{r:.1}" stroke="#c33" stroke-dasharray="4 3"/><text x="{x2}" y="{r:.1}" font-size="11" fill="#c33">{reference}%</text>"##,
-        r = y(reference),
-        x2 = W - PAD
-    );
-    // A day without data breaks the line: it is drawn as a gap, never as a value.
-    for run in values
-        .iter()
-        .enumerate()
-        .collect::<Vec<_>>()
-        .split(|(_, v)| v.is_none())
-        .filter(|run| !run.is_empty())
-    {
-        let points: Vec<String> = run
-            .iter()
-            .filter_map(|(i, v)| v.map(|v| format!("{:.1},{:.1}", x(*i), y(v.clamp(lo, hi)))))
-            .collect();
-        let _ = write!(
-            svg,
-            r##"<polyline points="{}" fill="none" stroke="#2a6" stroke-width="2"/>"##,
-            points.join(" ")
-        );
-    }
-    for (i, v) in values.iter().enumerate() {
-        match v {
-            Some(v) => {
-                let _ = write!(
-                    svg,
-                    r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#2a6"><title>{}: {v:.2}%</title></circle>"##,
-                    x(i),
-                    y(v.clamp(lo, hi)),
-                    esc(&labels[i])
-                );
-            }
-            None => {
-                let _ = write!(
-                    svg,
-                    r##"<text class="no-data" x="{:.1}" y="{:.1}" font-size="10" fill="#888"><title>{}: no publish outcome</title>no data</text>"##,
-                    x(i) - 12.0,
-                    H / 2.0,
-                    esc(&labels[i])
-                );
-            }
-        }
-        let _ = write!(
-            svg,
-            r#"<text x="{:.1}" y="{}" font-size="10">{}</text>"#,
-            x(i) - 12.0,
-            H - PAD + 14.0,
-            esc(short(&labels[i]))
-        );
-    }
-    svg.push_str("</svg>");
-    svg
 }
 
 /// A histogram of values on log-spaced bins.
@@ -459,40 +306,13 @@ fn histogram(id: &str, title: &str, values: &[f64]) -> String {
         .map(|w| values.iter().filter(|v| **v >= w[0] && **v < w[1]).count() as f64)
         .collect();
     let labels: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    bars(id, title, &labels, &[("products", "#36c", counts)])
-}
-
-fn hbars(id: &str, title: &str, items: &[(String, f64)]) -> String {
-    let row = 22.0;
-    let h = PAD + row * items.len().max(1) as f64 + 10.0;
-    let max = items.iter().map(|i| i.1).fold(1.0_f64, f64::max);
-    let mut svg = format!(
-        r#"<svg id="{id}" class="chart" viewBox="0 0 {W} {h}" role="img" aria-label="{}"><title>{}</title>"#,
-        esc(title),
-        esc(title)
-    );
-    if items.is_empty() {
-        let _ = write!(
-            svg,
-            r#"<text x="{PAD}" y="{}" font-size="12">none in this window</text>"#,
-            PAD
-        );
-    }
-    for (i, (label, v)) in items.iter().enumerate() {
-        let y = PAD / 2.0 + i as f64 * row;
-        let w = v / max * (W * 0.45);
-        let _ = write!(
-            svg,
-            r##"<rect x="{:.1}" y="{y:.1}" width="{w:.1}" height="{:.1}" fill="#c63"/><text x="{:.1}" y="{:.1}" font-size="11">{} ({v})</text>"##,
-            W * 0.5,
-            row * 0.7,
-            4.0,
-            y + row * 0.55,
-            esc(&label.chars().take(70).collect::<String>())
-        );
-    }
-    svg.push_str("</svg>");
-    svg
+    charts::bars(
+        id,
+        title,
+        "products",
+        &labels,
+        &[("products", charts::BLUE, counts)],
+    )
 }
 
 fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
@@ -530,24 +350,27 @@ fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
     let _ = write!(
         page,
         "<h2>Published and failed per day</h2>{}",
-        bars(
+        charts::bars(
             "published-failed",
             "Published and failed per day",
+            "products",
             &labels,
-            &[("published", "#2a6", published), ("failed", "#c33", failed)]
+            &[
+                ("published", charts::GREEN, published),
+                ("failed attempts", charts::RED, failed)
+            ]
         )
     );
     let _ = write!(
         page,
         "<h2>Success rate per day</h2>{}",
-        line(
+        charts::rate_line(
             "success-rate",
             "Success rate per day against 95%",
             &labels,
             &rates,
             95.0,
-            lo,
-            100.0
+            lo
         )
     );
     let _ = write!(
@@ -567,37 +390,44 @@ fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
     let _ = write!(
         page,
         "<h2>Top failure reasons</h2>{}",
-        hbars("failure-reasons", "Top failure reasons", &reasons)
+        charts::hbars(
+            "failure-reasons",
+            "Top failure reasons",
+            "failed attempts",
+            &reasons
+        )
     );
     let _ = write!(
         page,
         "<h2>Stages</h2>{}{}",
-        bars(
+        charts::bars(
             "stage-durations",
-            "Mean stage duration (s)",
+            "Mean stage duration",
+            "seconds",
             &stage_labels,
             &[(
-                "mean s",
-                "#36c",
+                "mean duration",
+                charts::BLUE,
                 r.stages
                     .iter()
                     .map(|st| st.mean_duration_s.unwrap_or(0.0))
                     .collect()
             )]
         ),
-        bars(
+        charts::bars(
             "stage-failures",
             "Stage runs and failures",
+            "runs",
             &stage_labels,
             &[
                 (
                     "runs",
-                    "#2a6",
+                    charts::GREEN,
                     r.stages.iter().map(|st| st.runs as f64).collect()
                 ),
                 (
                     "failures",
-                    "#c33",
+                    charts::RED,
                     r.stages.iter().map(|st| st.failures as f64).collect()
                 )
             ]
