@@ -56,6 +56,7 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
     let mut disk_full = 0u64;
     let mut missing_registered = Vec::new();
     let mut stage_failures = 0u64;
+    let (mut refused_files, mut mosaics_created, mut mosaics_refused) = (0u64, 0u64, 0u64);
     // One observation every 5 minutes for a week: 2016 tiles; each image published a
     // minute later, except every 25th (fails once with "disk full", published at the retry
     // 5 minutes on) and every 97th (fails with a missing file and stays failed).
@@ -63,6 +64,44 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
         let t0 = start + chrono::Duration::minutes(5 * i as i64);
         let day = (i / 288) as usize;
         let group = format!("group-{}", t0.format("%Y-%m-%dT%H:%M:%S"));
+        // The pipeline's own facts: a group per tile, a corrupt file now and then, a
+        // mosaic every hour (one refused a day).
+        let ingest = format!("ingest-{}", t0.format("%Y-%m-%d"));
+        if i % 100 == 3 {
+            w.push(
+                &ingest,
+                "SubbandFileRejected",
+                json!({"path": "/in/x_sb03.hdf5", "reason": "no HDF5 signature (first bytes [00]): corrupt or not HDF5"}),
+                t0,
+            );
+            refused_files += 1;
+        }
+        w.push(
+            &group,
+            "GroupFormed",
+            json!({"group_id": &group[6..], "obs_time": t0.format("%Y-%m-%dT%H:%M:%S").to_string(), "files": []}),
+            t0,
+        );
+        if i % 12 == 11 {
+            let mosaic = format!("mosaic-m{i:04}");
+            if i % 288 == 107 {
+                w.push(
+                    &mosaic,
+                    "MosaicGroupRejected",
+                    json!({"mosaic_id": format!("m{i:04}"), "safeguard": "time_span", "reason": "gap of 11 min"}),
+                    t0,
+                );
+                mosaics_refused += 1;
+            } else {
+                w.push(
+                    &mosaic,
+                    "MosaicGroupCreated",
+                    json!({"mosaic_id": format!("m{i:04}"), "members": [], "first_obs_time": "a", "last_obs_time": "b"}),
+                    t0,
+                );
+                mosaics_created += 1;
+            }
+        }
         for (k, stage) in ["convert", "calibrate", "image"].iter().enumerate() {
             let at = t0 + chrono::Duration::seconds(10 * (k as i64 + 1));
             if i % 50 == 7 && *stage == "calibrate" {
@@ -210,6 +249,16 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
         stage_failures
     );
     assert_eq!(stages["image"]["mean_duration_s"], json!(12.0));
+    // The pipeline's week.
+    let p = &m["pipeline"];
+    assert_eq!(p["groups_formed"], json!(2016));
+    assert_eq!(p["files_refused"], json!({"not_hdf5": refused_files}));
+    assert_eq!(p["mosaics_created"], json!(mosaics_created));
+    assert_eq!(p["mosaics_refused"], json!({"time_span": mosaics_refused}));
+    assert_eq!(
+        p["stage_failures"],
+        json!({"calibrate": {"exit 1": stage_failures}})
+    );
 
     // The status at the end of the window is the projections' own answer for that time.
     let audit = contimg(&[
@@ -246,6 +295,10 @@ fn weekly_report_from_an_export_matches_the_generated_load() {
         );
     }
     assert!(html.contains(r#"<table id="stuck">"#));
+    assert!(html.contains(r#"<table id="pipeline">"#));
+    assert!(html.contains(&format!(
+        "<td>mosaics refused: time_span</td><td>{mosaics_refused}</td>"
+    )));
     for forbidden in ["http://", "https://", "<script src", "<link"] {
         assert!(!html.contains(forbidden), "the page refers to {forbidden}");
     }

@@ -169,6 +169,48 @@ fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
 
+/// The pipeline's week as (what, count) rows, for the page and the Markdown.
+fn pipeline_rows(p: &crate::projections::metrics::PipelineWeek) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "subband files accepted".to_string(),
+        p.files_accepted.to_string(),
+    ]];
+    for (reason, n) in &p.files_refused {
+        rows.push(vec![
+            format!("subband files refused: {reason}"),
+            n.to_string(),
+        ]);
+    }
+    rows.push(vec!["groups formed".into(), p.groups_formed.to_string()]);
+    rows.push(vec![
+        "observations timed out (subbands missing)".into(),
+        p.groups_timed_out.to_string(),
+    ]);
+    rows.push(vec![
+        "groups refused at formation".into(),
+        p.groups_refused.to_string(),
+    ]);
+    rows.push(vec![
+        "mosaics created".into(),
+        p.mosaics_created.to_string(),
+    ]);
+    for (safeguard, n) in &p.mosaics_refused {
+        rows.push(vec![format!("mosaics refused: {safeguard}"), n.to_string()]);
+    }
+    rows
+}
+
+fn stage_failure_rows(p: &crate::projections::metrics::PipelineWeek) -> Vec<Vec<String>> {
+    p.stage_failures
+        .iter()
+        .flat_map(|(stage, reasons)| {
+            reasons
+                .iter()
+                .map(move |(reason, n)| vec![stage.clone(), reason.clone(), n.to_string()])
+        })
+        .collect()
+}
+
 /// A titled Markdown table: a blank line, `## title`, the header, one line per row.
 fn md_table(m: &mut String, title: &str, header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     let _ = writeln!(
@@ -255,6 +297,20 @@ fn markdown(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String 
                 ),
             ]
         }),
+    );
+    md_table(
+        &mut m,
+        "The pipeline",
+        &["what", "count"],
+        pipeline_rows(&r.pipeline).into_iter(),
+    );
+    md_table(
+        &mut m,
+        "Stage failures by reason",
+        &["stage", "reason", "failures"],
+        stage_failure_rows(&r.pipeline)
+            .into_iter()
+            .map(|row| row.into_iter().map(|c| c.replace('|', "\\|")).collect()),
     );
     let _ = writeln!(
         m,
@@ -433,6 +489,28 @@ fn html(r: &MetricsReport, s: &PublishStatus, stuck: &[StuckRow]) -> String {
             ]
         )
     );
+    page.push_str(
+        r#"<h2>The pipeline</h2><table id="pipeline"><tr><th>what</th><th>count</th></tr>"#,
+    );
+    for row in pipeline_rows(&r.pipeline) {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td></tr>",
+            esc(&row[0]),
+            esc(&row[1])
+        );
+    }
+    page.push_str(r#"</table><h3>Stage failures by reason</h3><table id="stage-failure-reasons"><tr><th>stage</th><th>reason</th><th>failures</th></tr>"#);
+    for row in stage_failure_rows(&r.pipeline) {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&row[0]),
+            esc(&row[1]),
+            esc(&row[2])
+        );
+    }
+    page.push_str("</table>");
     let _ = write!(
         page,
         r#"<h2>Stuck at the end of the window ({})</h2><table id="stuck"><tr><th>product</th><th>type</th><th>status</th><th>hours</th></tr>"#,

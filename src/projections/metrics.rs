@@ -75,6 +75,23 @@ pub struct MetricsReport {
     pub time_to_publish_s: Vec<f64>,
     pub top_failure_reasons: Vec<(String, u64)>,
     pub stages: Vec<StageMetrics>,
+    pub pipeline: PipelineWeek,
+}
+
+/// What the pipeline did in the window: files, groups, stage failures, mosaics.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct PipelineWeek {
+    pub files_accepted: u64,
+    /// By reason class (`not_hdf5`, `late`, `duplicate`, ...).
+    pub files_refused: BTreeMap<String, u64>,
+    pub groups_formed: u64,
+    pub groups_timed_out: u64,
+    pub groups_refused: u64,
+    /// Stage -> reason (`timed out`, `exit N`, or the grouped error) -> failures.
+    pub stage_failures: BTreeMap<String, BTreeMap<String, u64>>,
+    pub mosaics_created: u64,
+    /// By safeguard.
+    pub mosaics_refused: BTreeMap<String, u64>,
 }
 
 pub fn success_rate(published: u64, failed: u64) -> f64 {
@@ -137,6 +154,7 @@ pub struct Metrics {
     staged: HashMap<String, (i64, String)>,
     days: BTreeMap<String, DayAcc>,
     stages: BTreeMap<String, StageAcc>,
+    pipeline: PipelineWeek,
 }
 
 impl Metrics {
@@ -147,7 +165,35 @@ impl Metrics {
             staged: HashMap::new(),
             days: BTreeMap::new(),
             stages: BTreeMap::new(),
+            pipeline: PipelineWeek::default(),
         }
+    }
+
+    /// Counts an ingest, group or mosaic fact of the window; false for any other event.
+    fn pipeline_event(&mut self, r: &RecordedEvent) -> bool {
+        use crate::events::catalogue::{MosaicGroupRejected, SubbandFileRejected};
+        let p = &mut self.pipeline;
+        match r.event_type.as_str() {
+            "SubbandFileAccepted" => p.files_accepted += 1,
+            "SubbandFileRejected" => {
+                let class = serde_json::from_slice::<SubbandFileRejected>(&r.data)
+                    .map_or("unknown", |e| {
+                        crate::pipeline::ingest::reason_class(&e.reason)
+                    });
+                *p.files_refused.entry(class.to_string()).or_default() += 1;
+            }
+            "GroupFormed" => p.groups_formed += 1,
+            "IngestGroupTimedOut" => p.groups_timed_out += 1,
+            "GroupRejected" => p.groups_refused += 1,
+            "MosaicGroupCreated" => p.mosaics_created += 1,
+            "MosaicGroupRejected" => {
+                let safeguard = serde_json::from_slice::<MosaicGroupRejected>(&r.data)
+                    .map_or_else(|_| "unknown".to_string(), |e| e.safeguard);
+                *p.mosaics_refused.entry(safeguard).or_default() += 1;
+            }
+            _ => return false,
+        }
+        true
     }
 
     fn day(&mut self, at: i64) -> &mut DayAcc {
@@ -158,6 +204,9 @@ impl Metrics {
     pub fn apply(&mut self, r: &RecordedEvent) {
         let at = r.created_micros;
         let inside = at >= self.from && at <= self.to;
+        if inside && self.pipeline_event(r) {
+            return;
+        }
         if r.event_type == StageCompleted::TYPE || r.event_type == StageFailed::TYPE {
             if !inside {
                 return;
@@ -169,7 +218,23 @@ impl Metrics {
                 }
             } else {
                 match serde_json::from_slice::<StageFailed>(&r.data) {
-                    Ok(e) => (e.stage, e.duration_s, true),
+                    Ok(e) => {
+                        let reason = if e.timed_out {
+                            "timed out".to_string()
+                        } else if let Some(code) = e.exit_status.filter(|c| *c != 0) {
+                            format!("exit {code}")
+                        } else {
+                            reason_key(&e.error)
+                        };
+                        *self
+                            .pipeline
+                            .stage_failures
+                            .entry(e.stage.clone())
+                            .or_default()
+                            .entry(reason)
+                            .or_default() += 1;
+                        (e.stage, e.duration_s, true)
+                    }
                     Err(_) => return,
                 }
             };
@@ -283,6 +348,7 @@ impl Metrics {
             time_to_publish_s: all_ttp,
             top_failure_reasons: top(&all_reasons, 10),
             stages,
+            pipeline: self.pipeline.clone(),
         }
     }
 }
