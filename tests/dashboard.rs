@@ -281,3 +281,165 @@ async fn the_page_is_self_contained() {
     assert!(!page.contains(".innerHTML"), "data goes in as text only");
     server.stop().await;
 }
+
+/// The pipeline beside the publisher: observations collecting subbands, groups by stage
+/// with the running one, the last stage failure, the mosaic windows decided and the files
+/// refused, each group and mosaic opening its timeline. Screenshots at a desktop and a
+/// laptop width; at neither does the page need a horizontal scroll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium and chromium-driver; .ci/run runs it"]
+async fn dashboard_shows_the_pipeline_and_opens_a_groups_timeline() {
+    use contimg::events::ExpectedRevision::{Any, NoStream};
+    use contimg::events::catalogue::*;
+    require_webdriver();
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("var");
+    // A history written as the worker writes it, before the server starts.
+    common::append_offline(
+        &ledger,
+        "ingest-2026-11-30",
+        NoStream,
+        &[SubbandFileAccepted {
+            path: "/in/2026-11-30T10:05:00_sb00.hdf5".into(),
+            obs_time: "2026-11-30T10:05:00".into(),
+            subband: 0,
+            size_bytes: 1000,
+            group_obs_time: Some("2026-11-30T10:05:00".into()),
+        }],
+    );
+    common::append_offline(
+        &ledger,
+        "ingest-2026-11-30",
+        Any,
+        &[SubbandFileRejected {
+            path: "/in/2026-11-30T10:00:00_sb07.hdf5".into(),
+            reason: "no HDF5 signature (first bytes [00]): corrupt or not HDF5".into(),
+        }],
+    );
+    for (group, stages) in [("2026-11-30T09:55:00", 1), ("2026-11-30T10:00:00", 3)] {
+        let stream = format!("group-{group}");
+        common::append_offline(
+            &ledger,
+            &stream,
+            NoStream,
+            &[GroupFormed {
+                group_id: group.into(),
+                obs_time: group.into(),
+                files: vec![],
+                dec_deg: Some(71.6),
+            }],
+        );
+        if stages == 1 {
+            common::append_offline(
+                &ledger,
+                &stream,
+                Any,
+                &[StageStarted {
+                    stage: "convert".into(),
+                    attempt: 1,
+                    command: None,
+                    worker: Some("host:1:a".into()),
+                }],
+            );
+            common::append_offline(
+                &ledger,
+                &stream,
+                Any,
+                &[StageFailed {
+                    stage: "convert".into(),
+                    attempt: 1,
+                    duration_s: 2.0,
+                    exit_status: Some(1),
+                    timed_out: false,
+                    stderr_tail: "Traceback: bad visibilities".into(),
+                    error: "convert exited 1: Traceback: bad visibilities".into(),
+                    next_retry_at: Some("2026-11-30T10:10:00Z".into()),
+                }],
+            );
+        } else {
+            common::append_offline(
+                &ledger,
+                &stream,
+                Any,
+                &[StageStarted {
+                    stage: "convert".into(),
+                    attempt: 1,
+                    command: None,
+                    worker: Some("host:1:a".into()),
+                }],
+            );
+        }
+    }
+    common::append_offline(
+        &ledger,
+        "mosaic-m1",
+        NoStream,
+        &[MosaicGroupRejected {
+            mosaic_id: "m1".into(),
+            safeguard: "time_span".into(),
+            member: Some("2026-11-30T09:55:00".into()),
+            reason: "a gap of 11 minutes".into(),
+            members: vec!["2026-11-30T09:55:00".into(), "2026-11-30T10:00:00".into()],
+        }],
+    );
+    let config = ServerConfig::under(&ledger);
+    let server = TestServer::start_with(&ledger, config).await;
+    let view = get_json(&reqwest::Client::new(), server.url("/api/pipeline")).await;
+    assert_eq!(view["groups"], 2);
+    assert_eq!(view["collecting"][0]["subbands"], 1);
+    assert_eq!(
+        view["stages"][0]["running"][0]["group"],
+        "2026-11-30T10:00:00"
+    );
+    assert_eq!(view["recent_failures"][0]["stage"], "convert");
+    assert_eq!(view["mosaics"][0]["refused_by"], "time_span");
+    assert_eq!(view["refused_files"].as_array().unwrap().len(), 1);
+
+    let browser = Browser::start((1280, 900)).await;
+    browser.goto(&server.url("/")).await;
+    assert!(browser.wait_for("[data-stage=\"convert\"]", WAIT).await);
+    let dom = browser.source().await;
+    for text in [
+        "1 of 16",
+        "refused: time_span",
+        "Traceback: bad visibilities",
+        "no HDF5 signature",
+        "2 groups: 0 imaged",
+    ] {
+        assert!(dom.contains(text), "{text} not on the page");
+    }
+    assert_eq!(browser.console().await, Vec::<String>::new());
+    let shots = artifacts();
+    for (name, (w, h)) in [("desktop", (1440, 1400)), ("laptop", (1024, 1400))] {
+        browser.set_window(w, h).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let overflow = browser
+            .execute(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
+                &[],
+            )
+            .await;
+        assert!(
+            overflow.as_i64().unwrap_or(1) <= 0,
+            "at {w} px the page scrolls sideways by {overflow}"
+        );
+        browser
+            .screenshot(shots.join(format!("dashboard-pipeline-{name}.png")))
+            .await;
+    }
+    // A group opens its timeline.
+    browser
+        .click("button[data-stream=\"group-2026-11-30T09:55:00\"]")
+        .await;
+    assert!(
+        browser
+            .wait_for("[data-timeline=\"group-2026-11-30T09:55:00\"]", WAIT)
+            .await
+    );
+    let dom = browser.source().await;
+    let timeline = &dom[dom
+        .find("data-timeline=\"group-2026-11-30T09:55:00\"")
+        .unwrap()..];
+    assert!(timeline.contains(">GroupFormed<") && timeline.contains(">StageFailed<"));
+    server.stop().await;
+}

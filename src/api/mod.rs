@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod monitoring;
 pub mod openapi;
 pub mod params;
+pub mod pipeline;
 pub mod products;
 pub mod server;
 pub mod status;
@@ -55,6 +56,10 @@ pub struct AppState {
     pub leading: Arc<std::sync::atomic::AtomicBool>,
     /// What the pipeline and the publisher have done, counted from the log (`/metrics`).
     pub activity: crate::projections::activity::Activity,
+    /// The pipeline as the log tells it (`/api/pipeline`): the worker's own fold,
+    /// followed here with the activity counters.
+    pub pipeline_view: Arc<std::sync::RwLock<crate::pipeline::state::PipelineState>>,
+    pub subbands: u8,
 }
 
 /// Bounds on what clients can hold: time, connections, replays; and the names the server
@@ -99,6 +104,8 @@ pub struct ServerConfig {
     /// Run the automatic publisher (on unless an operator holds it).
     pub auto_publish: bool,
     pub http: HttpLimits,
+    /// Subbands per observation (`[ingest] subbands`), for the pipeline view.
+    pub subbands: u8,
 }
 
 impl ServerConfig {
@@ -110,6 +117,7 @@ impl ServerConfig {
             thresholds: AlertThresholds::default(),
             auto_publish: true,
             http: HttpLimits::default(),
+            subbands: 16,
         }
     }
 }
@@ -150,6 +158,8 @@ impl AppState {
             pipeline_parked: Arc::default(),
             leading: Arc::new(std::sync::atomic::AtomicBool::new(!store.is_shared())),
             activity: Default::default(),
+            pipeline_view: Arc::default(),
+            subbands: config.subbands,
             store,
         })
     }
@@ -207,11 +217,13 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Follows the log from its start with the activity counters, until the server stops.
+/// Follows the log from its start with the activity counters and the pipeline view,
+/// until the server stops.
 /// A failed read is retried from where the count stands, after a second.
 async fn count_activity(
     store: Store,
     activity: crate::projections::activity::Activity,
+    view: Arc<std::sync::RwLock<crate::pipeline::state::PipelineState>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -222,6 +234,9 @@ async fn count_activity(
                 next = sub.next() => match next {
                     Ok(e) => {
                         activity.apply(&e);
+                        view.write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .apply(&e.view());
                         counted += 1;
                         // A long history is read without waiting: let others run.
                         if counted.is_multiple_of(1024) {
@@ -345,6 +360,7 @@ pub async fn run(
     let counting = tokio::spawn(count_activity(
         state.store.clone(),
         state.activity.clone(),
+        state.pipeline_view.clone(),
         stop_fold_rx.clone(),
     ));
     let follower = tokio::spawn(state.projections.clone().run(stop_fold_rx));

@@ -151,6 +151,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(super::status::router())
         .merge(super::products::router())
         .merge(super::monitoring::router())
+        .merge(super::pipeline::router())
         .merge(super::metrics::router())
         .merge(super::dashboard::router())
         .routes(routes!(document))

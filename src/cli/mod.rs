@@ -219,6 +219,7 @@ pub fn server_config(c: &Config) -> ServerConfig {
     s.publish.timeout = Duration::from_secs_f64(c.publish.timeout_s);
     s.publish.stuck_publishing_min = c.publish.stuck_publishing_min;
     s.auto_publish = c.publish.auto_publish;
+    s.subbands = c.ingest.subbands;
     let h = &c.server;
     s.http = crate::api::HttpLimits {
         header_timeout: Duration::from_secs_f64(h.header_timeout_s),

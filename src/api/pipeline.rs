@@ -1,0 +1,215 @@
+//! `GET /api/pipeline`: the pipeline as the log tells it, for the dashboard and for
+//! people: observations collecting subbands, groups by stage with the running ones, the
+//! last failures, the mosaic windows decided, the files refused at ingest. The server
+//! folds the log with the worker's own fold ([`PipelineState`]), whichever process runs
+//! the pipeline.
+
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use crate::events::record::format_time;
+use crate::pipeline::state::{PipelineState, Stage};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(pipeline))
+}
+
+/// How many of each list the view holds.
+const LIST: usize = 20;
+
+#[derive(Serialize, ToSchema)]
+pub struct Collecting {
+    pub obs_time: String,
+    pub subbands: usize,
+    pub of: u8,
+    /// Since its first file was accepted.
+    pub waiting_s: f64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Running {
+    pub group: String,
+    pub attempt: u32,
+    pub since: String,
+    pub age_s: f64,
+    /// Who runs it (`host:pid:instance`), when recorded.
+    pub worker: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StageView {
+    pub stage: String,
+    /// Groups whose next stage this is and that no attempt runs.
+    pub waiting: usize,
+    pub running: Vec<Running>,
+    /// Groups that gave up at this stage.
+    pub given_up: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Failure {
+    pub group: String,
+    pub stage: String,
+    pub attempts: u32,
+    pub error: String,
+    /// When the next attempt may start; `null` when given up.
+    pub next_retry_at: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MosaicView {
+    pub mosaic_id: String,
+    pub members: Vec<String>,
+    /// `null` when created; the safeguard that refused it otherwise.
+    pub refused_by: Option<String>,
+    pub built: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RefusedFile {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PipelineView {
+    /// The log position this view is folded to (`null` before any event).
+    pub position: Option<u64>,
+    pub groups: usize,
+    pub imaged: usize,
+    pub failed: usize,
+    pub timed_out: usize,
+    pub collecting: Vec<Collecting>,
+    pub stages: Vec<StageView>,
+    /// The most recent groups with a failed stage, newest first.
+    pub recent_failures: Vec<Failure>,
+    /// The most recent mosaic windows decided, newest first.
+    pub mosaics: Vec<MosaicView>,
+    /// Files refused at ingest (at most 20, by path).
+    pub refused_files: Vec<RefusedFile>,
+}
+
+/// The view of `s` at `now` (microseconds), for a pipeline of `subbands` per observation.
+pub fn view(s: &PipelineState, now: chrono::DateTime<chrono::Utc>, subbands: u8) -> PipelineView {
+    let secs =
+        |t: chrono::DateTime<chrono::Utc>| ((now - t).num_milliseconds().max(0)) as f64 / 1e3;
+    let collecting = s
+        .pending
+        .iter()
+        .map(|(obs, p)| Collecting {
+            obs_time: obs.clone(),
+            subbands: p.subbands.len(),
+            of: subbands,
+            waiting_s: secs(p.first_seen),
+        })
+        .take(LIST)
+        .collect();
+    let stages = Stage::GROUP
+        .iter()
+        .map(|stage| {
+            let mut running = Vec::new();
+            let (mut waiting, mut given_up) = (0, 0);
+            for g in s.groups.values() {
+                let p = g.stage(*stage);
+                if let Some((attempt, since, worker)) = &p.running {
+                    running.push(Running {
+                        group: g.id.clone(),
+                        attempt: *attempt,
+                        since: format_time(*since),
+                        age_s: secs(*since),
+                        worker: worker.clone(),
+                    });
+                } else if p.given_up {
+                    given_up += 1;
+                } else if g.next_stage() == Some(*stage) {
+                    waiting += 1;
+                }
+            }
+            running.truncate(LIST);
+            StageView {
+                stage: stage.name().to_string(),
+                waiting,
+                running,
+                given_up,
+            }
+        })
+        .collect();
+    let mut recent_failures: Vec<Failure> = s
+        .groups
+        .values()
+        .rev()
+        .flat_map(|g| {
+            Stage::GROUP.iter().filter_map(move |stage| {
+                let p = g.stage(*stage);
+                p.last_error.as_ref().map(|e| Failure {
+                    group: g.id.clone(),
+                    stage: stage.name().to_string(),
+                    attempts: p.attempts,
+                    error: e.chars().take(2000).collect(),
+                    next_retry_at: p.next_retry_at.map(format_time),
+                })
+            })
+        })
+        .take(LIST)
+        .collect();
+    recent_failures.truncate(LIST);
+    let mosaics = s
+        .mosaic_order
+        .iter()
+        .rev()
+        .filter_map(|id| s.mosaics.get(id))
+        .take(LIST)
+        .map(|m| MosaicView {
+            mosaic_id: m.id.clone(),
+            members: m.members.clone(),
+            refused_by: m.rejected.clone(),
+            built: m.build.completed.is_some(),
+        })
+        .collect();
+    let mut refused: Vec<RefusedFile> = s
+        .files
+        .iter()
+        .filter_map(|(path, r)| {
+            r.as_ref().err().map(|reason| RefusedFile {
+                path: path.clone(),
+                reason: reason.clone(),
+            })
+        })
+        .collect();
+    refused.sort_by(|a, b| a.path.cmp(&b.path));
+    refused.truncate(LIST);
+    PipelineView {
+        position: s.next_position.checked_sub(1),
+        groups: s.groups.len(),
+        imaged: s.groups.values().filter(|g| g.imaged()).count(),
+        failed: s.groups.values().filter(|g| g.failed()).count(),
+        timed_out: s.timed_out(),
+        collecting,
+        stages,
+        recent_failures,
+        mosaics,
+        refused_files: refused,
+    }
+}
+
+/// The pipeline as the log tells it.
+#[utoipa::path(
+    get,
+    path = "/api/pipeline",
+    tag = "monitoring",
+    responses((status = 200, description = "The pipeline's state", body = PipelineView))
+)]
+async fn pipeline(State(state): State<AppState>) -> Json<PipelineView> {
+    let now = chrono::Utc::now();
+    let subbands = state.subbands;
+    let fold = state
+        .pipeline_view
+        .read()
+        .unwrap_or_else(|e| e.into_inner());
+    Json(view(&fold, now, subbands))
+}
