@@ -394,6 +394,21 @@ async fn dashboard_shows_the_pipeline_and_opens_a_groups_timeline() {
     assert_eq!(view["recent_failures"][0]["stage"], "convert");
     assert_eq!(view["mosaics"][0]["refused_by"], "time_span");
     assert_eq!(view["refused_files"].as_array().unwrap().len(), 1);
+    // The last 24 hours: only the current one holds a stage run (convert, 2 s); no hour
+    // holds a publish, and empty hours are zeros and nulls, not invented values.
+    let hourly = view["hourly"].as_array().unwrap();
+    assert_eq!(hourly.len(), 24);
+    assert_eq!(hourly[23]["stage_mean_s"]["convert"], json!(2.0));
+    assert!(
+        hourly[..23]
+            .iter()
+            .all(|h| h["stage_mean_s"]["convert"].is_null())
+    );
+    assert!(
+        hourly
+            .iter()
+            .all(|h| h["published"] == 0 && h["failed"] == 0)
+    );
 
     let browser = Browser::start((1280, 900)).await;
     browser.goto(&server.url("/")).await;
@@ -409,6 +424,18 @@ async fn dashboard_shows_the_pipeline_and_opens_a_groups_timeline() {
         assert!(dom.contains(text), "{text} not on the page");
     }
     assert_eq!(browser.console().await, Vec::<String>::new());
+    // The charts: no bar where no publish happened; one point for the one stage run.
+    assert!(browser.wait_for("svg#hourly-stages", WAIT).await);
+    let counts = browser
+        .execute(
+            "return [document.querySelectorAll('#hourly-publishes rect[data-hour]').length, \
+                     document.querySelectorAll('#hourly-stages circle').length, \
+                     (document.querySelector('#hourly-publishes text.empty') || {}).textContent || '', \
+                     document.querySelectorAll('#hourly-stages text.empty').length];",
+            &[],
+        )
+        .await;
+    assert_eq!(counts, json!([0, 1, "nothing in the last 24 hours", 0]));
     let shots = artifacts();
     for (name, (w, h)) in [("desktop", (1440, 1400)), ("laptop", (1024, 1400))] {
         browser.set_window(w, h).await;

@@ -59,6 +59,8 @@ pub struct AppState {
     /// The pipeline as the log tells it (`/api/pipeline`): the worker's own fold,
     /// followed here with the activity counters.
     pub pipeline_view: Arc<std::sync::RwLock<crate::pipeline::state::PipelineState>>,
+    /// Publishes and stage durations per hour, for the dashboard's charts.
+    pub hourly: Arc<std::sync::RwLock<pipeline::Hourly>>,
     pub subbands: u8,
 }
 
@@ -159,6 +161,7 @@ impl AppState {
             leading: Arc::new(std::sync::atomic::AtomicBool::new(!store.is_shared())),
             activity: Default::default(),
             pipeline_view: Arc::default(),
+            hourly: Arc::default(),
             subbands: config.subbands,
             store,
         })
@@ -224,6 +227,7 @@ async fn count_activity(
     store: Store,
     activity: crate::projections::activity::Activity,
     view: Arc<std::sync::RwLock<crate::pipeline::state::PipelineState>>,
+    hourly: Arc<std::sync::RwLock<pipeline::Hourly>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -237,6 +241,10 @@ async fn count_activity(
                         view.write()
                             .unwrap_or_else(|p| p.into_inner())
                             .apply(&e.view());
+                        hourly
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .apply(&e);
                         counted += 1;
                         // A long history is read without waiting: let others run.
                         if counted.is_multiple_of(1024) {
@@ -361,6 +369,7 @@ pub async fn run(
         state.store.clone(),
         state.activity.clone(),
         state.pipeline_view.clone(),
+        state.hourly.clone(),
         stop_fold_rx.clone(),
     ));
     let follower = tokio::spawn(state.projections.clone().run(stop_fold_rx));

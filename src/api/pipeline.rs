@@ -22,6 +22,101 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// How many of each list the view holds.
 const LIST: usize = 20;
 
+const HOUR: i64 = 3_600_000_000;
+
+/// Publishes and stage durations per hour, kept for the last two days of the log (older
+/// hours are dropped as newer ones arrive), from which the view takes the last 24 hours.
+#[derive(Debug, Default, Clone)]
+pub struct Hourly {
+    hours: std::collections::BTreeMap<i64, HourAcc>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct HourAcc {
+    published: u64,
+    failed: u64,
+    /// Stage -> (sum of durations, runs).
+    stages: std::collections::BTreeMap<String, (f64, u64)>,
+}
+
+impl Hourly {
+    /// Counts one event, by the hour of its commit time.
+    pub fn apply(&mut self, e: &crate::events::RecordedEvent) {
+        let hour = e.created_micros.div_euclid(HOUR) * HOUR;
+        let acc = || HourAcc::default();
+        match e.event_type.as_str() {
+            "PublishSucceeded" => self.hours.entry(hour).or_insert_with(acc).published += 1,
+            "PublishFailed" => self.hours.entry(hour).or_insert_with(acc).failed += 1,
+            "StageCompleted" | "StageFailed" => {
+                #[derive(serde::Deserialize)]
+                struct Run {
+                    stage: String,
+                    duration_s: f64,
+                }
+                if let Ok(r) = serde_json::from_slice::<Run>(&e.data) {
+                    let name = Stage::label(Some(&r.stage));
+                    let s = self
+                        .hours
+                        .entry(hour)
+                        .or_insert_with(acc)
+                        .stages
+                        .entry(name)
+                        .or_default();
+                    s.0 += r.duration_s.max(0.0);
+                    s.1 += 1;
+                }
+            }
+            _ => return,
+        }
+        let keep_from = hour - 48 * HOUR;
+        while let Some((&first, _)) = self.hours.first_key_value() {
+            if first >= keep_from {
+                break;
+            }
+            self.hours.remove(&first);
+        }
+    }
+
+    /// The 24 hours up to `now`'s, oldest first; an hour without an event has zero counts
+    /// and no durations (`null`), never invented values.
+    pub fn last_day(&self, now: i64) -> Vec<HourView> {
+        let this = now.div_euclid(HOUR) * HOUR;
+        (0..24)
+            .rev()
+            .map(|k| {
+                let hour = this - k * HOUR;
+                let acc = self.hours.get(&hour);
+                HourView {
+                    hour: format_time(crate::events::record::micros_to_datetime(hour)),
+                    published: acc.map_or(0, |a| a.published),
+                    failed: acc.map_or(0, |a| a.failed),
+                    stage_mean_s: Stage::GROUP
+                        .iter()
+                        .map(|st| {
+                            let mean = acc
+                                .and_then(|a| a.stages.get(st.name()))
+                                .filter(|(_, n)| *n > 0)
+                                .map(|(sum, n)| sum / *n as f64);
+                            (st.name().to_string(), mean)
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One hour of the last day.
+#[derive(Serialize, ToSchema)]
+pub struct HourView {
+    /// Its start (RFC 3339).
+    pub hour: String,
+    pub published: u64,
+    pub failed: u64,
+    /// Mean duration of the stage runs that ended in it, by stage; `null` without any.
+    pub stage_mean_s: std::collections::BTreeMap<String, Option<f64>>,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Collecting {
     pub obs_time: String,
@@ -92,10 +187,17 @@ pub struct PipelineView {
     pub mosaics: Vec<MosaicView>,
     /// Files refused at ingest (at most 20, by path).
     pub refused_files: Vec<RefusedFile>,
+    /// The last 24 hours, oldest first.
+    pub hourly: Vec<HourView>,
 }
 
 /// The view of `s` at `now` (microseconds), for a pipeline of `subbands` per observation.
-pub fn view(s: &PipelineState, now: chrono::DateTime<chrono::Utc>, subbands: u8) -> PipelineView {
+pub fn view(
+    s: &PipelineState,
+    hourly: &Hourly,
+    now: chrono::DateTime<chrono::Utc>,
+    subbands: u8,
+) -> PipelineView {
     let secs =
         |t: chrono::DateTime<chrono::Utc>| ((now - t).num_milliseconds().max(0)) as f64 / 1e3;
     let collecting = s
@@ -194,6 +296,7 @@ pub fn view(s: &PipelineState, now: chrono::DateTime<chrono::Utc>, subbands: u8)
         recent_failures,
         mosaics,
         refused_files: refused,
+        hourly: hourly.last_day(now.timestamp_micros()),
     }
 }
 
@@ -211,5 +314,6 @@ async fn pipeline(State(state): State<AppState>) -> Json<PipelineView> {
         .pipeline_view
         .read()
         .unwrap_or_else(|e| e.into_inner());
-    Json(view(&fold, now, subbands))
+    let hourly = state.hourly.read().unwrap_or_else(|e| e.into_inner());
+    Json(view(&fold, &hourly, now, subbands))
 }
