@@ -393,6 +393,11 @@ async fn dashboard_shows_the_pipeline_and_opens_a_groups_timeline() {
     );
     assert_eq!(view["recent_failures"][0]["stage"], "convert");
     assert_eq!(view["mosaics"][0]["refused_by"], "time_span");
+    assert_eq!(view["mosaics"][0]["member_at_fault"], "2026-11-30T09:55:00");
+    assert_eq!(
+        view["recent_failures"][0]["stderr_tail"],
+        "Traceback: bad visibilities"
+    );
     assert_eq!(view["refused_files"].as_array().unwrap().len(), 1);
     // The last 24 hours: only the current one holds a stage run (convert, 2 s); no hour
     // holds a publish, and empty hours are zeros and nulls, not invented values.
@@ -416,7 +421,8 @@ async fn dashboard_shows_the_pipeline_and_opens_a_groups_timeline() {
     let dom = browser.source().await;
     for text in [
         "1 of 16",
-        "refused: time_span",
+        "refused: time_span (member 2026-11-30T09:55:00): a gap of 11 minutes",
+        "--- stderr ---",
         "Traceback: bad visibilities",
         "no HDF5 signature",
         "2 groups: 0 imaged",

@@ -152,6 +152,8 @@ pub struct Failure {
     pub stage: String,
     pub attempts: u32,
     pub error: String,
+    /// The last lines of its stderr, when it wrote any.
+    pub stderr_tail: Option<String>,
     /// When the next attempt may start; `null` when given up.
     pub next_retry_at: Option<String>,
 }
@@ -162,6 +164,9 @@ pub struct MosaicView {
     pub members: Vec<String>,
     /// `null` when created; the safeguard that refused it otherwise.
     pub refused_by: Option<String>,
+    /// Why, and the member at fault when one is.
+    pub reason: Option<String>,
+    pub member_at_fault: Option<String>,
     pub built: bool,
 }
 
@@ -253,6 +258,7 @@ pub fn view(
                     stage: stage.name().to_string(),
                     attempts: p.attempts,
                     error: e.chars().take(2000).collect(),
+                    stderr_tail: p.last_stderr.clone(),
                     next_retry_at: p.next_retry_at.map(format_time),
                 })
             })
@@ -270,6 +276,8 @@ pub fn view(
             mosaic_id: m.id.clone(),
             members: m.members.clone(),
             refused_by: m.rejected.clone(),
+            reason: m.rejected_reason.clone(),
+            member_at_fault: m.rejected_member.clone(),
             built: m.build.completed.is_some(),
         })
         .collect();

@@ -103,6 +103,8 @@ pub struct StageProgress {
     pub running: Option<(u32, DateTime<Utc>, Option<String>)>,
     pub completed: Option<Vec<String>>,
     pub last_error: Option<String>,
+    /// The last lines of the failed attempt's stderr, when it wrote any.
+    pub last_stderr: Option<String>,
     /// When the next attempt may start; `None` with `last_error` set means given up.
     pub next_retry_at: Option<DateTime<Utc>>,
     pub given_up: bool,
@@ -135,6 +137,7 @@ impl StageProgress {
         self.attempts = f.attempt;
         self.running = None;
         self.last_error = Some(f.error.clone());
+        self.last_stderr = Some(f.stderr_tail.clone()).filter(|t| !t.is_empty());
         self.next_retry_at = f
             .next_retry_at
             .as_deref()
@@ -213,6 +216,9 @@ pub struct MosaicState {
     pub members: Vec<String>,
     /// `None` when created; the safeguard that refused it otherwise.
     pub rejected: Option<String>,
+    /// Why it was refused, and the member at fault when one is.
+    pub rejected_reason: Option<String>,
+    pub rejected_member: Option<String>,
     pub build: StageProgress,
     pub head: u64,
 }
@@ -459,7 +465,15 @@ impl PipelineState {
                     }
                     None => id,
                 };
-                self.decide_mosaic(key, m.members, Some(m.safeguard), e.revision);
+                self.decide_mosaic(key.clone(), m.members, Some(m.safeguard), e.revision);
+                // The first decision under a key stands, with its reason.
+                if let Some(decided) = self.mosaics.get_mut(&key)
+                    && decided.rejected.is_some()
+                    && decided.rejected_reason.is_none()
+                {
+                    decided.rejected_reason = Some(m.reason);
+                    decided.rejected_member = m.member;
+                }
             }
             StageStarted::TYPE | StageCompleted::TYPE | StageFailed::TYPE => {
                 let Some(m) = self.mosaics.get_mut(&id) else {
@@ -507,6 +521,8 @@ impl PipelineState {
                 id: key,
                 members,
                 rejected,
+                rejected_reason: None,
+                rejected_member: None,
                 build: StageProgress::default(),
                 head: revision,
             },

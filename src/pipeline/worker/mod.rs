@@ -713,6 +713,8 @@ mod tests {
                 id,
                 members,
                 rejected: None,
+                rejected_reason: None,
+                rejected_member: None,
                 build: StageProgress::default(),
                 head: 0,
             },
