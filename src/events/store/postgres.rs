@@ -485,32 +485,15 @@ impl PgStore {
                         tokio_postgres::types::Type::BYTEA,
                     ],
                 );
-                futures::pin_mut!(rows);
-                let mut chunk = Vec::with_capacity(STREAM_CHUNK);
-                while let Some(row) = rows.next().await {
-                    let row = row.map_err(db_error("reading the log"))?;
-                    let bytes: Vec<u8> = row.try_get(1).map_err(db_error("reading the log"))?;
-                    chunk.push(RawRecord {
-                        position: row.try_get::<i64>(0).map_err(db_error("reading the log"))?
-                            as u64,
+                send_chunks(rows, &tx, "reading the log", |row| {
+                    let bytes: Vec<u8> = row.try_get(1)?;
+                    Ok(RawRecord {
+                        position: row.try_get::<i64>(0)? as u64,
                         range: 0..bytes.len(),
                         bytes: RawBytes::Owned(bytes),
-                    });
-                    if chunk.len() == STREAM_CHUNK
-                        && tx
-                            .send(Ok(std::mem::replace(
-                                &mut chunk,
-                                Vec::with_capacity(STREAM_CHUNK),
-                            )))
-                            .await
-                            .is_err()
-                    {
-                        return Ok(());
-                    }
-                }
-                if !chunk.is_empty() {
-                    let _ = tx.send(Ok(chunk)).await;
-                }
+                    })
+                })
+                .await?;
                 Ok::<(), StoreError>(())
             }
             .await;
@@ -615,35 +598,18 @@ impl PgStore {
                     copy,
                     &[Type::INT8, Type::TEXT, Type::INT8, Type::UUID, Type::BYTEA],
                 );
-                futures::pin_mut!(rows);
-                let mut chunk = Vec::with_capacity(STREAM_CHUNK);
-                while let Some(row) = rows.next().await {
-                    let row = row.map_err(db_error(what))?;
-                    let scanned = (|| {
-                        Ok::<_, tokio_postgres::Error>(ScannedRow {
-                            position: row.try_get::<i64>(0)? as u64,
-                            stream: row.try_get(1)?,
-                            revision: row.try_get::<i64>(2)? as u64,
-                            event_id: row.try_get(3)?,
-                            record: row.try_get(4)?,
-                        })
-                    })()
-                    .map_err(db_error(what))?;
-                    chunk.push(scanned);
-                    if chunk.len() == STREAM_CHUNK
-                        && tx
-                            .send(Ok(std::mem::replace(
-                                &mut chunk,
-                                Vec::with_capacity(STREAM_CHUNK),
-                            )))
-                            .await
-                            .is_err()
-                    {
-                        return Ok(());
-                    }
-                }
-                if !chunk.is_empty() {
-                    let _ = tx.send(Ok(chunk)).await;
+                if !send_chunks(rows, &tx, what, |row| {
+                    Ok(ScannedRow {
+                        position: row.try_get::<i64>(0)? as u64,
+                        stream: row.try_get(1)?,
+                        revision: row.try_get::<i64>(2)? as u64,
+                        event_id: row.try_get(3)?,
+                        record: row.try_get(4)?,
+                    })
+                })
+                .await?
+                {
+                    return Ok(());
                 }
                 let _ = client.batch_execute("COMMIT").await;
                 Ok::<(), StoreError>(())
@@ -732,6 +698,33 @@ pub struct ScannedRow {
     pub revision: u64,
     pub event_id: Uuid,
     pub record: Vec<u8>,
+}
+
+/// Reads a binary `COPY` stream to its end, turning each row into `T` with `convert` and
+/// sending them in chunks of [`STREAM_CHUNK`]. `Ok(false)` when the receiver went away
+/// (the reader stopped early).
+async fn send_chunks<T>(
+    rows: tokio_postgres::binary_copy::BinaryCopyOutStream,
+    tx: &mpsc::Sender<Result<Vec<T>, StoreError>>,
+    what: &'static str,
+    convert: impl Fn(&tokio_postgres::binary_copy::BinaryCopyOutRow) -> Result<T, tokio_postgres::Error>,
+) -> Result<bool, StoreError> {
+    futures::pin_mut!(rows);
+    let mut chunk = Vec::with_capacity(STREAM_CHUNK);
+    while let Some(row) = rows.next().await {
+        let row = row.map_err(db_error(what))?;
+        chunk.push(convert(&row).map_err(db_error(what))?);
+        if chunk.len() == STREAM_CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(STREAM_CHUNK));
+            if tx.send(Ok(full)).await.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        return Ok(tx.send(Ok(chunk)).await.is_ok());
+    }
+    Ok(true)
 }
 
 /// Runs `fut` on `handle` and waits for it from any thread (async code included).
