@@ -401,6 +401,12 @@ fn to_prometheus_text(openmetrics: &str) -> String {
                 } else {
                     name.to_string()
                 };
+                // OpenMetrics' `unknown` is the text format's `untyped`.
+                let tail = if prefix == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                };
                 out.push_str(prefix);
                 out.push_str(&name);
                 if !tail.is_empty() {

@@ -19,6 +19,11 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(pipeline))
 }
 
+/// At most `n` characters of `s`.
+fn cut(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
 /// How many of each list the view holds.
 const LIST: usize = 20;
 
@@ -42,6 +47,9 @@ struct HourAcc {
 impl Hourly {
     /// Counts one event, by the hour of its commit time.
     pub fn apply(&mut self, e: &crate::events::RecordedEvent) {
+        if !crate::events::catalogue::in_its_category(&e.stream_id, &e.event_type) {
+            return;
+        }
         let hour = e.created_micros.div_euclid(HOUR) * HOUR;
         let acc = || HourAcc::default();
         match e.event_type.as_str() {
@@ -53,7 +61,9 @@ impl Hourly {
                     stage: String,
                     duration_s: f64,
                 }
-                if let Ok(r) = serde_json::from_slice::<Run>(&e.data) {
+                if let Ok(r) = serde_json::from_slice::<Run>(&e.data)
+                    && r.duration_s.is_finite()
+                {
                     let name = Stage::label(Some(&r.stage));
                     let s = self
                         .hours
@@ -186,11 +196,11 @@ pub struct PipelineView {
     pub timed_out: usize,
     pub collecting: Vec<Collecting>,
     pub stages: Vec<StageView>,
-    /// The most recent groups with a failed stage, newest first.
+    /// Groups whose stage failed and has not completed since, latest observation first.
     pub recent_failures: Vec<Failure>,
     /// The most recent mosaic windows decided, newest first.
     pub mosaics: Vec<MosaicView>,
-    /// Files refused at ingest (at most 20, by path).
+    /// Files refused at ingest (at most 20, newest first).
     pub refused_files: Vec<RefusedFile>,
     /// The last 24 hours, oldest first.
     pub hourly: Vec<HourView>,
@@ -205,9 +215,11 @@ pub fn view(
 ) -> PipelineView {
     let secs =
         |t: chrono::DateTime<chrono::Utc>| ((now - t).num_milliseconds().max(0)) as f64 / 1e3;
+    // The newest observations first.
     let collecting = s
         .pending
         .iter()
+        .rev()
         .map(|(obs, p)| Collecting {
             obs_time: obs.clone(),
             subbands: p.subbands.len(),
@@ -253,14 +265,18 @@ pub fn view(
         .flat_map(|g| {
             Stage::GROUP.iter().filter_map(move |stage| {
                 let p = g.stage(*stage);
-                p.last_error.as_ref().map(|e| Failure {
-                    group: g.id.clone(),
-                    stage: stage.name().to_string(),
-                    attempts: p.attempts,
-                    error: e.chars().take(2000).collect(),
-                    stderr_tail: p.last_stderr.clone(),
-                    next_retry_at: p.next_retry_at.map(format_time),
-                })
+                // A stage that failed and then completed is no failure now.
+                p.last_error
+                    .as_ref()
+                    .filter(|_| p.completed.is_none())
+                    .map(|e| Failure {
+                        group: g.id.clone(),
+                        stage: stage.name().to_string(),
+                        attempts: p.attempts,
+                        error: cut(e, 2000),
+                        stderr_tail: p.last_stderr.as_deref().map(|t| cut(t, 2000)),
+                        next_retry_at: p.next_retry_at.map(format_time),
+                    })
             })
         })
         .take(LIST)
@@ -274,9 +290,9 @@ pub fn view(
         .take(LIST)
         .map(|m| MosaicView {
             mosaic_id: m.id.clone(),
-            members: m.members.clone(),
+            members: m.members.iter().take(LIST).cloned().collect(),
             refused_by: m.rejected.clone(),
-            reason: m.rejected_reason.clone(),
+            reason: m.rejected_reason.as_deref().map(|r| cut(r, 500)),
             member_at_fault: m.rejected_member.clone(),
             built: m.build.completed.is_some(),
         })
@@ -287,11 +303,12 @@ pub fn view(
         .filter_map(|(path, r)| {
             r.as_ref().err().map(|reason| RefusedFile {
                 path: path.clone(),
-                reason: reason.clone(),
+                reason: cut(reason, 500),
             })
         })
         .collect();
-    refused.sort_by(|a, b| a.path.cmp(&b.path));
+    // File names begin with the observation time: the newest first.
+    refused.sort_by(|a, b| b.path.cmp(&a.path));
     refused.truncate(LIST);
     PipelineView {
         position: s.next_position.checked_sub(1),

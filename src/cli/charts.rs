@@ -108,6 +108,16 @@ fn legend<DB: DrawingBackend>(
     Ok(())
 }
 
+/// The top of a value axis: a little above the largest value, 1 for none, and always a
+/// finite number (plotters' tick search never ends on an infinite range).
+fn axis_top(max: f64) -> f64 {
+    if max.is_finite() && max > 0.0 {
+        (max * 1.1).min(f64::MAX / 4.0)
+    } else {
+        1.0
+    }
+}
+
 /// Tick labels of a count (whole numbers) or of a measure.
 fn tick(v: &f64, whole: bool) -> String {
     if whole || v.abs() >= 100.0 {
@@ -130,8 +140,9 @@ pub fn bars(
     let max = series
         .iter()
         .flat_map(|s| s.2.iter().copied())
+        .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max);
-    let top = if max <= 0.0 { 1.0 } else { max * 1.1 };
+    let top = axis_top(max);
     let n = labels.len().max(1);
     let k = series.len().max(1) as f64;
     svg(id, title, H + 24, |root| {
@@ -161,7 +172,12 @@ pub fn bars(
             chart
                 .draw_series(values.iter().enumerate().map(|(i, v)| {
                     let x0 = i as f64 + 0.1 + j as f64 * 0.8 / k;
-                    Rectangle::new([(x0, 0.0), (x0 + 0.8 / k, *v)], color.filled())
+                    let v = if v.is_finite() {
+                        v.clamp(0.0, top)
+                    } else {
+                        0.0
+                    };
+                    Rectangle::new([(x0, 0.0), (x0 + 0.8 / k, v)], color.filled())
                 }))
                 .map_err(err)?;
         }
@@ -213,15 +229,17 @@ pub fn rate_line(
         for run in points.split(|(_, v)| v.is_none()).filter(|r| !r.is_empty()) {
             chart
                 .draw_series(LineSeries::new(
-                    run.iter()
-                        .filter_map(|(i, v)| v.map(|v| (*i as f64, v.max(lo)))),
+                    run.iter().filter_map(|(i, v)| {
+                        v.filter(|v| v.is_finite()).map(|v| (*i as f64, v.max(lo)))
+                    }),
                     GREEN.stroke_width(2),
                 ))
                 .map_err(err)?;
         }
         chart
             .draw_series(values.iter().enumerate().filter_map(|(i, v)| {
-                v.map(|v| Circle::new((i as f64, v.max(lo)), 3, GREEN.filled()))
+                v.filter(|v| v.is_finite())
+                    .map(|v| Circle::new((i as f64, v.max(lo)), 3, GREEN.filled()))
             }))
             .map_err(err)?;
         // Above the target line, below the usual rates.
@@ -259,8 +277,12 @@ pub fn rate_line(
 pub fn hbars(id: &str, title: &str, unit: &str, items: &[(String, f64)]) -> String {
     let n = items.len().max(1);
     let height = 70 + 24 * n as u32;
-    let max = items.iter().map(|i| i.1).fold(0.0_f64, f64::max);
-    let top = if max <= 0.0 { 1.0 } else { max * 1.1 };
+    let max = items
+        .iter()
+        .map(|i| i.1)
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max);
+    let top = axis_top(max);
     svg(id, title, height, |root| {
         if items.is_empty() {
             root.draw(&Text::new(
@@ -300,7 +322,12 @@ pub fn hbars(id: &str, title: &str, unit: &str, items: &[(String, f64)]) -> Stri
         chart
             .draw_series(items.iter().enumerate().map(|(i, (_, v))| {
                 let y = (n - 1 - i) as f64;
-                Rectangle::new([(0.0, y + 0.15), (*v, y + 0.85)], ORANGE.filled())
+                let v = if v.is_finite() {
+                    v.clamp(0.0, top)
+                } else {
+                    0.0
+                };
+                Rectangle::new([(0.0, y + 0.15), (v, y + 0.85)], ORANGE.filled())
             }))
             .map_err(err)?;
         Ok(())

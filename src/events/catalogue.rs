@@ -426,6 +426,16 @@ pub fn leader_only(event_type: &str) -> bool {
     LEADER_ONLY_TYPES.contains(&event_type)
 }
 
+/// Whether `event_type` is a catalogue type of `stream`'s category: what the counters of
+/// the pipeline and the publisher count, so that a look-alike event in another stream
+/// (`scratch-*` takes any payload) counts for nothing.
+pub fn in_its_category(stream: &str, event_type: &str) -> bool {
+    let category = category_of(stream);
+    entries()
+        .iter()
+        .any(|e| e.name == event_type && e.category == category)
+}
+
 pub fn command_only(stream: &str, event_type: &str) -> bool {
     COMMAND_ONLY_CATEGORIES.contains(&category_of(stream))
         || entries()

@@ -41,6 +41,18 @@ impl SubbandName {
     }
 }
 
+/// Every class [`reason_class`] gives.
+pub const REASON_CLASSES: &[&str] = &[
+    "late",
+    "duplicate",
+    "not_hdf5",
+    "empty",
+    "not_a_file",
+    "unreadable",
+    "bad_name",
+    "other",
+];
+
 /// The class of a refusal's reason, for metrics labels (a bounded set): the reasons
 /// this module writes, by their wording.
 pub fn reason_class(reason: &str) -> &'static str {

@@ -66,7 +66,38 @@ pub struct Activity {
 }
 
 impl Default for Activity {
+    /// Every labelled series of a known label starts at 0, so that its first increase
+    /// shows (a series that appears at 3 would show none).
     fn default() -> Self {
+        let a = Activity::empty();
+        for stage in ["convert", "calibrate", "image", "mosaic"] {
+            let l = StageLabel {
+                stage: stage.to_string(),
+            };
+            let _ = a.stage_runs.get_or_create(&l);
+            let _ = a.stage_failures.get_or_create(&l);
+        }
+        for reason in crate::pipeline::ingest::REASON_CLASSES {
+            let _ = a.files_refused.get_or_create(&Reason {
+                reason: reason.to_string(),
+            });
+        }
+        for safeguard in crate::pipeline::safeguards::NAMES {
+            let _ = a.mosaics_refused.get_or_create(&Safeguard {
+                safeguard: safeguard.to_string(),
+            });
+        }
+        for category in crate::events::catalogue::DOMAIN_CATEGORIES {
+            let _ = a.events.get_or_create(&Category {
+                category: category.to_string(),
+            });
+        }
+        a
+    }
+}
+
+impl Activity {
+    fn empty() -> Self {
         Activity {
             events: Family::default(),
             files_accepted: Counter::default(),
@@ -114,6 +145,12 @@ impl Activity {
         let stage = |s: Option<String>| StageLabel {
             stage: crate::pipeline::state::Stage::label(s.as_deref()),
         };
+        // A look-alike in another stream (`scratch-*` takes any payload) counts for nothing.
+        if !crate::events::catalogue::in_its_category(&e.stream_id, &e.event_type) {
+            self.next
+                .store(e.position + 1, std::sync::atomic::Ordering::Release);
+            return;
+        }
         match e.event_type.as_str() {
             "SubbandFileAccepted" => {
                 self.files_accepted.inc();
@@ -144,7 +181,9 @@ impl Activity {
                     .inc();
             }
             "StageCompleted" => {
-                if let Some(s) = data::<StageCompleted>(e) {
+                if let Some(s) = data::<StageCompleted>(e)
+                    && s.duration_s.is_finite()
+                {
                     self.stage_seconds
                         .get_or_create(&stage(Some(s.stage)))
                         .observe(s.duration_s.max(0.0));
@@ -154,7 +193,7 @@ impl Activity {
                 let s = data::<StageFailed>(e);
                 let label = stage(s.as_ref().map(|s| s.stage.clone()));
                 self.stage_failures.get_or_create(&label).inc();
-                if let Some(s) = s {
+                if let Some(s) = s.filter(|s| s.duration_s.is_finite()) {
                     self.stage_seconds
                         .get_or_create(&label)
                         .observe(s.duration_s.max(0.0));

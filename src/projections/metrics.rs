@@ -172,6 +172,9 @@ impl Metrics {
     /// Counts an ingest, group or mosaic fact of the window; false for any other event.
     fn pipeline_event(&mut self, r: &RecordedEvent) -> bool {
         use crate::events::catalogue::{MosaicGroupRejected, SubbandFileRejected};
+        if !crate::events::catalogue::in_its_category(&r.stream_id, &r.event_type) {
+            return false;
+        }
         let p = &mut self.pipeline;
         match r.event_type.as_str() {
             "SubbandFileAccepted" => p.files_accepted += 1,
@@ -208,7 +211,9 @@ impl Metrics {
             return;
         }
         if r.event_type == StageCompleted::TYPE || r.event_type == StageFailed::TYPE {
-            if !inside {
+            // Only the pipeline's own streams run stages.
+            let category = crate::events::record::category_of(&r.stream_id);
+            if !inside || !(category == "group" || category == "mosaic") {
                 return;
             }
             let (stage, duration, failed) = if r.event_type == StageCompleted::TYPE {
@@ -241,7 +246,10 @@ impl Metrics {
             let s = self.stages.entry(stage).or_default();
             s.runs += 1;
             s.failures += failed as u64;
-            s.durations.push(duration);
+            // A duration is a finite number of seconds; anything else is not one.
+            if duration.is_finite() && duration >= 0.0 {
+                s.durations.push(duration);
+            }
             return;
         }
         let Ok(Some(event)) = ProductEvent::decode(r) else {
