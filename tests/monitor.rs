@@ -353,6 +353,14 @@ async fn the_daemon_posts_alerts_to_a_webhook_when_they_start_and_clear() {
     })
     .await;
     assert!(cleared.is_some(), "the clearing was not posted");
+    // The server goes away: that is an alert of its own.
+    server.stop().await;
+    let gone = common::eventually(20.0, || {
+        let got = got.clone();
+        async move { (got.lock().unwrap().1.len() >= 3).then_some(()) }
+    })
+    .await;
+    assert!(gone.is_some(), "the unreachable server was not posted");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
@@ -374,11 +382,12 @@ async fn the_daemon_posts_alerts_to_a_webhook_when_they_start_and_clear() {
         events,
         vec![
             ("started", "too_many_failed"),
-            ("cleared", "too_many_failed")
+            ("cleared", "too_many_failed"),
+            ("started", "server_unreachable")
         ]
     );
     assert_eq!(bodies[0]["source"], json!(url));
     assert!(bodies[0]["alert"]["message"].is_string());
     assert!(bodies[1]["at"].is_string());
-    server.stop().await;
+    assert_eq!(bodies[2]["alert"]["severity"], "critical");
 }

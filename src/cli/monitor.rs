@@ -262,11 +262,24 @@ async fn daemon(
                 }
                 firing = now;
             }
-            // A daemon outlives a restart of the server: report and keep going.
+            // A daemon outlives a restart of the server: report and keep going. An
+            // unreachable server is itself an alert for the webhook (the others are
+            // unknown meanwhile and stay as they were).
             Err(Unreachable(reason)) => {
                 emit(json_mode, &json!({"error": reason, "exit_code": 2}), || {
                     format!("unreachable: {reason}")
-                })
+                });
+                let mut now = firing.clone();
+                now.insert(
+                    "server_unreachable".into(),
+                    json!({"name": "server_unreachable", "severity": "critical", "message": reason}),
+                );
+                if let Some(w) = &webhook {
+                    for (event, alert) in transitions(&firing, &now) {
+                        w.send(event, alert);
+                    }
+                }
+                firing = now;
             }
         }
         tokio::select! {
@@ -305,7 +318,15 @@ impl Webhook {
     fn start(url: &str, source: &str) -> Webhook {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1000);
         let url = url.to_string();
-        let source = source.to_string();
+        // The server's address without any `user:password@` it was given.
+        let source = match reqwest::Url::parse(source) {
+            Ok(mut u) => {
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                u.to_string().trim_end_matches('/').to_string()
+            }
+            Err(_) => source.to_string(),
+        };
         tokio::spawn(async move {
             let http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -318,6 +339,18 @@ impl Webhook {
                     let sent = http.post(&url).json(&body).send().await;
                     match sent {
                         Ok(r) if r.status().is_success() => break,
+                        // Refused as such: sending it again would be refused again.
+                        Ok(r)
+                            if r.status().is_client_error()
+                                && r.status() != reqwest::StatusCode::REQUEST_TIMEOUT
+                                && r.status() != reqwest::StatusCode::TOO_MANY_REQUESTS =>
+                        {
+                            eprintln!(
+                                "contimg monitor: the webhook refused a notification ({}); not retried",
+                                r.status()
+                            );
+                            break;
+                        }
                         other => {
                             let why = match other {
                                 Ok(r) => format!("answered {}", r.status()),
