@@ -29,19 +29,7 @@ impl TestServer {
     }
 
     pub async fn start_with(dir: &Path, config: ServerConfig) -> TestServer {
-        // A store this process has just closed (an offline append) may hold sled's own
-        // file lock a moment longer, until sled's background thread lets go of it.
-        let mut tries = 0;
-        let store = loop {
-            match Store::open(dir) {
-                Ok(s) => break s,
-                Err(e) if tries < 50 && format!("{e:?}").contains("could not acquire lock") => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("open store: {e:?}"),
-            }
-        };
+        let store = Store::open(dir).expect("open store");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -92,18 +80,7 @@ pub fn append_offline<E: contimg::events::catalogue::DomainEvent>(
     // A thread of its own: the store blocks, and tests call this from async code too.
     std::thread::scope(|s| {
         s.spawn(|| {
-            // The lock of a store closed a moment ago may still be held by sled's thread.
-            let mut tries = 0;
-            let store = loop {
-                match Store::open(ledger) {
-                    Ok(s) => break s,
-                    Err(e) if tries < 50 && format!("{e:?}").contains("could not acquire lock") => {
-                        tries += 1;
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                    }
-                    Err(e) => panic!("open the stopped ledger: {e:?}"),
-                }
-            };
+            let store = Store::open(ledger).expect("open the stopped ledger");
             let mut expected = expected;
             for batch in batches {
                 let r = store

@@ -161,6 +161,28 @@ impl Iterator for LogIter {
     }
 }
 
+/// Opens sled's database in `dir`. Called with the folder's own lock held, so a lock of
+/// sled's that is still taken can only be this process's: a store closed a moment ago,
+/// whose sled thread has not yet let go of its file. That is waited out (up to 5 s), not
+/// reported as another owner.
+fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(1024 * 1024 * 1024);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Takes the folder's lock file, or says who holds it.
 fn lock_folder(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
@@ -203,17 +225,13 @@ impl SledStore {
         let lock = lock_folder(&dir)?;
         let sled_dir = dir.join(LOG_DIR);
         let fresh = !sled_dir.exists();
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            .cache_capacity(1024 * 1024 * 1024)
-            .open()
-            .map_err(|e| StoreError::Folder {
-                path: sled_dir.clone(),
-                source: match e {
-                    sled::Error::Io(io) => io,
-                    other => std::io::Error::other(other.to_string()),
-                },
-            })?;
+        let db = open_sled(&sled_dir).map_err(|e| StoreError::Folder {
+            path: sled_dir.clone(),
+            source: match e {
+                sled::Error::Io(io) => io,
+                other => std::io::Error::other(other.to_string()),
+            },
+        })?;
         if fresh {
             // New files exist now: make their directory entries durable.
             File::open(&sled_dir)?.sync_all()?;
