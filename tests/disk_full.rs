@@ -13,7 +13,6 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -235,14 +234,7 @@ async fn a_full_disk_refuses_appends_and_fails_publishes_without_losing_anything
     refused.push(small[0]["eventId"].as_str().unwrap().to_string());
 
     // Every acknowledged event is readable, no refused one is.
-    let page: Value = client
-        .get(ns.url("/api/streams/fill-1?limit=10000"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = common::get_json(&client, ns.url("/api/streams/fill-1?limit=10000")).await;
     let read: Vec<String> = page["events"]
         .as_array()
         .unwrap()
@@ -292,14 +284,7 @@ async fn a_full_disk_refuses_appends_and_fails_publishes_without_losing_anything
     let v: Value = resp.json().await.unwrap();
     let reason = v["detail"].as_str().unwrap().to_string();
     assert!(reason.contains("No space left on device"), "{reason}");
-    let product: Value = client
-        .get(ns.url("/api/products/big"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let product = common::get_json(&client, ns.url("/api/products/big")).await;
     // Back in staging, with the failure recorded: a failed publish is retried from there.
     assert_eq!(product["status"], "staging");
     assert_eq!(product["publish_attempts"], 1);
@@ -310,14 +295,7 @@ async fn a_full_disk_refuses_appends_and_fails_publishes_without_losing_anything
             .contains("No space left on device"),
         "{product}"
     );
-    let failed: Value = client
-        .get(ns.url("/api/monitoring/publish/failed"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let failed = common::get_json(&client, ns.url("/api/monitoring/publish/failed")).await;
     assert_eq!(failed["failed_publishes"][0]["data_id"], "big");
     assert_eq!(failed["failed_publishes"][0]["retryable"], true);
     assert_eq!(
@@ -349,14 +327,7 @@ async fn a_full_disk_refuses_appends_and_fails_publishes_without_losing_anything
         !staged.exists(),
         "the source stays after a verified publish"
     );
-    let history: Value = client
-        .get(ns.url("/api/products/big/history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = common::get_json(&client, ns.url("/api/products/big/history")).await;
     let types: Vec<&str> = history["events"]
         .as_array()
         .unwrap()
@@ -375,7 +346,6 @@ async fn a_full_disk_refuses_appends_and_fails_publishes_without_losing_anything
     );
 
     // Stopped: the ledger verifies (inside the namespace, before the tmpfs goes).
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let out = ns.stop();
     assert!(out.contains("server exited 0"), "{out}");
     assert!(out.contains("ok:"), "{out}");

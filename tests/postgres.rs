@@ -106,6 +106,17 @@ async fn all_ids(c: &reqwest::Client, base: &str) -> HashSet<String> {
     }
 }
 
+/// Runs `contimg` and requires success, showing its stderr otherwise.
+fn contimg_ok(args: &[&str]) -> std::process::Output {
+    let out = contimg(args);
+    assert!(
+        out.status.success(),
+        "contimg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn verify(url: &str) {
     let out = contimg(&["verify", "--ledger", url]);
     assert!(
@@ -136,7 +147,7 @@ fn export_import_round_trip_is_byte_identical_and_the_tools_read_postgres() {
     let root = tempfile::tempdir().unwrap();
     // A sled ledger with a history of products, made by the demo.
     let demo = root.path().join("demo");
-    let out = contimg(&[
+    contimg_ok(&[
         "demo",
         "--dir",
         demo.to_str().unwrap(),
@@ -145,44 +156,24 @@ fn export_import_round_trip_is_byte_identical_and_the_tools_read_postgres() {
         "--cadence-ms",
         "50",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let sled_export = root.path().join("sled.jsonl");
-    let out = contimg(&[
+    contimg_ok(&[
         "export",
         "--data-dir",
         demo.join("ledger").to_str().unwrap(),
         "--out",
         sled_export.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let url = pg.create_db();
-    let out = contimg(&["import", "--ledger", &url, sled_export.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    contimg_ok(&["import", "--ledger", &url, sled_export.to_str().unwrap()]);
     let pg_export = root.path().join("pg.jsonl");
-    let out = contimg(&[
+    contimg_ok(&[
         "export",
         "--ledger",
         &url,
         "--out",
         pg_export.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let a = std::fs::read(&sled_export).unwrap();
     let b = std::fs::read(&pg_export).unwrap();
     assert!(a.len() > 1000, "the demo wrote a history");

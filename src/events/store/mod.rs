@@ -407,12 +407,6 @@ impl Store {
         }
     }
 
-    /// A watch of the durable head (`event_count`), overwritten as it moves; also woken at
-    /// close.
-    pub fn head_watch(&self) -> watch::Receiver<u64> {
-        both!(self, s => s.head_watch())
-    }
-
     /// Stores a projection snapshot together with its checkpoint (the position of the last
     /// event folded into it), in one value so the two cannot disagree.
     pub fn save_snapshot(

@@ -645,14 +645,6 @@ impl PgStore {
         *slot = Some(rx.clone());
         rx
     }
-
-    /// Runs SQL on the ledger's database (for tests that damage it on purpose).
-    pub fn execute_sql(&self, sql: &str) -> Result<(), StoreError> {
-        let sql = sql.to_string();
-        self.query("running SQL", move |c| {
-            Box::pin(async move { c.batch_execute(&sql).await })
-        })
-    }
 }
 
 /// One snapshot of the ledger for `verify`: its head, its stream heads, and its rows.
