@@ -340,11 +340,6 @@ impl SledStore {
         self.inner.syncs.load(Ordering::Relaxed)
     }
 
-    /// The last durable position, `None` when the log is empty.
-    pub fn last_position(&self) -> Option<u64> {
-        self.event_count().checked_sub(1)
-    }
-
     pub(super) fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(StoreError::Poisoned);
