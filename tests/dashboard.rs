@@ -376,7 +376,15 @@ async fn dashboard_shows_the_pipeline_and_opens_a_groups_timeline() {
     );
     let config = ServerConfig::under(&ledger);
     let server = TestServer::start_with(&ledger, config).await;
-    let view = get_json(&reqwest::Client::new(), server.url("/api/pipeline")).await;
+    // The pipeline view follows the log behind the server's readiness: wait until it has
+    // folded the last of the eight events (position 7).
+    let c = reqwest::Client::new();
+    let view = common::eventually(15.0, || async {
+        let v = get_json(&c, server.url("/api/pipeline")).await;
+        (v["position"] == 7).then_some(v)
+    })
+    .await
+    .expect("the pipeline view never reached position 7");
     assert_eq!(view["groups"], 2);
     assert_eq!(view["collecting"][0]["subbands"], 1);
     assert_eq!(
