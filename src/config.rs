@@ -20,9 +20,11 @@
 //! stable_s = 5.0                    # a file's size must hold this long before it is taken
 //! group_tolerance_s = 30.0
 //! group_timeout_s = 600.0
+//! times_agree_s = 1.0               # subbands of one observation: header start and end
+//! dec_agree_deg = 0.1               # ... and pointing declination
 //!
 //! [stages]
-//! runner = "external"               # or "simulate" (no CASA needed)
+//! runner = "external"               # or "simulate"; without one the stages stay idle
 //! timeout_s = 3600.0
 //! max_attempts = 3
 //! backoff_s = [60.0, 300.0, 1500.0]
@@ -112,12 +114,19 @@ pub struct IngestConfig {
     pub poll_interval_s: f64,
     /// A file is taken only once its size and modification time held this long.
     pub stable_s: f64,
-    /// Subbands whose names differ by at most this belong to one observation.
+    /// Subbands whose header start times differ by at most this belong to one
+    /// observation; a file whose name time differs from its header's start by more is
+    /// refused.
     pub group_tolerance_s: f64,
     /// An observation still missing subbands this long after its first file is given up.
     pub group_timeout_s: f64,
     /// Subbands per observation (sb00..sb15 for DSA-110).
     pub subbands: u8,
+    /// The subbands of one observation must agree on the header's start and end within
+    /// this many seconds...
+    pub times_agree_s: f64,
+    /// ...and on the pointing declination within this many degrees.
+    pub dec_agree_deg: f64,
 }
 
 impl Default for IngestConfig {
@@ -128,16 +137,18 @@ impl Default for IngestConfig {
             group_tolerance_s: 30.0,
             group_timeout_s: 600.0,
             subbands: 16,
+            times_agree_s: 1.0,
+            dec_agree_deg: 0.1,
         }
     }
 }
 
 /// Which implementation runs conversion, calibration and imaging.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RunnerKind {
-    /// The built-in simulator: realistic outputs, no CASA or WSClean.
-    #[default]
+    /// The built-in simulator: realistic outputs, no CASA or WSClean. Its products say
+    /// so (`runner = simulate` in their metadata).
     Simulate,
     /// The command templates of `[stages.convert]`, `[stages.calibrate]`, `[stages.image]`.
     External,
@@ -146,7 +157,10 @@ pub enum RunnerKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StagesConfig {
-    pub runner: RunnerKind,
+    /// Who runs conversion, calibration and imaging. None (the default): nobody; the
+    /// stages stay idle, so that a host with an empty configuration never publishes
+    /// simulated tiles as products. `contimg demo` chooses the simulator itself.
+    pub runner: Option<RunnerKind>,
     /// Default timeout of one stage run.
     pub timeout_s: f64,
     /// Runs of one stage before the group is given up.
@@ -162,7 +176,7 @@ pub struct StagesConfig {
 impl Default for StagesConfig {
     fn default() -> Self {
         StagesConfig {
-            runner: RunnerKind::Simulate,
+            runner: None,
             timeout_s: 3600.0,
             max_attempts: 3,
             backoff_s: vec![60.0, 300.0, 1500.0],
@@ -378,6 +392,8 @@ impl Config {
         non_negative("ingest.stable_s", i.stable_s, 3600.0)?;
         non_negative("ingest.group_tolerance_s", i.group_tolerance_s, 3600.0)?;
         positive("ingest.group_timeout_s", i.group_timeout_s, 7.0 * 86_400.0)?;
+        non_negative("ingest.times_agree_s", i.times_agree_s, 3600.0)?;
+        non_negative("ingest.dec_agree_deg", i.dec_agree_deg, 180.0)?;
         anyhow::ensure!(
             (1..=64).contains(&i.subbands),
             "ingest.subbands must be 1..=64 (got {})",
@@ -406,7 +422,7 @@ impl Config {
                         positive(&format!("stages.{name}.timeout_s"), t, 7.0 * 86_400.0)?;
                     }
                 }
-                None if s.runner == RunnerKind::External => {
+                None if s.runner == Some(RunnerKind::External) => {
                     anyhow::bail!(
                         "stages.runner is \"external\" but [stages.{name}] has no command"
                     )
@@ -675,7 +691,7 @@ mod tests {
             .join("\n");
         let c: Config = toml::from_str(&example).unwrap();
         c.check().unwrap();
-        assert_eq!(c.stages.runner, RunnerKind::External);
+        assert_eq!(c.stages.runner, Some(RunnerKind::External));
         assert_eq!(c.incoming(), PathBuf::from("/data/incoming"));
         assert_eq!(c.stages.image.as_ref().unwrap().timeout_s, Some(7200.0));
     }

@@ -305,6 +305,7 @@ async fn dashboard_shows_the_pipeline_and_opens_a_groups_timeline() {
             subband: 0,
             size_bytes: 1000,
             group_obs_time: Some("2026-11-30T10:05:00".into()),
+            header: None,
         }],
     );
     common::append_offline(

@@ -118,6 +118,8 @@ stage_root = "{}"
 [ingest]
 poll_interval_s = 0.05
 stable_s = 0.1
+[stages]
+runner = "simulate"
 [stages.simulate]
 tile_size = 32
 [mosaic]

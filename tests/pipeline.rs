@@ -28,6 +28,7 @@ fn config(root: &Path) -> Config {
     c.ingest.stable_s = 0.2;
     c.ingest.group_timeout_s = 600.0;
     c.stages.backoff_s = vec![0.05];
+    c.stages.runner = Some(contimg::config::RunnerKind::Simulate);
     c.stages.simulate.tile_size = 32;
     c
 }
@@ -111,11 +112,11 @@ async fn a_growing_file_is_taken_only_once_it_holds_still() {
     // unchanged. The pauses only make the whole stretch (about 0.5 s) outlast the 0.2 s
     // stability window, so that what keeps the file out is its growth, not its youth.
     let growing = r.incoming.join(format!("{T0}_sb15.hdf5"));
+    let bytes = std::fs::read(subband(dir.path(), T0, 15)).unwrap();
     let mut f = std::fs::File::create(&growing).unwrap();
-    f.write_all(&contimg::pipeline::ingest::HDF5_SIGNATURE)
-        .unwrap();
-    for _ in 0..8 {
-        f.write_all(&[0u8; 512]).unwrap();
+    let chunk = bytes.len().div_ceil(9);
+    for part in bytes.chunks(chunk).take(8) {
+        f.write_all(part).unwrap();
         f.flush().unwrap();
         r.pipeline.ingest_once(&mut r.ingest).await.unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
@@ -129,17 +130,27 @@ async fn a_growing_file_is_taken_only_once_it_holds_still() {
         r.of::<GroupFormed>().is_empty(),
         "formed before sb15 settled"
     );
+    f.write_all(&bytes[(8 * chunk).min(bytes.len())..]).unwrap();
     drop(f);
     r.settle().await;
     let accepted = r.of::<SubbandFileAccepted>();
     assert_eq!(accepted.len(), 16);
     let sb15 = accepted.iter().find(|a| a.subband == 15).unwrap();
-    assert_eq!(sb15.size_bytes, 8 + 8 * 512, "taken at its final size");
+    assert_eq!(
+        sb15.size_bytes,
+        bytes.len() as u64,
+        "taken at its final size"
+    );
+    // What the header said is recorded with the file.
+    let h = sb15.header.as_ref().expect("the header is recorded");
+    assert_eq!(h.start, "2026-11-30T10:00:00.000000Z");
+    assert_eq!((h.telescope.as_str(), h.simulated), ("DSA-110", true));
+    assert!((h.dec_deg.unwrap() - 71.6).abs() < 1e-9);
     let formed = r.of::<GroupFormed>();
     assert_eq!(formed.len(), 1);
     assert_eq!(formed[0].obs_time, T0);
     assert_eq!(formed[0].files.len(), 16);
-    assert_eq!(formed[0].dec_deg, Some(71.6));
+    assert!((formed[0].dec_deg.unwrap() - 71.6).abs() < 1e-9);
     r.close().await;
 }
 
@@ -153,21 +164,59 @@ async fn bad_files_are_refused_with_their_reason_and_block_nothing() {
     // sb03 of the same observation (one second later in its name).
     std::fs::write(r.incoming.join(format!("{T1}_sb00.hdf5")), vec![0x42; 4096]).unwrap();
     std::fs::write(r.incoming.join(format!("{T1}_sb01.hdf5")), b"").unwrap();
-    sim::write_subband(
-        &r.incoming.join("2026-11-30T10:05_sb02.hdf5"),
-        71.6,
-        2048,
-        None,
-    )
-    .unwrap();
-    sim::write_subband(
-        &r.incoming.join(format!("{T1}_sb16.hdf5")),
-        71.6,
-        2048,
-        None,
-    )
-    .unwrap();
+    let good = std::fs::read(subband(dir.path(), T1, 2)).unwrap();
+    std::fs::write(r.incoming.join("2026-11-30T10:05_sb02.hdf5"), &good).unwrap();
+    std::fs::write(r.incoming.join(format!("{T1}_sb16.hdf5")), &good).unwrap();
     subband(&r.incoming, "2026-11-30T10:00:01", 3);
+    // A UVH5 file cut short, an HDF5 file that is not UVH5, a name 40 s from its header's
+    // start, and subbands of T0 whose headers disagree with the rest of it.
+    std::fs::write(
+        r.incoming.join(format!("{T1}_sb04.hdf5")),
+        &good[..good.len() / 2],
+    )
+    .unwrap();
+    std::fs::write(
+        r.incoming.join(format!("{T1}_sb05.hdf5")),
+        &good[..good.len() - 1],
+    )
+    .unwrap();
+    sim::write_subband_at(
+        &r.incoming.join(format!("{T1}_sb06.hdf5")),
+        Some(
+            chrono::NaiveDateTime::parse_from_str("2026-11-30T10:05:40", "%Y-%m-%dT%H:%M:%S")
+                .unwrap(),
+        ),
+        71.6,
+        2048,
+        None,
+    )
+    .unwrap();
+    observation(&r.incoming, T2, &[8, 9]);
+    sim::write_subband(
+        &r.incoming.join(format!("{T2}_sb08.hdf5")),
+        65.0,
+        2048,
+        None,
+    )
+    .unwrap();
+    let start = chrono::NaiveDateTime::parse_from_str(T2, "%Y-%m-%dT%H:%M:%S").unwrap();
+    let sb07_band = contimg::pipeline::uvh5::sim_file_bytes(&contimg::pipeline::uvh5::SimFile {
+        start_ms: start.and_utc().timestamp_millis(),
+        duration_s: sim::OBS_SECONDS,
+        dec_deg: 71.6,
+        subband: 7,
+        subbands: 16,
+        size_hint: 2048,
+    })
+    .unwrap();
+    std::fs::write(r.incoming.join(format!("{T2}_sb09.hdf5")), sb07_band).unwrap();
+    let mut plain = hdf5_pure::FileBuilder::new();
+    plain.create_dataset("x").with_f64_data(&[1.0]);
+    std::fs::write(
+        r.incoming.join(format!("{T1}_sb07.hdf5")),
+        plain.finish().unwrap(),
+    )
+    .unwrap();
     // Not ours: left alone, never recorded.
     std::fs::write(r.incoming.join("notes.txt"), b"hello").unwrap();
     std::fs::write(r.incoming.join(".partial_sb04.hdf5"), b"x").unwrap();
@@ -188,7 +237,36 @@ async fn bad_files_are_refused_with_their_reason_and_block_nothing() {
     let dup = reason("2026-11-30T10:00:01_sb03.hdf5");
     assert!(dup.contains("duplicate subband sb03"), "{dup}");
     assert!(dup.contains(&format!("{T0}_sb03.hdf5")), "{dup}");
-    assert_eq!(rejected.len(), 5, "{rejected:?}");
+    assert!(reason(&format!("{T1}_sb04.hdf5")).starts_with("truncated: "));
+    assert!(reason(&format!("{T1}_sb05.hdf5")).starts_with("truncated: "));
+    assert!(reason(&format!("{T1}_sb07.hdf5")).starts_with("not UVH5: no Header/"));
+    let off = reason(&format!("{T1}_sb06.hdf5"));
+    assert!(
+        off.contains(
+            "name time 2026-11-30T10:05:00 disagrees with the header's start 2026-11-30T10:05:40"
+        ),
+        "{off}"
+    );
+    let dec = reason(&format!("{T2}_sb08.hdf5"));
+    assert!(
+        dec.starts_with(&format!(
+            "disagrees with observation {T2}: declination 65.0000 deg against 71.6000 deg"
+        )),
+        "{dec}"
+    );
+    let band = reason(&format!("{T2}_sb09.hdf5"));
+    assert!(
+        band.contains("overlap") && band.contains("of sb07"),
+        "{band}"
+    );
+    for r in &rejected {
+        assert_ne!(
+            contimg::pipeline::ingest::reason_class(&r.reason),
+            "other",
+            "{r:?}"
+        );
+    }
+    assert_eq!(rejected.len(), 11, "{rejected:?}");
     // The good observation formed regardless.
     let formed = r.of::<GroupFormed>();
     assert_eq!(formed.len(), 1);
@@ -413,7 +491,7 @@ fn external(
     timeout: f64,
 ) -> contimg::config::StagesConfig {
     let mut s = Config::default().stages;
-    s.runner = RunnerKind::External;
+    s.runner = Some(RunnerKind::External);
     s.timeout_s = timeout;
     let cmd = |c: &str| {
         Some(StageCommand {
@@ -502,14 +580,35 @@ async fn a_failing_stage_is_retried_with_backoff_then_given_up() {
     assert_eq!(failures[2].next_retry_at, None, "no attempt left");
     assert!(failures.iter().all(|f| f.exit_status == Some(2)));
     assert!(failures[2].stderr_tail.contains("cannot open UVH5"));
-    // Backoff: the second attempt started no sooner than 0.1 s after the first failed.
+    // Backoff: each retry started no sooner than the retry time its failure named, which
+    // lies 0.1 s (then 0.2 s) after the failure was decided.
     let events = r.events();
-    let times: Vec<i64> = events
+    let starts: Vec<i64> = events
         .iter()
-        .filter(|e| e.event_type == "StageStarted" || e.event_type == "StageFailed")
+        .filter(|e| e.event_type == "StageStarted")
         .map(|e| e.created_micros)
         .collect();
-    assert!(times[2] - times[1] >= 100_000, "{times:?}");
+    for (i, f) in failures[..2].iter().enumerate() {
+        let due = chrono::DateTime::parse_from_rfc3339(f.next_retry_at.as_deref().unwrap())
+            .unwrap()
+            .timestamp_micros();
+        assert!(
+            starts[i + 1] >= due,
+            "attempt {} started before {due}: {starts:?}",
+            i + 2
+        );
+    }
+    let gaps: Vec<i64> = failures[..2]
+        .iter()
+        .zip(&starts)
+        .map(|(f, s)| {
+            chrono::DateTime::parse_from_rfc3339(f.next_retry_at.as_deref().unwrap())
+                .unwrap()
+                .timestamp_micros()
+                - s
+        })
+        .collect();
+    assert!(gaps[0] >= 100_000 && gaps[1] >= 200_000, "{gaps:?}");
     let s = r.pipeline.snapshot().await;
     let g = s.groups.values().next().unwrap();
     assert!(matches!(

@@ -28,10 +28,9 @@ fn member(root: &Path, i: usize, minutes: i64, dec: f64, cell: f64) -> GroupStat
     let work = root.join(&id);
     let ms = work.join(format!("{id}.ms"));
     let table = work.join(format!("{id}.G"));
-    for d in [&ms, &table] {
-        std::fs::create_dir_all(d).unwrap();
-        std::fs::write(d.join("table.dat"), b"t").unwrap();
-    }
+    use contimg::pipeline::casa;
+    casa::write_skeleton(&ms, casa::MEASUREMENT_SET, "", "test").unwrap();
+    casa::write_skeleton(&table, casa::CALIBRATION, "G Jones", "test").unwrap();
     let tile = work.join(format!("{id}.pbcor.fits"));
     let spec = TileSpec {
         ra_deg: 150.0 + i as f64 * 0.3,
@@ -136,15 +135,30 @@ fn ms_stage_refuses_an_unfinished_stage_and_a_missing_measurement_set() {
 }
 
 #[test]
-fn calibration_tables_refuses_a_table_without_table_dat() {
+fn calibration_tables_refuses_a_table_that_is_not_a_whole_casa_calibration_table() {
     let dir = tempfile::tempdir().unwrap();
+    let table_of =
+        |m: &GroupState| Path::new(&m.stages[1].completed.as_ref().unwrap()[0]).to_path_buf();
+    let expect = |m: &[GroupState], what: &str| {
+        let r = check(&refs(m), &MosaicConfig::default()).unwrap_err();
+        assert_eq!(r.safeguard, safeguards::CALIBRATION_TABLES);
+        assert_eq!(r.member.as_deref(), Some("g02"));
+        assert!(r.reason.contains(what), "{}", r.reason);
+    };
     let m = members(dir.path());
-    let table = &m[2].stages[1].completed.as_ref().unwrap()[0];
-    std::fs::remove_file(Path::new(table).join("table.dat")).unwrap();
-    let r = check(&refs(&m), &MosaicConfig::default()).unwrap_err();
-    assert_eq!(r.safeguard, safeguards::CALIBRATION_TABLES);
-    assert_eq!(r.member.as_deref(), Some("g02"));
-    assert!(r.reason.contains("missing its table.dat"), "{}", r.reason);
+    std::fs::remove_file(table_of(&m[2]).join("table.dat")).unwrap();
+    expect(&m, "no table.dat");
+    // A bare table.dat (what the simulator used to write) is not a CASA table.
+    let m = members(dir.path());
+    std::fs::write(table_of(&m[2]).join("table.dat"), b"t").unwrap();
+    expect(&m, "not a CASA table description");
+    let m = members(dir.path());
+    std::fs::remove_file(table_of(&m[2]).join("table.f0")).unwrap();
+    expect(&m, "no table.f0");
+    // The Measurement Set named as a calibration table.
+    let mut m = members(dir.path());
+    m[2].stages[1].completed = m[2].stages[0].completed.clone();
+    expect(&m, "Type = \"Measurement Set\", not \"Calibration\"");
 }
 
 #[test]
@@ -213,6 +227,7 @@ fn fast_config(root: &Path) -> Config {
     let mut c = Config::under_root(root);
     c.ingest.poll_interval_s = 0.05;
     c.ingest.stable_s = 0.1;
+    c.stages.runner = Some(contimg::config::RunnerKind::Simulate);
     c.stages.simulate.tile_size = 32;
     c.mosaic.tiles = 2;
     c.mosaic.overlap = 1;

@@ -62,6 +62,10 @@ struct Setup {
     dir: tempfile::TempDir,
 }
 
+/// Stages run by programs that are there and answer `--version`.
+const STAGES_OK: &str = "[stages]\nrunner = \"external\"\n[stages.convert]\ncommand = \"true {input}\"\n\
+     [stages.calibrate]\ncommand = \"true {input}\"\n[stages.image]\ncommand = \"true {tile}\"\n";
+
 impl Setup {
     /// A real ledger in `var` holding one event committed at `created`.
     fn ledger_with_one_event(&self, data: serde_json::Value, created: &str) {
@@ -76,7 +80,14 @@ impl Setup {
         assert!(import.status.success(), "{import:?}");
     }
 
+    /// `config_extra` without a `[stages]` table gets [`STAGES_OK`].
     fn new(config_extra: &str) -> Setup {
+        let stages = if config_extra.contains("[stages]") {
+            ""
+        } else {
+            STAGES_OK
+        };
+        let config_extra = format!("{config_extra}\n{stages}");
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         for d in ["var", "stage", "products", "incoming", "units"] {
@@ -145,6 +156,9 @@ fn a_healthy_set_up_has_no_errors_or_warnings() {
         "unit:contimg-api.service",
         "unit:contimg-stream.service",
         "clock",
+        "stage:convert",
+        "stage:calibrate",
+        "stage:image",
     ] {
         assert_eq!(level(&doc, check), "ok", "{check}: {doc:#}");
     }
@@ -347,6 +361,55 @@ fn a_bad_config_is_one_error_naming_the_key() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// No runner is a warning (the stages stay idle), the simulator is a warning (synthetic
+/// products), and a stage program that is not there, or a script that is not a file, is an
+/// error naming it.
+#[test]
+fn stage_runners_and_programs_are_checked() {
+    let s = Setup::new("[stages]\n");
+    let (code, doc) = s.run(&[]);
+    assert_eq!(
+        (code, level(&doc, "stages")),
+        (0, "warning".into()),
+        "{doc:#}"
+    );
+    assert!(
+        finding(&doc, "stages")["message"]
+            .as_str()
+            .unwrap()
+            .contains("idle")
+    );
+
+    let s = Setup::new("[stages]\nrunner = \"simulate\"\n");
+    let (_, doc) = s.run(&[]);
+    assert_eq!(level(&doc, "stages"), "warning", "{doc:#}");
+    assert!(
+        finding(&doc, "stages")["message"]
+            .as_str()
+            .unwrap()
+            .contains("synthetic")
+    );
+
+    let s = Setup::new(
+        "[stages]\nrunner = \"external\"\n[stages.convert]\ncommand = \"dsa110-no-such-convert --out {output} {input}\"\n\
+         [stages.calibrate]\ncommand = \"sh /no/such/calibrate.sh {input}\"\n[stages.image]\ncommand = \"false {tile}\"\n",
+    );
+    let (code, doc) = s.run(&[]);
+    assert_eq!(code, 1, "{doc:#}");
+    for (stage, what) in [
+        ("stage:convert", "dsa110-no-such-convert is not found"),
+        (
+            "stage:calibrate",
+            "/no/such/calibrate.sh, which is not a file",
+        ),
+        ("stage:image", "--version failed"),
+    ] {
+        assert_eq!(level(&doc, stage), "error", "{doc:#}");
+        let m = finding(&doc, stage)["message"].as_str().unwrap();
+        assert!(m.contains(what), "{stage}: {m}");
+    }
 }
 
 #[test]

@@ -121,6 +121,8 @@ pub fn demo_config(args: &DemoArgs, root: &Path) -> Config {
     c.ingest.stable_s = 0.15;
     // An incomplete observation is given up after about six observations' worth of time.
     c.ingest.group_timeout_s = (args.cadence_ms as f64 * 6.0 / 1000.0).max(1.0);
+    // The demo's stages are the simulator's, said outright (its products say so).
+    c.stages.runner = Some(crate::config::RunnerKind::Simulate);
     c.stages.backoff_s = vec![0.5];
     c.stages.simulate.tile_size = args.tile_size as usize;
     c.publish.backoff_s = vec![1.0];
@@ -364,7 +366,7 @@ fn write_observations(
                 .next_u64()
                 .is_multiple_of(8)
                 .then(|| Duration::from_millis(40));
-            sim::write_subband(&path, dec, size, pause)?;
+            sim::write_subband_at(&path, Some(base), dec, size, pause)?;
         }
         std::thread::sleep(Duration::from_millis(cadence_ms));
     }

@@ -201,6 +201,7 @@ pub fn check_all(args: &ValidateArgs) -> Vec<Finding> {
         None => check_ledger(&mut f, &config.ledger_dir()),
     };
     check_port(&mut f, config.listen);
+    check_stages(&mut f, &config.stages);
     let exec = match &args.expect_exec {
         Some(p) => Ok(p.clone()),
         None => std::env::current_exe(),
@@ -443,6 +444,232 @@ fn contimg_status(addr: SocketAddr) -> Result<String, String> {
     })
 }
 
+/// Who runs the stages: a warning when nobody does or the simulator does; with the
+/// external runner, each stage's program is found and starts.
+fn check_stages(f: &mut Findings, s: &crate::config::StagesConfig) {
+    use crate::config::RunnerKind;
+    match s.runner {
+        None => f.warn(
+            "stages",
+            "no [stages] runner: the stages stay idle and formed groups wait".into(),
+            "set runner = \"external\" with the stage commands (tools/stages/dsa110.toml), \
+             or runner = \"simulate\" for synthetic products"
+                .into(),
+        ),
+        Some(RunnerKind::Simulate) => f.warn(
+            "stages",
+            "runner = \"simulate\": the products will be synthetic (their metadata says \
+             runner = simulate)"
+                .into(),
+            "a production host runs the external stages (tools/stages/dsa110.toml)".into(),
+        ),
+        Some(RunnerKind::External) => {
+            for (name, cmd) in [
+                ("convert", &s.convert),
+                ("calibrate", &s.calibrate),
+                ("image", &s.image),
+            ] {
+                if let Some(cmd) = cmd {
+                    check_stage_program(f, name, &cmd.command);
+                }
+            }
+        }
+    }
+}
+
+/// Time a stage program gets to answer `--version` (CASA takes seconds to import).
+const STAGE_VERSION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The stage's program is on the PATH (or where the command names it) and answers
+/// `--version`: for an interpreter running a script (`python3 convert.py ...`), the script
+/// answers, which proves its libraries import.
+fn check_stage_program(f: &mut Findings, stage: &str, template: &str) {
+    let check = format!("stage:{stage}");
+    let words = command_words(template);
+    let Some(program) = words.first() else {
+        f.error(
+            &check,
+            "the command names no program".into(),
+            format!("[stages.{stage}] command"),
+        );
+        return;
+    };
+    let Some(path) = find_program(program) else {
+        f.error(
+            &check,
+            format!(
+                "{program} is not found (PATH {:?})",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+            "install it, or name it by its full path in the command (docs/operations/stages.md)"
+                .into(),
+        );
+        return;
+    };
+    // An interpreter runs the script that follows it: the script answers `--version`.
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let interpreter = base.starts_with("python") || ["sh", "bash", "perl"].contains(&base.as_str());
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(script) = words.get(1).filter(|w| interpreter && !w.starts_with('-')) {
+        if !Path::new(script).is_file() {
+            f.error(
+                &check,
+                format!("{program} would run {script}, which is not a file"),
+                "install the reference stages (docs/operations/stages.md) or fix the path".into(),
+            );
+            return;
+        }
+        args.push(script);
+    }
+    args.push("--version");
+    let shown = format!("{} {}", path.display(), args.join(" "));
+    match run_with_timeout(&path, &args, STAGE_VERSION_TIMEOUT) {
+        Ok(out) => f.ok(
+            &check,
+            format!(
+                "{shown}: {}",
+                out.lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty())
+                    .unwrap_or("(nothing printed)")
+            ),
+        ),
+        Err(e) => f.error(
+            &check,
+            format!("{shown} failed: {e}"),
+            "install what the stage needs (docs/operations/stages.md)".into(),
+        ),
+    }
+}
+
+/// The words a command template starts with, as `/bin/sh` would split them: single and
+/// double quotes removed, `$VAR`, `${VAR}` and `${VAR:-default}` taken from this
+/// environment, `{placeholders}` left as they are. Stops at the first shell operator, so
+/// nothing of the command is ever run to learn its words.
+pub fn command_words(template: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = template.chars().peekable();
+    let (mut single, mut double) = (false, false);
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' if !double => {
+                single = !single;
+                in_word = true;
+            }
+            '"' if !single => {
+                double = !double;
+                in_word = true;
+            }
+            '$' if !single => {
+                let name: String;
+                let mut default = None;
+                if chars.peek() == Some(&'{') {
+                    chars.next();
+                    let inner: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                    match inner.split_once(":-") {
+                        Some((n, d)) => {
+                            name = n.to_string();
+                            default = Some(d.to_string());
+                        }
+                        None => name = inner,
+                    }
+                } else {
+                    let mut n = String::new();
+                    while let Some(c) = chars
+                        .peek()
+                        .filter(|c| c.is_ascii_alphanumeric() || **c == '_')
+                    {
+                        n.push(*c);
+                        chars.next();
+                    }
+                    name = n;
+                }
+                let value = std::env::var(&name).ok().filter(|v| !v.is_empty());
+                word.push_str(&value.or(default).unwrap_or_default());
+                in_word = true;
+            }
+            c if !single && !double && c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            ';' | '|' | '&' | '>' | '<' | '(' | ')' if !single && !double => break,
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// A program named with a `/` as it is; otherwise the first executable of that name on
+/// the PATH.
+fn find_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return executable(&p).then_some(p);
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| executable(p))
+}
+
+/// Runs a program to its end or the timeout (then kills it); its standard output, or why
+/// it failed with the tail of its standard error.
+fn run_with_timeout(program: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .current_dir(std::env::temp_dir())
+        .spawn()
+        .map_err(|e| format!("cannot start: {e}"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {} s", timeout.as_secs()));
+            }
+            Err(e) => return Err(format!("waiting: {e}")),
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("reading its output: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(3).collect();
+        Err(format!(
+            "{}: {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        ))
+    }
+}
+
 /// Installed, and its ExecStart runs the expected binary.
 fn check_unit(f: &mut Findings, dir: &Path, unit: &str, exec: &std::io::Result<PathBuf>) {
     let check = format!("unit:{unit}");
@@ -549,6 +776,27 @@ fn check_clock(f: &mut Findings, now: chrono::DateTime<chrono::Utc>, last_event:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_words_split_as_the_shell_would_without_running_anything() {
+        // SAFETY: this test alone reads the variable.
+        unsafe { std::env::set_var("CONTIMG_TEST_WORDS", "/opt/x") };
+        let w = command_words(
+            r#"python3 "${CONTIMG_TEST_WORDS}/convert.py" --out {output} '$NOT' ${CONTIMG_UNSET_WORDS:-/d/sky.csv}; rm -rf /"#,
+        );
+        assert_eq!(
+            w,
+            [
+                "python3",
+                "/opt/x/convert.py",
+                "--out",
+                "{output}",
+                "$NOT",
+                "/d/sky.csv"
+            ]
+        );
+        assert!(command_words("  ").is_empty());
+    }
 
     #[test]
     fn exec_start_takes_the_program_of_the_last_line() {

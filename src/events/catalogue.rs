@@ -89,8 +89,33 @@ pub struct SubbandFileAccepted {
     /// rebuilds the same sets whatever the configuration says today.
     #[serde(default)]
     pub group_obs_time: Option<String>,
+    /// What the file's UVH5 header says (absent in events written before ingest read
+    /// headers).
+    #[serde(default)]
+    pub header: Option<SubbandHeader>,
 }
 domain_event!(SubbandFileAccepted, "SubbandFileAccepted", 1, "ingest");
+
+/// A subband file's UVH5 header, as ingest read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubbandHeader {
+    /// Start of the first integration and end of the last, UTC (`...T10:00:00.000Z`).
+    pub start: String,
+    pub end: String,
+    /// Lowest and highest channel, Hz.
+    pub freq_lo_hz: f64,
+    pub freq_hi_hz: f64,
+    /// Pointing (or phase-centre) declination, degrees, when the file gives one.
+    pub dec_deg: Option<f64>,
+    pub nbls: u64,
+    pub ntimes: u64,
+    pub nfreqs: u64,
+    pub npols: u64,
+    pub telescope: String,
+    /// Written by contimg's simulator, not a correlator.
+    #[serde(default)]
+    pub simulated: bool,
+}
 
 /// A file in the incoming folder was refused; it blocks nothing else.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,8 @@
-//! Ingest: watch the incoming folder for `YYYY-MM-DDTHH:MM:SS_sbNN.hdf5`, check each file,
-//! gather subbands into observations, form a group when all subbands are in, and give up
-//! an observation that stays incomplete past the timeout. Every decision is an event:
+//! Ingest: watch the incoming folder for `YYYY-MM-DDTHH:MM:SS_sbNN.hdf5`, read each file's
+//! UVH5 header, gather subbands into observations by the header's start time (the name's
+//! time is a cross-check), form a group when all subbands are in, and give up an
+//! observation that stays incomplete past the timeout. The subbands of one observation
+//! must agree on their times and declination and cover distinct frequencies. Every decision is an event:
 //! `SubbandFileAccepted` / `SubbandFileRejected` / `IngestGroupTimedOut` in
 //! `ingest-<date>`, `GroupFormed` in `group-<id>`.
 //!
@@ -16,11 +18,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-use super::state::{PipelineState, file_name};
+use super::state::{PendingObs, PipelineState, file_name};
+use super::uvh5;
 use crate::config::IngestConfig;
 use crate::events::catalogue::{
     GroupFormed, IngestGroupTimedOut, StreamName, SubbandFileAccepted, SubbandFileRejected,
+    SubbandHeader,
 };
+use crate::events::record::format_time;
 
 /// The HDF5 format signature; the superblock sits at 0, 512, 1024, 2048... bytes.
 pub const HDF5_SIGNATURE: [u8; 8] = [0x89, b'H', b'D', b'F', b'\r', b'\n', 0x1a, b'\n'];
@@ -46,6 +51,10 @@ pub const REASON_CLASSES: &[&str] = &[
     "late",
     "duplicate",
     "not_hdf5",
+    "truncated",
+    "not_uvh5",
+    "name_mismatch",
+    "inconsistent",
     "empty",
     "not_a_file",
     "unreadable",
@@ -60,8 +69,17 @@ pub fn reason_class(reason: &str) -> &'static str {
         "late"
     } else if reason.starts_with("duplicate subband") {
         "duplicate"
-    } else if reason.starts_with("no HDF5 signature") {
+    } else if reason.starts_with("no HDF5 signature") || reason.starts_with("not readable as HDF5")
+    {
         "not_hdf5"
+    } else if reason.starts_with("truncated") {
+        "truncated"
+    } else if reason.starts_with("not UVH5") || reason.starts_with("bad UVH5") {
+        "not_uvh5"
+    } else if reason.starts_with("name time") {
+        "name_mismatch"
+    } else if reason.starts_with("disagrees with observation") {
+        "inconsistent"
     } else if reason == "empty file" {
         "empty"
     } else if reason == "not a regular file" {
@@ -98,8 +116,15 @@ pub fn parse_name(name: &str, subbands: u8) -> Result<SubbandName, String> {
     Ok(SubbandName { obs_time, subband })
 }
 
-/// Checks a stable file's content: not empty, and an HDF5 superblock signature.
-pub fn check_file(path: &Path) -> Result<u64, String> {
+/// Checks a stable file's content: not empty, an HDF5 superblock signature, and a UVH5
+/// header that holds together ([`uvh5::read_header`]). Its size and header.
+pub fn check_file(path: &Path) -> Result<(u64, uvh5::Header), String> {
+    let size = check_signature(path)?;
+    uvh5::read_header(path).map(|h| (size, h))
+}
+
+/// The cheap first check: not empty, and the HDF5 signature at 0, 512, 1024... bytes.
+pub fn check_signature(path: &Path) -> Result<u64, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if !meta.is_file() {
         return Err("not a regular file".into());
@@ -229,54 +254,45 @@ impl Ingest {
 
         // Decide against a scratch copy of the open observations, so that files of one
         // scan group together exactly as the fold will group them.
-        let mut pending: BTreeMap<String, BTreeMap<u8, String>> = state
-            .pending
-            .iter()
-            .map(|(k, p)| (k.clone(), p.subbands.clone()))
-            .collect();
-        let tolerance =
-            chrono::Duration::milliseconds((self.config.group_tolerance_s * 1e3) as i64);
+        let mut pending: BTreeMap<String, PendingObs> = state.pending.clone();
         for (name, path) in ready {
             self.watching.remove(&name);
             let path_text = path.display().to_string();
             let parsed = parse_name(&name, self.config.subbands);
             let stream = ingest_stream(parsed.as_ref().ok().map(|p| p.obs_time), now);
-            let fact = match parsed.and_then(|p| check_file(&path).map(|size| (p, size))) {
+            let fact = match parsed.and_then(|p| check_file(&path).map(|(size, h)| (p, size, h))) {
+                Err(reason) => Err(reason),
+                Ok((p, size, h)) => {
+                    admit(&mut pending, state, &self.config, &p, &h, now).map(|key| {
+                        SubbandFileAccepted {
+                            path: path_text.clone(),
+                            obs_time: p.time_text(),
+                            subband: p.subband,
+                            size_bytes: size,
+                            group_obs_time: Some(key),
+                            header: Some(header_event(&h)),
+                        }
+                    })
+                }
+            };
+            let fact = match fact {
+                Ok(accepted) => {
+                    if let Some(set) = accepted
+                        .group_obs_time
+                        .as_ref()
+                        .and_then(|k| pending.get_mut(k))
+                    {
+                        set.subbands.insert(accepted.subband, path_text);
+                        if let Some(h) = &accepted.header {
+                            set.headers.insert(accepted.subband, h.clone());
+                        }
+                    }
+                    IngestFact::Accepted(accepted)
+                }
                 Err(reason) => IngestFact::Rejected(SubbandFileRejected {
                     path: path_text,
                     reason,
                 }),
-                Ok((p, size)) => {
-                    let obs = assign(&pending, state, p.obs_time, tolerance);
-                    match obs {
-                        Assign::Closed(key, how) => IngestFact::Rejected(SubbandFileRejected {
-                            path: path_text,
-                            reason: format!("late file: observation {key} already {how}"),
-                        }),
-                        Assign::Into(key) => {
-                            let set = pending.entry(key.clone()).or_default();
-                            if let Some(existing) = set.get(&p.subband) {
-                                IngestFact::Rejected(SubbandFileRejected {
-                                    path: path_text,
-                                    reason: format!(
-                                        "duplicate subband sb{:02} of observation {key}: {} was taken first",
-                                        p.subband,
-                                        file_name(existing)
-                                    ),
-                                })
-                            } else {
-                                set.insert(p.subband, path_text.clone());
-                                IngestFact::Accepted(SubbandFileAccepted {
-                                    path: path_text,
-                                    obs_time: p.time_text(),
-                                    subband: p.subband,
-                                    size_bytes: size,
-                                    group_obs_time: Some(key),
-                                })
-                            }
-                        }
-                    }
-                }
             };
             out.ingest.entry(stream).or_default().push(fact);
         }
@@ -284,20 +300,22 @@ impl Ingest {
         // Complete observations form groups, oldest first; stale ones time out.
         let timeout = chrono::Duration::milliseconds((self.config.group_timeout_s * 1e3) as i64);
         for (key, set) in &pending {
-            if set.len() >= self.config.subbands as usize {
-                let files: Vec<String> = set.values().cloned().collect();
+            if set.subbands.len() >= self.config.subbands as usize {
+                let files: Vec<String> = set.subbands.values().cloned().collect();
+                let decs: Vec<f64> = set.headers.values().filter_map(|h| h.dec_deg).collect();
                 out.formed.push(GroupFormed {
                     group_id: group_id(key, &files),
                     obs_time: key.clone(),
                     files,
-                    dec_deg: None,
+                    dec_deg: (!decs.is_empty())
+                        .then(|| decs.iter().sum::<f64>() / decs.len() as f64),
                 });
             } else if let Some(p) = state.pending.get(key)
                 && now - p.first_seen >= timeout
             {
-                let present: Vec<u8> = set.keys().copied().collect();
+                let present: Vec<u8> = set.subbands.keys().copied().collect();
                 let missing = (0..self.config.subbands)
-                    .filter(|s| !set.contains_key(s))
+                    .filter(|s| !set.subbands.contains_key(s))
                     .collect();
                 let stream = ingest_stream(NaiveDateTime::parse_from_str(key, NAME_TIME).ok(), now);
                 out.ingest
@@ -315,20 +333,145 @@ impl Ingest {
     }
 }
 
+/// The event's record of a header.
+fn header_event(h: &uvh5::Header) -> SubbandHeader {
+    SubbandHeader {
+        start: format_time(h.start()),
+        end: format_time(h.end()),
+        freq_lo_hz: h.freq_lo_hz,
+        freq_hi_hz: h.freq_hi_hz,
+        dec_deg: h.dec_deg,
+        nbls: h.nbls,
+        ntimes: h.ntimes,
+        nfreqs: h.nfreqs,
+        npols: h.npols,
+        telescope: h.telescope.clone(),
+        simulated: h.simulated,
+    }
+}
+
+/// Decides where a readable subband file belongs: the key of the observation it joins,
+/// or why it is refused. Pure: `pending` is the scan's scratch copy of the open
+/// observations (the caller adds the file to it once accepted).
+fn admit(
+    pending: &mut BTreeMap<String, PendingObs>,
+    state: &PipelineState,
+    cfg: &IngestConfig,
+    name: &SubbandName,
+    h: &uvh5::Header,
+    now: DateTime<Utc>,
+) -> Result<String, String> {
+    let tolerance = chrono::Duration::milliseconds((cfg.group_tolerance_s * 1e3) as i64);
+    // The header's start, to the second, is the observation's time.
+    let start = DateTime::from_timestamp_millis((h.start_ms + 500).div_euclid(1000) * 1000)
+        .unwrap_or_default()
+        .naive_utc();
+    let off = (name.obs_time - start).num_milliseconds().abs();
+    if off > tolerance.num_milliseconds() {
+        return Err(format!(
+            "name time {} disagrees with the header's start {} by {:.1} s (tolerance {} s)",
+            name.time_text(),
+            format_time(h.start()),
+            off as f64 / 1e3,
+            cfg.group_tolerance_s
+        ));
+    }
+    let key = match assign(pending, state, start, tolerance) {
+        Assign::Closed(key, how) => {
+            return Err(format!("late file: observation {key} already {how}"));
+        }
+        Assign::Into(key) => key,
+    };
+    let Some(set) = pending.get(&key) else {
+        pending.insert(
+            key.clone(),
+            PendingObs {
+                first_seen: now,
+                subbands: BTreeMap::new(),
+                headers: BTreeMap::new(),
+            },
+        );
+        return Ok(key);
+    };
+    if let Some(existing) = set.subbands.get(&name.subband) {
+        return Err(format!(
+            "duplicate subband sb{:02} of observation {key}: {} was taken first",
+            name.subband,
+            file_name(existing)
+        ));
+    }
+    for (sb, other) in &set.headers {
+        if let Some(why) = disagreement(h, other, cfg) {
+            return Err(format!(
+                "disagrees with observation {key}: {why} of sb{sb:02} ({})",
+                set.subbands
+                    .get(sb)
+                    .map(|p| file_name(p))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    Ok(key)
+}
+
+/// How a subband's header contradicts another of its observation, if it does.
+fn disagreement(h: &uvh5::Header, other: &SubbandHeader, cfg: &IngestConfig) -> Option<String> {
+    let ms = |t: &str| {
+        DateTime::parse_from_rfc3339(t)
+            .ok()
+            .map(|t| t.timestamp_millis())
+    };
+    let agree_ms = (cfg.times_agree_s * 1e3) as i64;
+    for (what, mine, theirs) in [
+        ("start", h.start_ms, ms(&other.start)),
+        ("end", h.end_ms, ms(&other.end)),
+    ] {
+        if let Some(theirs) = theirs
+            && (mine - theirs).abs() > agree_ms
+        {
+            let show = |v: i64| format_time(DateTime::from_timestamp_millis(v).unwrap_or_default());
+            return Some(format!(
+                "{what} {} against {} (more than {} s apart)",
+                show(mine),
+                show(theirs),
+                cfg.times_agree_s
+            ));
+        }
+    }
+    if let (Some(a), Some(b)) = (h.dec_deg, other.dec_deg)
+        && (a - b).abs() > cfg.dec_agree_deg
+    {
+        return Some(format!(
+            "declination {a:.4} deg against {b:.4} deg (more than {} deg apart)",
+            cfg.dec_agree_deg
+        ));
+    }
+    if h.freq_lo_hz <= other.freq_hi_hz && other.freq_lo_hz <= h.freq_hi_hz {
+        return Some(format!(
+            "frequencies {:.3}-{:.3} MHz overlap {:.3}-{:.3} MHz",
+            h.freq_lo_hz / 1e6,
+            h.freq_hi_hz / 1e6,
+            other.freq_lo_hz / 1e6,
+            other.freq_hi_hz / 1e6
+        ));
+    }
+    None
+}
+
 enum Assign {
     Into(String),
     Closed(String, &'static str),
 }
 
-/// The observation a file with name time `t` joins: the nearest open one within the
+/// The observation a file with header time `t` joins: the nearest open one within the
 /// tolerance, else a closed one within it (a late file), else a new one keyed by `t`.
 fn assign(
-    pending: &BTreeMap<String, BTreeMap<u8, String>>,
+    pending: &BTreeMap<String, PendingObs>,
     state: &PipelineState,
     t: NaiveDateTime,
     tolerance: chrono::Duration,
 ) -> Assign {
-    // Keys are name times, so string order is time order: look only within the tolerance.
+    // Keys are times in one format, so string order is time order: look only within the tolerance.
     let lo = (t - tolerance).format(NAME_TIME).to_string();
     let hi = (t + tolerance).format(NAME_TIME).to_string();
     let near = |key: &String| {

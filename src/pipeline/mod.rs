@@ -1,6 +1,7 @@
 //! The pipeline that produces events: ingest, grouping, stage runners, mosaicking,
 //! staging and publishing.
 
+pub mod casa;
 pub mod ingest;
 pub mod mosaic;
 pub mod moves;
@@ -10,6 +11,7 @@ pub mod safeguards;
 pub mod sim;
 pub mod stages;
 pub mod state;
+pub mod uvh5;
 pub mod worker;
 
 pub use worker::{Pipeline, PipelineConfig};

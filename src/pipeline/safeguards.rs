@@ -7,6 +7,7 @@ use std::path::Path;
 
 use chrono::NaiveDateTime;
 
+use super::casa;
 use super::ingest::NAME_TIME;
 use super::mosaic::io::{TileHeader, read_header, read_plane};
 use super::state::{GroupState, Stage};
@@ -142,7 +143,7 @@ pub fn time_span(
 }
 
 /// 3. Every member converted, calibrated and imaged according to the ledger, and its
-///    Measurement Set on disk.
+///    Measurement Set on disk as a CASA table of type `Measurement Set`.
 pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
     for m in members {
         for name in Stage::GROUP {
@@ -161,18 +162,21 @@ pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
             .first()
             .cloned()
             .unwrap_or_default();
-        if ms.is_empty() || !Path::new(&ms).is_dir() {
+        if ms.is_empty() {
             return Err(refuse(
                 MS_STAGE,
                 Some(&m.id),
-                format!("the Measurement Set {ms:?} is not on disk"),
+                "conversion recorded no Measurement Set".into(),
             ));
         }
+        casa::check_table(Path::new(&ms), casa::MEASUREMENT_SET)
+            .map_err(|e| refuse(MS_STAGE, Some(&m.id), format!("the Measurement Set {e}")))?;
     }
     Ok(())
 }
 
-/// 4. Every calibration table a member used exists: a folder holding `table.dat`.
+/// 4. Every calibration table a member used is a CASA calibration table on disk
+///    ([`casa::check_table`]: its description whole, its type `Calibration`, its data).
 pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
     for m in members {
         let tables = m.outputs(Stage::Calibrate);
@@ -184,14 +188,13 @@ pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
             ));
         }
         for t in tables {
-            let dat = Path::new(t).join("table.dat");
-            if !dat.is_file() {
-                return Err(refuse(
+            casa::check_table(Path::new(t), casa::CALIBRATION).map_err(|e| {
+                refuse(
                     CALIBRATION_TABLES,
                     Some(&m.id),
-                    format!("calibration table {t} is missing its table.dat"),
-                ));
-            }
+                    format!("calibration table {e}"),
+                )
+            })?;
         }
     }
     Ok(())

@@ -3,10 +3,10 @@
 //!
 //! - subband files: the HDF5 signature, a one-line header the simulator reads back
 //!   (`contimg-sim dec_deg=...`), then padding to the requested size;
-//! - conversion: a Measurement Set folder (`table.dat`, `table.f0`, and the `ANTENNA`,
-//!   `FIELD`, `SPECTRAL_WINDOW` sub-tables, each a folder with `table.dat`);
+//! - conversion: a Measurement Set folder (a CASA table skeleton, `casa::write_skeleton`,
+//!   with the `ANTENNA`, `FIELD`, `SPECTRAL_WINDOW` sub-tables);
 //! - calibration: a bandpass table per day (`WORK/caltables/<date>.B`, shared) and a gain
-//!   table per group (`WORK/<group>/cal/<group>.G`), each a folder holding `table.dat`;
+//!   table per group (`WORK/<group>/cal/<group>.G`), each a calibration table skeleton;
 //! - imaging: a primary-beam-corrected FITS tile (SIN, the configured cell, point sources
 //!   from one fixed sky so overlapping tiles agree, noise, the 4.65 m dish at 1.4 GHz,
 //!   WSClean's header keys) and its beam image.
@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use chrono::NaiveDateTime;
 
-use super::ingest::{HDF5_SIGNATURE, NAME_TIME};
+use super::casa;
+use super::ingest::NAME_TIME;
 use super::mosaic::synth::{self, PointSource, TileSpec};
 use crate::config::SimulateConfig;
 
@@ -27,41 +28,59 @@ pub const FREQ_HZ: f64 = 1.405e9;
 /// Length of one observation, seconds.
 pub const OBS_SECONDS: f64 = 309.24;
 
-/// Writes one simulated subband file: in two writes with a pause between, when `pause` is
-/// given, as a correlator still writing would.
+/// Writes one simulated subband file, a small but real UVH5 file
+/// ([`super::uvh5::sim_file_bytes`]) whose header starts at the name's time; in two writes
+/// with a pause between, when `pause` is given, as a correlator still writing would.
 pub fn write_subband(
     path: &Path,
     dec_deg: f64,
     size: usize,
     pause: Option<std::time::Duration>,
 ) -> std::io::Result<()> {
+    write_subband_at(path, None, dec_deg, size, pause)
+}
+
+/// [`write_subband`] with the observation's start in the header given (a correlator's
+/// clock may name the subbands of one observation a few seconds apart).
+pub fn write_subband_at(
+    path: &Path,
+    start: Option<NaiveDateTime>,
+    dec_deg: f64,
+    size: usize,
+    pause: Option<std::time::Duration>,
+) -> std::io::Result<()> {
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parsed = super::ingest::parse_name(&name, 64).map_err(bad)?;
+    let bytes = super::uvh5::sim_file_bytes(&super::uvh5::SimFile {
+        start_ms: start
+            .unwrap_or(parsed.obs_time)
+            .and_utc()
+            .timestamp_millis(),
+        duration_s: OBS_SECONDS,
+        dec_deg,
+        subband: parsed.subband,
+        subbands: 16,
+        size_hint: size,
+    })
+    .map_err(bad)?;
     let mut f = std::fs::File::create(path)?;
-    let mut head = HDF5_SIGNATURE.to_vec();
-    head.extend_from_slice(format!("contimg-sim dec_deg={dec_deg:.6}\n").as_bytes());
-    let size = size.max(head.len());
-    let body = vec![0u8; size - head.len()];
-    let half = body.len() / 2;
-    f.write_all(&head)?;
-    f.write_all(&body[..half])?;
+    let half = bytes.len() / 2;
+    f.write_all(&bytes[..half])?;
     if let Some(p) = pause {
         f.flush()?;
         std::thread::sleep(p);
     }
-    f.write_all(&body[half..])?;
+    f.write_all(&bytes[half..])?;
     f.sync_all()
 }
 
-/// The declination a simulated subband file carries, if it is one.
+/// The declination a subband file's header carries, if it carries one.
 pub fn read_subband_dec(path: &Path) -> Option<f64> {
-    use std::io::Read;
-    let mut buf = [0u8; 64];
-    let n = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
-    let text = std::str::from_utf8(buf.get(8..n)?).ok()?;
-    let line = text.lines().next()?;
-    line.strip_prefix("contimg-sim dec_deg=")?
-        .trim()
-        .parse()
-        .ok()
+    super::uvh5::read_header(path).ok()?.dec_deg
 }
 
 /// Local sidereal time at OVRO, degrees: where a drift scan points in right ascension.
@@ -90,7 +109,13 @@ pub fn convert(
     default_dec: f64,
 ) -> Result<(), String> {
     for f in files {
-        super::ingest::check_file(Path::new(f)).map_err(|e| format!("{f}: {e}"))?;
+        let (_, header) =
+            super::ingest::check_file(Path::new(f)).map_err(|e| format!("{f}: {e}"))?;
+        if !header.simulated {
+            return Err(format!(
+                "{f}: a real observation's file; the simulator converts only the files it wrote"
+            ));
+        }
     }
     let t = NaiveDateTime::parse_from_str(obs_time, NAME_TIME)
         .map_err(|e| format!("observation time {obs_time:?}: {e}"))?;
@@ -109,10 +134,10 @@ pub fn convert(
     let tmp = ms.with_extension("ms.partial");
     let _ = std::fs::remove_dir_all(&tmp);
     let io = |e: std::io::Error| format!("writing {}: {e}", ms.display());
-    write_table(&tmp, b"MAIN").map_err(io)?;
+    casa::write_skeleton(&tmp, casa::MEASUREMENT_SET, "", "MAIN").map_err(io)?;
     std::fs::write(tmp.join("table.f0"), vec![0u8; 4096]).map_err(io)?;
     for sub in ["ANTENNA", "FIELD", "SPECTRAL_WINDOW"] {
-        write_table(&tmp.join(sub), sub.as_bytes()).map_err(io)?;
+        casa::write_skeleton(&tmp.join(sub), sub, "", sub).map_err(io)?;
     }
     std::fs::write(
         tmp.join("contimg_sim.json"),
@@ -141,13 +166,14 @@ pub fn calibrate(ms: &Path, cal_dir: &Path, caltables_root: &Path) -> Result<Vec
     let io = |p: &Path, e: std::io::Error| format!("writing {}: {e}", p.display());
     if !bandpass.join("table.dat").exists() {
         let tmp = caltables_root.join(format!(".{date}.B.{}", uuid::Uuid::new_v4()));
-        write_table(&tmp, b"BANDPASS").map_err(|e| io(&tmp, e))?;
+        casa::write_skeleton(&tmp, casa::CALIBRATION, "B Jones", "BANDPASS")
+            .map_err(|e| io(&tmp, e))?;
         // Another group may have made it meanwhile: either copy is a good table.
         if std::fs::rename(&tmp, &bandpass).is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
     }
-    write_table(&gain, b"GAIN").map_err(|e| io(&gain, e))?;
+    casa::write_skeleton(&gain, casa::CALIBRATION, "G Jones", "GAIN").map_err(|e| io(&gain, e))?;
     Ok(vec![bandpass, gain])
 }
 
@@ -212,16 +238,6 @@ pub fn sky(spec: &TileSpec, per_deg2: f64) -> Vec<PointSource> {
     out
 }
 
-/// A CASA-like table folder: `table.dat` plus a lock file.
-fn write_table(dir: &Path, kind: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let mut dat = b"contimg-sim table ".to_vec();
-    dat.extend_from_slice(kind);
-    dat.push(b'\n');
-    std::fs::write(dir.join("table.dat"), dat)?;
-    std::fs::write(dir.join("table.lock"), b"")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,8 +256,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("2026-11-30T00:00:00_sb00.hdf5");
         write_subband(&p, 71.25, 4096, None).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096);
-        assert_eq!(read_subband_dec(&p), Some(71.25));
+        assert!((read_subband_dec(&p).unwrap() - 71.25).abs() < 1e-9);
         assert!(super::super::ingest::check_file(&p).is_ok());
     }
 }

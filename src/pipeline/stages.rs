@@ -111,7 +111,15 @@ pub async fn run_stage(
         };
     }
     match cfg.runner {
-        RunnerKind::Simulate => {
+        None => RunResult {
+            duration: start.elapsed(),
+            exit_status: None,
+            outcome: Err(RunFailure::new(
+                "no stage runner configured ([stages] runner is unset)",
+            )),
+            command: None,
+        },
+        Some(RunnerKind::Simulate) => {
             let (group, paths, sim_cfg) = (group.clone(), paths.clone(), cfg.simulate.clone());
             let outcome = tokio::task::spawn_blocking(move || {
                 simulate(stage, &group, &paths, &sim_cfg, default_dec)
@@ -126,7 +134,7 @@ pub async fn run_stage(
                 command: None,
             }
         }
-        RunnerKind::External => {
+        Some(RunnerKind::External) => {
             let cmd = match stage {
                 Stage::Convert => cfg.convert.as_ref(),
                 Stage::Calibrate => cfg.calibrate.as_ref(),

@@ -82,6 +82,8 @@ pub struct PendingObs {
     pub first_seen: DateTime<Utc>,
     /// Subband number to file path.
     pub subbands: BTreeMap<u8, String>,
+    /// Subband number to its header, for the files whose events carry one.
+    pub headers: BTreeMap<u8, crate::events::catalogue::SubbandHeader>,
 }
 
 /// How an observation ended.
@@ -325,15 +327,19 @@ impl PipelineState {
                 if self.closed.contains_key(&obs) {
                     return;
                 }
-                self.pending
-                    .entry(obs)
-                    .or_insert_with(|| PendingObs {
-                        first_seen: at,
-                        subbands: BTreeMap::new(),
-                    })
-                    .subbands
-                    .entry(f.subband)
-                    .or_insert(f.path);
+                let set = self.pending.entry(obs).or_insert_with(|| PendingObs {
+                    first_seen: at,
+                    subbands: BTreeMap::new(),
+                    headers: BTreeMap::new(),
+                });
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    set.subbands.entry(f.subband)
+                {
+                    slot.insert(f.path);
+                    if let Some(h) = f.header {
+                        set.headers.insert(f.subband, h);
+                    }
+                }
             }
             SubbandFileRejected::TYPE => {
                 if let Some(f) = decode::<SubbandFileRejected>(e, &mut self.parked) {

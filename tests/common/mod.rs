@@ -107,10 +107,17 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn start(dir: &Path, extra: &[&str]) -> ChildServer {
+        Self::start_env(dir, extra, &[])
+    }
+
+    /// [`ChildServer::start`] with variables added to the server's environment (which its
+    /// stage commands inherit).
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> ChildServer {
         let mut child = Command::new(bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .env("CONTIMG_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

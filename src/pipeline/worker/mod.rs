@@ -342,7 +342,7 @@ impl Pipeline {
         let attempt = group.stage(stage).attempts + 1;
         let paths = GroupPaths::new(&self.cfg.work_root, id);
         let command = match (&self.cfg.stages.runner, stage) {
-            (crate::config::RunnerKind::External, _) => {
+            (Some(crate::config::RunnerKind::External), _) => {
                 let c = match stage {
                     Stage::Convert => &self.cfg.stages.convert,
                     Stage::Calibrate => &self.cfg.stages.calibrate,
@@ -597,6 +597,13 @@ impl Pipeline {
     /// shutdown is left running in the ledger and settled by [`Pipeline::recover`] at the
     /// next start.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        if self.cfg.stages.runner.is_none() {
+            tracing::warn!(
+                "stages idle: the configuration names no [stages] runner; ingest records what \
+                 arrives and groups wait. Set runner = \"external\" with the stage commands \
+                 (tools/stages/dsa110.toml) or runner = \"simulate\" for synthetic products"
+            );
+        }
         if let Err(e) = self.recover().await {
             tracing::error!(error = %format!("{e:#}"), "recovering interrupted stages");
         }
@@ -747,6 +754,7 @@ mod tests {
             crate::pipeline::state::PendingObs {
                 first_seen: Utc::now(),
                 subbands: Default::default(),
+                headers: Default::default(),
             },
         );
         assert_eq!(next_window(&s, &cfg(3, 1)), None);
@@ -769,7 +777,9 @@ mod tests {
     }
 
     fn config() -> PipelineConfig {
-        PipelineConfig::from_config(&Config::default())
+        let mut c = Config::default();
+        c.stages.runner = Some(crate::config::RunnerKind::Simulate);
+        PipelineConfig::from_config(&c)
     }
 
     /// Given a group whose convert failed with a retry due at T+60 s, when the worker asks

@@ -134,7 +134,9 @@ pub(super) fn next_work(
             return Ok(w);
         }
     }
-    for g in s.groups.values() {
+    // Without a runner the stages stay idle: nothing runs them by accident.
+    let runner = cfg.stages.runner.is_some();
+    for g in s.groups.values().filter(|_| runner) {
         if let Some(stage) = g.next_stage() {
             let w = Work::Stage {
                 group: g.id.clone(),

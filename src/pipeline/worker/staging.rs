@@ -6,6 +6,16 @@ use std::path::PathBuf;
 use super::*;
 
 impl Pipeline {
+    /// Who made a product's files: `runner = simulate` marks the simulator's.
+    fn runner_metadata(&self) -> (String, String) {
+        let runner = match self.cfg.stages.runner {
+            Some(crate::config::RunnerKind::Simulate) => "simulate",
+            Some(crate::config::RunnerKind::External) => "external",
+            None => "none",
+        };
+        ("runner".to_string(), runner.to_string())
+    }
+
     async fn register(&self, req: Registration) -> anyhow::Result<()> {
         let id = req.data_id.clone();
         match register_product(&self.ledger, &self.cfg.stage_root, req, "pipeline").await {
@@ -27,6 +37,7 @@ impl Pipeline {
         let metadata = [
             ("mosaic_id".to_string(), id.to_string()),
             ("members".to_string(), m.members.join(",")),
+            self.runner_metadata(),
         ]
         .into_iter()
         .collect();
@@ -68,6 +79,7 @@ impl Pipeline {
         let metadata = [
             ("group_id".to_string(), group.to_string()),
             ("obs_time".to_string(), g.obs_time.clone()),
+            self.runner_metadata(),
         ]
         .into_iter()
         .collect();

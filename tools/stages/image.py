@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""DSA-110 reference stage `image`: WSClean images Stokes I with CLEAN, and the primary
+beam of the 4.65 m dishes corrects it.
+
+    image.py --ms GROUP.ms --tile GROUP.pbcor.fits --beam GROUP.pb.fits [--size 512] [--scale-arcsec 20]
+
+WSClean (3.1) images the MS's CORRECTED_DATA (DATA when there is none) into
+`<work>/<group>-image.fits`. The beam image is the dish's Airy pattern averaged over the
+observation's drift (dsa110.mean_beam) on the image's own pixel grid at its frequency;
+the corrected tile is the image divided by it, blank (NaN) where the beam is below
+`--pb-cutoff`. Both are written beside their final paths and renamed into place.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dsa110  # noqa: E402
+
+
+def version(wsclean):
+    """`--version`: WSClean starts, the libraries import, and their versions."""
+    import astropy
+    import casacore
+
+    out = subprocess.run([wsclean, "--version"], check=True, capture_output=True, text=True).stdout
+    line = next((l.strip() for l in out.splitlines() if l.strip()), "wsclean (no version printed)")
+    print(f"image.py: {line}; astropy {astropy.__version__}, python-casacore {casacore.__version__}")
+
+
+def main():
+    if "--version" in sys.argv[1:]:
+        i = sys.argv.index("--wsclean") if "--wsclean" in sys.argv else -1
+        return version(sys.argv[i + 1] if 0 <= i < len(sys.argv) - 1 else "wsclean")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", required=True)
+    p.add_argument("--tile", required=True, help="the primary-beam corrected image to write")
+    p.add_argument("--beam", required=True, help="the beam image to write")
+    p.add_argument("--size", type=int, default=512, help="pixels per side")
+    p.add_argument("--scale-arcsec", type=float, default=20.0)
+    p.add_argument("--niter", type=int, default=5000)
+    p.add_argument("--pb-cutoff", type=float, default=0.1)
+    p.add_argument("--wsclean", default="wsclean")
+    a = p.parse_args()
+
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    from casacore.tables import table
+
+    ms = os.path.abspath(a.ms.rstrip("/"))
+    tile = os.path.abspath(a.tile)
+    name = tile[: -len(".pbcor.fits")] if tile.endswith(".pbcor.fits") else os.path.splitext(tile)[0]
+    with table(ms, ack=False) as t:
+        column = "CORRECTED_DATA" if "CORRECTED_DATA" in t.colnames() else "DATA"
+        times_jd = np.unique(t.getcol("TIME")) / 86400.0 + 2400000.5
+    cmd = [
+        a.wsclean, "-quiet", "-name", name, "-size", str(a.size), str(a.size),
+        "-scale", f"{a.scale_arcsec}asec", "-pol", "I", "-weight", "briggs", "0",
+        "-niter", str(a.niter), "-mgain", "0.8", "-auto-threshold", "3", "-auto-mask", "5",
+        "-data-column", column, "-no-update-model-required", ms,
+    ]
+    print("image: " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
+    image = f"{name}-image.fits"
+
+    with fits.open(image) as hdul:
+        hdr = hdul[0].header.copy()
+        data = hdul[0].data.astype(np.float32)
+    w = WCS(hdr).celestial
+    ny, nx = data.shape[-2:]
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    sky = w.pixel_to_world(xx, yy)
+    freq = float(hdr.get("CRVAL3", 1.405e9)) if str(hdr.get("CTYPE3", "")).upper().startswith("FREQ") else 1.405e9
+    # The pointing through the drift, from the phase centre's declination (the meridian's).
+    from astropy import units as u
+    from astropy.coordinates import ICRS, TETE, SkyCoord
+    from astropy.time import Time
+
+    mid = Time(float(np.mean(times_jd)), format="jd", scale="utc")
+    centre = SkyCoord(ra=hdr["CRVAL1"] * u.deg, dec=hdr["CRVAL2"] * u.deg, frame=ICRS())
+    pointing_dec = centre.transform_to(TETE(obstime=mid)).dec.deg
+    pra, pdec = dsa110.meridian_icrs(times_jd, pointing_dec)
+    beam = np.asarray(dsa110.mean_beam(sky.ra.rad, sky.dec.rad, pra, pdec, freq), dtype=np.float32)
+    beam = beam.reshape(data.shape)
+    corrected = np.where(beam >= a.pb_cutoff, data / np.maximum(beam, 1e-6), np.nan).astype(np.float32)
+
+    hdr["OBSRA"] = float(np.rad2deg(np.mean(pra)))
+    hdr["OBSDEC"] = float(pointing_dec)
+    hdr["TELESCOP"] = "DSA-110"
+    for path, values, what in ((a.beam, beam, "primary beam (4.65 m dish, drift-averaged)"), (tile, corrected, "primary-beam corrected")):
+        h = hdr.copy()
+        h["HISTORY"] = f"contimg image.py: {what}"
+        if path == a.beam:
+            h["BUNIT"] = ""
+        partial = os.path.abspath(path) + ".partial"
+        fits.PrimaryHDU(values, header=h).writeto(partial, overwrite=True)
+        os.replace(partial, os.path.abspath(path))
+    finite = corrected[np.isfinite(corrected)]
+    print(
+        f"image: {nx}x{ny} px of {a.scale_arcsec} arcsec from {column}; peak {np.nanmax(data):.3f} Jy/beam, "
+        f"corrected peak {finite.max():.3f}; wrote {tile} and {a.beam}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
