@@ -61,7 +61,7 @@ def main():
     cmd = [
         a.wsclean, "-quiet", "-name", name, "-size", str(a.size), str(a.size),
         "-scale", f"{a.scale_arcsec}asec", "-pol", "I", "-weight", "briggs", "0",
-        "-niter", str(a.niter), "-mgain", "0.8", "-auto-threshold", "3", "-auto-mask", "5",
+        "-niter", str(a.niter), "-mgain", "0.8", "-auto-threshold", "1", "-auto-mask", "3",
         "-data-column", column, "-no-update-model-required", ms,
     ]
     print("image: " + " ".join(cmd), flush=True)
