@@ -28,12 +28,12 @@
 //! timeout_s = 3600.0
 //! max_attempts = 3
 //! backoff_s = [60.0, 300.0, 1500.0]
-//! [stages.convert]
-//! command = "dsa110-convert --out {output} {input}"
+//! [stages.convert]                  # the reference stages: tools/stages/dsa110.toml
+//! command = 'python3 /opt/contimg/stages/convert.py --out {output} {input}'
 //! [stages.calibrate]
-//! command = "dsa110-calibrate --ms {input} --tables {output}"
+//! command = 'python3 /opt/contimg/stages/calibrate.py --ms {input} --out {output} --sky-model /data/sky.csv'
 //! [stages.image]
-//! command = "dsa110-image --ms {input} --fits {tile} --beam {beam}"
+//! command = 'python3 /opt/contimg/stages/image.py --ms {input} --tile {tile} --beam {beam}'
 //! timeout_s = 7200.0
 //!
 //! [mosaic]

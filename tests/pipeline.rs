@@ -509,8 +509,12 @@ fn external(
 async fn external_stages_succeed_fail_with_stderr_and_time_out() {
     let dir = tempfile::tempdir().unwrap();
     let (g, paths) = fixture_group(dir.path(), "g1");
+    // A Measurement Set as the shell can write one: an 8-byte AipsIO description, its
+    // table.info and a data file.
+    let ms = "mkdir -p {output} && printf '\\276\\276\\276\\276\\000\\000\\000\\010' > {output}/table.dat \
+              && printf 'Type = Measurement Set\\n' > {output}/table.info && : > {output}/table.f0";
     let cfg = external(
-        "mkdir -p {output} && touch {output}/table.dat && echo converted {group} {obs_time}",
+        &format!("{ms} && echo converted {{group}} {{obs_time}}"),
         "echo 'SEVERE: calibrater::solve no valid data for field J1459+7140' >&2; exit 3",
         "sleep 30",
         0.5,
@@ -526,6 +530,23 @@ async fn external_stages_succeed_fail_with_stderr_and_time_out() {
     assert!(log.contains(&format!("converted g1 {T0}")), "{log}");
     // The template's {input} gave the 16 files, quoted.
     assert!(ok.command.as_ref().unwrap().contains("mkdir -p"));
+    // A folder holding a bare table.dat is no Measurement Set: the stage has failed.
+    let (g3, paths3) = fixture_group(dir.path(), "g3");
+    let bare = external(
+        "mkdir -p {output} && touch {output}/table.dat",
+        "true",
+        "true",
+        5.0,
+    );
+    let f = run_stage(&bare, Stage::Convert, &g3, &paths3, 71.6)
+        .await
+        .outcome
+        .unwrap_err();
+    assert!(
+        f.error.contains("the Measurement Set") && f.error.contains("not a CASA table"),
+        "{}",
+        f.error
+    );
 
     let failed = run_stage(&cfg, Stage::Calibrate, &g, &paths, 71.6).await;
     assert_eq!(failed.exit_status, Some(3));

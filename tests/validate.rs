@@ -394,7 +394,7 @@ fn stage_runners_and_programs_are_checked() {
 
     let s = Setup::new(
         "[stages]\nrunner = \"external\"\n[stages.convert]\ncommand = \"dsa110-no-such-convert --out {output} {input}\"\n\
-         [stages.calibrate]\ncommand = \"sh /no/such/calibrate.sh {input}\"\n[stages.image]\ncommand = \"false {tile}\"\n",
+         [stages.calibrate]\ncommand = \"python3 stages/calibrate.py {input}\"\n[stages.image]\ncommand = \"false {tile}\"\n",
     );
     let (code, doc) = s.run(&[]);
     assert_eq!(code, 1, "{doc:#}");
@@ -402,7 +402,7 @@ fn stage_runners_and_programs_are_checked() {
         ("stage:convert", "dsa110-no-such-convert is not found"),
         (
             "stage:calibrate",
-            "/no/such/calibrate.sh, which is not a file",
+            "stages/calibrate.py, which is not an absolute path",
         ),
         ("stage:image", "--version failed"),
     ] {

@@ -506,19 +506,39 @@ fn check_stage_program(f: &mut Findings, stage: &str, template: &str) {
         );
         return;
     };
-    // An interpreter runs the script that follows it: the script answers `--version`.
+    // An interpreter runs the script that follows it. A Python script answers
+    // `--version` (the reference stages import their libraries to do so); a shell or Perl
+    // script would run whole, so it is only found, never run.
     let base = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let interpreter = base.starts_with("python") || ["sh", "bash", "perl"].contains(&base.as_str());
+    let python = base.starts_with("python");
+    let interpreter = python || ["sh", "bash", "dash", "perl"].contains(&base.as_str());
     let mut args: Vec<&str> = Vec::new();
     if let Some(script) = words.get(1).filter(|w| interpreter && !w.starts_with('-')) {
-        if !Path::new(script).is_file() {
+        let bad = if !Path::new(script).is_absolute() {
+            Some("is not an absolute path (stages run in WORK/<group>, not here)")
+        } else if !Path::new(script).is_file() {
+            Some("is not a file")
+        } else {
+            None
+        };
+        if let Some(why) = bad {
             f.error(
                 &check,
-                format!("{program} would run {script}, which is not a file"),
+                format!("{program} would run {script}, which {why}"),
                 "install the reference stages (docs/operations/stages.md) or fix the path".into(),
+            );
+            return;
+        }
+        if !python {
+            f.ok(
+                &check,
+                format!(
+                    "{} and {script} are there (a script it would run whole is not run here)",
+                    path.display()
+                ),
             );
             return;
         }
@@ -628,46 +648,62 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .find(|p| executable(p))
 }
 
-/// Runs a program to its end or the timeout (then kills it); its standard output, or why
-/// it failed with the tail of its standard error.
+/// Runs a program to its end or the timeout (then kills its whole process group), in a
+/// scratch folder of its own with its output in files there (no pipe to fill and stall);
+/// its standard output, or why it failed with the tail of its standard error.
 fn run_with_timeout(program: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
+    let scratch = std::env::temp_dir().join(format!("contimg-validate-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&scratch).map_err(|e| format!("a scratch folder: {e}"))?;
+    let result = run_in(&scratch, program, args, timeout);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn run_in(
+    scratch: &Path,
+    program: &Path,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<String, String> {
+    use std::os::unix::process::CommandExt;
+    let file =
+        |name: &str| std::fs::File::create(scratch.join(name)).map_err(|e| format!("{name}: {e}"));
     let mut child = std::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .current_dir(std::env::temp_dir())
+        .stdout(file("stdout")?)
+        .stderr(file("stderr")?)
+        .current_dir(scratch)
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start: {e}"))?;
     let deadline = std::time::Instant::now() + timeout;
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) => break,
+            Ok(Some(status)) => break status,
             Ok(None) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50))
             }
             Ok(None) => {
-                let _ = child.kill();
+                // SAFETY: a signal to the process group this call created.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.wait();
                 return Err(format!("no answer within {} s", timeout.as_secs()));
             }
             Err(e) => return Err(format!("waiting: {e}")),
         }
+    };
+    let read = |name: &str| std::fs::read(scratch.join(name)).unwrap_or_default();
+    if status.success() {
+        return Ok(String::from_utf8_lossy(&read("stdout")).into_owned());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("reading its output: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(3).collect();
-        Err(format!(
-            "{}: {}",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-        ))
-    }
+    let err = read("stderr");
+    let err = String::from_utf8_lossy(&err);
+    let tail: Vec<&str> = err.lines().rev().take(3).collect();
+    Err(format!(
+        "{status}: {}",
+        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    ))
 }
 
 /// Installed, and its ExecStart runs the expected binary.

@@ -48,12 +48,7 @@ pub fn check_table(dir: &Path, kind: &str) -> Result<String, String> {
     }
     let info = std::fs::read_to_string(dir.join("table.info"))
         .map_err(|e| format!("{show}: no table.info ({e})"))?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim_start().strip_prefix('='))
-            .map(|v| v.trim().to_string())
-    };
-    let found = field("Type").unwrap_or_default();
+    let found = info_field(&info, "Type").unwrap_or_default();
     if found != kind {
         return Err(format!(
             "{show}: table.info says Type = {found:?}, not {kind:?}"
@@ -64,7 +59,23 @@ pub fn check_table(dir: &Path, kind: &str) -> Result<String, String> {
             "{show}: no table.f0 (the table's data are missing)"
         ));
     }
-    Ok(field("SubType").unwrap_or_default())
+    Ok(info_field(&info, "SubType").unwrap_or_default())
+}
+
+/// A field of `table.info` (`Type = Calibration`).
+fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim_start().strip_prefix('='))
+        .map(|v| v.trim().to_string())
+}
+
+/// The `Type` a folder's `table.info` names, if it has one: which tables a stage left
+/// are calibration tables, before [`check_table`] checks them whole.
+pub fn table_type(dir: &Path) -> Option<String> {
+    info_field(
+        &std::fs::read_to_string(dir.join("table.info")).ok()?,
+        "Type",
+    )
 }
 
 /// Writes the skeleton of a CASA table the checks above accept (the simulator's tables:

@@ -125,7 +125,8 @@ pub fn check_file(path: &Path) -> Result<(u64, uvh5::Header), String> {
 
 /// The cheap first check: not empty, and the HDF5 signature at 0, 512, 1024... bytes.
 pub fn check_signature(path: &Path) -> Result<u64, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    // A symbolic link is not followed: what the incoming folder names is what is read.
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if !meta.is_file() {
         return Err("not a regular file".into());
     }
@@ -160,6 +161,15 @@ pub fn check_signature(path: &Path) -> Result<u64, String> {
     Err(format!(
         "no HDF5 signature (first bytes {first:02x?}): corrupt or not HDF5"
     ))
+}
+
+/// A ready file as [`Ingest::examine`] read it: its parsed name, size and header, or why
+/// it is refused.
+#[derive(Debug)]
+pub struct Examined {
+    pub name: String,
+    pub path: PathBuf,
+    pub read: Result<(SubbandName, u64, uvh5::Header), String>,
 }
 
 /// A file seen in the incoming folder, waiting for its size to hold still.
@@ -210,22 +220,34 @@ impl Ingest {
         }
     }
 
-    /// Looks at the folder once and decides, against what the ledger already knows.
-    /// Nothing is appended here; the caller appends the outcome and folds it back.
+    /// Looks at the folder once and decides, against what the ledger already knows:
+    /// [`Ingest::ready`], [`Ingest::examine`] and [`Ingest::decide`] in a row. Nothing is
+    /// appended here; the caller appends the outcome and folds it back.
     pub fn scan(
         &mut self,
         state: &PipelineState,
         now: DateTime<Utc>,
     ) -> std::io::Result<ScanOutcome> {
-        let mut out = ScanOutcome::default();
+        let (ready, settling) = self.ready(|name| state.files.contains_key(name))?;
+        let examined = Self::examine(ready, self.config.subbands);
+        Ok(self.decide(state, examined, settling, now))
+    }
+
+    /// Lists the folder: the files not yet `known` whose size and modification time held
+    /// still for `stable_s` (in name order), and how many are still settling. Reads no
+    /// file's content.
+    pub fn ready(
+        &mut self,
+        known: impl Fn(&str) -> bool,
+    ) -> std::io::Result<(Vec<(String, PathBuf)>, usize)> {
         let stable = Duration::from_secs_f64(self.config.stable_s);
         let mut ready: Vec<(String, PathBuf)> = Vec::new();
+        let mut settling = 0;
         let mut present = std::collections::HashSet::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || !name.ends_with(".hdf5") || state.files.contains_key(&name)
-            {
+            if name.starts_with('.') || !name.ends_with(".hdf5") || known(&name) {
                 continue;
             }
             present.insert(name.clone());
@@ -246,21 +268,55 @@ impl Ingest {
             if w.since.elapsed() >= stable {
                 ready.push((name, entry.path()));
             } else {
-                out.settling += 1;
+                settling += 1;
             }
         }
         self.watching.retain(|n, _| present.contains(n));
         ready.sort();
+        Ok((ready, settling))
+    }
 
+    /// Reads each ready file's name and header: blocking IO, no state, so the worker runs
+    /// it outside its lock.
+    pub fn examine(ready: Vec<(String, PathBuf)>, subbands: u8) -> Vec<Examined> {
+        ready
+            .into_iter()
+            .map(|(name, path)| {
+                let read = parse_name(&name, subbands)
+                    .and_then(|p| check_file(&path).map(|(size, h)| (p, size, h)));
+                Examined { name, path, read }
+            })
+            .collect()
+    }
+
+    /// Decides what the examined files and the open observations lead to. Pure but for
+    /// forgetting the examined files' settle times.
+    pub fn decide(
+        &mut self,
+        state: &PipelineState,
+        examined: Vec<Examined>,
+        settling: usize,
+        now: DateTime<Utc>,
+    ) -> ScanOutcome {
+        let mut out = ScanOutcome {
+            settling,
+            ..ScanOutcome::default()
+        };
         // Decide against a scratch copy of the open observations, so that files of one
         // scan group together exactly as the fold will group them.
         let mut pending: BTreeMap<String, PendingObs> = state.pending.clone();
-        for (name, path) in ready {
+        for Examined { name, path, read } in examined {
             self.watching.remove(&name);
+            // Another worker recorded it while this one read it.
+            if state.files.contains_key(&name) {
+                continue;
+            }
             let path_text = path.display().to_string();
-            let parsed = parse_name(&name, self.config.subbands);
-            let stream = ingest_stream(parsed.as_ref().ok().map(|p| p.obs_time), now);
-            let fact = match parsed.and_then(|p| check_file(&path).map(|(size, h)| (p, size, h))) {
+            let obs = parse_name(&name, self.config.subbands)
+                .ok()
+                .map(|p| p.obs_time);
+            let stream = ingest_stream(obs, now);
+            let fact = match read {
                 Err(reason) => Err(reason),
                 Ok((p, size, h)) => {
                     admit(&mut pending, state, &self.config, &p, &h, now).map(|key| {
@@ -329,7 +385,7 @@ impl Ingest {
                     }));
             }
         }
-        Ok(out)
+        out
     }
 }
 

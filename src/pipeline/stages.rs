@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 
+use super::casa;
 use super::sim;
 use super::state::{GroupState, Stage};
 use crate::config::{RunnerKind, StageCommand, StagesConfig};
@@ -373,22 +374,34 @@ impl Drop for ProcessGroup {
 fn expected_outputs(stage: Stage, paths: &GroupPaths) -> Result<Vec<String>, String> {
     let show = |p: &Path| p.display().to_string();
     match stage {
-        Stage::Convert if paths.ms.is_dir() => Ok(vec![show(&paths.ms)]),
-        Stage::Convert => Err(format!(
+        Stage::Convert if !paths.ms.is_dir() => Err(format!(
             "convert exited 0 but wrote no Measurement Set at {}",
             paths.ms.display()
         )),
+        Stage::Convert => casa::check_table(&paths.ms, casa::MEASUREMENT_SET)
+            .map(|_| vec![show(&paths.ms)])
+            .map_err(|e| format!("convert exited 0 but the Measurement Set {e}")),
         Stage::Calibrate => {
-            let mut tables: Vec<String> = std::fs::read_dir(&paths.cal_dir)
+            // The calibration tables it left (other tables, a component list say, are
+            // not the group's calibration), each checked whole now rather than at the
+            // mosaic.
+            let mut tables = Vec::new();
+            for e in std::fs::read_dir(&paths.cal_dir)
                 .map_err(|e| format!("reading {}: {e}", paths.cal_dir.display()))?
                 .flatten()
-                .filter(|e| e.path().join("table.dat").is_file())
-                .map(|e| show(&e.path()))
-                .collect();
+            {
+                let dir = e.path();
+                if casa::table_type(&dir).as_deref() == Some(casa::CALIBRATION) {
+                    casa::check_table(&dir, casa::CALIBRATION)
+                        .map_err(|e| format!("calibrate exited 0 but table {e}"))?;
+                    tables.push(show(&dir));
+                }
+            }
             tables.sort();
             if tables.is_empty() {
                 Err(format!(
-                    "calibrate exited 0 but wrote no table (a folder with table.dat) in {}",
+                    "calibrate exited 0 but wrote no calibration table (a CASA table of type \
+                     Calibration) in {}",
                     paths.cal_dir.display()
                 ))
             } else {

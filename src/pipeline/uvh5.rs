@@ -67,7 +67,7 @@ pub fn read_header(path: &Path) -> Result<Header, String> {
         .len();
     let path = path.to_path_buf();
     std::panic::catch_unwind(move || read_header_inner(&path, size))
-        .unwrap_or_else(|_| Err("not UVH5: the HDF5 decoder failed on this file".into()))
+        .unwrap_or_else(|_| Err("not UVH5: reading its header failed (a panic, caught)".into()))
 }
 
 fn read_header_inner(path: &Path, size: u64) -> Result<Header, String> {
@@ -84,6 +84,14 @@ fn read_header_inner(path: &Path, size: u64) -> Result<Header, String> {
         let d = f
             .dataset(&format!("Header/{name}"))
             .map_err(|_| format!("not UVH5: no Header/{name}"))?;
+        let shape = d
+            .shape()
+            .map_err(|e| format!("not UVH5: Header/{name}: {e}"))?;
+        if !matches!(shape.as_slice(), [] | [1]) {
+            return Err(format!(
+                "not UVH5: Header/{name} is not one count (shape {shape:?})"
+            ));
+        }
         let v = d
             .read_i64()
             .map_err(|e| format!("not UVH5: Header/{name}: {e}"))?;
@@ -92,10 +100,23 @@ fn read_header_inner(path: &Path, size: u64) -> Result<Header, String> {
             _ => Err(format!("not UVH5: Header/{name} is not one count ({v:?})")),
         }
     };
-    let floats = |name: &str| -> Result<Vec<f64>, String> {
-        f.dataset(&format!("Header/{name}"))
-            .map_err(|_| format!("not UVH5: no Header/{name}"))?
-            .read_f64()
+    // An array is read only once its shape says it holds `want` values, and no array may
+    // claim more values than the file has bytes for: a few-kilobyte file declaring a
+    // billion times (stored as fill values, or compressed) is refused, never allocated.
+    let floats = |name: &str, want: &[&[u64]]| -> Result<Vec<f64>, String> {
+        let d = f
+            .dataset(&format!("Header/{name}"))
+            .map_err(|_| format!("not UVH5: no Header/{name}"))?;
+        let shape = d
+            .shape()
+            .map_err(|e| format!("not UVH5: Header/{name}: {e}"))?;
+        if !want.contains(&shape.as_slice()) {
+            return Err(format!(
+                "bad UVH5 header: Header/{name} has shape {shape:?}, the header says {:?}",
+                want[0]
+            ));
+        }
+        d.read_f64()
             .map_err(|e| format!("not UVH5: Header/{name}: {e}"))
     };
     let text = |name: &str| -> Option<String> {
@@ -119,27 +140,25 @@ fn read_header_inner(path: &Path, size: u64) -> Result<Header, String> {
             "bad UVH5 header: an empty axis (Nbls {nbls}, Ntimes {ntimes}, Nfreqs {nfreqs}, Npols {npols})"
         ));
     }
-    let times = floats("time_array")?;
-    if times.len() as u64 != nblts {
+    // Every baseline-time holds Nfreqs x Npols visibilities of 8 bytes at least, and the
+    // header's own arrays 8 bytes a value: counts beyond the file's size are lies.
+    if nblts > nbls.saturating_mul(ntimes)
+        || nblts.saturating_mul(8) > size
+        || nfreqs.saturating_mul(8) > size
+    {
         return Err(format!(
-            "bad UVH5 header: time_array has {} values for Nblts {nblts}",
-            times.len()
+            "bad UVH5 header: Nblts {nblts} (Nbls {nbls} x Ntimes {ntimes}), Nfreqs {nfreqs} do not fit a file of {size} bytes"
         ));
     }
-    let freqs = floats("freq_array")?;
-    if freqs.len() as u64 != nfreqs {
-        return Err(format!(
-            "bad UVH5 header: freq_array has {} values for Nfreqs {nfreqs}",
-            freqs.len()
-        ));
-    }
+    let times = floats("time_array", &[&[nblts]])?;
+    let freqs = floats("freq_array", &[&[nfreqs], &[1, nfreqs]])?;
     let finite = |v: &[f64]| v.iter().all(|x| x.is_finite());
     if !finite(&times) || !finite(&freqs) || freqs.iter().any(|x| *x <= 0.0) {
         return Err("bad UVH5 header: a time or frequency is not a finite positive number".into());
     }
     // Integrations are centred on their times: the observation spans half an
     // integration either side.
-    let half_int_s = floats("integration_time")
+    let half_int_s = floats("integration_time", &[&[nblts]])
         .ok()
         .and_then(|v| v.first().copied())
         .filter(|v| v.is_finite() && *v >= 0.0)
@@ -148,11 +167,17 @@ fn read_header_inner(path: &Path, size: u64) -> Result<Header, String> {
     let (t0, t1) = times
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
+    // Julian dates between the years 1900 and 2200, integrations under a day, an
+    // observation under a day: anything else is not a subband of this instrument.
+    let date = |jd: f64| (2_415_020.5..2_524_593.5).contains(&jd);
+    if !date(t0) || !date(t1) || half_int_s >= 43_200.0 || t1 - t0 >= 1.0 {
+        return Err(format!(
+            "bad UVH5 header: times {t0} to {t1} (Julian dates) with integrations of {} s are not an observation",
+            2.0 * half_int_s
+        ));
+    }
     let half_ms = (half_int_s * 1e3).round() as i64;
     let (start_ms, end_ms) = (jd_to_unix_ms(t0) - half_ms, jd_to_unix_ms(t1) + half_ms);
-    if DateTime::from_timestamp_millis(start_ms).is_none() {
-        return Err(format!("bad UVH5 header: time {t0} is not a date"));
-    }
     let (freq_lo_hz, freq_hi_hz) = freqs
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
@@ -194,7 +219,11 @@ fn read_header_inner(path: &Path, size: u64) -> Result<Header, String> {
 }
 
 fn scalar_f64(f: &hdf5_pure::File, name: &str) -> Option<f64> {
-    match f.dataset(name).ok()?.read_f64().ok()?.as_slice() {
+    let d = f.dataset(name).ok()?;
+    if !matches!(d.shape().ok()?.as_slice(), [] | [1]) {
+        return None;
+    }
+    match d.read_f64().ok()?.as_slice() {
         [v] => Some(*v),
         _ => None,
     }
@@ -204,18 +233,17 @@ fn scalar_f64(f: &hdf5_pure::File, name: &str) -> Option<f64> {
 /// and later), radians.
 fn sidereal_dec(f: &hdf5_pure::File) -> Option<f64> {
     let cat = f.group("Header/phase_center_catalog").ok()?;
-    for id in cat.groups().ok()? {
+    cat.groups().ok()?.into_iter().find_map(|id| {
         let base = format!("Header/phase_center_catalog/{id}");
         let kind = f
             .dataset(&format!("{base}/cat_type"))
             .ok()?
             .read_string()
             .ok()?;
-        if kind.first().map(|s| s.trim_end_matches('\0')) == Some("sidereal") {
-            return scalar_f64(f, &format!("{base}/cat_lat"));
-        }
-    }
-    None
+        (kind.first().map(|s| s.trim_end_matches('\0')) == Some("sidereal"))
+            .then(|| scalar_f64(f, &format!("{base}/cat_lat")))
+            .flatten()
+    })
 }
 
 /// What the simulator writes in one subband file.
@@ -371,6 +399,30 @@ mod tests {
             std::fs::write(&cut, &full[..n]).unwrap();
             assert!(read_header(&cut).is_err(), "{n} bytes accepted");
         }
+    }
+
+    /// A small file whose header claims far more values than it holds is refused before
+    /// anything of that size is allocated.
+    #[test]
+    fn counts_beyond_the_files_size_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = hdf5_pure::FileBuilder::new();
+        let mut h = b.create_group("Header");
+        for (name, v) in [
+            ("Nbls", 1_000_000i64),
+            ("Ntimes", 1_000),
+            ("Nfreqs", 2),
+            ("Npols", 2),
+            ("Nblts", 1_000_000_000),
+        ] {
+            h.create_dataset(name).with_i64_data(&[v]).with_shape(&[]);
+        }
+        h.create_dataset("time_array").with_f64_data(&[2_461_374.9]);
+        b.add_group(h.finish());
+        let p = dir.path().join("huge.hdf5");
+        std::fs::write(&p, b.finish().unwrap()).unwrap();
+        let e = read_header(&p).unwrap_err();
+        assert!(e.contains("do not fit a file of"), "{e}");
     }
 
     #[test]

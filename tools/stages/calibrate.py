@@ -46,7 +46,8 @@ def main():
     p.add_argument("--ms", required=True)
     p.add_argument("--out", required=True, help="folder for the calibration tables")
     p.add_argument("--sky-model", required=True, help="CSV: name,ra_deg,dec_deg,flux_jy")
-    p.add_argument("--refant", default=None, help="reference antenna (default: the first)")
+    p.add_argument("--refant", default=None, help="reference antenna (default: the first with data)")
+    p.add_argument("--uvrange", default="", help="CASA uvrange of the baselines to solve on, e.g. '>100m' (default: all)")
     p.add_argument("--min-beam", type=float, default=0.05, help="sources fainter in the beam than this fraction are left out")
     a = p.parse_args()
 
@@ -56,24 +57,13 @@ def main():
     from casacore.tables import table
 
     ms = os.path.abspath(a.ms.rstrip("/"))
-    with table(os.path.join(ms, "FIELD"), ack=False) as t:
-        ra0, dec0 = t.getcol("PHASE_DIR")[0, 0]
-    with table(ms, ack=False) as t:
-        times_s = np.unique(t.getcol("TIME"))  # MJD seconds
+    times_jd, _, _, pra, pdec = dsa110.pointing_from_ms(ms)
     with table(os.path.join(ms, "SPECTRAL_WINDOW"), ack=False) as t:
         freq = float(np.mean(t.getcol("CHAN_FREQ")))
     with table(os.path.join(ms, "ANTENNA"), ack=False) as t:
         names = list(t.getcol("NAME"))
-    times_jd = times_s / 86400.0 + 2400000.5
-    # The pointing declination: the phase centre's, converted back to the meridian frame
-    # is within arcseconds of it; the beam needs no better.
-    from astropy import units as u
-    from astropy.coordinates import ICRS, TETE, SkyCoord
-    from astropy.time import Time
-
-    mid = Time(float(np.mean(times_jd)), format="jd", scale="utc")
-    pointing_dec = SkyCoord(ra=ra0 * u.rad, dec=dec0 * u.rad, frame=ICRS()).transform_to(TETE(obstime=mid)).dec.deg
-    pra, pdec = dsa110.meridian_icrs(times_jd, pointing_dec)
+    with table(ms, ack=False) as t:
+        present = np.union1d(np.unique(t.getcol("ANTENNA1")), np.unique(t.getcol("ANTENNA2")))
 
     import casatools
     from casatasks import applycal, ft, gaincal
@@ -108,8 +98,12 @@ def main():
     partial = gtable + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     ft(vis=ms, complist=cl_path, usescratch=True)
-    refant = a.refant or names[0]
-    gaincal(vis=ms, caltable=partial, solint="inf", refant=refant, calmode="ap", gaintype="G", minsnr=3.0)
+    # The reference antenna: the one asked for, else the first that has data.
+    refant = a.refant or names[int(present[0])]
+    gaincal(
+        vis=ms, caltable=partial, solint="inf", refant=refant, calmode="ap", gaintype="G",
+        minsnr=3.0, uvrange=a.uvrange,
+    )
     if not os.path.isdir(partial):
         sys.exit("calibrate: gaincal wrote no table")
     shutil.rmtree(gtable, ignore_errors=True)

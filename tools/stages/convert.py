@@ -48,14 +48,19 @@ def main():
     if len(parts) > 1:
         uvd.fast_concat(parts[1:], axis="freq", inplace=True)
     uvd.reorder_freqs(channel_order="freq")
+    # The pointing declination, by the rule ingest reads it (src/pipeline/uvh5.rs): a
+    # sidereal phase centre's, else extra_keywords/phase_center_dec (DSA-110's files).
     dec = a.dec
+    sidereal = [c for c in uvd.phase_center_catalog.values() if c.get("cat_type") == "sidereal"]
     kw = uvd.extra_keywords or {}
-    if "phase_center_dec" in kw:
+    if sidereal:
+        dec = float(np.rad2deg(sidereal[0]["cat_lat"]))
+    elif "phase_center_dec" in kw:
         dec = float(np.rad2deg(kw["phase_center_dec"]))
     if dec is None:
         sys.exit("convert: the files record no pointing declination (phase_center_dec); give --dec")
     mid = float(np.mean(np.unique(uvd.time_array)))
-    ra, dec_icrs = dsa110.meridian_icrs([mid], dec)
+    ra, dec_icrs = dsa110.meridian_icrs([mid], dec, uvd.telescope.location)
     uvd.phase(ra=float(ra[0]), dec=float(dec_icrs[0]), epoch="J2000", cat_name="meridian")
     uvd.vis_units = "uncalib"
     out = os.path.abspath(a.out.rstrip("/"))

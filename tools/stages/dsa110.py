@@ -65,16 +65,18 @@ def site():
     )
 
 
-def meridian_icrs(times_jd, dec_deg):
+def meridian_icrs(times_jd, dec_deg, location=None):
     """Where a dish parked on the meridian at declination `dec_deg` points at each time
-    (Julian dates, UTC): hour angle 0 in the true-equator, true-equinox frame of the
-    moment, as ICRS right ascension and declination in radians. DSA-110 drift-scans: the
-    dishes stay put and the sky moves through the beam."""
+    (Julian dates, UTC), from `location` (an EarthLocation; OVRO by default): hour angle 0
+    in the true-equator, true-equinox frame of the moment, as ICRS right ascension and
+    declination in radians. DSA-110 drift-scans: the dishes stay put and the sky moves
+    through the beam."""
     from astropy import units as u
     from astropy.coordinates import ICRS, TETE, SkyCoord
     from astropy.time import Time
 
-    t = Time(np.atleast_1d(np.asarray(times_jd, dtype=float)), format="jd", scale="utc", location=site())
+    where = location if location is not None else site()
+    t = Time(np.atleast_1d(np.asarray(times_jd, dtype=float)), format="jd", scale="utc", location=where)
     lst = t.sidereal_time("apparent")
     c = SkyCoord(ra=lst, dec=np.full(len(t), dec_deg) * u.deg, frame=TETE(obstime=t))
     icrs = c.transform_to(ICRS())
@@ -89,3 +91,26 @@ def mean_beam(ra_rad, dec_rad, pointing_ra, pointing_dec, freq_hz):
     dec = np.asarray(dec_rad, dtype=float)[..., None]
     sep = separation_rad(ra, dec, np.asarray(pointing_ra)[None, :], np.asarray(pointing_dec)[None, :])
     return primary_beam(sep, freq_hz).mean(axis=-1)
+
+
+def pointing_from_ms(ms):
+    """What the stages after convert need of an MS: the unique integration times (Julian
+    dates), the site (from the antennas' mean ITRF position), the declination the dishes
+    point at (the phase centre's, in the meridian frame of the middle time) and the
+    drift-scan pointings (ICRS radians) at each time."""
+    from astropy import units as u
+    from astropy.coordinates import ICRS, TETE, EarthLocation, SkyCoord
+    from astropy.time import Time
+    from casacore.tables import table
+
+    with table(ms, ack=False) as t:
+        times_jd = np.unique(t.getcol("TIME")) / 86400.0 + 2400000.5
+    with table(ms + "/ANTENNA", ack=False) as t:
+        xyz = t.getcol("POSITION").mean(axis=0)
+    with table(ms + "/FIELD", ack=False) as t:
+        ra0, dec0 = t.getcol("PHASE_DIR")[0, 0]
+    location = EarthLocation.from_geocentric(*xyz, unit=u.m)
+    mid = Time(float(np.mean(times_jd)), format="jd", scale="utc")
+    dec = SkyCoord(ra=ra0 * u.rad, dec=dec0 * u.rad, frame=ICRS()).transform_to(TETE(obstime=mid)).dec.deg
+    pra, pdec = meridian_icrs(times_jd, dec, location)
+    return times_jd, location, dec, pra, pdec

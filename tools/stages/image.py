@@ -2,10 +2,12 @@
 """DSA-110 reference stage `image`: WSClean images Stokes I with CLEAN, and the primary
 beam of the 4.65 m dishes corrects it.
 
-    image.py --ms GROUP.ms --tile GROUP.pbcor.fits --beam GROUP.pb.fits [--size 512] [--scale-arcsec 20]
+    image.py --ms GROUP.ms --tile GROUP.pbcor.fits --beam GROUP.pb.fits [--size N] [--scale-arcsec S]
 
 WSClean (3.1) images the MS's CORRECTED_DATA (DATA when there is none) into
-`<work>/<group>-image.fits`. The beam image is the dish's Airy pattern averaged over the
+`<work>/<group>-image.fits`, with pixels of a sixth of lambda/B (3 to 5 across the
+synthesized beam) and the field out to where the primary beam falls below `--pb-cutoff`
+(unless `--scale-arcsec` and `--size` say otherwise). The beam image is the dish's Airy pattern averaged over the
 observation's drift (dsa110.mean_beam) on the image's own pixel grid at its frequency;
 the corrected tile is the image divided by it, blank (NaN) where the beam is below
 `--pb-cutoff`. Both are written beside their final paths and renamed into place.
@@ -41,8 +43,8 @@ def main():
     p.add_argument("--ms", required=True)
     p.add_argument("--tile", required=True, help="the primary-beam corrected image to write")
     p.add_argument("--beam", required=True, help="the beam image to write")
-    p.add_argument("--size", type=int, default=512, help="pixels per side")
-    p.add_argument("--scale-arcsec", type=float, default=20.0)
+    p.add_argument("--size", type=int, default=None, help="pixels per side (default: out to the beam cutoff)")
+    p.add_argument("--scale-arcsec", type=float, default=None, help="pixel size (default: a quarter of the resolution)")
     p.add_argument("--niter", type=int, default=5000)
     p.add_argument("--pb-cutoff", type=float, default=0.1)
     p.add_argument("--wsclean", default="wsclean")
@@ -55,12 +57,29 @@ def main():
     ms = os.path.abspath(a.ms.rstrip("/"))
     tile = os.path.abspath(a.tile)
     name = tile[: -len(".pbcor.fits")] if tile.endswith(".pbcor.fits") else os.path.splitext(tile)[0]
+    times_jd, location, pointing_dec, pra, pdec = dsa110.pointing_from_ms(ms)
     with table(ms, ack=False) as t:
         column = "CORRECTED_DATA" if "CORRECTED_DATA" in t.colnames() else "DATA"
-        times_jd = np.unique(t.getcol("TIME")) / 86400.0 + 2400000.5
+        longest = float(np.max(np.hypot(*t.getcol("UVW")[:, :2].T)))
+    with table(os.path.join(ms, "SPECTRAL_WINDOW"), ack=False) as t:
+        freqs = t.getcol("CHAN_FREQ").ravel()
+    # The geometry from the data, unless given: pixels of a sixth of lambda / B at the
+    # highest frequency (3 to 5 across the synthesized beam, whose FWHM is 0.5 to 0.9 of
+    # it), and the field out to where the primary beam falls below the cutoff at the
+    # lowest frequency (where it is widest).
+    scale = a.scale_arcsec
+    if scale is None:
+        resolution = dsa110.SPEED_OF_LIGHT / freqs.max() / max(longest, 1.0)
+        scale = max(round(float(np.rad2deg(resolution)) * 3600.0 / 6.0, 1), 0.1)
+    size = a.size
+    if size is None:
+        theta = np.linspace(0.0, np.deg2rad(10.0), 20001)
+        below = np.nonzero(dsa110.primary_beam(theta, freqs.min()) < a.pb_cutoff)[0]
+        radius = np.rad2deg(theta[below[0]] if len(below) else theta[-1])
+        size = int(2 * np.ceil(radius * 3600.0 / scale * 1.05 / 2.0))
     cmd = [
-        a.wsclean, "-quiet", "-name", name, "-size", str(a.size), str(a.size),
-        "-scale", f"{a.scale_arcsec}asec", "-pol", "I", "-weight", "briggs", "0",
+        a.wsclean, "-quiet", "-name", name, "-size", str(size), str(size),
+        "-scale", f"{scale}asec", "-pol", "I", "-weight", "briggs", "0",
         "-niter", str(a.niter), "-mgain", "0.8", "-auto-threshold", "1", "-auto-mask", "3",
         "-data-column", column, "-no-update-model-required", ms,
     ]
@@ -76,21 +95,14 @@ def main():
     yy, xx = np.mgrid[0:ny, 0:nx]
     sky = w.pixel_to_world(xx, yy)
     freq = float(hdr.get("CRVAL3", 1.405e9)) if str(hdr.get("CTYPE3", "")).upper().startswith("FREQ") else 1.405e9
-    # The pointing through the drift, from the phase centre's declination (the meridian's).
-    from astropy import units as u
-    from astropy.coordinates import ICRS, TETE, SkyCoord
-    from astropy.time import Time
-
-    mid = Time(float(np.mean(times_jd)), format="jd", scale="utc")
-    centre = SkyCoord(ra=hdr["CRVAL1"] * u.deg, dec=hdr["CRVAL2"] * u.deg, frame=ICRS())
-    pointing_dec = centre.transform_to(TETE(obstime=mid)).dec.deg
-    pra, pdec = dsa110.meridian_icrs(times_jd, pointing_dec)
     beam = np.asarray(dsa110.mean_beam(sky.ra.rad, sky.dec.rad, pra, pdec, freq), dtype=np.float32)
     beam = beam.reshape(data.shape)
     corrected = np.where(beam >= a.pb_cutoff, data / np.maximum(beam, 1e-6), np.nan).astype(np.float32)
 
-    hdr["OBSRA"] = float(np.rad2deg(np.mean(pra)))
-    hdr["OBSDEC"] = float(pointing_dec)
+    # Where the dishes pointed at the middle of the observation, in the image's frame.
+    ora, odec = dsa110.meridian_icrs([float(np.mean(times_jd))], pointing_dec, location)
+    hdr["OBSRA"] = float(np.rad2deg(ora[0]))
+    hdr["OBSDEC"] = float(np.rad2deg(odec[0]))
     hdr["TELESCOP"] = "DSA-110"
     for path, values, what in ((a.beam, beam, "primary beam (4.65 m dish, drift-averaged)"), (tile, corrected, "primary-beam corrected")):
         h = hdr.copy()
@@ -102,7 +114,7 @@ def main():
         os.replace(partial, os.path.abspath(path))
     finite = corrected[np.isfinite(corrected)]
     print(
-        f"image: {nx}x{ny} px of {a.scale_arcsec} arcsec from {column}; peak {np.nanmax(data):.3f} Jy/beam, "
+        f"image: {nx}x{ny} px of {scale} arcsec from {column}; peak {np.nanmax(data):.3f} Jy/beam, "
         f"corrected peak {finite.max():.3f}; wrote {tile} and {a.beam}",
         flush=True,
     )

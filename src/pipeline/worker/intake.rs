@@ -12,11 +12,20 @@ impl Pipeline {
         // The scan decides against the fold as it stands; its appends expect exactly the
         // stream heads it decided against, so a fact another worker wrote meanwhile makes
         // them conflict instead of slipping in beside a decision it would have changed.
+        // The folder is listed under the lock, the files read outside it (a slow disk or
+        // a large header holds up no one), and the decision taken under it again.
+        let (ready, settling) = {
+            let state = self.state.lock().await;
+            ingest
+                .ready(|name| state.files.contains_key(name))
+                .map_err(|e| anyhow::anyhow!("scanning {}: {e}", ingest.dir.display()))?
+        };
+        let subbands = ingest.config.subbands;
+        let examined =
+            tokio::task::spawn_blocking(move || Ingest::examine(ready, subbands)).await?;
         let (outcome, mut heads) = {
             let state = self.state.lock().await;
-            let outcome = ingest
-                .scan(&state, self.cfg.clock.now())
-                .map_err(|e| anyhow::anyhow!("scanning {}: {e}", ingest.dir.display()))?;
+            let outcome = ingest.decide(&state, examined, settling, self.cfg.clock.now());
             let heads: HashMap<String, Option<u64>> = outcome
                 .ingest
                 .keys()
