@@ -12,7 +12,9 @@ events' commit times:
 - stage: StageCompleted.duration_s of each stage (the command's own wall time);
 - ingest: the first SubbandFileAccepted of an observation to its GroupFormed (the files'
   settle time, ingest.stable_s = 0.5 s here, is configuration, not work, and not counted);
-- scheduling: each StageCompleted (or GroupFormed) to the group's next StageStarted;
+- scheduling: the worker's idle time before each stage: from the later of the last
+  StageCompleted (of any group: one worker runs one stage at a time) and the group's
+  GroupFormed, to its StageStarted (waiting behind another group's stage is not counted);
 - safeguards: the last member's image StageCompleted to MosaicGroupCreated;
 - mosaic: the mosaicker's StageCompleted.duration_s (Rust, in process);
 - registration and publish: StageCompleted (image, mosaic) to ProductRegistered, and
@@ -108,28 +110,32 @@ def figures(events):
             key = e["data"]["group_obs_time"]
             first_accept.setdefault(key, t(e))
     image_done = {}
+    formed_at = {}
     for stream, es in by_stream.items():
         if not stream.startswith("group-"):
             continue
         formed = next(e for e in es if e["eventType"] == "GroupFormed")
+        formed_at[stream] = t(formed)
         out["ingest"].append(t(formed) - first_accept[formed["data"]["obs_time"]])
-        last = t(formed)
         for e in es:
-            if e["eventType"] == "StageStarted":
-                out["scheduling"].append(t(e) - last)
-            elif e["eventType"] == "StageCompleted":
+            if e["eventType"] == "StageCompleted":
                 out[e["data"]["stage"]].append(e["data"]["duration_s"])
-                last = t(e)
                 if e["data"]["stage"] == "image":
                     image_done[stream.removeprefix("group-")] = t(e)
+    # The worker's idle time before each stage it starts (events are in log order).
+    last_done = 0.0
+    for e in events:
+        if e["eventType"] == "StageCompleted":
+            last_done = t(e)
+        elif e["eventType"] == "StageStarted":
+            ready = max(last_done, formed_at.get(e["streamId"], 0.0))
+            out["scheduling"].append(t(e) - ready)
     for stream, es in by_stream.items():
         if stream.startswith("mosaic-"):
             created = next(e for e in es if e["eventType"] == "MosaicGroupCreated")
             members = created["data"]["members"]
             out["safeguards"].append(t(created) - max(image_done[m] for m in members))
             for e in es:
-                if e["eventType"] == "StageStarted":
-                    out["scheduling"].append(t(e) - t(created))
                 if e["eventType"] == "StageCompleted":
                     out["mosaic"].append(e["data"]["duration_s"])
                     image_done[stream] = t(e)
@@ -157,7 +163,7 @@ def main():
         with tempfile.TemporaryDirectory(prefix="contimg-stages-") as d:
             start = time.time()
             runs.append(one_run(a.bin, d))
-            print(f"run {i + 1}: {time.time() - start:.1f} s from the first file to the mosaic published", flush=True)
+            print(f"run {i + 1}: {time.time() - start:.1f} s, writing the test data and starting the server included", flush=True)
     med = {k: statistics.median([statistics.mean(r[k]) for r in runs if r[k]]) for k in runs[0]}
     stages = med["convert"] + med["calibrate"] + med["image"]
     # Per observation: ingest, 3 stage starts, registration and publish of its image; the

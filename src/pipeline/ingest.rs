@@ -277,16 +277,38 @@ impl Ingest {
     }
 
     /// Reads each ready file's name and header: blocking IO, no state, so the worker runs
-    /// it outside its lock.
+    /// it outside its lock. A backlog is read on as many threads as there are cores (at
+    /// most 8); the result keeps the files' order.
     pub fn examine(ready: Vec<(String, PathBuf)>, subbands: u8) -> Vec<Examined> {
-        ready
-            .into_iter()
-            .map(|(name, path)| {
-                let read = parse_name(&name, subbands)
-                    .and_then(|p| check_file(&path).map(|(size, h)| (p, size, h)));
-                Examined { name, path, read }
-            })
-            .collect()
+        let one = |(name, path): (String, PathBuf)| {
+            let read = parse_name(&name, subbands)
+                .and_then(|p| check_file(&path).map(|(size, h)| (p, size, h)));
+            Examined { name, path, read }
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        if threads == 1 || ready.len() < 32 {
+            return ready.into_iter().map(one).collect();
+        }
+        let per = ready.len().div_ceil(threads);
+        let mut chunks: Vec<Vec<(String, PathBuf)>> = Vec::new();
+        let mut rest = ready.into_iter();
+        loop {
+            let chunk: Vec<_> = rest.by_ref().take(per).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            chunks.push(chunk);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|c| s.spawn(move || c.into_iter().map(one).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
     }
 
     /// Decides what the examined files and the open observations lead to. Pure but for
