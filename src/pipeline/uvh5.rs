@@ -425,6 +425,41 @@ mod tests {
         assert!(e.contains("do not fit a file of"), "{e}");
     }
 
+    /// A file pyuvdata 3.2.8 wrote (tools/stages/make_test_data.py: 6 antennas, 2
+    /// channels, 2 integrations, drift scan at declination 55): h5py's layout (superblock
+    /// 0, symbol-table groups, fixed-length strings, a phase-centre catalogue), read here.
+    #[test]
+    fn a_file_pyuvdata_wrote_reads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/pyuvdata-3.2.8_2026-11-30T10:00:00_sb03.hdf5");
+        let h = read_header(&p).unwrap();
+        assert_eq!(h.telescope, "DSA-110");
+        assert_eq!((h.nbls, h.ntimes, h.nfreqs, h.npols), (15, 2, 2, 2));
+        assert_eq!(h.start().to_rfc3339(), "2026-11-30T10:00:00+00:00");
+        assert_eq!(h.end_ms - h.start_ms, 300_000);
+        assert!((h.dec_deg.unwrap() - 55.0).abs() < 1e-9, "{:?}", h.dec_deg);
+        assert!(!h.simulated);
+        // sb03: the fourth block of 15.625 MHz from the top of 1.28-1.53 GHz.
+        assert!(
+            (h.freq_lo_hz - 1_471_406_250.0).abs() < 1.0,
+            "{}",
+            h.freq_lo_hz
+        );
+        assert!(
+            (h.freq_hi_hz - 1_479_218_750.0).abs() < 1.0,
+            "{}",
+            h.freq_hi_hz
+        );
+        // Cut anywhere, it is refused with a reason, never a panic.
+        let full = std::fs::read(&p).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cut = dir.path().join("cut.hdf5");
+        for n in (0..full.len()).step_by(499) {
+            std::fs::write(&cut, &full[..n]).unwrap();
+            assert!(read_header(&cut).is_err(), "{n} bytes accepted");
+        }
+    }
+
     #[test]
     fn julian_dates() {
         assert_eq!(jd_to_unix_ms(JD_UNIX_EPOCH), 0);

@@ -822,5 +822,9 @@ mod tests {
             next_work(&s, &held_at(&held, at(90)), &cfg, at(90)),
             Ok(Work::Stage { .. })
         ));
+        // With no runner in the configuration, the same stage is never offered.
+        let mut idle = config();
+        idle.stages.runner = None;
+        assert!(matches!(next_work(&s, &none, &idle, at(90)), Err(None)));
     }
 }
