@@ -312,6 +312,31 @@ async fn retry_all_respects_limit_and_max_attempts() {
         .map(|x| x["data_id"].as_str().unwrap())
         .collect();
     assert!(!ids.contains(&"f0"), "f0 has 2 attempts, not fewer than 2");
+    // The page as served (rows and page kept between requests) is byte for byte the
+    // serialization of the list the model holds now, after the retries changed it.
+    let served = |f: &Fixture| {
+        let (c, url) = (
+            f.c.clone(),
+            f.server.url("/api/monitoring/publish/failed?limit=10"),
+        );
+        async move { c.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let expected = |f: &Fixture| {
+        f.server.state.projections.read(|m| {
+            let rows: Vec<_> = m
+                .failed(None, 10)
+                .into_iter()
+                .map(contimg::api::monitoring::FailedRow::new)
+                .collect();
+            serde_json::to_string(&contimg::api::monitoring::FailedList {
+                count: rows.len(),
+                failed_publishes: rows,
+            })
+            .unwrap()
+        })
+    };
+    assert_eq!(served(&f).await, expected(&f));
+    assert_eq!(served(&f).await, expected(&f), "again, from what was kept");
 
     let (_, r) = f.post("/api/monitoring/publish/retry-all", None).await;
     assert_eq!(r["total_attempted"], json!(2));
@@ -325,6 +350,7 @@ async fn retry_all_respects_limit_and_max_attempts() {
         .unwrap();
     assert_eq!(failure["data_id"], json!("f3"));
     assert!(failure["error"].is_string());
+    assert_eq!(served(&f).await, expected(&f), "after the model moved on");
     let status = f.status().await;
     assert_eq!(
         (

@@ -62,6 +62,8 @@ pub struct AppState {
     /// Publishes and stage durations per hour, for the dashboard's charts.
     pub hourly: Arc<std::sync::RwLock<pipeline::Hourly>>,
     pub subbands: u8,
+    /// The JSON of each failed row served, until its product changes.
+    pub failed_rows: Arc<monitoring::RowCache>,
 }
 
 /// Bounds on what clients can hold: time, connections, replays; and the names the server
@@ -163,6 +165,7 @@ impl AppState {
             pipeline_view: Arc::default(),
             hourly: Arc::default(),
             subbands: config.subbands,
+            failed_rows: Arc::default(),
             store,
         })
     }

@@ -1,9 +1,12 @@
 //! The old monitoring endpoints (same paths, parameters and field names), plus what they
 //! lacked: stuck lists, alerts, rebuild.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -14,6 +17,7 @@ use super::error::ApiError;
 use super::params::{self, Params};
 use crate::pipeline::publish::Trigger;
 use crate::projections::alerts::{self, Alert, AlertThresholds};
+use crate::projections::product::ProductState;
 use crate::projections::publish::PublishModel;
 use crate::projections::status::{self, StuckRow, StuckRule};
 pub use crate::projections::status::{FailedRow, PublishStatus, alert_inputs, publish_status};
@@ -137,29 +141,99 @@ fn max_attempts_param(p: &Params) -> Result<Option<u32>, ApiError> {
 async fn failed(
     State(state): State<AppState>,
     Query(p): Query<Params>,
-) -> Result<Json<FailedList>, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = params::limit(&p, 50)?;
     let max_attempts = max_attempts_param(&p)?;
-    let rows: Vec<FailedRow> = match as_of_param(&p)? {
+    let body = match as_of_param(&p)? {
+        // The live list: each row's JSON is made once per change of its product, the
+        // page once per change of the model. Under the model's lock the checkpoint is
+        // never ahead of what the model holds, so a kept page is never older than its key.
         None => state.projections.read(|m| {
-            m.failed(max_attempts, limit)
-                .into_iter()
-                .map(FailedRow::new)
-                .collect()
+            let key = (state.projections.checkpoint(), max_attempts, limit);
+            state
+                .failed_rows
+                .page_at(key, || m.failed(max_attempts, limit))
         }),
         Some(as_of) => {
             let (model, _, _) = model_as_of(&state, as_of).await?;
-            model
-                .failed(max_attempts, limit)
-                .into_iter()
-                .map(FailedRow::new)
-                .collect()
+            RowCache::default()
+                .page(&model.failed(max_attempts, limit))
+                .into()
         }
     };
-    Ok(Json(FailedList {
-        count: rows.len(),
-        failed_publishes: rows,
-    }))
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
+/// The JSON of failed rows as `GET /api/monitoring/publish/failed` serves them, by
+/// product, each kept with the revision of its product's stream it was made from: a
+/// product that moves on gets a new row, one that does not is not serialized again.
+/// Also keeps the last page served, for as long as the model has not moved on.
+#[derive(Default)]
+pub struct RowCache {
+    rows: std::sync::Mutex<
+        std::collections::HashMap<String, (u64, Arc<str>), foldhash::fast::RandomState>,
+    >,
+    last: std::sync::Mutex<Option<(PageKey, axum::body::Bytes)>>,
+}
+
+/// The model's checkpoint, `max_attempts` and `limit` of a page.
+type PageKey = (Option<u64>, Option<u32>, usize);
+
+impl RowCache {
+    /// The page for `key`: the last one served when the key is the same, else made from
+    /// the `products` (and kept).
+    pub fn page_at<'a>(
+        &self,
+        key: PageKey,
+        products: impl FnOnce() -> Vec<&'a ProductState>,
+    ) -> axum::body::Bytes {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, body)) = last.as_ref()
+            && *k == key
+        {
+            return body.clone();
+        }
+        let body = axum::body::Bytes::from(self.page(&products()));
+        *last = Some((key, body.clone()));
+        body
+    }
+
+    /// Rows kept at most; past it the cache starts again (rows of products no longer
+    /// failed are not looked for one by one).
+    const KEPT: usize = 100_000;
+
+    /// The body of a failed list of these products, byte for byte what serializing a
+    /// [`FailedList`] of their [`FailedRow`]s gives.
+    pub fn page(&self, products: &[&ProductState]) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(48 + products.len() * 384);
+        let _ = write!(out, "{{\"count\":{},\"failed_publishes\":[", products.len());
+        let mut rows = self.rows.lock().unwrap_or_else(|p| p.into_inner());
+        if rows.len() > Self::KEPT {
+            rows.clear();
+        }
+        for (i, p) in products.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            match rows.get(p.data_id.as_str()) {
+                Some((revision, json)) if *revision == p.revision => out.push_str(json),
+                _ => {
+                    let json: Arc<str> = serde_json::to_string(&FailedRow::new(p))
+                        .expect("a row serializes")
+                        .into();
+                    out.push_str(&json);
+                    rows.insert(p.data_id.clone(), (p.revision, json));
+                }
+            }
+        }
+        out.push_str("]}");
+        out
+    }
 }
 
 #[derive(Serialize, ToSchema)]
