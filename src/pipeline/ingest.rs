@@ -304,6 +304,8 @@ impl Ingest {
                 .into_iter()
                 .map(|c| s.spawn(move || c.into_iter().map(one).collect::<Vec<_>>()))
                 .collect();
+            // `check_file` catches a decoder's panic itself; were a thread to panic all
+            // the same, its files stay unrecorded and ready, read again next scan.
             handles
                 .into_iter()
                 .flat_map(|h| h.join().unwrap_or_default())

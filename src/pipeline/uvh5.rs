@@ -80,30 +80,11 @@ fn read_header_inner(path: &Path, size: u64) -> Result<Header, String> {
             "truncated: the HDF5 superblock says the file ends at {eof} bytes but it has {size}"
         ));
     }
-    let int = |name: &str| -> Result<u64, String> {
-        let d = f
-            .dataset(&format!("Header/{name}"))
-            .map_err(|_| format!("not UVH5: no Header/{name}"))?;
-        let shape = d
-            .shape()
-            .map_err(|e| format!("not UVH5: Header/{name}: {e}"))?;
-        if !matches!(shape.as_slice(), [] | [1]) {
-            return Err(format!(
-                "not UVH5: Header/{name} is not one count (shape {shape:?})"
-            ));
-        }
-        let v = d
-            .read_i64()
-            .map_err(|e| format!("not UVH5: Header/{name}: {e}"))?;
-        match v.as_slice() {
-            [n] if *n >= 0 => Ok(*n as u64),
-            _ => Err(format!("not UVH5: Header/{name} is not one count ({v:?})")),
-        }
-    };
-    // An array is read only once its shape says it holds `want` values, and no array may
-    // claim more values than the file has bytes for: a few-kilobyte file declaring a
-    // billion times (stored as fill values, or compressed) is refused, never allocated.
-    let floats = |name: &str, want: &[&[u64]]| -> Result<Vec<f64>, String> {
+    // A header dataset, once its shape is one of `want`: an array is read only when its
+    // shape says it holds the values the header counts, and (below) no count may claim
+    // more values than the file has bytes for, so a few-kilobyte file declaring a billion
+    // times (stored as fill values, or compressed) is refused, never allocated.
+    let dataset = |name: &str, want: &[&[u64]]| -> Result<hdf5_pure::Dataset, String> {
         let d = f
             .dataset(&format!("Header/{name}"))
             .map_err(|_| format!("not UVH5: no Header/{name}"))?;
@@ -112,11 +93,26 @@ fn read_header_inner(path: &Path, size: u64) -> Result<Header, String> {
             .map_err(|e| format!("not UVH5: Header/{name}: {e}"))?;
         if !want.contains(&shape.as_slice()) {
             return Err(format!(
-                "bad UVH5 header: Header/{name} has shape {shape:?}, the header says {:?}",
+                "bad UVH5 header: Header/{name} has shape {shape:?}, not {:?}",
                 want[0]
             ));
         }
-        d.read_f64()
+        Ok(d)
+    };
+    let int = |name: &str| -> Result<u64, String> {
+        let v = dataset(name, &[&[], &[1]])?
+            .read_i64()
+            .map_err(|e| format!("not UVH5: Header/{name}: {e}"))?;
+        match v.as_slice() {
+            [n] if *n >= 0 => Ok(*n as u64),
+            _ => Err(format!(
+                "bad UVH5 header: Header/{name} is not a count ({v:?})"
+            )),
+        }
+    };
+    let floats = |name: &str, want: &[&[u64]]| -> Result<Vec<f64>, String> {
+        dataset(name, want)?
+            .read_f64()
             .map_err(|e| format!("not UVH5: Header/{name}: {e}"))
     };
     let text = |name: &str| -> Option<String> {
