@@ -377,21 +377,42 @@ fn serve_on(
             }
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let pipeline = if mode == Mode::Both {
-            let p =
-                Pipeline::open(Ledger::Local(store), PipelineConfig::from_config(&config)).await?;
-            let _ = state.pipeline_parked.set(p.parked_counter());
-            Some(tokio::spawn(p.run(stop_rx)))
-        } else {
-            None
-        };
+        // The worker folds the whole log before it runs: the API serves meanwhile. A
+        // worker that cannot start stops the server, as a failed start would.
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        let pipeline = (mode == Mode::Both).then(|| {
+            let parked = state.pipeline_parked.clone();
+            let cfg = PipelineConfig::from_config(&config);
+            tokio::spawn(async move {
+                match Pipeline::open(Ledger::Local(store), cfg).await {
+                    Ok(p) => {
+                        drop(failed_tx);
+                        let _ = parked.set(p.parked_counter());
+                        p.run(stop_rx).await
+                    }
+                    Err(e) => {
+                        let _ = failed_tx.send(e);
+                    }
+                }
+            })
+        });
+        let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
         // The pipeline stops (and its last appends are answered) before the server
         // closes the store.
-        let stop = async move {
-            signal.await;
-            let _ = stop_tx.send(true);
-            if let Some(p) = pipeline {
-                let _ = p.await;
+        let stop = {
+            let failure = failure.clone();
+            async move {
+                tokio::select! {
+                    _ = signal => {}
+                    Ok(e) = failed_rx => {
+                        tracing::error!(error = %format!("{e:#}"), "the pipeline worker did not start; stopping");
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
+                }
+                let _ = stop_tx.send(true);
+                if let Some(p) = pipeline {
+                    let _ = p.await;
+                }
             }
         };
         // One machine-readable line for scripts and tests that listen on port 0, written
@@ -405,6 +426,9 @@ fn serve_on(
             "contimg serving"
         );
         api::run(listener, state, stop).await?;
+        if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e.context("starting the pipeline worker"));
+        }
         tracing::info!("stopped; every taken append was answered");
         Ok(ExitCode::SUCCESS)
     })
