@@ -126,8 +126,23 @@ impl Projections {
             }),
         };
         if caught_up >= SNAPSHOT_EVERY_EVENTS {
-            // A long catch-up is worth keeping: the next start begins from here.
-            projections.save_snapshot()?;
+            // A long catch-up is worth keeping: the next start begins from here. Saved
+            // beside the serving (the model is current already); a save that fails is
+            // tried again at the next shutdown.
+            let p = projections.clone();
+            std::thread::Builder::new()
+                .name("contimg-snapshot".into())
+                .spawn(move || {
+                    let started = Instant::now();
+                    match p.save_snapshot() {
+                        Ok(()) => tracing::info!(
+                            ms = started.elapsed().as_millis() as u64,
+                            "projection snapshot saved after the catch-up"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "saving the projection snapshot after the catch-up"),
+                    }
+                })
+                ?;
         }
         Ok(projections)
     }
