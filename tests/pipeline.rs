@@ -786,3 +786,46 @@ fn the_demo_runs_end_to_end_and_its_summary_matches_the_ledger() {
         assert!(mosaics[0].join(f).is_file(), "{f}");
     }
 }
+
+/// A `GroupFormed` appended by someone else naming files outside the incoming folder: the
+/// convert stage refuses its inputs (a `StageFailed` saying why) and never runs.
+#[tokio::test]
+async fn convert_takes_no_input_from_outside_the_incoming_folder() {
+    use contimg::events::ExpectedRevision;
+    use contimg::events::catalogue::{DomainEvent, EventMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.stages = external("touch {work}/ran", "true", "true", 5.0);
+    c.stages.max_attempts = 1;
+    let r = rig(dir.path(), &c).await;
+    let forged = GroupFormed {
+        group_id: "20261130T100000-00000000".into(),
+        obs_time: T0.into(),
+        files: vec!["/etc/hostname".into()],
+        dec_deg: None,
+    };
+    r.store
+        .append(
+            "group-20261130T100000-00000000",
+            ExpectedRevision::NoStream,
+            vec![forged.to_proposed(&EventMetadata::actor("someone"))],
+        )
+        .await
+        .unwrap();
+    let r = rig_again(r, dir.path(), &c).await;
+    common::eventually(10.0, || async {
+        let _ = r.pipeline.step().await.unwrap();
+        (!r.of::<StageFailed>().is_empty()).then_some(())
+    })
+    .await
+    .expect("no StageFailed");
+    let failed = r.of::<StageFailed>();
+    assert_eq!(failed[0].stage, "convert");
+    assert!(
+        failed[0].error.contains("input refused") && failed[0].error.contains("/etc/hostname"),
+        "{}",
+        failed[0].error
+    );
+    assert!(!c.work_root().join("20261130T100000-00000000/ran").exists());
+    r.close().await;
+}

@@ -70,7 +70,10 @@ fn refs(m: &[GroupState]) -> Vec<&GroupState> {
 fn ten_good_tiles_pass_every_safeguard() {
     let dir = tempfile::tempdir().unwrap();
     let m = members(dir.path());
-    assert_eq!(check(&refs(&m), &MosaicConfig::default()), Ok(()));
+    assert_eq!(
+        check(&refs(&m), &MosaicConfig::default(), dir.path()),
+        Ok(())
+    );
 }
 
 #[test]
@@ -81,7 +84,7 @@ fn time_span_refuses_a_long_span_a_gap_and_a_declination_off_the_mean() {
         max_span_min: 30.0,
         ..MosaicConfig::default()
     };
-    let r = check(&refs(&m), &short).unwrap_err();
+    let r = check(&refs(&m), &short, dir.path()).unwrap_err();
     assert_eq!(r.safeguard, safeguards::TIME_SPAN);
     assert_eq!(r.member.as_deref(), Some("g09"));
     assert!(r.reason.contains("45.0 min"), "{}", r.reason);
@@ -90,7 +93,7 @@ fn time_span_refuses_a_long_span_a_gap_and_a_declination_off_the_mean() {
     for (i, g) in gap.iter_mut().enumerate().skip(6) {
         *g = member(dir.path(), i, 5 * i as i64 + 7, 71.6, 3.0);
     }
-    let r = check(&refs(&gap), &MosaicConfig::default()).unwrap_err();
+    let r = check(&refs(&gap), &MosaicConfig::default(), dir.path()).unwrap_err();
     assert_eq!(r.safeguard, safeguards::TIME_SPAN);
     assert_eq!(r.member.as_deref(), Some("g06"));
     assert!(
@@ -101,7 +104,7 @@ fn time_span_refuses_a_long_span_a_gap_and_a_declination_off_the_mean() {
 
     let mut dec = members(dir.path());
     dec[3] = member(dir.path(), 3, 15, 72.1, 3.0);
-    let r = check(&refs(&dec), &MosaicConfig::default()).unwrap_err();
+    let r = check(&refs(&dec), &MosaicConfig::default(), dir.path()).unwrap_err();
     assert_eq!(r.safeguard, safeguards::TIME_SPAN);
     assert_eq!(r.member.as_deref(), Some("g03"));
     assert!(r.reason.contains("declination 72.1"), "{}", r.reason);
@@ -117,7 +120,7 @@ fn ms_stage_refuses_an_unfinished_stage_and_a_missing_measurement_set() {
         given_up: true,
         ..Default::default()
     };
-    let r = check(&refs(&m), &MosaicConfig::default()).unwrap_err();
+    let r = check(&refs(&m), &MosaicConfig::default(), dir.path()).unwrap_err();
     assert_eq!(r.safeguard, safeguards::MS_STAGE);
     assert_eq!(r.member.as_deref(), Some("g04"));
     assert!(
@@ -128,10 +131,43 @@ fn ms_stage_refuses_an_unfinished_stage_and_a_missing_measurement_set() {
 
     let m = members(dir.path());
     std::fs::remove_dir_all(&m[7].stages[0].completed.as_ref().unwrap()[0]).unwrap();
-    let r = check(&refs(&m), &MosaicConfig::default()).unwrap_err();
+    let r = check(&refs(&m), &MosaicConfig::default(), dir.path()).unwrap_err();
     assert_eq!(r.safeguard, safeguards::MS_STAGE);
     assert_eq!(r.member.as_deref(), Some("g07"));
     assert!(r.reason.contains("not on disk"), "{}", r.reason);
+}
+
+/// A path an event names is looked at only beneath the work root: a Measurement Set
+/// recorded elsewhere, or reached through a symbolic link out of it, is refused unread.
+#[test]
+fn outputs_outside_the_work_root_are_refused() {
+    use contimg::pipeline::casa;
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join("x.ms");
+    casa::write_skeleton(&outside, casa::MEASUREMENT_SET, "", "not ours").unwrap();
+    let mut m = members(dir.path());
+    m[5].stages[0].completed = Some(vec![outside.display().to_string()]);
+    let r = check(&refs(&m), &MosaicConfig::default(), dir.path()).unwrap_err();
+    assert_eq!(
+        (r.safeguard, r.member.as_deref()),
+        (safeguards::MS_STAGE, Some("g05"))
+    );
+    assert!(
+        r.reason.contains("not a stage output beneath"),
+        "{}",
+        r.reason
+    );
+    let link = dir.path().join("g05/link.ms");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    m[5].stages[0].completed = Some(vec![link.display().to_string()]);
+    let r = check(&refs(&m), &MosaicConfig::default(), dir.path()).unwrap_err();
+    assert_eq!(r.safeguard, safeguards::MS_STAGE);
+    assert!(
+        r.reason.contains("not a stage output beneath"),
+        "{}",
+        r.reason
+    );
 }
 
 #[test]
@@ -140,7 +176,7 @@ fn calibration_tables_refuses_a_table_that_is_not_a_whole_casa_calibration_table
     let table_of =
         |m: &GroupState| Path::new(&m.stages[1].completed.as_ref().unwrap()[0]).to_path_buf();
     let expect = |m: &[GroupState], what: &str| {
-        let r = check(&refs(m), &MosaicConfig::default()).unwrap_err();
+        let r = check(&refs(m), &MosaicConfig::default(), dir.path()).unwrap_err();
         assert_eq!(r.safeguard, safeguards::CALIBRATION_TABLES);
         assert_eq!(r.member.as_deref(), Some("g02"));
         assert!(r.reason.contains(what), "{}", r.reason);
@@ -166,7 +202,7 @@ fn images_refuses_missing_unreadable_wcs_less_mis_scaled_and_blank_tiles() {
     let dir = tempfile::tempdir().unwrap();
     let tile_of = |m: &GroupState| m.stages[2].completed.as_ref().unwrap()[0].clone();
     let expect = |m: &[GroupState], who: &str, what: &str| {
-        let r = check(&refs(m), &MosaicConfig::default()).unwrap_err();
+        let r = check(&refs(m), &MosaicConfig::default(), dir.path()).unwrap_err();
         assert_eq!(r.safeguard, safeguards::IMAGES, "{r:?}");
         assert_eq!(r.member.as_deref(), Some(who));
         assert!(r.reason.contains(what), "{}", r.reason);

@@ -48,20 +48,44 @@ fn refuse(safeguard: &'static str, member: Option<&str>, reason: String) -> Refu
 /// declination check and the image check.
 type Headers = [Option<Result<TileHeader, String>>];
 
-/// Runs safeguards 2 to 5 in order and returns the first refusal.
-pub fn check(members: &[&GroupState], cfg: &MosaicConfig) -> Result<(), Refusal> {
+/// Runs safeguards 2 to 5 in order and returns the first refusal. Every file a member's
+/// events name is looked at only beneath `work_root` (the stage outputs' root), resolved
+/// with no symbolic link followed: an output path outside it is a refusal, not a read.
+pub fn check(members: &[&GroupState], cfg: &MosaicConfig, work_root: &Path) -> Result<(), Refusal> {
     let headers: Vec<_> = members
         .iter()
         .map(|m| {
-            m.outputs(Stage::Image)
-                .first()
-                .map(|t| read_header(Path::new(t)).map_err(|e| e.to_string()))
+            m.outputs(Stage::Image).first().map(|t| {
+                beneath(work_root, t).and_then(|p| read_header(&p).map_err(|e| e.to_string()))
+            })
         })
         .collect();
     time_span(members, &headers, cfg)?;
-    ms_stage(members)?;
-    calibration_tables(members)?;
-    images(members, &headers)
+    ms_stage(members, work_root)?;
+    calibration_tables(members, work_root)?;
+    images(members, &headers, work_root)
+}
+
+/// Where a stage output an event names really is, beneath `root` with no symbolic link
+/// on the way or at the end, or why it is refused. Both are taken as absolute (against the working directory when relative, as the
+/// worker wrote them), so a relative data folder works.
+pub fn beneath(root: &Path, output: &str) -> Result<std::path::PathBuf, String> {
+    let refused = |e: std::io::Error| {
+        format!(
+            "{output}: not a stage output beneath {} ({e})",
+            root.display()
+        )
+    };
+    let root = std::path::absolute(root).map_err(refused)?;
+    let output_abs = std::path::absolute(output).map_err(refused)?;
+    let at = super::moves::locate(&root, &output_abs.to_string_lossy()).map_err(refused)?;
+    // `locate` follows no link on the way; the output itself must not be one either.
+    match std::fs::symlink_metadata(&at.path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            Err(refused(std::io::Error::other("a symbolic link")))
+        }
+        _ => Ok(at.path),
+    }
 }
 
 /// 2. First to last tile within the span, consecutive tiles under the gap, declinations
@@ -144,7 +168,7 @@ pub fn time_span(
 
 /// 3. Every member converted, calibrated and imaged according to the ledger, and its
 ///    Measurement Set on disk as a CASA table of type `Measurement Set`.
-pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
+pub fn ms_stage(members: &[&GroupState], work_root: &Path) -> Result<(), Refusal> {
     for m in members {
         for name in Stage::GROUP {
             let s = m.stage(name);
@@ -169,7 +193,8 @@ pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
                 "conversion recorded no Measurement Set".into(),
             ));
         }
-        casa::check_table(Path::new(&ms), casa::MEASUREMENT_SET)
+        beneath(work_root, &ms)
+            .and_then(|ms| casa::check_table(&ms, casa::MEASUREMENT_SET))
             .map_err(|e| refuse(MS_STAGE, Some(&m.id), format!("the Measurement Set {e}")))?;
     }
     Ok(())
@@ -177,7 +202,7 @@ pub fn ms_stage(members: &[&GroupState]) -> Result<(), Refusal> {
 
 /// 4. Every calibration table a member used is a CASA calibration table on disk
 ///    ([`casa::check_table`]: its description whole, its type `Calibration`, its data).
-pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
+pub fn calibration_tables(members: &[&GroupState], work_root: &Path) -> Result<(), Refusal> {
     for m in members {
         let tables = m.outputs(Stage::Calibrate);
         if tables.is_empty() {
@@ -188,13 +213,15 @@ pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
             ));
         }
         for t in tables {
-            casa::check_table(Path::new(t), casa::CALIBRATION).map_err(|e| {
-                refuse(
-                    CALIBRATION_TABLES,
-                    Some(&m.id),
-                    format!("calibration table {e}"),
-                )
-            })?;
+            beneath(work_root, t)
+                .and_then(|t| casa::check_table(&t, casa::CALIBRATION))
+                .map_err(|e| {
+                    refuse(
+                        CALIBRATION_TABLES,
+                        Some(&m.id),
+                        format!("calibration table {e}"),
+                    )
+                })?;
         }
     }
     Ok(())
@@ -202,7 +229,7 @@ pub fn calibration_tables(members: &[&GroupState]) -> Result<(), Refusal> {
 
 /// 5. Every member's image exists, opens as FITS, has a celestial WCS, shares the first
 ///    image's pixel scale (within 1%), and is not entirely blank.
-pub fn images(members: &[&GroupState], headers: &Headers) -> Result<(), Refusal> {
+pub fn images(members: &[&GroupState], headers: &Headers, work_root: &Path) -> Result<(), Refusal> {
     let mut scale: Option<f64> = None;
     for (m, header) in members.iter().zip(headers) {
         let (Some(tile), Some(header)) = (m.outputs(Stage::Image).first(), header) else {
@@ -231,8 +258,9 @@ pub fn images(members: &[&GroupState], headers: &Headers) -> Result<(), Refusal>
             }
             Some(_) => {}
         }
-        let plane =
-            read_plane(Path::new(tile)).map_err(|e| refuse(IMAGES, Some(&m.id), e.to_string()))?;
+        let plane = beneath(work_root, tile)
+            .and_then(|t| read_plane(&t).map_err(|e| e.to_string()))
+            .map_err(|e| refuse(IMAGES, Some(&m.id), e))?;
         if !plane.iter().any(|v| v.is_finite() && *v != 0.0) {
             return Err(refuse(
                 IMAGES,

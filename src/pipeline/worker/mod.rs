@@ -360,14 +360,35 @@ impl Pipeline {
         else {
             return Ok(());
         };
-        let r = run_stage(
-            &self.cfg.stages,
-            stage,
-            &group,
-            &paths,
-            self.cfg.default_dec,
-        )
-        .await;
+        // The subband files `GroupFormed` names are handed to convert only from beneath
+        // the incoming folder.
+        let outside = match stage {
+            Stage::Convert => group
+                .files
+                .iter()
+                .find_map(|f| safeguards::beneath(&self.cfg.incoming, f).err()),
+            _ => None,
+        };
+        let r = match outside {
+            Some(e) => RunResult {
+                duration: Duration::ZERO,
+                exit_status: None,
+                outcome: Err(super::stages::RunFailure::new(format!(
+                    "input refused: {e}"
+                ))),
+                command: None,
+            },
+            None => {
+                run_stage(
+                    &self.cfg.stages,
+                    stage,
+                    &group,
+                    &paths,
+                    self.cfg.default_dec,
+                )
+                .await
+            }
+        };
         self.finish_stage(&stream, head, stage, attempt, &r).await
     }
 
@@ -489,9 +510,10 @@ impl Pipeline {
             return Ok(());
         }
         let cfg = self.cfg.mosaic.clone();
+        let work_root = self.cfg.work_root.clone();
         let checked = tokio::task::spawn_blocking(move || {
             let refs: Vec<&GroupState> = groups.iter().collect();
-            safeguards::check(&refs, &cfg)
+            safeguards::check(&refs, &cfg, &work_root)
         })
         .await?;
         let event = match checked {
@@ -537,13 +559,13 @@ impl Pipeline {
                 return Ok(());
             };
             let groups: Vec<&GroupState> = m.members.iter().filter_map(|g| s.group(g)).collect();
-            let tiles: Vec<PathBuf> = groups
+            let tiles: Vec<String> = groups
                 .iter()
-                .filter_map(|g| g.outputs(Stage::Image).first().map(PathBuf::from))
+                .filter_map(|g| g.outputs(Stage::Image).first().cloned())
                 .collect();
-            let beams: Vec<PathBuf> = groups
+            let beams: Vec<String> = groups
                 .iter()
-                .filter_map(|g| g.outputs(Stage::Image).get(1).map(PathBuf::from))
+                .filter_map(|g| g.outputs(Stage::Image).get(1).cloned())
                 .collect();
             (m, tiles, beams)
         };
@@ -563,7 +585,16 @@ impl Pipeline {
             .join(format!(".partial-{}", mosaic_product(id)));
         let start = std::time::Instant::now();
         let out = folder.clone();
+        let work_root = self.cfg.work_root.clone();
         let built = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            // The tiles the members' events name are read only beneath the work root.
+            let within = |paths: Vec<String>| -> Result<Vec<PathBuf>, String> {
+                paths
+                    .iter()
+                    .map(|p| safeguards::beneath(&work_root, p))
+                    .collect()
+            };
+            let (tiles, beams) = (within(tiles)?, within(beams)?);
             let _ = std::fs::remove_dir_all(&partial);
             std::fs::create_dir_all(&partial)
                 .map_err(|e| format!("creating {}: {e}", partial.display()))?;

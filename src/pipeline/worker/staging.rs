@@ -1,8 +1,6 @@
 //! Staging: copying a built tile or mosaic into the stage root and registering it as a
 //! product (through the server when the worker runs as a process of its own).
 
-use std::path::PathBuf;
-
 use super::*;
 
 impl Pipeline {
@@ -63,11 +61,15 @@ impl Pipeline {
         let dir = self.cfg.stage_root.join("images");
         let name = format!("{group}.pbcor.fits");
         let staged = dir.join(&name);
-        let (src, dst) = (PathBuf::from(&tile), staged.clone());
+        let (dst, work_root) = (staged.clone(), self.cfg.work_root.clone());
+        let tile_name = tile.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if dst.exists() {
                 return Ok(());
             }
+            // The tile its event names is copied only from beneath the work root.
+            let src = super::safeguards::beneath(&work_root, &tile_name)
+                .map_err(std::io::Error::other)?;
             std::fs::create_dir_all(&dir)?;
             let tmp = dir.join(format!(".partial-{}-{name}", uuid::Uuid::new_v4()));
             std::fs::copy(&src, &tmp)?;
