@@ -5,8 +5,10 @@
 //! failed once, retried by an operator and published; one in ten still failed), written
 //! through the store's import path.
 //!
-//! `seed_products --publish-bench DIR --files N --size-mib M` stages N files of M MiB and
-//! publishes them through the library (register, then publish), printing publishes/s.
+//! `seed_products --publish-bench DIR --files N --size-mib M [--concurrency K]` first times
+//! the ceiling (N files copied, renamed and removed with no fsync and no ledger, as the old
+//! system did), then stages N files of M MiB, registers them through the library and
+//! publishes them K at a time (default 16), printing each rate.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -147,9 +149,10 @@ fn seed(dir: PathBuf, n: u64) {
     store.close();
 }
 
-fn publish_bench(dir: PathBuf, files: usize, size_mib: usize) {
+fn publish_bench(dir: PathBuf, files: usize, size_mib: usize, concurrency: usize) {
     use contimg::api::{AppState, ServerConfig};
     use contimg::pipeline::publish::{Registration, Trigger};
+    let concurrency = concurrency.max(1);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let _ = std::fs::remove_dir_all(&dir);
@@ -163,15 +166,38 @@ fn publish_bench(dir: PathBuf, files: usize, size_mib: usize) {
         let follower = tokio::spawn(state.projections.clone().run(stop_rx));
         std::fs::create_dir_all(&stage).unwrap();
         let bytes: Vec<u8> = (0..size_mib * 1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+        let write_all = |prefix: &str| {
+            for i in 0..files {
+                let mut b = bytes.clone();
+                b[0] = i as u8;
+                b[1] = (i >> 8) as u8;
+                std::fs::write(stage.join(format!("{prefix}{i}.fits")), b).unwrap();
+            }
+        };
+
+        // The ceiling, in the same run on the same filesystem: what the old system did per
+        // product (copy to the products folder, rename into place, remove the source) with
+        // no fsync and no ledger, one at a time.
+        let bare = dir.join("bare");
+        std::fs::create_dir_all(&bare).unwrap();
+        write_all("b");
+        let began = Instant::now();
         for i in 0..files {
-            let mut b = bytes.clone();
-            b[0] = i as u8;
-            b[1] = (i >> 8) as u8;
-            std::fs::write(stage.join(format!("f{i}.fits")), b).unwrap();
+            let from = stage.join(format!("b{i}.fits"));
+            let tmp = bare.join(format!(".b{i}.tmp"));
+            std::fs::copy(&from, &tmp).unwrap();
+            std::fs::rename(&tmp, bare.join(format!("b{i}.fits"))).unwrap();
+            std::fs::remove_file(&from).unwrap();
         }
-        let start = Instant::now();
+        let bare_secs = began.elapsed().as_secs_f64();
+
+        // contimg: register, then publish with every fsync and event, `concurrency` products
+        // in flight at once (they share the ledger's group commits).
+        write_all("f");
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let register_began = Instant::now();
         for i in 0..files {
-            let (p, _) = state
+            state
                 .publisher
                 .register(Registration {
                     data_id: format!("f{i}"),
@@ -184,13 +210,41 @@ fn publish_bench(dir: PathBuf, files: usize, size_mib: usize) {
                 })
                 .await
                 .unwrap();
-            state.publisher.publish(&p.data_id, Trigger::Manual).await.unwrap();
         }
-        let secs = start.elapsed().as_secs_f64();
+        let register_secs = register_began.elapsed().as_secs_f64();
+        let began = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..concurrency {
+            let (publisher, next) = (state.publisher.clone(), next.clone());
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= files {
+                        break;
+                    }
+                    publisher.publish(&format!("f{i}"), Trigger::Manual).await.unwrap();
+                }
+            }));
+        }
+        for w in workers {
+            w.await.unwrap();
+        }
+        let secs = began.elapsed().as_secs_f64();
         println!(
-            "registered and published {files} files of {size_mib} MiB in {secs:.2} s: {:.1} publishes/s ({:.0} MiB/s)",
+            "bare copy, rename and remove without fsync or ledger (the ceiling): {files} files of \
+             {size_mib} MiB in {bare_secs:.2} s: {:.1} per s",
+            files as f64 / bare_secs
+        );
+        println!(
+            "registered {files} files in {register_secs:.2} s: {:.1} per s",
+            files as f64 / register_secs
+        );
+        println!(
+            "published {files} files of {size_mib} MiB, {concurrency} at a time, in {secs:.2} s: \
+             {:.1} publishes/s ({:.0} MiB/s), {:.0}% of the ceiling",
             files as f64 / secs,
-            (files * size_mib) as f64 / secs
+            (files * size_mib) as f64 / secs,
+            100.0 * bare_secs / secs
         );
         let _ = stop.send(true);
         let _ = follower.await;
@@ -202,7 +256,8 @@ fn main() {
     if let Some(dir) = arg("--publish-bench") {
         let files = arg("--files").and_then(|s| s.parse().ok()).unwrap_or(200);
         let size = arg("--size-mib").and_then(|s| s.parse().ok()).unwrap_or(1);
-        return publish_bench(PathBuf::from(dir), files, size);
+        let concurrency = arg("--concurrency").and_then(|s| s.parse().ok()).unwrap_or(16);
+        return publish_bench(PathBuf::from(dir), files, size, concurrency);
     }
     let dir = arg("--data-dir").expect("--data-dir DIR");
     let n = arg("--products")

@@ -59,7 +59,10 @@ def main():
     ms = os.path.abspath(a.ms.rstrip("/"))
     times_jd, _, _, pra, pdec = dsa110.pointing_from_ms(ms)
     with table(os.path.join(ms, "SPECTRAL_WINDOW"), ack=False) as t:
-        freq = float(np.mean(t.getcol("CHAN_FREQ")))
+        chans = np.sort(t.getcol("CHAN_FREQ").ravel())
+    freq = float(np.mean(chans))
+    # The beam each source is seen through, averaged over the band as over the drift.
+    band = chans[np.unique(np.linspace(0, len(chans) - 1, min(len(chans), 32)).round().astype(int))]
     with table(os.path.join(ms, "ANTENNA"), ack=False) as t:
         names = list(t.getcol("NAME"))
     with table(ms, ack=False) as t:
@@ -75,7 +78,7 @@ def main():
     cl = casatools.componentlist()
     used = 0
     for name, ra, dec, flux in sources:
-        beam = float(np.squeeze(dsa110.mean_beam(np.deg2rad(ra), np.deg2rad(dec), pra, pdec, freq)))
+        beam = float(np.squeeze(dsa110.mean_beam(np.deg2rad(ra), np.deg2rad(dec), pra, pdec, band)))
         if beam < a.min_beam:
             continue
         cl.addcomponent(

@@ -85,12 +85,19 @@ def meridian_icrs(times_jd, dec_deg, location=None):
 
 def mean_beam(ra_rad, dec_rad, pointing_ra, pointing_dec, freq_hz):
     """The primary beam at a direction (or array of directions) averaged over the
-    pointings of an observation's integrations: what a point source there contributes to
-    visibilities averaged over the observation."""
+    pointings of an observation's integrations and over the frequencies given (one, or
+    the channels of a multi-frequency image): what a point source there contributes to
+    visibilities averaged over the observation and the band. Far from the axis the beam
+    is convex in angle and frequency, so its mean exceeds its value at the middle time and
+    frequency; dividing by the latter would brighten sources towards the edge."""
     ra = np.asarray(ra_rad, dtype=float)[..., None]
     dec = np.asarray(dec_rad, dtype=float)[..., None]
     sep = separation_rad(ra, dec, np.asarray(pointing_ra)[None, :], np.asarray(pointing_dec)[None, :])
-    return primary_beam(sep, freq_hz).mean(axis=-1)
+    freqs = np.atleast_1d(np.asarray(freq_hz, dtype=float))
+    total = np.zeros(sep.shape[:-1])
+    for f in freqs:
+        total += primary_beam(sep, f).mean(axis=-1)
+    return total / len(freqs)
 
 
 def pointing_from_ms(ms):

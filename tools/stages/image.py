@@ -8,7 +8,7 @@ WSClean (3.1) images the MS's CORRECTED_DATA (DATA when there is none) into
 `<work>/<group>-image.fits`, with pixels of a sixth of lambda/B (3 to 5 across the
 synthesized beam) and the field out to where the primary beam falls below `--pb-cutoff`
 (unless `--scale-arcsec` and `--size` say otherwise). The beam image is the dish's Airy pattern averaged over the
-observation's drift (dsa110.mean_beam) on the image's own pixel grid at its frequency;
+observation's drift and its band (dsa110.mean_beam) on the image's own pixel grid;
 the corrected tile is the image divided by it, blank (NaN) where the beam is below
 `--pb-cutoff`. Both are written beside their final paths and renamed into place.
 """
@@ -94,8 +94,10 @@ def main():
     ny, nx = data.shape[-2:]
     yy, xx = np.mgrid[0:ny, 0:nx]
     sky = w.pixel_to_world(xx, yy)
-    freq = float(hdr.get("CRVAL3", 1.405e9)) if str(hdr.get("CTYPE3", "")).upper().startswith("FREQ") else 1.405e9
-    beam = np.asarray(dsa110.mean_beam(sky.ra.rad, sky.dec.rad, pra, pdec, freq), dtype=np.float32)
+    # The image sums every channel: its beam is the mean over the band (at most 32
+    # frequencies spread across it), not the beam at the middle frequency.
+    band = np.sort(freqs)[np.unique(np.linspace(0, len(freqs) - 1, min(len(freqs), 32)).round().astype(int))]
+    beam = np.asarray(dsa110.mean_beam(sky.ra.rad, sky.dec.rad, pra, pdec, band), dtype=np.float32)
     beam = beam.reshape(data.shape)
     corrected = np.where(beam >= a.pb_cutoff, data / np.maximum(beam, 1e-6), np.nan).astype(np.float32)
 
