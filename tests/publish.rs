@@ -407,6 +407,96 @@ async fn thirty_two_concurrent_retries_move_the_file_once() {
     f.server.stop().await;
 }
 
+/// Registrations run side by side, yet of products sharing files only one is taken: for
+/// each of twelve folders, the folder and two files inside it are registered at once
+/// (under other ids): either the folder alone is accepted or one or both files without
+/// it, the others refused with 409. A later registration of a file inside is still refused, and once the
+/// folder is published a new product may use the path again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_registrations_of_shared_files_take_exactly_one() {
+    let f = fixture(3, 3600.0, None).await;
+    let folders = 12;
+    for k in 0..folders {
+        std::fs::create_dir_all(f.stage.join(format!("d{k}"))).unwrap();
+        f.stage_file(&format!("d{k}/a.fits"), 4096);
+        f.stage_file(&format!("d{k}/b.fits"), 4096);
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(folders * 3));
+    let mut tasks = Vec::new();
+    for k in 0..folders {
+        for (id, path) in [
+            (format!("dir{k}"), format!("d{k}")),
+            (format!("a{k}"), format!("d{k}/a.fits")),
+            (format!("b{k}"), format!("d{k}/b.fits")),
+        ] {
+            let (c, url, barrier) = (f.c.clone(), f.server.url("/api/products"), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let r = c
+                    .post(url)
+                    .json(&json!({"data_id": id, "data_type": "image", "stage_path": path}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                (
+                    k,
+                    id,
+                    status,
+                    r.json::<Value>().await.unwrap_or(Value::Null),
+                )
+            }));
+        }
+    }
+    let mut taken = vec![Vec::new(); folders];
+    for t in tasks {
+        let (k, id, status, body) = t.await.unwrap();
+        match status {
+            201 => taken[k].push(id),
+            409 => assert!(
+                body["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("shares files with product")
+                    || body.to_string().contains("shares files with product"),
+                "{id}: {body}"
+            ),
+            other => panic!("{id}: {other} {body}"),
+        }
+    }
+    for (k, ids) in taken.iter().enumerate() {
+        // The folder alone, or one or both of its files (which share nothing) without it.
+        let folder = format!("dir{k}");
+        assert!(
+            ids == &vec![folder.clone()] || (!ids.is_empty() && !ids.contains(&folder)),
+            "folder d{k}: accepted {ids:?}"
+        );
+    }
+    // Afterwards, one at a time: still refused while a holder is unpublished.
+    let holder = taken[0]
+        .iter()
+        .find(|id| *id == "dir0" || *id == "a0")
+        .cloned();
+    let (status, body) = f.register("late", "d0/a.fits", "image", false).await;
+    match holder {
+        None => assert_eq!(status, StatusCode::CREATED, "{body}"),
+        Some(holder) => {
+            assert_eq!(status, StatusCode::CONFLICT, "{body}");
+            assert!(body.to_string().contains(holder.as_str()), "{body}");
+            // Published, the holder no longer holds anything.
+            let (status, body) = f
+                .post(&format!("/api/products/{holder}/publish"), None)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            std::fs::create_dir_all(f.stage.join("d0")).unwrap();
+            f.stage_file("d0/a.fits", 4096);
+            let (status, body) = f.register("late", "d0/a.fits", "image", false).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+    }
+    f.server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_gives_the_live_model_back() {
     let f = fixture(2, 3600.0, None).await;

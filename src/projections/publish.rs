@@ -404,19 +404,11 @@ impl PublishModel {
     /// A product not yet published, other than `except`, staged at `path`, inside it, or
     /// holding it: publishing either would carry the other's files away.
     pub fn unpublished_overlapping(&self, path: &str, except: &str) -> Option<&ProductState> {
-        let inside = |a: &str, b: &str| {
-            a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'/'
-        };
         self.staging_by_age
             .iter()
             .chain(self.publishing_by_age.iter())
             .filter_map(|(_, id)| self.products.get(id.as_ref()))
-            .find(|p| {
-                p.data_id != except
-                    && (p.stage_path == path
-                        || inside(&p.stage_path, path)
-                        || inside(path, &p.stage_path))
-            })
+            .find(|p| p.data_id != except && paths_overlap(&p.stage_path, path))
             .map(|p| &**p)
     }
 
@@ -621,4 +613,11 @@ mod tests {
         assert_eq!(m.due(T0 + 70 * SEC, 10), ["new", "thrice", "once"]);
         assert_eq!(m.success_rate_percent(), 50.0);
     }
+}
+
+/// Whether two staged paths share files: the same path, or one a folder holding the other.
+pub fn paths_overlap(a: &str, b: &str) -> bool {
+    let inside =
+        |a: &str, b: &str| a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'/';
+    a == b || inside(a, b) || inside(b, a)
 }

@@ -47,6 +47,7 @@ use crate::events::{Direction, ExpectedRevision, Ledger, StoreError};
 use crate::projections::Projections;
 use crate::projections::product::ProductEvent;
 use crate::projections::product::{ProductState, ProductStatus};
+use crate::projections::publish::paths_overlap;
 
 /// Where products go and how hard to try.
 #[derive(Debug, Clone)]
@@ -183,9 +184,39 @@ struct Inner {
     moves: std::sync::atomic::AtomicU64,
     /// Set at shutdown: a move in progress stops at its next chunk.
     cancel: Arc<std::sync::atomic::AtomicBool>,
-    /// Registrations one at a time: the overlap check and the append it guards must see
-    /// each other's products (a tokio Mutex: held across the append).
-    registering: tokio::sync::Mutex<()>,
+    /// The staged paths of registrations between their overlap check and the read model's
+    /// folding of their append: registrations run side by side (their appends share group
+    /// commits), and each checks the others' claims with the read model.
+    registering: std::sync::Mutex<Claims>,
+}
+
+/// Staged paths claimed by registrations in flight: (ticket, product id, path).
+#[derive(Default)]
+struct Claims {
+    next: u64,
+    held: Vec<(u64, String, String)>,
+}
+
+/// A registration's ticket: its claim, if it made one, goes when the ticket does (after
+/// the read model holds the product, or on any error).
+struct Ticket<'a> {
+    claims: &'a std::sync::Mutex<Claims>,
+    id: u64,
+}
+
+impl<'a> Ticket<'a> {
+    fn take(claims: &'a std::sync::Mutex<Claims>) -> Self {
+        let mut c = claims.lock().unwrap_or_else(|e| e.into_inner());
+        c.next += 1;
+        Ticket { claims, id: c.next }
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut c = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        c.held.retain(|(t, _, _)| *t != self.id);
+    }
 }
 
 /// Checks a staged product (id, type, verdict words, a path inside the stage root),
@@ -351,7 +382,7 @@ impl Publisher {
                 config,
                 moves: std::sync::atomic::AtomicU64::new(0),
                 cancel: Arc::default(),
-                registering: tokio::sync::Mutex::new(()),
+                registering: std::sync::Mutex::default(),
             }),
         })
     }
@@ -434,7 +465,7 @@ impl Publisher {
     /// Registers a staged product. `Ok(true)` when new, `Ok(false)` for an identical repeat.
     pub async fn register(&self, req: Registration) -> Result<(ProductState, bool), PublishError> {
         let id = req.data_id.clone();
-        let _one_at_a_time = self.inner.registering.lock().await;
+        let ticket = Ticket::take(&self.inner.registering);
         let projections = self.inner.projections.clone();
         let (created, position) = register_checked(
             &self.inner.ledger,
@@ -443,16 +474,35 @@ impl Publisher {
             "register",
             self.inner.cancel.clone(),
             |path| {
-                projections.read(|m| {
-                    m.unpublished_overlapping(path, &id)
-                        .map(|p| p.data_id.clone())
-                })
+                // Check and claim at once: of two registrations sharing files, the second
+                // to get here sees the first's claim or, once it is folded, its product.
+                let mut claims = self
+                    .inner
+                    .registering
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let claimed = claims
+                    .held
+                    .iter()
+                    .find(|(_, other, p)| *other != id && paths_overlap(p, path))
+                    .map(|(_, other, _)| other.clone());
+                let other = claimed.or_else(|| {
+                    projections.read(|m| {
+                        m.unpublished_overlapping(path, &id)
+                            .map(|p| p.data_id.clone())
+                    })
+                });
+                if other.is_none() {
+                    claims.held.push((ticket.id, id.clone(), path.to_string()));
+                }
+                other
             },
         )
         .await?;
         if let Some(p) = position {
             self.settle(p).await;
         }
+        drop(ticket);
         Ok((self.load(&id).await?, created))
     }
 
