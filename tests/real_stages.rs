@@ -268,11 +268,8 @@ async fn real_subbands_become_a_published_mosaic_with_the_injected_sources() {
     assert_eq!(product["metadata"]["runner"], "external", "{product}");
 
     // The injected sources in the published mosaic: each one the tiles cover well (the
-    // mosaic's noise there within 1.5 times its best) comes back within a pixel of its
-    // position and within 10% of its flux. Further out a source is seen for only part of
-    // a drifting observation and comes out broader than the restoring beam (seen: a
-    // 2.47 Jy source at 1.8 times the best noise fitted 2.76 Jy with a 2.00 Jy peak), so
-    // sources there are printed but not checked. tools/stages/measure_sources.py fits each
+    // mosaic's noise there within twice its best) comes back within a pixel of its
+    // position and within 10% of its flux (typically +1 to +4%). tools/stages/measure_sources.py fits each
     // with an elliptical Gaussian and a background (scipy), positions through astropy's
     // WCS: a measurement independent of the code that wrote the mosaic.
     let folder = Path::new(&mosaic_path);
@@ -299,7 +296,7 @@ async fn real_subbands_become_a_published_mosaic_with_the_injected_sources() {
     for line in String::from_utf8_lossy(&measured.stdout).lines() {
         let m: Value = serde_json::from_str(line).unwrap();
         let noise = m["noise"].as_f64().unwrap_or(f64::INFINITY);
-        let well_covered = noise <= 1.5 * f64::from(best_noise);
+        let well_covered = noise <= 2.0 * f64::from(best_noise);
         let (flux, fit, off) = (
             m["flux_jy"].as_f64().unwrap(),
             m["fit_jy"].as_f64().unwrap(),

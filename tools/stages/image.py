@@ -76,7 +76,8 @@ def main():
         theta = np.linspace(0.0, np.deg2rad(10.0), 20001)
         below = np.nonzero(dsa110.primary_beam(theta, freqs.min()) < a.pb_cutoff)[0]
         radius = np.rad2deg(theta[below[0]] if len(below) else theta[-1])
-        size = int(2 * np.ceil(radius * 3600.0 / scale * 1.05 / 2.0))
+        # Across the image: twice that radius (with 5% to spare), an even number of pixels.
+        size = 2 * int(np.ceil(radius * 3600.0 / scale * 1.05))
     cmd = [
         a.wsclean, "-quiet", "-name", name, "-size", str(size), str(size),
         "-scale", f"{scale}asec", "-pol", "I", "-weight", "briggs", "0",

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Measures catalogued point sources in a FITS image: for each source of a sky model (CSV
 name,ra_deg,dec_deg,flux_jy) inside the image, an elliptical Gaussian plus a constant
-background is fitted (scipy's least squares) to the pixels within one restoring-beam major
-axis of its catalogued position. Prints one JSON object per source:
+background is fitted (scipy's least squares) to the pixels within two restoring-beam major
+axes of its catalogued position (within one, the background and the width trade off against
+each other and CLEAN's small negative components around a source, and the fit reads a
+few per cent high). Prints one JSON object per source:
 
     {"name", "flux_jy" (the catalogue's), "fit_jy" (the Gaussian's integral over the
      restoring beam's area: a point source's flux), "peak_jy", "offset_px" (fitted centre
@@ -50,7 +52,7 @@ def main():
 
     with open(a.sky, newline="") as f:
         rows = list(csv.DictReader(f))
-    r = int(np.ceil(bmaj))
+    r = int(np.ceil(2 * bmaj))
     for row in rows:
         x, y = (float(v) for v in w.world_to_pixel_values(float(row["ra_deg"]), float(row["dec_deg"])))
         xi, yi = int(round(x)), int(round(y))
@@ -58,7 +60,7 @@ def main():
             continue
         yy, xx = np.mgrid[yi - r : yi + r + 1, xi - r : xi + r + 1]
         z = data[yi - r : yi + r + 1, xi - r : xi + r + 1]
-        near = np.hypot(xx - x, yy - y) <= bmaj
+        near = np.hypot(xx - x, yy - y) <= 2 * bmaj
         if not np.all(np.isfinite(z[near])):
             continue
         pts = (xx[near].astype(float), yy[near].astype(float))
