@@ -641,7 +641,8 @@ fn large_commits_split_into_chunks_and_read_back_in_both_directions(l: &Ledgers)
     assert_eq!(r.position, 7);
 }
 
-/// Snapshots keep their checkpoint with them, and a later one replaces the earlier.
+/// Snapshots keep their checkpoint with them, and a later one replaces the earlier, a
+/// large one as a small one.
 fn snapshots_keep_their_checkpoint(l: &Ledgers) {
     let (loc, store) = l.fresh();
     assert_eq!(store.load_snapshot("publish").unwrap(), None);
@@ -650,13 +651,28 @@ fn snapshots_keep_their_checkpoint(l: &Ledgers) {
         store.load_snapshot("publish").unwrap(),
         Some((None, b"empty".to_vec()))
     );
+    // A large one (many parts where the backend stores it in parts), then a smaller one:
+    // what is loaded is exactly the last saved, never a tail of the larger.
+    let large: Vec<u8> = (0..300_001u32).map(|i| (i * 7 % 251) as u8).collect();
+    store.save_snapshot("publish", Some(40), &large).unwrap();
+    assert_eq!(
+        store.load_snapshot("publish").unwrap(),
+        Some((Some(40), large.clone()))
+    );
     store.save_snapshot("publish", Some(41), b"later").unwrap();
+    store
+        .save_snapshot("other", Some(7), &large[..20_000])
+        .unwrap();
     store.close();
     drop(store);
     let store = l.open(&loc);
     assert_eq!(
         store.load_snapshot("publish").unwrap(),
         Some((Some(41), b"later".to_vec()))
+    );
+    assert_eq!(
+        store.load_snapshot("other").unwrap(),
+        Some((Some(7), large[..20_000].to_vec()))
     );
 }
 

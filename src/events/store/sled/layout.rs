@@ -48,8 +48,12 @@ pub(crate) mod chunk {
 
     pub const TAG: u8 = 0xC1;
     /// Records are added to a chunk while it stays under this size (a single larger
-    /// record gets a chunk of its own).
-    pub const MAX_BYTES: usize = 64 * 1024;
+    /// record gets a chunk of its own). Small enough that a sled leaf of 16 chunks (sled
+    /// splits leaves by count, not size) stays under sled's blob threshold (a quarter of
+    /// its 512 KiB segment): sled counts a blob page in its cache by its pointer's size,
+    /// so with 64 KiB chunks every log leaf a replay read stayed in memory (1.1 GB after
+    /// a replay of a million products), whatever the cache capacity.
+    pub const MAX_BYTES: usize = 7 * 1024;
 
     pub fn encode<R: AsRef<[u8]>>(records: &[R]) -> Vec<u8> {
         let len = 1 + records.iter().map(|r| r.as_ref().len() + 4).sum::<usize>();

@@ -26,13 +26,14 @@
 //!
 //! A failed sync (the flush, the `fdatasync`, or the fsync of a new sled blob file)
 //! poisons the store: every later append is refused until a restart. A second tree,
-//! `snapshots`, holds one value per projection: a format byte, the checkpoint plus one
-//! (u64 big-endian, 0 for none), then the projection's bytes, so a snapshot and its
-//! checkpoint cannot disagree. It is not part of the log; `verify` ignores it.
+//! `snapshots`, holds each projection's snapshot: a header (format byte 2, the
+//! checkpoint plus one, u64 big-endian, 0 for none; the part count and the length) and
+//! the bytes in parts of 7 KiB, written in one batch, so a snapshot and its checkpoint
+//! cannot disagree (format 1, one value, is still read). It is not part of the log; `verify` ignores it.
 //!
 //! Tunable numbers (besides the store's, in `store/mod.rs`): a log chunk is filled while
-//! it stays under 64 KiB (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk
-//! of its own); sled's page cache is 1 GiB (`SledStore::open`).
+//! it stays under 7 KiB (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk
+//! of its own); sled's page cache is 256 MiB (`open_sled`).
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -168,7 +169,7 @@ impl Iterator for LogIter {
 fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let config = sled::Config::new()
         .path(dir)
-        .cache_capacity(1024 * 1024 * 1024);
+        .cache_capacity(256 * 1024 * 1024);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match config.open() {
@@ -553,31 +554,71 @@ impl SledStore {
     }
 
     /// Stores a projection snapshot together with its checkpoint (the position of the last
-    /// event folded into it), in one value so the two cannot disagree.
+    /// event folded into it), in one atomic batch so the two cannot disagree: a header
+    /// under `name` (format 2, checkpoint plus one, part count, length) and the bytes in
+    /// parts of [`SNAPSHOT_PART`] under `name`, 0x00, part number. Parts keep every sled
+    /// page small: one value of hundreds of megabytes became a sled blob, which sled's
+    /// cache counts by its pointer's size and so never lets go of.
     pub fn save_snapshot(
         &self,
         name: &str,
         checkpoint: Option<u64>,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(bytes.len() + 9);
-        value.push(1u8);
-        value.extend_from_slice(&checkpoint.map_or(0, |c| c + 1).to_be_bytes());
-        value.extend_from_slice(bytes);
-        self.inner.snapshots.insert(name.as_bytes(), value)?;
+        let parts = bytes.len().div_ceil(SNAPSHOT_PART);
+        let old_parts = match self.inner.snapshots.get(name.as_bytes())? {
+            Some(h) if h.len() >= 13 && h[0] == 2 => be_u32(&h[9..13]),
+            _ => 0,
+        };
+        let mut batch = sled::Batch::default();
+        let mut header = Vec::with_capacity(21);
+        header.push(2u8);
+        header.extend_from_slice(&checkpoint.map_or(0, |c| c + 1).to_be_bytes());
+        header.extend_from_slice(&(parts as u32).to_be_bytes());
+        header.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        batch.insert(name.as_bytes(), header);
+        for (i, part) in bytes.chunks(SNAPSHOT_PART).enumerate() {
+            batch.insert(snapshot_part_key(name, i as u32), part);
+        }
+        for i in parts as u32..old_parts {
+            batch.remove(snapshot_part_key(name, i));
+        }
+        self.inner.snapshots.apply_batch(batch)?;
         Ok(())
     }
 
-    /// The last snapshot saved under `name`, with its checkpoint.
+    /// The last snapshot saved under `name`, with its checkpoint. One that is incomplete
+    /// or in an unknown format is no snapshot (the projection replays from the start).
     pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
         let Some(v) = self.inner.snapshots.get(name.as_bytes())? else {
             return Ok(None);
         };
-        if v.len() < 9 || v[0] != 1 {
-            return Ok(None);
+        match v.first() {
+            // Format 1: the checkpoint and the bytes in the one value.
+            Some(1) if v.len() >= 9 => {
+                let c = be_u64(&v[1..9], "snapshot checkpoint")?;
+                Ok(Some((c.checked_sub(1), v[9..].to_vec())))
+            }
+            Some(2) if v.len() >= 21 => {
+                let c = be_u64(&v[1..9], "snapshot checkpoint")?;
+                let parts = be_u32(&v[9..13]);
+                let len = be_u64(&v[13..21], "snapshot length")?;
+                let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+                let (from, to) = (snapshot_part_key(name, 0), snapshot_part_key(name, parts));
+                let mut count = 0u32;
+                for item in self.inner.snapshots.range(from..to) {
+                    let (_, part) = item?;
+                    bytes.extend_from_slice(&part);
+                    count += 1;
+                }
+                if count != parts || bytes.len() as u64 != len {
+                    tracing::warn!(name, "snapshot incomplete; replaying from the start");
+                    return Ok(None);
+                }
+                Ok(Some((c.checked_sub(1), bytes)))
+            }
+            _ => Ok(None),
         }
-        let c = be_u64(&v[1..9], "snapshot checkpoint")?;
-        Ok(Some((c.checked_sub(1), v[9..].to_vec())))
     }
 
     /// Raw access for `verify`.
@@ -588,5 +629,56 @@ impl SledStore {
     /// Bytes sled occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Bytes per part of a stored snapshot: 16 parts (a sled leaf) stay under sled's blob
+/// threshold, as log chunks do.
+const SNAPSHOT_PART: usize = 7 * 1024;
+
+fn snapshot_part_key(name: &str, part: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 5);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot saved by an earlier version (format 1: one value) still loads, and the
+    /// next save replaces it; a header whose parts are missing is no snapshot.
+    #[test]
+    fn snapshots_of_the_earlier_format_load_and_incomplete_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let timings = crate::events::store::Timings::default();
+        let store = SledStore::open(dir.path(), timings.sync_seconds.clone()).unwrap();
+        let mut v = vec![1u8];
+        v.extend_from_slice(&42u64.to_be_bytes());
+        v.extend_from_slice(b"old bytes");
+        store.inner.snapshots.insert("publish", v).unwrap();
+        assert_eq!(
+            store.load_snapshot("publish").unwrap(),
+            Some((Some(41), b"old bytes".to_vec()))
+        );
+        let bytes = vec![5u8; 3 * SNAPSHOT_PART + 1];
+        store.save_snapshot("publish", Some(9), &bytes).unwrap();
+        assert_eq!(
+            store.load_snapshot("publish").unwrap(),
+            Some((Some(9), bytes))
+        );
+        store
+            .inner
+            .snapshots
+            .remove(snapshot_part_key("publish", 2))
+            .unwrap();
+        assert_eq!(store.load_snapshot("publish").unwrap(), None);
+        store.close();
     }
 }
