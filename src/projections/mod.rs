@@ -235,12 +235,7 @@ impl Projections {
     pub fn save_snapshot(&self) -> Result<(), StoreError> {
         let (checkpoint, bytes) = self.read(|m| {
             let mut bytes = PublishSnapshot::format().to_vec();
-            bincode::serde::encode_into_std_write(
-                m.snapshot(),
-                &mut bytes,
-                bincode::config::standard(),
-            )
-            .expect("encoding into a Vec cannot fail");
+            m.encode_snapshot(&mut bytes);
             (m.last_position(), bytes)
         });
         self.shared
