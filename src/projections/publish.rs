@@ -484,6 +484,13 @@ impl PublishModel {
     }
 }
 
+/// Whether two staged paths share files: the same path, or one a folder holding the other.
+pub fn paths_overlap(a: &str, b: &str) -> bool {
+    let inside =
+        |a: &str, b: &str| a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'/';
+    a == b || inside(a, b) || inside(b, a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,11 +672,4 @@ mod tests {
         assert_eq!(m.due(T0 + 70 * SEC, 10), ["new", "thrice", "once"]);
         assert_eq!(m.success_rate_percent(), 50.0);
     }
-}
-
-/// Whether two staged paths share files: the same path, or one a folder holding the other.
-pub fn paths_overlap(a: &str, b: &str) -> bool {
-    let inside =
-        |a: &str, b: &str| a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'/';
-    a == b || inside(a, b) || inside(b, a)
 }
