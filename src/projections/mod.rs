@@ -7,7 +7,7 @@
 //! whole-log fold, with reader and decoder threads ahead of it). Projections never append
 //! to the log.
 //!
-//! The snapshot is one value, `publish-v1`, in the store's `snapshots` tree: the 8-byte
+//! The snapshot is saved under `publish-v1` by the store with its checkpoint: the 8-byte
 //! fingerprint `PublishSnapshot::format()` (derived from the type, so a change of its
 //! fields changes it), then the bincode encoding. It is used only when the fingerprint
 //! matches, the checkpoint inside it agrees with the stored one and lies within the
@@ -231,7 +231,7 @@ impl Projections {
         }
     }
 
-    /// Writes the model and its checkpoint to sled in one value.
+    /// Writes the model and its checkpoint to the store (which keeps the two together).
     pub fn save_snapshot(&self) -> Result<(), StoreError> {
         let (checkpoint, bytes) = self.read(|m| {
             let mut bytes = PublishSnapshot::format().to_vec();

@@ -408,7 +408,7 @@ impl Store {
     }
 
     /// Stores a projection snapshot together with its checkpoint (the position of the last
-    /// event folded into it), in one value so the two cannot disagree.
+    /// event folded into it), so that the two cannot disagree.
     pub fn save_snapshot(
         &self,
         name: &str,

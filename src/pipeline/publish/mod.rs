@@ -190,32 +190,88 @@ struct Inner {
     registering: std::sync::Mutex<Claims>,
 }
 
-/// Staged paths claimed by registrations in flight: (ticket, product id, path).
+/// Staged paths claimed by registrations: in flight, or ended without seeing their
+/// product folded.
 #[derive(Default)]
 struct Claims {
     next: u64,
-    held: Vec<(u64, String, String)>,
+    held: Vec<Claim>,
 }
 
-/// A registration's ticket: its claim, if it made one, goes when the ticket does (after
-/// the read model holds the product, or on any error).
+struct Claim {
+    ticket: u64,
+    id: String,
+    path: String,
+    until: Until,
+}
+
+/// How long a claim outlives its registration.
+#[derive(Clone, Copy)]
+enum Until {
+    /// The registration is still running.
+    Running,
+    /// Its append is at this position, not yet folded when the registration stopped
+    /// waiting: held until the read model has it.
+    Folded(u64),
+    /// The registration was dropped mid-way (a client gone, a shutdown): its append may
+    /// or may not land, so the path stays taken a while.
+    Deadline(Instant),
+}
+
+/// How long a registration dropped mid-way keeps its path: far longer than any append
+/// takes to be folded.
+const ABANDONED_CLAIM: Duration = Duration::from_secs(60);
+
+impl Claims {
+    /// Forgets the claims whose products the read model now has (or whose time is up).
+    fn prune(&mut self, folded: Option<u64>, now: Instant) {
+        self.held.retain(|c| match c.until {
+            Until::Running => true,
+            Until::Folded(p) => folded.is_none_or(|f| f < p),
+            Until::Deadline(t) => now < t,
+        });
+    }
+}
+
+/// A registration's ticket. Its claim, if it made one, goes with the ticket when the
+/// registration saw its product folded or its append refused; otherwise it stays until
+/// the read model has the position, or for [`ABANDONED_CLAIM`] when none is known.
 struct Ticket<'a> {
     claims: &'a std::sync::Mutex<Claims>,
     id: u64,
+    position: Option<u64>,
+    finished: bool,
 }
 
 impl<'a> Ticket<'a> {
     fn take(claims: &'a std::sync::Mutex<Claims>) -> Self {
         let mut c = claims.lock().unwrap_or_else(|e| e.into_inner());
         c.next += 1;
-        Ticket { claims, id: c.next }
+        Ticket {
+            claims,
+            id: c.next,
+            position: None,
+            finished: false,
+        }
     }
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         let mut c = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        c.held.retain(|(t, _, _)| *t != self.id);
+        let until = match (self.finished, self.position) {
+            (true, _) => None,
+            (false, Some(p)) => Some(Until::Folded(p)),
+            (false, None) => Some(Until::Deadline(Instant::now() + ABANDONED_CLAIM)),
+        };
+        match until {
+            None => c.held.retain(|claim| claim.ticket != self.id),
+            Some(until) => {
+                for claim in c.held.iter_mut().filter(|claim| claim.ticket == self.id) {
+                    claim.until = until;
+                }
+            }
+        }
     }
 }
 
@@ -455,19 +511,20 @@ impl Publisher {
 
     /// Waits (briefly) until the read model has folded `position`, so that a client who
     /// reads after writing sees its write.
-    async fn settle(&self, position: u64) {
+    async fn settle(&self, position: u64) -> bool {
         self.inner
             .projections
             .wait_for(position, Duration::from_secs(5))
-            .await;
+            .await
     }
 
     /// Registers a staged product. `Ok(true)` when new, `Ok(false)` for an identical repeat.
     pub async fn register(&self, req: Registration) -> Result<(ProductState, bool), PublishError> {
         let id = req.data_id.clone();
-        let ticket = Ticket::take(&self.inner.registering);
+        let mut ticket = Ticket::take(&self.inner.registering);
+        let ticket_id = ticket.id;
         let projections = self.inner.projections.clone();
-        let (created, position) = register_checked(
+        let registered = register_checked(
             &self.inner.ledger,
             &self.inner.config.stage_root,
             req,
@@ -481,11 +538,12 @@ impl Publisher {
                     .registering
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
+                claims.prune(projections.checkpoint(), Instant::now());
                 let claimed = claims
                     .held
                     .iter()
-                    .find(|(_, other, p)| *other != id && paths_overlap(p, path))
-                    .map(|(_, other, _)| other.clone());
+                    .find(|c| c.id != id && paths_overlap(&c.path, path))
+                    .map(|c| c.id.clone());
                 let other = claimed.or_else(|| {
                     projections.read(|m| {
                         m.unpublished_overlapping(path, &id)
@@ -493,15 +551,30 @@ impl Publisher {
                     })
                 });
                 if other.is_none() {
-                    claims.held.push((ticket.id, id.clone(), path.to_string()));
+                    claims.held.push(Claim {
+                        ticket: ticket_id,
+                        id: id.clone(),
+                        path: path.to_string(),
+                        until: Until::Running,
+                    });
                 }
                 other
             },
         )
-        .await?;
-        if let Some(p) = position {
-            self.settle(p).await;
-        }
+        .await;
+        let (created, position) = match registered {
+            Ok(r) => r,
+            Err(e) => {
+                // Refused or failed: nothing of it will land.
+                ticket.finished = true;
+                return Err(e);
+            }
+        };
+        ticket.position = position;
+        ticket.finished = match position {
+            Some(p) => self.settle(p).await,
+            None => true,
+        };
         drop(ticket);
         Ok((self.load(&id).await?, created))
     }
@@ -819,4 +892,68 @@ fn check_status_words(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(claims: &std::sync::Mutex<Claims>, ticket: &Ticket, path: &str) {
+        claims.lock().unwrap().held.push(Claim {
+            ticket: ticket.id,
+            id: format!("p{}", ticket.id),
+            path: path.into(),
+            until: Until::Running,
+        });
+    }
+
+    fn paths(claims: &std::sync::Mutex<Claims>) -> Vec<String> {
+        let mut v: Vec<String> = claims
+            .lock()
+            .unwrap()
+            .held
+            .iter()
+            .map(|c| c.path.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A claim goes with its ticket only when the registration saw its product folded or
+    /// its append refused. One whose product was appended but not yet folded (the wait
+    /// timed out) stays until the read model reaches its position; one dropped before
+    /// its outcome was known (a client gone) stays for a while.
+    #[test]
+    fn claims_outlive_registrations_that_did_not_see_their_outcome() {
+        let claims = std::sync::Mutex::new(Claims::default());
+        let now = Instant::now();
+        let mut folded = Ticket::take(&claims);
+        claim(&claims, &folded, "/s/folded");
+        folded.position = Some(3);
+        folded.finished = true;
+        let mut timed_out = Ticket::take(&claims);
+        claim(&claims, &timed_out, "/s/timed-out");
+        timed_out.position = Some(10);
+        let abandoned = Ticket::take(&claims);
+        claim(&claims, &abandoned, "/s/abandoned");
+        let mut refused = Ticket::take(&claims);
+        claim(&claims, &refused, "/s/refused");
+        refused.finished = true;
+        drop((folded, timed_out, abandoned, refused));
+        assert_eq!(paths(&claims), ["/s/abandoned", "/s/timed-out"]);
+        claims.lock().unwrap().prune(Some(9), now);
+        assert_eq!(paths(&claims), ["/s/abandoned", "/s/timed-out"]);
+        claims.lock().unwrap().prune(Some(10), now);
+        assert_eq!(paths(&claims), ["/s/abandoned"]);
+        claims
+            .lock()
+            .unwrap()
+            .prune(Some(10), now + ABANDONED_CLAIM / 2);
+        assert_eq!(paths(&claims), ["/s/abandoned"]);
+        claims
+            .lock()
+            .unwrap()
+            .prune(Some(10), Instant::now() + ABANDONED_CLAIM);
+        assert!(paths(&claims).is_empty());
+    }
 }

@@ -26,10 +26,10 @@
 //!
 //! A failed sync (the flush, the `fdatasync`, or the fsync of a new sled blob file)
 //! poisons the store: every later append is refused until a restart. A second tree,
-//! `snapshots`, holds each projection's snapshot: a header (format byte 2, the
-//! checkpoint plus one, u64 big-endian, 0 for none; the part count and the length) and
-//! the bytes in parts of 7 KiB, written in one batch, so a snapshot and its checkpoint
-//! cannot disagree (format 1, one value, is still read). It is not part of the log; `verify` ignores it.
+//! `snapshots`, holds each projection's snapshot: its bytes in parts of 7 KiB under a
+//! generation, and a header naming the generation with the checkpoint (plus one, u64
+//! big-endian, 0 for none), written last, so a snapshot and its checkpoint cannot
+//! disagree (format 1, one value, is still read). See `save_snapshot`. It is not part of the log; `verify` ignores it.
 //!
 //! Tunable numbers (besides the store's, in `store/mod.rs`): a log chunk is filled while
 //! it stays under 7 KiB (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk
@@ -64,8 +64,10 @@ struct Inner {
     dir: PathBuf,
     db: sled::Db,
     tree: sled::Tree,
-    /// Projection snapshots, each stored with its checkpoint in one value.
+    /// Projection snapshots: per name a header and the parts it names.
     snapshots: sled::Tree,
+    /// Snapshot saves take turns (each picks the next generation).
+    snapshot_saves: std::sync::Mutex<()>,
     /// Number of durable events: positions `0..durable` are readable.
     durable: AtomicU64,
     /// Durability rounds (flush + fdatasync) since open.
@@ -281,6 +283,7 @@ impl SledStore {
             db: db.clone(),
             tree: tree.clone(),
             snapshots: db.open_tree("snapshots")?,
+            snapshot_saves: std::sync::Mutex::new(()),
             durable: AtomicU64::new(next_position),
             syncs: AtomicU64::new(0),
             head_tx,
@@ -554,71 +557,110 @@ impl SledStore {
     }
 
     /// Stores a projection snapshot together with its checkpoint (the position of the last
-    /// event folded into it), in one atomic batch so the two cannot disagree: a header
-    /// under `name` (format 2, checkpoint plus one, part count, length) and the bytes in
-    /// parts of [`SNAPSHOT_PART`] under `name`, 0x00, part number. Parts keep every sled
-    /// page small: one value of hundreds of megabytes became a sled blob, which sled's
-    /// cache counts by its pointer's size and so never lets go of.
+    /// event folded into it). The bytes go in parts of [`SNAPSHOT_PART`] under a new
+    /// generation (`name`, 0x00, generation u64, part u32), written in small batches (a
+    /// sled batch holds sled's write lock, and one of hundreds of megabytes would stall
+    /// every append and read); then one small insert of the header under `name` (format 3,
+    /// checkpoint plus one, generation, part count, length) makes them the snapshot; then
+    /// the parts of every other generation go. A crash at any point leaves the last
+    /// complete snapshot in place. Parts keep every sled page small: a value of hundreds of
+    /// megabytes became a sled blob, which sled's cache counts by its pointer's size and
+    /// so never lets go of. Saves take turns.
     pub fn save_snapshot(
         &self,
         name: &str,
         checkpoint: Option<u64>,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        let parts = bytes.len().div_ceil(SNAPSHOT_PART);
-        let old_parts = match self.inner.snapshots.get(name.as_bytes())? {
-            Some(h) if h.len() >= 13 && h[0] == 2 => be_u32(&h[9..13]),
-            _ => 0,
+        check_snapshot_name(name)?;
+        let parts = u32::try_from(bytes.len().div_ceil(SNAPSHOT_PART))
+            .map_err(|_| StoreError::InvalidInput("a snapshot over 30 TB".into()))?;
+        let _one_at_a_time = self
+            .inner
+            .snapshot_saves
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let snapshots = &self.inner.snapshots;
+        let generation = match snapshots.get(name.as_bytes())? {
+            Some(h) => SnapshotHeader::parse(&h).map_or(1, |h| h.generation.wrapping_add(1)),
+            None => 1,
         };
-        let mut batch = sled::Batch::default();
-        let mut header = Vec::with_capacity(21);
-        header.push(2u8);
-        header.extend_from_slice(&checkpoint.map_or(0, |c| c + 1).to_be_bytes());
-        header.extend_from_slice(&(parts as u32).to_be_bytes());
-        header.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
-        batch.insert(name.as_bytes(), header);
-        for (i, part) in bytes.chunks(SNAPSHOT_PART).enumerate() {
-            batch.insert(snapshot_part_key(name, i as u32), part);
+        for (n, group) in bytes
+            .chunks(SNAPSHOT_PART * SNAPSHOT_PARTS_PER_BATCH)
+            .enumerate()
+        {
+            let mut batch = sled::Batch::default();
+            for (i, part) in group.chunks(SNAPSHOT_PART).enumerate() {
+                let number = (n * SNAPSHOT_PARTS_PER_BATCH + i) as u32;
+                batch.insert(snapshot_part_key(name, generation, number), part);
+            }
+            snapshots.apply_batch(batch)?;
         }
-        for i in parts as u32..old_parts {
-            batch.remove(snapshot_part_key(name, i));
+        let header = SnapshotHeader {
+            checkpoint_plus_one: checkpoint.map_or(0, |c| c + 1),
+            generation,
+            parts,
+            len: bytes.len() as u64,
+        };
+        snapshots.insert(name.as_bytes(), header.encode())?;
+        // Every other part: the generation replaced, and any a crash left.
+        let mut stale = Vec::new();
+        for item in snapshots.scan_prefix(snapshot_parts_prefix(name)) {
+            let (key, _) = item?;
+            // Ours: this generation and a part number below the count (a crash before
+            // any header was written may have left more parts under the same one).
+            let ours = key.len() == name.len() + 13
+                && key[name.len() + 1..name.len() + 9] == generation.to_be_bytes()
+                && key[name.len() + 9..] < parts.to_be_bytes()[..];
+            if !ours {
+                stale.push(key);
+            }
+            if stale.len() == SNAPSHOT_PARTS_PER_BATCH {
+                remove_all(snapshots, std::mem::take(&mut stale))?;
+            }
         }
-        self.inner.snapshots.apply_batch(batch)?;
+        remove_all(snapshots, stale)?;
         Ok(())
     }
 
     /// The last snapshot saved under `name`, with its checkpoint. One that is incomplete
     /// or in an unknown format is no snapshot (the projection replays from the start).
     pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
+        if check_snapshot_name(name).is_err() {
+            return Ok(None);
+        }
         let Some(v) = self.inner.snapshots.get(name.as_bytes())? else {
             return Ok(None);
         };
-        match v.first() {
-            // Format 1: the checkpoint and the bytes in the one value.
-            Some(1) if v.len() >= 9 => {
-                let c = be_u64(&v[1..9], "snapshot checkpoint")?;
-                Ok(Some((c.checked_sub(1), v[9..].to_vec())))
-            }
-            Some(2) if v.len() >= 21 => {
-                let c = be_u64(&v[1..9], "snapshot checkpoint")?;
-                let parts = be_u32(&v[9..13]);
-                let len = be_u64(&v[13..21], "snapshot length")?;
-                let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-                let (from, to) = (snapshot_part_key(name, 0), snapshot_part_key(name, parts));
-                let mut count = 0u32;
-                for item in self.inner.snapshots.range(from..to) {
-                    let (_, part) = item?;
-                    bytes.extend_from_slice(&part);
-                    count += 1;
-                }
-                if count != parts || bytes.len() as u64 != len {
-                    tracing::warn!(name, "snapshot incomplete; replaying from the start");
-                    return Ok(None);
-                }
-                Ok(Some((c.checked_sub(1), bytes)))
-            }
-            _ => Ok(None),
+        // Format 1: the checkpoint and the bytes in the one value.
+        if v.first() == Some(&1) && v.len() >= 9 {
+            let c = be_u64(&v[1..9], "snapshot checkpoint")?;
+            return Ok(Some((c.checked_sub(1), v[9..].to_vec())));
         }
+        let Some(h) = SnapshotHeader::parse(&v) else {
+            return Ok(None);
+        };
+        let from = snapshot_part_key(name, h.generation, 0);
+        let mut bytes = Vec::new();
+        let mut count = 0u64;
+        for item in self.inner.snapshots.range(from..) {
+            let (key, part) = item?;
+            if count == u64::from(h.parts)
+                || key.as_ref() != snapshot_part_key(name, h.generation, count as u32).as_slice()
+            {
+                break;
+            }
+            bytes.extend_from_slice(&part);
+            count += 1;
+            if bytes.len() as u64 > h.len {
+                break;
+            }
+        }
+        if count != u64::from(h.parts) || bytes.len() as u64 != h.len {
+            tracing::warn!(name, "snapshot incomplete; replaying from the start");
+            return Ok(None);
+        }
+        Ok(Some((h.checkpoint_plus_one.checked_sub(1), bytes)))
     }
 
     /// Raw access for `verify`.
@@ -632,20 +674,84 @@ impl SledStore {
     }
 }
 
-/// Bytes per part of a stored snapshot: 16 parts (a sled leaf) stay under sled's blob
-/// threshold, as log chunks do.
+/// Bytes per part of a stored snapshot: 17 parts (the most a sled leaf holds) stay under
+/// sled's blob threshold, as log chunks do.
 const SNAPSHOT_PART: usize = 7 * 1024;
+/// Parts written (or removed) per sled batch while a snapshot is saved: about 450 KB.
+const SNAPSHOT_PARTS_PER_BATCH: usize = 64;
 
-fn snapshot_part_key(name: &str, part: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(name.len() + 5);
+/// The value under a snapshot's name (format 3).
+struct SnapshotHeader {
+    checkpoint_plus_one: u64,
+    generation: u64,
+    parts: u32,
+    len: u64,
+}
+
+impl SnapshotHeader {
+    const FORMAT: u8 = 3;
+    const LEN: usize = 29;
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::LEN);
+        v.push(Self::FORMAT);
+        v.extend_from_slice(&self.checkpoint_plus_one.to_be_bytes());
+        v.extend_from_slice(&self.generation.to_be_bytes());
+        v.extend_from_slice(&self.parts.to_be_bytes());
+        v.extend_from_slice(&self.len.to_be_bytes());
+        v
+    }
+
+    /// `None` for another format or a damaged header.
+    fn parse(v: &[u8]) -> Option<Self> {
+        if v.len() != Self::LEN || v[0] != Self::FORMAT {
+            return None;
+        }
+        let u64_at = |i: usize| v.get(i..i + 8)?.try_into().ok().map(u64::from_be_bytes);
+        let h = SnapshotHeader {
+            checkpoint_plus_one: u64_at(1)?,
+            generation: u64_at(9)?,
+            parts: u32::from_be_bytes(v.get(17..21)?.try_into().ok()?),
+            len: u64_at(21)?,
+        };
+        // The parts must be able to hold the length, and no more.
+        (h.len.div_ceil(SNAPSHOT_PART as u64) == u64::from(h.parts)).then_some(h)
+    }
+}
+
+/// Snapshot names are ours (`publish-v1`); a 0x00 in one would mix its parts with
+/// another's.
+fn check_snapshot_name(name: &str) -> Result<(), StoreError> {
+    if name.is_empty() || name.contains('\0') {
+        return Err(StoreError::InvalidInput(format!("snapshot name {name:?}")));
+    }
+    Ok(())
+}
+
+fn snapshot_parts_prefix(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 13);
     k.extend_from_slice(name.as_bytes());
     k.push(0);
+    k
+}
+
+fn snapshot_part_key(name: &str, generation: u64, part: u32) -> Vec<u8> {
+    let mut k = snapshot_parts_prefix(name);
+    k.extend_from_slice(&generation.to_be_bytes());
     k.extend_from_slice(&part.to_be_bytes());
     k
 }
 
-fn be_u32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap_or_default())
+fn remove_all(tree: &sled::Tree, keys: Vec<sled::IVec>) -> Result<(), StoreError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    for k in keys {
+        batch.remove(k);
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -653,7 +759,8 @@ mod tests {
     use super::*;
 
     /// A snapshot saved by an earlier version (format 1: one value) still loads, and the
-    /// next save replaces it; a header whose parts are missing is no snapshot.
+    /// next save replaces it; a smaller save leaves no part of the larger behind; a
+    /// snapshot whose parts are missing, or whose header is damaged, is no snapshot.
     #[test]
     fn snapshots_of_the_earlier_format_load_and_incomplete_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
@@ -667,18 +774,48 @@ mod tests {
             store.load_snapshot("publish").unwrap(),
             Some((Some(41), b"old bytes".to_vec()))
         );
-        let bytes = vec![5u8; 3 * SNAPSHOT_PART + 1];
+        let parts_of = |s: &SledStore| {
+            s.inner
+                .snapshots
+                .scan_prefix(snapshot_parts_prefix("publish"))
+                .count()
+        };
+        let large = vec![5u8; 200 * SNAPSHOT_PART + 1];
+        store.save_snapshot("publish", Some(8), &large).unwrap();
+        assert_eq!(parts_of(&store), 201);
+        let bytes = vec![6u8; 3 * SNAPSHOT_PART + 1];
         store.save_snapshot("publish", Some(9), &bytes).unwrap();
+        assert_eq!(parts_of(&store), 4);
         assert_eq!(
             store.load_snapshot("publish").unwrap(),
             Some((Some(9), bytes))
         );
-        store
+        // A damaged header (its length disagrees with its part count) is no snapshot.
+        let mut h = store
             .inner
             .snapshots
-            .remove(snapshot_part_key("publish", 2))
-            .unwrap();
+            .get("publish")
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        h[21..29].copy_from_slice(&u64::MAX.to_be_bytes());
+        store.inner.snapshots.insert("publish", h.clone()).unwrap();
         assert_eq!(store.load_snapshot("publish").unwrap(), None);
+        h[21..29].copy_from_slice(&((3 * SNAPSHOT_PART + 1) as u64).to_be_bytes());
+        store.inner.snapshots.insert("publish", h).unwrap();
+        assert!(store.load_snapshot("publish").unwrap().is_some());
+        // A part gone: no snapshot.
+        let gone = store
+            .inner
+            .snapshots
+            .scan_prefix(snapshot_parts_prefix("publish"))
+            .nth(2)
+            .unwrap()
+            .unwrap()
+            .0;
+        store.inner.snapshots.remove(gone).unwrap();
+        assert_eq!(store.load_snapshot("publish").unwrap(), None);
+        assert!(store.save_snapshot("pub\0lish", None, b"x").is_err());
         store.close();
     }
 }
