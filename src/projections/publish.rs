@@ -49,7 +49,9 @@ struct Entries {
 #[derive(Serialize, Deserialize)]
 pub struct PublishSnapshot {
     pub max_attempts: u32,
-    pub products: Vec<ProductState>,
+    /// Boxed as the model keeps them, so a load moves each state in without a copy (a
+    /// box encodes as what it holds: the bytes are those of the states).
+    pub products: Vec<Box<ProductState>>,
     pub failure_times: Vec<i64>,
     pub parked: Vec<Parked>,
     pub parked_total: u64,
@@ -93,7 +95,7 @@ impl PublishSnapshot {
             };
             let sample = PublishSnapshot {
                 max_attempts: 3,
-                products: vec![product],
+                products: vec![Box::new(product)],
                 failure_times: vec![11],
                 parked: vec![Parked {
                     position: 12,
@@ -423,7 +425,7 @@ impl PublishModel {
     pub fn snapshot(&self) -> PublishSnapshot {
         PublishSnapshot {
             max_attempts: self.max_attempts,
-            products: self.products.values().map(|p| (**p).clone()).collect(),
+            products: self.products.values().cloned().collect(),
             failure_times: self.failure_times.clone(),
             parked: self.parked.clone(),
             parked_total: self.parked_total,
@@ -473,7 +475,7 @@ impl PublishModel {
             let (entries, flags) = (m.entries(&p), m.flags(&p));
             m.count(flags, 1);
             m.reindex(&key, Entries::default(), entries);
-            m.products.insert(key, Box::new(p));
+            m.products.insert(key, p);
         }
         m.failure_times = s.failure_times;
         m.parked = s.parked;
