@@ -422,7 +422,10 @@ impl PublishModel {
             .collect()
     }
 
-    pub fn snapshot(&self) -> PublishSnapshot {
+    /// The snapshot as an owned value: what [`Self::encode_snapshot`] must encode the same
+    /// (its test compares the two).
+    #[cfg(test)]
+    fn snapshot(&self) -> PublishSnapshot {
         PublishSnapshot {
             max_attempts: self.max_attempts,
             products: self.products.values().cloned().collect(),
