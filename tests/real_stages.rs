@@ -269,9 +269,10 @@ async fn real_subbands_become_a_published_mosaic_with_the_injected_sources() {
 
     // The injected sources in the published mosaic: each one the tiles cover well (the
     // mosaic's noise there within twice its best) comes back within a pixel of its
-    // position and within 10% of its flux (typically +1 to +4%). tools/stages/measure_sources.py fits each
-    // with an elliptical Gaussian and a background (scipy), positions through astropy's
-    // WCS: a measurement independent of the code that wrote the mosaic.
+    // position and within 10% of its flux (typically +1 to +4%).
+    // tools/stages/measure_sources.py fits each with an elliptical Gaussian and a
+    // background (scipy), positions through astropy's WCS: a measurement independent of
+    // the code that wrote the mosaic.
     let folder = Path::new(&mosaic_path);
     let noise = contimg::pipeline::mosaic::io::read_plane(&folder.join("noise.fits")).unwrap();
     let best_noise = noise

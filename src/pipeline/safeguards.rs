@@ -67,8 +67,9 @@ pub fn check(members: &[&GroupState], cfg: &MosaicConfig, work_root: &Path) -> R
 }
 
 /// Where a stage output an event names really is, beneath `root` with no symbolic link
-/// on the way or at the end, or why it is refused. Both are taken as absolute (against the working directory when relative, as the
-/// worker wrote them), so a relative data folder works.
+/// on the way or at the end, or why it is refused. Both are taken as absolute (against the
+/// working directory when relative, as the worker wrote them), so a relative data folder
+/// works.
 pub fn beneath(root: &Path, output: &str) -> Result<std::path::PathBuf, String> {
     let refused = |e: std::io::Error| {
         format!(
