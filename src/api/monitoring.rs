@@ -220,14 +220,14 @@ impl RowCache {
             if i > 0 {
                 out.push(',');
             }
-            match rows.get(p.data_id.as_str()) {
+            match rows.get(&*p.data_id) {
                 Some((revision, json)) if *revision == p.revision => out.push_str(json),
                 _ => {
                     let json: Arc<str> = serde_json::to_string(&FailedRow::new(p))
                         .expect("a row serializes")
                         .into();
                     out.push_str(&json);
-                    rows.insert(p.data_id.clone(), (p.revision, json));
+                    rows.insert(p.data_id.to_string(), (p.revision, json));
                 }
             }
         }

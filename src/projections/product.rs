@@ -1,7 +1,9 @@
 //! One product's state, folded from its stream. The publisher decides from it; the
 //! publish read model keeps one per product. Same fold, so the two never disagree.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,35 +86,173 @@ impl ProductEvent {
     }
 }
 
-/// Everything known about one product. Times are the commit times of the events
-/// (microseconds since the epoch), so a replay gives the same state every time.
+/// A short word many products share: a data type, a QA or a validation verdict. Each
+/// thread keeps one copy of every word it has met (up to [`MAX_WORDS`]), so a million
+/// products hold a million references to a handful of strings, not a million strings.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Word(Arc<str>);
+
+/// Most distinct words one thread keeps; any further word is its own copy.
+const MAX_WORDS: usize = 256;
+
+impl Word {
+    pub fn new(s: &str) -> Word {
+        thread_local! {
+            static WORDS: RefCell<HashSet<Arc<str>, foldhash::fast::FixedState>> =
+                RefCell::new(HashSet::default());
+        }
+        WORDS.with_borrow_mut(|words| {
+            if let Some(w) = words.get(s) {
+                return Word(w.clone());
+            }
+            let w: Arc<str> = Arc::from(s);
+            if words.len() < MAX_WORDS {
+                words.insert(w.clone());
+            }
+            Word(w)
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Word {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for Word {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl Serialize for Word {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Word {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Word, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Word::new(&s))
+    }
+}
+
+/// A recorded checksum: the 32 bytes of a bare 64-digit lowercase hex digest (what the
+/// publisher records for a file), or any other text as it was written. Either gives back
+/// the exact text recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Checksum {
+    Hex([u8; 32]),
+    Text(Box<str>),
+}
+
+impl Checksum {
+    pub fn new(s: String) -> Checksum {
+        let b = s.as_bytes();
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        if b.len() == 64 {
+            let mut out = [0u8; 32];
+            let whole = out.iter_mut().enumerate().all(|(i, o)| {
+                match (digit(b[2 * i]), digit(b[2 * i + 1])) {
+                    (Some(h), Some(l)) => {
+                        *o = h << 4 | l;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if whole {
+                return Checksum::Hex(out);
+            }
+        }
+        Checksum::Text(s.into_boxed_str())
+    }
+
+    /// The text as recorded.
+    pub fn text(&self) -> String {
+        match self {
+            Checksum::Hex(b) => {
+                const DIGITS: &[u8; 16] = b"0123456789abcdef";
+                let mut s = String::with_capacity(64);
+                for x in b {
+                    s.push(DIGITS[(x >> 4) as usize] as char);
+                    s.push(DIGITS[(x & 15) as usize] as char);
+                }
+                s
+            }
+            Checksum::Text(t) => t.to_string(),
+        }
+    }
+}
+
+/// The last failed attempt; kept apart, since most products never fail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastFailure {
+    /// At most [`MAX_ERROR_CHARS`] characters.
+    pub error: Box<str>,
+    pub retryable: bool,
+    /// Commit time of the `PublishFailed`.
+    pub at: i64,
+    /// When the automatic publisher may try again; cleared by the next start, success or
+    /// operator retry.
+    pub next_retry_at: Option<i64>,
+}
+
+/// Everything known about one product, kept compact: a server holds one per product.
+/// Times are the commit times of the events (microseconds since the epoch), so a replay
+/// gives the same state every time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProductState {
-    pub data_id: String,
-    pub data_type: String,
-    pub stage_path: String,
-    pub checksum: Option<String>,
+    /// Shared with the read model's indexes.
+    pub data_id: Arc<str>,
+    pub data_type: Word,
+    pub stage_path: Box<str>,
+    pub checksum: Option<Checksum>,
     pub size_bytes: Option<u64>,
-    pub qa_status: Option<String>,
-    pub validation_status: Option<String>,
+    pub qa_status: Option<Word>,
+    pub validation_status: Option<Word>,
+    /// `None` when empty (most products): 8 bytes a product rather than an empty map's 24.
+    #[allow(clippy::box_collection)]
+    metadata: Option<Box<BTreeMap<String, String>>>,
     pub auto_publish: bool,
-    pub metadata: BTreeMap<String, String>,
     pub status: ProductStatus,
     /// Automatic attempts since the last operator retry.
     pub publish_attempts: u32,
     /// Every attempt ever; never decreases.
     pub total_attempts: u32,
-    pub last_error: Option<String>,
-    pub last_error_retryable: bool,
-    pub next_retry_at: Option<i64>,
+    /// Commit time of the registration: when the product was created and staged.
     pub created_at: i64,
-    pub staged_at: i64,
-    pub last_failure_at: Option<i64>,
     pub publishing_since: Option<i64>,
     pub published_at: Option<i64>,
-    pub published_path: Option<String>,
     /// Where the running or last publish was headed.
-    pub destination: Option<String>,
+    pub destination: Option<Arc<str>>,
+    /// Shares the destination's text when the two are the same (as they are unless the
+    /// rule changed between start and success).
+    pub published_path: Option<Arc<str>>,
+    pub failure: Option<Box<LastFailure>>,
     /// Revision of the stream's last event.
     pub revision: u64,
 }
@@ -141,78 +281,134 @@ fn parse_time(s: &Option<String>) -> Option<i64> {
 impl ProductState {
     /// State after the first event of the stream; `None` unless it is a registration.
     pub fn start(e: ProductEvent, at: i64, revision: u64) -> Option<ProductState> {
+        let ProductEvent::Registered(r) = &e else {
+            return None;
+        };
+        let id = Arc::from(r.data_id.as_str());
+        Self::start_as(e, id, at, revision)
+    }
+
+    /// [`ProductState::start`] filed under `id` (the stream's), whatever the payload says.
+    pub fn start_as(e: ProductEvent, id: Arc<str>, at: i64, revision: u64) -> Option<ProductState> {
         let ProductEvent::Registered(r) = e else {
             return None;
         };
         Some(ProductState {
-            data_id: r.data_id,
-            data_type: r.data_type,
-            stage_path: r.stage_path,
-            checksum: r.checksum,
+            data_id: id,
+            data_type: Word::new(&r.data_type),
+            stage_path: r.stage_path.into_boxed_str(),
+            checksum: r.checksum.map(Checksum::new),
             size_bytes: r.size_bytes,
-            qa_status: r.qa_status,
-            validation_status: r.validation_status,
+            qa_status: r.qa_status.as_deref().map(Word::new),
+            validation_status: r.validation_status.as_deref().map(Word::new),
+            metadata: (!r.metadata.is_empty()).then(|| Box::new(r.metadata)),
             auto_publish: r.auto_publish,
-            metadata: r.metadata,
             status: ProductStatus::Staging,
             publish_attempts: 0,
             total_attempts: 0,
-            last_error: None,
-            last_error_retryable: false,
-            next_retry_at: None,
             created_at: at,
-            staged_at: at,
-            last_failure_at: None,
             publishing_since: None,
             published_at: None,
-            published_path: None,
             destination: None,
+            published_path: None,
+            failure: None,
             revision,
         })
     }
 
-    /// Folds one later event in (its strings are moved, not copied). Cannot fail:
-    /// decoding already happened.
+    /// Folds one later event in. Cannot fail: decoding already happened.
     pub fn apply(&mut self, e: ProductEvent, at: i64, revision: u64) {
         self.revision = revision;
         match e {
             ProductEvent::Registered(_) => {}
             ProductEvent::Finalized(f) => {
-                if f.qa_status.is_some() {
-                    self.qa_status = f.qa_status;
+                if let Some(q) = f.qa_status {
+                    self.qa_status = Some(Word::new(&q));
                 }
-                if f.validation_status.is_some() {
-                    self.validation_status = f.validation_status;
+                if let Some(v) = f.validation_status {
+                    self.validation_status = Some(Word::new(&v));
                 }
             }
             ProductEvent::PublishStarted(s) => {
                 self.status = ProductStatus::Publishing;
                 self.publishing_since = Some(at);
                 self.total_attempts += 1;
-                self.destination = Some(s.destination);
-                self.next_retry_at = None;
+                self.destination = Some(Arc::from(s.destination));
+                self.clear_retry();
             }
             ProductEvent::PublishSucceeded(s) => {
                 self.status = ProductStatus::Published;
                 self.publishing_since = None;
                 self.published_at = Some(at);
-                self.published_path = Some(s.published_path);
-                self.next_retry_at = None;
+                self.published_path = Some(match &self.destination {
+                    Some(d) if **d == *s.published_path => d.clone(),
+                    _ => Arc::from(s.published_path),
+                });
+                self.clear_retry();
             }
             ProductEvent::PublishFailed(f) => {
                 self.status = ProductStatus::Staging;
                 self.publishing_since = None;
                 self.publish_attempts = self.publish_attempts.max(f.attempt);
-                self.last_error = Some(truncate_error(&f.error));
-                self.last_error_retryable = f.retryable;
-                self.last_failure_at = Some(at);
-                self.next_retry_at = parse_time(&f.next_retry_at);
+                self.failure = Some(Box::new(LastFailure {
+                    error: truncate_error(&f.error).into_boxed_str(),
+                    retryable: f.retryable,
+                    at,
+                    next_retry_at: parse_time(&f.next_retry_at),
+                }));
             }
             ProductEvent::RetryRequested(_) => {
                 self.publish_attempts = 0;
-                self.next_retry_at = None;
+                self.clear_retry();
             }
         }
+    }
+
+    /// One copy of the published path and the destination when they say the same (a
+    /// snapshot's decoding gives each its own).
+    pub fn share_paths(&mut self) {
+        if let (Some(d), Some(p)) = (&self.destination, &self.published_path)
+            && d == p
+            && !Arc::ptr_eq(d, p)
+        {
+            self.published_path = Some(d.clone());
+        }
+    }
+
+    fn clear_retry(&mut self) {
+        if let Some(f) = &mut self.failure {
+            f.next_retry_at = None;
+        }
+    }
+
+    /// When the product was staged: its registration (the same as `created_at`).
+    pub fn staged_at(&self) -> i64 {
+        self.created_at
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+        self.metadata.as_deref().unwrap_or(&EMPTY)
+    }
+
+    pub fn checksum_text(&self) -> Option<String> {
+        self.checksum.as_ref().map(Checksum::text)
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.failure.as_ref().map(|f| &*f.error)
+    }
+
+    pub fn last_error_retryable(&self) -> bool {
+        self.failure.as_ref().is_some_and(|f| f.retryable)
+    }
+
+    pub fn last_failure_at(&self) -> Option<i64> {
+        self.failure.as_ref().map(|f| f.at)
+    }
+
+    pub fn next_retry_at(&self) -> Option<i64> {
+        self.failure.as_ref().and_then(|f| f.next_retry_at)
     }
 
     /// Folds a whole stream read from the ledger.
@@ -254,11 +450,95 @@ impl ProductState {
         }
         if self.publish_attempts == 0 {
             // Never tried since registration or since an operator's retry.
-            return Some(self.last_failure_at.unwrap_or(self.staged_at));
+            return Some(self.last_failure_at().unwrap_or(self.created_at));
         }
-        if self.last_error_retryable && self.publish_attempts < max_attempts {
-            return self.next_retry_at;
+        if self.last_error_retryable() && self.publish_attempts < max_attempts {
+            return self.next_retry_at();
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checksum gives back exactly the text recorded: a bare lowercase digest is kept as
+    /// its 32 bytes, anything else (upper case, a prefix, another length) as text.
+    #[test]
+    fn a_checksum_gives_back_the_text_recorded() {
+        let digest = blake3::hash(b"x").to_hex().to_string();
+        let c = Checksum::new(digest.clone());
+        assert!(matches!(c, Checksum::Hex(_)));
+        assert_eq!(c.text(), digest);
+        for other in [
+            digest.to_uppercase(),
+            format!("tree:{digest}"),
+            digest[..62].to_string(),
+            format!("{}g", &digest[..63]),
+            String::new(),
+        ] {
+            let c = Checksum::new(other.clone());
+            assert!(matches!(c, Checksum::Text(_)), "{other:?}");
+            assert_eq!(c.text(), other);
+        }
+    }
+
+    /// Products of one type share its word, and a state loaded from its encoding shares
+    /// one copy of the published path and the destination again, as folding made it.
+    #[test]
+    fn words_and_equal_paths_are_shared() {
+        let (a, b) = (Word::new("image"), Word::new("image"));
+        assert!(Arc::ptr_eq(&a.0, &b.0));
+        assert_eq!(a, *"image");
+        let registered = |id: &str| {
+            ProductEvent::Registered(ProductRegistered {
+                data_id: id.into(),
+                data_type: "image".into(),
+                stage_path: format!("/stage/{id}.fits"),
+                checksum: None,
+                size_bytes: None,
+                qa_status: None,
+                validation_status: None,
+                auto_publish: true,
+                metadata: Default::default(),
+            })
+        };
+        let mut s = ProductState::start(registered("a"), 1, 0).unwrap();
+        let t = ProductState::start(registered("b"), 1, 0).unwrap();
+        assert!(Arc::ptr_eq(&s.data_type.0, &t.data_type.0));
+        s.apply(
+            ProductEvent::PublishStarted(PublishStarted {
+                attempt: 1,
+                destination: "/p/a.fits".into(),
+                trigger: "auto".into(),
+            }),
+            2,
+            1,
+        );
+        s.apply(
+            ProductEvent::PublishSucceeded(PublishSucceeded {
+                published_path: "/p/a.fits".into(),
+                checksum: None,
+                duration_ms: 1,
+                recovered: false,
+            }),
+            3,
+            2,
+        );
+        let same = |s: &ProductState| {
+            Arc::ptr_eq(
+                s.destination.as_ref().unwrap(),
+                s.published_path.as_ref().unwrap(),
+            )
+        };
+        assert!(same(&s));
+        let bytes = bincode::serde::encode_to_vec(&s, bincode::config::standard()).unwrap();
+        let (mut back, _): (ProductState, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert!(!same(&back));
+        back.share_paths();
+        assert!(same(&back));
+        assert_eq!(back, s);
     }
 }

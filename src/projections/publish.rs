@@ -8,8 +8,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::product::{ProductEvent, ProductState, ProductStatus};
+use super::product::{Checksum, ProductEvent, ProductState, ProductStatus};
 use crate::events::RecordedEvent;
+use crate::events::catalogue::{
+    ProductRegistered, PublishFailed, PublishStarted, PublishSucceeded,
+};
 
 pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
@@ -68,7 +71,7 @@ impl PublishSnapshot {
     pub fn format() -> [u8; 8] {
         static FORMAT: std::sync::OnceLock<[u8; 8]> = std::sync::OnceLock::new();
         *FORMAT.get_or_init(|| {
-            let product = ProductState {
+            let registered = ProductRegistered {
                 data_id: "i".into(),
                 data_type: "t".into(),
                 stage_path: "s".into(),
@@ -78,21 +81,50 @@ impl PublishSnapshot {
                 validation_status: Some("v".into()),
                 auto_publish: true,
                 metadata: [("k".to_string(), "v".to_string())].into_iter().collect(),
-                status: ProductStatus::Publishing,
-                publish_attempts: 2,
-                total_attempts: 3,
-                last_error: Some("e".into()),
-                last_error_retryable: true,
-                next_retry_at: Some(4),
-                created_at: 5,
-                staged_at: 6,
-                last_failure_at: Some(7),
-                publishing_since: Some(8),
-                published_at: Some(9),
-                published_path: Some("p".into()),
-                destination: Some("d".into()),
-                revision: 10,
             };
+            let mut product = ProductState::start(ProductEvent::Registered(registered), 5, 0)
+                .expect("a registration starts a product");
+            let started = PublishStarted {
+                attempt: 1,
+                destination: "d".into(),
+                trigger: "auto".into(),
+            };
+            product.apply(ProductEvent::PublishStarted(started.clone()), 6, 1);
+            product.apply(
+                ProductEvent::PublishSucceeded(PublishSucceeded {
+                    published_path: "p".into(),
+                    checksum: None,
+                    duration_ms: 1,
+                    recovered: false,
+                }),
+                7,
+                2,
+            );
+            product.apply(ProductEvent::PublishStarted(started), 8, 3);
+            product.apply(
+                ProductEvent::PublishFailed(PublishFailed {
+                    attempt: 2,
+                    error: "e".into(),
+                    retryable: true,
+                    interrupted: false,
+                    next_retry_at: Some("2026-01-01T00:00:00Z".into()),
+                }),
+                9,
+                4,
+            );
+            product.apply(
+                ProductEvent::PublishStarted(PublishStarted {
+                    attempt: 3,
+                    destination: "d".into(),
+                    trigger: "auto".into(),
+                }),
+                10,
+                5,
+            );
+            product.checksum = Some(Checksum::Hex([0; 32]));
+            // Every optional field filled in, the failure's retry time included.
+            product.failure.as_mut().expect("failed once").next_retry_at = Some(11);
+            assert!(product.publishing_since.is_some() && product.published_at.is_some());
             let sample = PublishSnapshot {
                 max_attempts: 3,
                 products: vec![Box::new(product)],
@@ -200,10 +232,13 @@ impl PublishModel {
 
     fn entries(&self, p: &ProductState) -> Entries {
         Entries {
-            failed: p
-                .is_failed()
-                .then(|| (p.publish_attempts, p.last_failure_at.unwrap_or(p.staged_at))),
-            staging_since: (p.status == ProductStatus::Staging).then_some(p.staged_at),
+            failed: p.is_failed().then(|| {
+                (
+                    p.publish_attempts,
+                    p.last_failure_at().unwrap_or(p.created_at),
+                )
+            }),
+            staging_since: (p.status == ProductStatus::Staging).then_some(p.created_at),
             publishing_since: p.publishing_since,
             due_at: p.auto_due_at(self.max_attempts),
         }
@@ -324,12 +359,11 @@ impl PublishModel {
             self.reindex(&key, before, after);
         } else {
             let ty = event.type_name();
-            match ProductState::start(event, r.created_micros, r.revision) {
-                Some(mut p) => {
-                    // The stream names the product; a payload that says otherwise does not
-                    // get to file it under another id.
-                    p.data_id = id.to_string();
-                    let key: Id = Arc::from(id);
+            // The stream names the product; a payload that says otherwise does not get to
+            // file it under another id.
+            let key: Id = Arc::from(id);
+            match ProductState::start_as(event, key.clone(), r.created_micros, r.revision) {
+                Some(p) => {
                     let (entries, flags) = (self.entries(&p), self.flags(&p));
                     self.count(flags, 1);
                     self.reindex(&key, Entries::default(), entries);
@@ -410,7 +444,7 @@ impl PublishModel {
             .iter()
             .chain(self.publishing_by_age.iter())
             .filter_map(|(_, id)| self.products.get(id.as_ref()))
-            .find(|p| p.data_id != except && paths_overlap(&p.stage_path, path))
+            .find(|p| &*p.data_id != except && paths_overlap(&p.stage_path, path))
             .map(|p| &**p)
     }
 
@@ -473,8 +507,9 @@ impl PublishModel {
     /// one the snapshot was taken with).
     pub fn from_snapshot(s: PublishSnapshot, max_attempts: u32) -> Self {
         let mut m = PublishModel::new(max_attempts);
-        for p in s.products {
-            let key: Id = Arc::from(p.data_id.as_str());
+        for mut p in s.products {
+            p.share_paths();
+            let key: Id = p.data_id.clone();
             let (entries, flags) = (m.entries(&p), m.flags(&p));
             m.count(flags, 1);
             m.reindex(&key, Entries::default(), entries);
@@ -581,7 +616,7 @@ mod tests {
     }
 
     fn ids(v: Vec<&ProductState>) -> Vec<&str> {
-        v.into_iter().map(|p| p.data_id.as_str()).collect()
+        v.into_iter().map(|p| &*p.data_id).collect()
     }
 
     /// The snapshot encoded straight from the model is byte for byte the encoding of

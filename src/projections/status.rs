@@ -79,10 +79,10 @@ pub fn stuck(
     limit: usize,
 ) -> (Vec<StuckRow>, Vec<StuckRow>) {
     let row = |p: &ProductState, since: i64| StuckRow {
-        data_id: p.data_id.clone(),
-        data_type: p.data_type.clone(),
+        data_id: p.data_id.to_string(),
+        data_type: p.data_type.to_string(),
         status: p.status.as_str(),
-        stage_path: p.stage_path.clone(),
+        stage_path: p.stage_path.to_string(),
         since: since as f64 / 1e6,
         hours: hours_between(since, now),
         publish_attempts: p.publish_attempts,
@@ -93,7 +93,7 @@ pub fn stuck(
         m.stuck_staging(staging_cutoff)
             .into_iter()
             .take(limit)
-            .map(|p| row(p, p.staged_at))
+            .map(|p| row(p, p.staged_at()))
             .collect(),
         m.stuck_publishing(publishing_cutoff)
             .into_iter()
@@ -115,7 +115,9 @@ pub fn publish_status(m: &PublishModel, now: i64) -> PublishStatus {
         success_rate_percent: m.success_rate_percent(),
         recent_failures_24h: m.failures_within(now, 24 * MICROS_PER_HOUR),
         recent_failures_1h: m.failures_within(now, MICROS_PER_HOUR),
-        oldest_staging_hours: m.oldest_staging().map(|p| hours_between(p.staged_at, now)),
+        oldest_staging_hours: m
+            .oldest_staging()
+            .map(|p| hours_between(p.staged_at(), now)),
         ledger_position: m.last_position(),
         timestamp: format_time(crate::events::record::micros_to_datetime(now)),
     }
@@ -150,19 +152,19 @@ pub struct FailedRow {
 impl FailedRow {
     pub fn new(p: &ProductState) -> Self {
         FailedRow {
-            data_id: p.data_id.clone(),
-            data_type: p.data_type.clone(),
-            stage_path: p.stage_path.clone(),
+            data_id: p.data_id.to_string(),
+            data_type: p.data_type.to_string(),
+            stage_path: p.stage_path.to_string(),
             publish_attempts: p.publish_attempts,
-            publish_error: p.last_error.clone(),
-            staged_at: p.staged_at as f64 / 1e6,
+            publish_error: p.last_error().map(str::to_string),
+            staged_at: p.staged_at() as f64 / 1e6,
             created_at: p.created_at as f64 / 1e6,
             total_attempts: p.total_attempts,
-            last_failed_at: p.last_failure_at.map(|t| t as f64 / 1e6),
+            last_failed_at: p.last_failure_at().map(|t| t as f64 / 1e6),
             next_retry_at: p
-                .next_retry_at
+                .next_retry_at()
                 .map(|t| format_time(crate::events::record::micros_to_datetime(t))),
-            retryable: p.last_error_retryable,
+            retryable: p.last_error_retryable(),
         }
     }
 }

@@ -93,7 +93,7 @@ pub fn decide(
         (Some(s), command) => (s, command),
     };
     let (state, command) = s;
-    let id = || state.data_id.clone();
+    let id = || state.data_id.to_string();
     match command {
         Command::Register { .. } => unreachable!("handled above"),
         Command::Finalize {
@@ -155,7 +155,7 @@ pub fn decide(
         } => Ok(vec![match outcome {
             Ok(path) => ProductEvent::PublishSucceeded(PublishSucceeded {
                 published_path: path.display().to_string(),
-                checksum: state.checksum.clone(),
+                checksum: state.checksum_text(),
                 duration_ms,
                 recovered: false,
             }),
@@ -186,7 +186,7 @@ pub fn decide(
             Ok(vec![match complete {
                 Some(path) => ProductEvent::PublishSucceeded(PublishSucceeded {
                     published_path: path.display().to_string(),
-                    checksum: state.checksum.clone(),
+                    checksum: state.checksum_text(),
                     duration_ms: 0,
                     recovered: true,
                 }),
@@ -215,8 +215,8 @@ pub fn decide(
 /// it again and check it where they use it.
 pub fn destination(products_root: &Path, state: &ProductState) -> PathBuf {
     products_root.join(type_dir(&state.data_type)).join(
-        Path::new(&state.stage_path).file_name().map_or_else(
-            || state.data_id.clone(),
+        Path::new(&*state.stage_path).file_name().map_or_else(
+            || state.data_id.to_string(),
             |n| n.to_string_lossy().to_string(),
         ),
     )

@@ -547,7 +547,7 @@ impl Publisher {
                 let other = claimed.or_else(|| {
                     projections.read(|m| {
                         m.unpublished_overlapping(path, &id)
-                            .map(|p| p.data_id.clone())
+                            .map(|p| p.data_id.to_string())
                     })
                 });
                 if other.is_none() {
@@ -683,12 +683,12 @@ impl Publisher {
         // files away: the attempt fails, and the ledger says why.
         let overlapping = self.inner.projections.read(|m| {
             m.unpublished_overlapping(&state.stage_path, id)
-                .map(|p| p.data_id.clone())
+                .map(|p| p.data_id.to_string())
         });
         let inner = self.inner.clone();
         let (stage_path, checksum, data_type) = (
             state.stage_path.clone(),
-            state.checksum.clone(),
+            state.checksum_text(),
             state.data_type.clone(),
         );
         let moved = tokio::task::spawn_blocking(move || {
@@ -747,7 +747,7 @@ impl Publisher {
         let ids: Vec<String> = self.inner.projections.read(|m| {
             m.failed(max_attempts, limit)
                 .into_iter()
-                .map(|p| p.data_id.clone())
+                .map(|p| p.data_id.to_string())
                 .collect()
         });
         let mut out = Vec::with_capacity(ids.len());
@@ -773,7 +773,7 @@ impl Publisher {
         let stuck: Vec<String> = self.inner.projections.read(|m| {
             m.publishing()
                 .into_iter()
-                .map(|p| p.data_id.clone())
+                .map(|p| p.data_id.to_string())
                 .collect()
         });
         let mut settled = 0;
@@ -785,7 +785,7 @@ impl Publisher {
             let inner = self.inner.clone();
             let (stage_path, checksum, data_type) = (
                 state.stage_path.clone(),
-                state.checksum.clone(),
+                state.checksum_text(),
                 state.data_type.clone(),
             );
             let found = tokio::task::spawn_blocking(move || {
