@@ -313,6 +313,9 @@ pub struct LedgerSection {
     /// refused (HTTP 507) until space is freed, instead of the store running out mid-write.
     /// 0 turns the check off.
     pub reserve_mb: f64,
+    /// sled's page cache (MiB): what the server keeps in memory of the log and its indexes
+    /// between reads. sled may hold up to about three times this. Not used on PostgreSQL.
+    pub cache_mb: f64,
 }
 
 impl Default for LedgerSection {
@@ -320,6 +323,7 @@ impl Default for LedgerSection {
         LedgerSection {
             url: None,
             reserve_mb: (crate::events::store::DEFAULT_RESERVE_BYTES / (1024 * 1024)) as f64,
+            cache_mb: (crate::events::store::DEFAULT_CACHE_BYTES / (1024 * 1024)) as f64,
         }
     }
 }
@@ -327,6 +331,10 @@ impl Default for LedgerSection {
 impl LedgerSection {
     pub fn reserve_bytes(&self) -> u64 {
         (self.reserve_mb * 1024.0 * 1024.0) as u64
+    }
+
+    pub fn cache_bytes(&self) -> u64 {
+        (self.cache_mb * 1024.0 * 1024.0) as u64
     }
 }
 
@@ -472,6 +480,7 @@ impl Config {
             7.0 * 1440.0,
         )?;
         non_negative("ledger.reserve_mb", self.ledger.reserve_mb, 1024.0 * 1024.0)?;
+        positive("ledger.cache_mb", self.ledger.cache_mb, 1024.0 * 1024.0)?;
         if let Some(url) = &self.ledger.url {
             url.parse::<tokio_postgres::Config>().map_err(|e| {
                 anyhow::anyhow!(

@@ -92,7 +92,15 @@ pub fn ledger_url(flag: Option<String>, other_source_given: bool) -> Option<Stri
 
 /// Opens a ledger this process reads and writes directly: the PostgreSQL database at
 /// `ledger`, or else the sled folder `data_dir` (made when `create`, else it must exist).
-pub fn open_store(ledger: Option<&str>, data_dir: &Path, create: bool) -> anyhow::Result<Store> {
+/// Opens the ledger at `ledger` (PostgreSQL) or in `data_dir` (sled, with a page cache of
+/// `cache_bytes`). Without `create`, an empty PostgreSQL database or a missing folder is
+/// an error: the read-only tools make nothing.
+pub fn open_store(
+    ledger: Option<&str>,
+    data_dir: &Path,
+    create: bool,
+    cache_bytes: u64,
+) -> anyhow::Result<Store> {
     match ledger {
         Some(url) if create => {
             Store::connect(url, data_dir).context("opening the PostgreSQL ledger")
@@ -107,7 +115,7 @@ pub fn open_store(ledger: Option<&str>, data_dir: &Path, create: bool) -> anyhow
                     data_dir.display()
                 );
             }
-            Store::open(data_dir)
+            Store::open_cached(data_dir, cache_bytes)
                 .with_context(|| format!("opening ledger at {}", data_dir.display()))
         }
     }
@@ -124,7 +132,12 @@ pub fn open_source(
         return Ok(Ledger::Remote(RemoteLedger::new(&url, token)?));
     }
     let dir = data_dir.unwrap_or_else(|| PathBuf::from("./var"));
-    Ok(Ledger::Local(open_store(ledger.as_deref(), &dir, false)?))
+    Ok(Ledger::Local(open_store(
+        ledger.as_deref(),
+        &dir,
+        false,
+        crate::events::store::SCAN_CACHE_BYTES,
+    )?))
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
@@ -203,7 +216,12 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     else {
         bail!("give --data-dir DIR or --ledger postgres://...");
     };
-    let store = open_store(ledger.as_deref(), &dir, true)?;
+    let store = open_store(
+        ledger.as_deref(),
+        &dir,
+        true,
+        crate::events::store::DEFAULT_CACHE_BYTES,
+    )?;
     if store.event_count() != 0 {
         bail!(
             "ledger at {} already holds {} events; import only into an empty ledger",
@@ -237,7 +255,12 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("./var"));
-    let store = open_store(ledger.as_deref(), &dir, false)?;
+    let store = open_store(
+        ledger.as_deref(),
+        &dir,
+        false,
+        crate::events::store::SCAN_CACHE_BYTES,
+    )?;
     let bar = progress(Some(store.event_count()), "verifying");
     let report = crate::events::verify::verify(&store, |n| bar.set_position(n))
         .with_context(|| format!("reading ledger at {}", store.describe()))?;

@@ -350,7 +350,12 @@ fn serve_on(
     let mode = args.mode;
     rt.block_on(async move {
         let data_dir = config.ledger_dir();
-        let store = logtools::open_store(config.ledger.url.as_deref(), &data_dir, true)?;
+        let store = logtools::open_store(
+            config.ledger.url.as_deref(),
+            &data_dir,
+            true,
+            config.ledger.cache_bytes(),
+        )?;
         store.set_reserve_bytes(config.ledger.reserve_bytes());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -48,6 +48,16 @@ pub const STORE_ENTRIES: &[&str] = &[LOCK_FILE, LOG_DIR];
 /// commits are refused below it ([`StoreError::NoSpace`]).
 pub const DEFAULT_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// sled's page cache for a server (`[ledger] cache_mb`): what it keeps of the log and its
+/// indexes between reads. sled holds up to about three times this (it counts a page by
+/// its stored size, not the size it takes once read).
+pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// sled's page cache for the tools that read the log once, in order (`audit`, `report`,
+/// `export`, `verify`): a page is not read twice, so a larger cache would only hold
+/// what has been folded already.
+pub const SCAN_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Most events one append request may carry.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 
@@ -166,11 +176,18 @@ impl Store {
     /// Opens (creating if needed) the sled ledger in `dir`. Fails at once, naming the
     /// folder and the owner's pid, when another process holds it.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Self::open_cached(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Store::open`] with sled's page cache set to `cache_bytes` (see
+    /// [`DEFAULT_CACHE_BYTES`] and [`SCAN_CACHE_BYTES`]).
+    pub fn open_cached(dir: impl AsRef<Path>, cache_bytes: u64) -> Result<Store, StoreError> {
         let timings = Timings::default();
         Ok(Store {
             backend: Backend::Sled(self::sled::SledStore::open(
                 dir,
                 timings.sync_seconds.clone(),
+                cache_bytes,
             )?),
             timings,
         })

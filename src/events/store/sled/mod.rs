@@ -33,7 +33,9 @@
 //!
 //! Tunable numbers (besides the store's, in `store/mod.rs`): a log chunk is filled while
 //! it stays under 7 KiB (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk
-//! of its own); sled's page cache is 256 MiB (`open_sled`).
+//! of its own); sled's page cache is `[ledger] cache_mb` for the server
+//! (`store::DEFAULT_CACHE_BYTES`) and `store::SCAN_CACHE_BYTES` for the tools that read
+//! the log once, in order. sled holds up to about three times the figure it is given.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -168,10 +170,8 @@ impl Iterator for LogIter {
 /// sled's that is still taken can only be this process's: a store closed a moment ago,
 /// whose sled thread has not yet let go of its file. That is waited out (up to 5 s), not
 /// reported as another owner.
-fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
-    let config = sled::Config::new()
-        .path(dir)
-        .cache_capacity(256 * 1024 * 1024);
+fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
+    let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match config.open() {
@@ -219,6 +219,7 @@ impl SledStore {
     pub fn open(
         dir: impl AsRef<Path>,
         sync_seconds: prometheus_client::metrics::histogram::Histogram,
+        cache_bytes: u64,
     ) -> Result<SledStore, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Folder {
@@ -228,7 +229,7 @@ impl SledStore {
         let lock = lock_folder(&dir)?;
         let sled_dir = dir.join(LOG_DIR);
         let fresh = !sled_dir.exists();
-        let db = open_sled(&sled_dir).map_err(|e| StoreError::Folder {
+        let db = open_sled(&sled_dir, cache_bytes).map_err(|e| StoreError::Folder {
             path: sled_dir.clone(),
             source: match e {
                 sled::Error::Io(io) => io,
@@ -765,7 +766,12 @@ mod tests {
     fn snapshots_of_the_earlier_format_load_and_incomplete_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let timings = crate::events::store::Timings::default();
-        let store = SledStore::open(dir.path(), timings.sync_seconds.clone()).unwrap();
+        let store = SledStore::open(
+            dir.path(),
+            timings.sync_seconds.clone(),
+            crate::events::store::DEFAULT_CACHE_BYTES,
+        )
+        .unwrap();
         let mut v = vec![1u8];
         v.extend_from_slice(&42u64.to_be_bytes());
         v.extend_from_slice(b"old bytes");
