@@ -245,7 +245,7 @@ pub struct PipelineState {
     /// Mosaic groups by id, and the order they were decided in.
     pub mosaics: HashMap<String, MosaicState>,
     pub mosaic_order: Vec<String>,
-    /// Every registered product id.
+    /// Every registered product the pipeline names (`worker::pipeline_product`).
     pub products: HashSet<String>,
     /// Events of the pipeline's categories whose payload did not decode: counted and
     /// kept aside (the first ones, with the reason), never silently dropped.
@@ -303,7 +303,14 @@ impl PipelineState {
             }
             "group" => self.apply_group(e, at),
             "mosaic" => self.apply_mosaic(e, at),
-            "product" if e.event_type == ProductRegistered::TYPE => {
+            // Only the pipeline's own products matter here; the others (a million on a
+            // large ledger) are the publish model's, and are not even decoded.
+            "product"
+                if e.event_type == ProductRegistered::TYPE
+                    && e.stream_id
+                        .split_once('-')
+                        .is_some_and(|(_, id)| super::worker::pipeline_product(id)) =>
+            {
                 if let Some(p) = decode::<ProductRegistered>(e, &mut self.parked) {
                     self.products.insert(p.data_id);
                 }

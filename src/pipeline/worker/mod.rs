@@ -703,12 +703,21 @@ pub fn mosaic_id(members: &[GroupState]) -> String {
     )
 }
 
+const MOSAIC_PRODUCT: &str = "mosaic-";
+const IMAGE_PRODUCT: &str = "image-";
+
 pub fn mosaic_product(id: &str) -> String {
-    format!("mosaic-{id}")
+    format!("{MOSAIC_PRODUCT}{id}")
 }
 
 pub fn image_product(group: &str) -> String {
-    format!("image-{group}")
+    format!("{IMAGE_PRODUCT}{group}")
+}
+
+/// Whether `id` is named as the pipeline names its products ([`image_product`],
+/// [`mosaic_product`]).
+pub fn pipeline_product(id: &str) -> bool {
+    id.starts_with(IMAGE_PRODUCT) || id.starts_with(MOSAIC_PRODUCT)
 }
 
 #[cfg(test)]
