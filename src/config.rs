@@ -314,7 +314,7 @@ pub struct LedgerSection {
     /// 0 turns the check off.
     pub reserve_mb: f64,
     /// sled's page cache (MiB): what the server keeps in memory of the log and its indexes
-    /// between reads. sled may hold up to about three times this. Not used on PostgreSQL.
+    /// between reads. Not used on PostgreSQL.
     pub cache_mb: f64,
 }
 

@@ -49,8 +49,8 @@ pub const STORE_ENTRIES: &[&str] = &[LOCK_FILE, LOG_DIR];
 pub const DEFAULT_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// sled's page cache for a server (`[ledger] cache_mb`): what it keeps of the log and its
-/// indexes between reads. sled holds up to about three times this (it counts a page by
-/// its stored size, not the size it takes once read).
+/// indexes between reads, pages counted by their stored size (sled as patched in
+/// `vendor/sled` keeps to it, give or take 512 pages; see its `PATCHED.md`).
 pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// sled's page cache for the tools that read the log once, in order (`audit`, `report`,

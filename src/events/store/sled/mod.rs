@@ -35,7 +35,8 @@
 //! it stays under 7 KiB (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk
 //! of its own); sled's page cache is `[ledger] cache_mb` for the server
 //! (`store::DEFAULT_CACHE_BYTES`) and `store::SCAN_CACHE_BYTES` for the tools that read
-//! the log once, in order. sled holds up to about three times the figure it is given.
+//! the log once, in order. sled is the copy in `vendor/sled`, whose cache keeps to its
+//! capacity (see its `PATCHED.md`).
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
