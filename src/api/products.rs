@@ -88,7 +88,7 @@ impl ProductView {
             data_type: p.data_type.to_string(),
             status: p.status.as_str(),
             stage_path: p.stage_path.to_string(),
-            published_path: p.published_path.as_deref().map(str::to_string),
+            published_path: p.published_path(),
             checksum: p.checksum_text(),
             size_bytes: p.size_bytes,
             qa_status: p.qa_status.as_deref().map(str::to_string),

@@ -1,9 +1,9 @@
 //! One product's state, folded from its stream. The publisher decides from it; the
 //! publish read model keeps one per product. Same fold, so the two never disagree.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,66 +86,96 @@ impl ProductEvent {
     }
 }
 
-/// A short word many products share: a data type, a QA or a validation verdict. Each
-/// thread keeps one copy of every word it has met (up to [`MAX_WORDS`]), so a million
-/// products hold a million references to a handful of strings, not a million strings.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Word(Arc<str>);
+/// A short word many products share: a data type, a QA or a validation verdict, or the
+/// folder a product was published to. Each distinct word is kept once for the life of the
+/// process and named by a number, so a million products hold a million 4-byte numbers,
+/// not a million strings. The table only grows with distinct words, and words are few.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Word(NonZeroU32);
 
-/// Most distinct words one thread keeps; any further word is its own copy.
-const MAX_WORDS: usize = 256;
+/// Most distinct words kept. A path whose folder would be a word past it is kept whole; a
+/// data type or verdict past it reads as [`TOO_MANY_WORDS`] (sixteen million distinct
+/// data types or verdicts are not what this table is for).
+const MAX_WORDS: usize = 1 << 24;
+const TOO_MANY_WORDS: &str = "(too many distinct words)";
+
+struct Words {
+    texts: Vec<&'static str>,
+    numbers: HashMap<&'static str, NonZeroU32, foldhash::fast::FixedState>,
+}
+
+static WORDS: RwLock<Words> = RwLock::new(Words {
+    texts: Vec::new(),
+    numbers: HashMap::with_hasher(foldhash::fast::FixedState::with_seed(0)),
+});
 
 impl Word {
+    /// The word for `s`; past [`MAX_WORDS`] distinct words, [`TOO_MANY_WORDS`]'s.
     pub fn new(s: &str) -> Word {
-        thread_local! {
-            static WORDS: RefCell<HashSet<Arc<str>, foldhash::fast::FixedState>> =
-                RefCell::new(HashSet::default());
-        }
-        WORDS.with_borrow_mut(|words| {
-            if let Some(w) = words.get(s) {
-                return Word(w.clone());
-            }
-            let w: Arc<str> = Arc::from(s);
-            if words.len() < MAX_WORDS {
-                words.insert(w.clone());
-            }
-            Word(w)
-        })
+        Self::try_new(s)
+            .or_else(|| Self::try_new(TOO_MANY_WORDS))
+            .expect("the table always has room for its overflow word")
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+    fn known(s: &str) -> Option<Word> {
+        let words = WORDS.read().unwrap_or_else(|e| e.into_inner());
+        words.numbers.get(s).map(|&n| Word(n))
+    }
+
+    /// The word for `s`, or `None` once [`MAX_WORDS`] distinct words are kept.
+    pub fn try_new(s: &str) -> Option<Word> {
+        if let Some(w) = Self::known(s) {
+            return Some(w);
+        }
+        let mut words = WORDS.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(&n) = words.numbers.get(s) {
+            return Some(Word(n));
+        }
+        // One place is kept for the overflow word itself.
+        if words.texts.len() >= MAX_WORDS - 1 && s != TOO_MANY_WORDS {
+            return None;
+        }
+        // Kept for the life of the process, once per distinct word.
+        let text: &'static str = Box::leak(Box::from(s));
+        words.texts.push(text);
+        let n = NonZeroU32::new(words.texts.len() as u32)?;
+        words.numbers.insert(text, n);
+        Some(Word(n))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        WORDS.read().unwrap_or_else(|e| e.into_inner()).texts[self.0.get() as usize - 1]
     }
 }
 
 impl std::ops::Deref for Word {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl std::fmt::Debug for Word {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&*self.0, f)
+        std::fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl std::fmt::Display for Word {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl PartialEq<str> for Word {
     fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
+        self.as_str() == other
     }
 }
 
 impl Serialize for Word {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -153,6 +183,38 @@ impl<'de> Deserialize<'de> for Word {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Word, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         Ok(Word::new(&s))
+    }
+}
+
+/// A path a product went to: most often its staged file's name in a folder shared by
+/// every product of its type (kept as that folder's [`Word`]), else the whole text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Place {
+    /// `folder/name`, where `name` is the staged path's file name.
+    Beside(Word),
+    Whole(Arc<str>),
+}
+
+impl Place {
+    fn new(path: &str, stage_path: &str) -> Place {
+        let name = stage_path.rsplit_once('/').map_or(stage_path, |(_, n)| n);
+        match path.rsplit_once('/') {
+            Some((dir, n)) if n == name && !n.is_empty() => match Word::try_new(dir) {
+                Some(dir) => Place::Beside(dir),
+                None => Place::Whole(Arc::from(path)),
+            },
+            _ => Place::Whole(Arc::from(path)),
+        }
+    }
+
+    fn text(&self, stage_path: &str) -> String {
+        match self {
+            Place::Beside(dir) => {
+                let name = stage_path.rsplit_once('/').map_or(stage_path, |(_, n)| n);
+                format!("{dir}/{name}")
+            }
+            Place::Whole(t) => t.to_string(),
+        }
     }
 }
 
@@ -247,11 +309,10 @@ pub struct ProductState {
     pub created_at: i64,
     pub publishing_since: Option<i64>,
     pub published_at: Option<i64>,
-    /// Where the running or last publish was headed.
-    pub destination: Option<Arc<str>>,
-    /// Shares the destination's text when the two are the same (as they are unless the
-    /// rule changed between start and success).
-    pub published_path: Option<Arc<str>>,
+    /// Where the running or last publish was headed ([`ProductState::destination`]).
+    destination: Option<Place>,
+    /// Where it was published ([`ProductState::published_path`]).
+    published_path: Option<Place>,
     pub failure: Option<Box<LastFailure>>,
     /// Revision of the stream's last event.
     pub revision: u64,
@@ -333,17 +394,14 @@ impl ProductState {
                 self.status = ProductStatus::Publishing;
                 self.publishing_since = Some(at);
                 self.total_attempts += 1;
-                self.destination = Some(Arc::from(s.destination));
+                self.destination = Some(Place::new(&s.destination, &self.stage_path));
                 self.clear_retry();
             }
             ProductEvent::PublishSucceeded(s) => {
                 self.status = ProductStatus::Published;
                 self.publishing_since = None;
                 self.published_at = Some(at);
-                self.published_path = Some(match &self.destination {
-                    Some(d) if **d == *s.published_path => d.clone(),
-                    _ => Arc::from(s.published_path),
-                });
+                self.published_path = Some(Place::new(&s.published_path, &self.stage_path));
                 self.clear_retry();
             }
             ProductEvent::PublishFailed(f) => {
@@ -364,15 +422,15 @@ impl ProductState {
         }
     }
 
-    /// One copy of the published path and the destination when they say the same (a
-    /// snapshot's decoding gives each its own).
-    pub fn share_paths(&mut self) {
-        if let (Some(d), Some(p)) = (&self.destination, &self.published_path)
-            && d == p
-            && !Arc::ptr_eq(d, p)
-        {
-            self.published_path = Some(d.clone());
-        }
+    /// Where the running or last publish was headed.
+    pub fn destination(&self) -> Option<String> {
+        self.destination.as_ref().map(|p| p.text(&self.stage_path))
+    }
+
+    pub fn published_path(&self) -> Option<String> {
+        self.published_path
+            .as_ref()
+            .map(|p| p.text(&self.stage_path))
     }
 
     fn clear_retry(&mut self) {
@@ -484,18 +542,19 @@ mod tests {
         }
     }
 
-    /// Products of one type share its word, and a state loaded from its encoding shares
-    /// one copy of the published path and the destination again, as folding made it.
+    /// Products of one type share its word; a path beside the staged file's name keeps
+    /// only its folder's word, any other path its whole text; and both give back exactly
+    /// the text recorded, also after an encoding and decoding.
     #[test]
-    fn words_and_equal_paths_are_shared() {
-        let (a, b) = (Word::new("image"), Word::new("image"));
-        assert!(Arc::ptr_eq(&a.0, &b.0));
-        assert_eq!(a, *"image");
-        let registered = |id: &str| {
+    fn words_and_places_give_back_the_text_recorded() {
+        assert_eq!(Word::new("image"), Word::new("image"));
+        assert_ne!(Word::new("image"), Word::new("mosaic"));
+        assert_eq!(Word::new("image"), *"image");
+        let registered = |stage_path: &str| {
             ProductEvent::Registered(ProductRegistered {
-                data_id: id.into(),
+                data_id: "a".into(),
                 data_type: "image".into(),
-                stage_path: format!("/stage/{id}.fits"),
+                stage_path: stage_path.into(),
                 checksum: None,
                 size_bytes: None,
                 qa_status: None,
@@ -504,41 +563,49 @@ mod tests {
                 metadata: Default::default(),
             })
         };
-        let mut s = ProductState::start(registered("a"), 1, 0).unwrap();
-        let t = ProductState::start(registered("b"), 1, 0).unwrap();
-        assert!(Arc::ptr_eq(&s.data_type.0, &t.data_type.0));
-        s.apply(
-            ProductEvent::PublishStarted(PublishStarted {
-                attempt: 1,
-                destination: "/p/a.fits".into(),
-                trigger: "auto".into(),
-            }),
-            2,
-            1,
-        );
-        s.apply(
-            ProductEvent::PublishSucceeded(PublishSucceeded {
-                published_path: "/p/a.fits".into(),
-                checksum: None,
-                duration_ms: 1,
-                recovered: false,
-            }),
-            3,
-            2,
-        );
-        let same = |s: &ProductState| {
-            Arc::ptr_eq(
-                s.destination.as_ref().unwrap(),
-                s.published_path.as_ref().unwrap(),
-            )
-        };
-        assert!(same(&s));
-        let bytes = bincode::serde::encode_to_vec(&s, bincode::config::standard()).unwrap();
-        let (mut back, _): (ProductState, usize) =
-            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
-        assert!(!same(&back));
-        back.share_paths();
-        assert!(same(&back));
-        assert_eq!(back, s);
+        let cases = [
+            ("/stage/a.fits", "/p/images/a.fits", true),
+            ("/stage/a.fits", "/p/images/b.fits", false),
+            ("/stage/a.fits", "a.fits", false),
+            ("/stage/dir/", "/p/images/", false),
+            ("a.fits", "/p/a.fits", true),
+            ("/stage/a.fits", "/p/images/a.fits/", false),
+        ];
+        for (stage, dest, beside) in cases {
+            let mut s = ProductState::start(registered(stage), 1, 0).unwrap();
+            s.apply(
+                ProductEvent::PublishStarted(PublishStarted {
+                    attempt: 1,
+                    destination: dest.into(),
+                    trigger: "auto".into(),
+                }),
+                2,
+                1,
+            );
+            s.apply(
+                ProductEvent::PublishSucceeded(PublishSucceeded {
+                    published_path: dest.into(),
+                    checksum: None,
+                    duration_ms: 1,
+                    recovered: false,
+                }),
+                3,
+                2,
+            );
+            assert_eq!(
+                matches!(s.published_path, Some(Place::Beside(_))),
+                beside,
+                "{stage} -> {dest}"
+            );
+            let bytes = bincode::serde::encode_to_vec(&s, bincode::config::standard()).unwrap();
+            let (back, _): (ProductState, usize) =
+                bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+            for state in [&s, &back] {
+                assert_eq!(state.destination().as_deref(), Some(dest));
+                assert_eq!(state.published_path().as_deref(), Some(dest));
+                assert_eq!(state.data_type, *"image");
+            }
+            assert_eq!(back, s);
+        }
     }
 }

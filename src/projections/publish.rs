@@ -84,9 +84,10 @@ impl PublishSnapshot {
             };
             let mut product = ProductState::start(ProductEvent::Registered(registered), 5, 0)
                 .expect("a registration starts a product");
+            // A destination beside the staged name, and a published path that is not.
             let started = PublishStarted {
                 attempt: 1,
-                destination: "d".into(),
+                destination: "d/s".into(),
                 trigger: "auto".into(),
             };
             product.apply(ProductEvent::PublishStarted(started.clone()), 6, 1);
@@ -507,8 +508,7 @@ impl PublishModel {
     /// one the snapshot was taken with).
     pub fn from_snapshot(s: PublishSnapshot, max_attempts: u32) -> Self {
         let mut m = PublishModel::new(max_attempts);
-        for mut p in s.products {
-            p.share_paths();
+        for p in s.products {
             let key: Id = p.data_id.clone();
             let (entries, flags) = (m.entries(&p), m.flags(&p));
             m.count(flags, 1);

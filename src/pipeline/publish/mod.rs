@@ -689,7 +689,7 @@ impl Publisher {
         let (stage_path, checksum, data_type) = (
             state.stage_path.clone(),
             state.checksum_text(),
-            state.data_type.clone(),
+            state.data_type,
         );
         let moved = tokio::task::spawn_blocking(move || {
             if let Some(other) = overlapping {
@@ -786,7 +786,7 @@ impl Publisher {
             let (stage_path, checksum, data_type) = (
                 state.stage_path.clone(),
                 state.checksum_text(),
-                state.data_type.clone(),
+                state.data_type,
             );
             let found = tokio::task::spawn_blocking(move || {
                 let cfg = &inner.config;
