@@ -508,6 +508,7 @@ impl PublishModel {
     /// one the snapshot was taken with).
     pub fn from_snapshot(s: PublishSnapshot, max_attempts: u32) -> Self {
         let mut m = PublishModel::new(max_attempts);
+        m.reserve(s.products.len());
         for p in s.products {
             let key: Id = p.data_id.clone();
             let (entries, flags) = (m.entries(&p), m.flags(&p));

@@ -643,7 +643,10 @@ impl SledStore {
             return Ok(None);
         };
         let from = snapshot_part_key(name, h.generation, 0);
-        let mut bytes = Vec::new();
+        // Room for the whole at once (no doubling copies of hundreds of megabytes), as much
+        // as the parts can hold, whatever a damaged header says.
+        let room = h.len.min(u64::from(h.parts) * SNAPSHOT_PART as u64);
+        let mut bytes = Vec::with_capacity(usize::try_from(room).unwrap_or(0));
         let mut count = 0u64;
         for item in self.inner.snapshots.range(from..) {
             let (key, part) = item?;
