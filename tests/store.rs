@@ -60,16 +60,51 @@ impl Ledgers {
     pub fn damage(&self, loc: &Location, position: u64, gone: u64) {
         match loc {
             Location::Folder(dir) => {
-                // Through sled itself. Each record of the test is its own commit, so its
-                // own chunk, keyed by its position.
+                // Through sled itself: every log chunk (`[0xC1]`, then `[u32 LE length]
+                // [record]` per record, keyed `L` + its first position) is read into its
+                // records and removed; `position` gets a byte flipped, `gone` is left out,
+                // and each run of consecutive records is written back as one chunk, so
+                // `gone` leaves a gap between two chunks' keys.
                 let key = |p: u64| [&[b'L'][..], &p.to_be_bytes()].concat();
                 let db = sled::open(dir.join("log")).unwrap();
                 let log = db.open_tree("ledger").unwrap();
-                let mut bytes = log.get(key(position)).unwrap().unwrap().to_vec();
-                let last = bytes.len() - 1;
-                bytes[last] ^= 0x55;
-                log.insert(key(position), bytes).unwrap();
-                log.remove(key(gone)).unwrap();
+                let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
+                for item in log.scan_prefix([b'L']) {
+                    let (k, v) = item.unwrap();
+                    let mut p = u64::from_be_bytes(k[1..9].try_into().unwrap());
+                    let mut at = 1;
+                    while at < v.len() {
+                        let len = u32::from_le_bytes(v[at..at + 4].try_into().unwrap()) as usize;
+                        records.push((p, v[at + 4..at + 4 + len].to_vec()));
+                        at += 4 + len;
+                        p += 1;
+                    }
+                    log.remove(k).unwrap();
+                }
+                records.retain(|(p, _)| *p != gone);
+                let mut runs: Vec<(u64, Vec<u8>, u64)> = Vec::new();
+                for (p, mut bytes) in records {
+                    if p == position {
+                        let last = bytes.len() - 1;
+                        bytes[last] ^= 0x55;
+                    }
+                    match runs.last_mut() {
+                        Some((_, chunk, next)) if *next == p => {
+                            chunk.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                            chunk.extend_from_slice(&bytes);
+                            *next = p + 1;
+                        }
+                        _ => {
+                            let mut chunk = vec![0xC1];
+                            chunk.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                            chunk.extend_from_slice(&bytes);
+                            runs.push((p, chunk, p + 1));
+                        }
+                    }
+                }
+                for (start, chunk, _) in runs {
+                    log.insert(key(start), chunk).unwrap();
+                }
                 db.flush().unwrap();
             }
             Location::Url(url) => {
@@ -486,6 +521,62 @@ fn a_second_opener_of_a_sled_folder_is_refused_at_once_naming_it() {
     store.close();
     drop(store);
     Store::open(dir.path()).expect("free again once closed");
+}
+
+/// Single-event commits fill log chunks as a bulk import does (a commit joins the last
+/// chunk while it has room), and every record reads back in both directions, by stream and
+/// after a reopen, when the next commit starts a chunk of its own.
+#[test]
+fn single_event_commits_share_log_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = |dir: &std::path::Path| {
+        let db = sled::open(dir.join("log")).unwrap();
+        let n = db.open_tree("ledger").unwrap().scan_prefix([b'L']).count();
+        drop(db);
+        n
+    };
+    let store = Store::open(dir.path()).unwrap();
+    for i in 0..300 {
+        store
+            .append_blocking(
+                &format!("scratch-{}", i % 7),
+                ExpectedRevision::Any,
+                vec![ev(i)],
+            )
+            .unwrap();
+    }
+    store.close();
+    drop(store);
+    // 300 records of about 150 bytes: a handful of 7 KiB chunks, not 300.
+    let first = chunks(dir.path());
+    assert!((2..=12).contains(&first), "{first} chunks");
+    let store = Store::open(dir.path()).unwrap();
+    for i in 300..310 {
+        store
+            .append_blocking("scratch-0", ExpectedRevision::Any, vec![ev(i)])
+            .unwrap();
+    }
+    let all = store.read_all(None, Direction::Forward, 1000).unwrap();
+    let n: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(n, (0..310).collect::<Vec<_>>());
+    let back = store.read_all(Some(305), Direction::Backward, 100).unwrap();
+    assert_eq!(back.first().map(|e| e.position), Some(305));
+    assert_eq!(back.len(), 100);
+    let s0 = store
+        .read_stream("scratch-0", Some(0), Direction::Forward, 1000)
+        .unwrap();
+    assert_eq!(s0.len(), 43 + 10);
+    assert!(s0.windows(2).all(|w| w[1].revision == w[0].revision + 1));
+    store.close();
+    drop(store);
+    assert_eq!(
+        chunks(dir.path()),
+        first + 1,
+        "the reopened writer starts a chunk"
+    );
+    let store = Store::open(dir.path()).unwrap();
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
 }
 
 fn bad_appends_are_refused_before_writing(l: &Ledgers) {

@@ -39,9 +39,10 @@ pub(crate) mod keys {
     }
 }
 
-/// A log value holds the records of one commit (or a part of one, up to
-/// [`chunk::MAX_BYTES`]), keyed by the first one's position: one sled insert per commit
-/// instead of one per event, and one sled step per chunk when replaying.
+/// A log value holds consecutive records, up to [`chunk::MAX_BYTES`], keyed by the first
+/// one's position: the records of one commit or several (a commit's records join the
+/// last chunk while it has room, and that chunk is written again), so a replay takes one
+/// sled step per chunk, whatever the commits' sizes.
 /// Layout: `[TAG]` then, per record, `[length: u32 LE][record]`.
 pub(crate) mod chunk {
     use std::ops::Range;

@@ -3,8 +3,8 @@
 //!
 //! One sled tree, `ledger`, holds four kinds of key, told apart by a first byte (numbers
 //! big-endian so that sled's byte order is numeric order):
-//! - `L` position -> a chunk: the encoded records of one commit from that position on
-//!   (the truth, `$all`);
+//! - `L` position -> a chunk: the encoded records from that position on, of one commit or
+//!   several (the truth, `$all`; see `layout::chunk`);
 //! - `H` stream -> last revision (the stream head);
 //! - `S` stream 0x00 revision -> position (the stream index);
 //! - `I` stream 0x00 event id -> revision, position (the durable idempotency index).
@@ -308,6 +308,7 @@ impl SledStore {
                 bytes: reserve,
                 refusing: false,
             },
+            tail: None,
         };
         let syncer = Syncer {
             db,

@@ -19,6 +19,21 @@ pub(super) struct Writer {
     pub(super) planner: Planner,
     pub(super) poisoned: Arc<AtomicBool>,
     pub(super) reserve: Reserve,
+    /// The log's last chunk as this writer wrote it, while it has room: the next commit's
+    /// records join it (the chunk is written again, whole, under its key) instead of
+    /// starting a chunk of their own. So a log of single-event commits is stored, and
+    /// replayed, in full chunks like any other. `None` after a start or a failed batch:
+    /// the next commit then starts a chunk.
+    pub(super) tail: Option<Tail>,
+}
+
+/// The records of the log's last chunk, and where it starts.
+#[derive(Clone, Default)]
+pub(super) struct Tail {
+    start: u64,
+    records: Vec<Vec<u8>>,
+    /// As counted against `chunk::MAX_BYTES`: each record and its 4-byte length.
+    bytes: usize,
 }
 
 /// The free space a group commit leaves untouched on the ledger's file system. sled
@@ -171,7 +186,9 @@ impl Writer {
         if !plan.records.is_empty() {
             // Atomic, crash included: events, heads and both indexes land together or not
             // at all. Durability is the syncer's job.
-            if let Err(e) = self.tree.apply_batch(sled_batch(&plan)) {
+            let tail = self.tail.take();
+            let (batch, tail) = sled_batch(&plan, tail);
+            if let Err(e) = self.tree.apply_batch(batch) {
                 tracing::error!(error = %e, "applying a batch failed; its appends are refused");
                 self.planner = start;
                 let e = e.to_string();
@@ -183,6 +200,7 @@ impl Writer {
                 });
                 return;
             }
+            self.tail = tail;
         }
         // Answers wait for the syncer even when nothing was written: a refusal or an
         // idempotent repeat may rest on events of a batch that is not durable yet.
@@ -217,25 +235,27 @@ impl Index for SledIndex<'_> {
     }
 }
 
-/// A decided commit as one sled batch: the records in log chunks (a chunk is filled while
-/// it stays under `chunk::MAX_BYTES`), each stream's head, the stream index and the id
-/// index.
-fn sled_batch(plan: &Plan) -> sled::Batch {
+/// A decided commit as one sled batch: the records in log chunks, each stream's head, the
+/// stream index and the id index. The records join `tail` (the log's last chunk) while it
+/// stays under `chunk::MAX_BYTES`, then fill new chunks the same way; a single larger
+/// record gets a chunk of its own. Returns the batch and the log's new last chunk.
+fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
     let mut batch = sled::Batch::default();
-    let mut chunk: Vec<&[u8]> = Vec::new();
-    let mut chunk_start = 0;
-    let mut chunk_bytes = 0;
+    let first = plan.records.first().map(|(r, _)| r.position);
+    // Only a chunk that ends just before this commit's first record can take it.
+    let mut chunk = tail
+        .filter(|t| Some(t.start + t.records.len() as u64) == first)
+        .unwrap_or_default();
     for (record, encoded) in &plan.records {
-        if !chunk.is_empty() && chunk_bytes + encoded.len() > chunk::MAX_BYTES {
-            batch.insert(&keys::log(chunk_start), chunk::encode(&chunk));
-            chunk.clear();
-            chunk_bytes = 0;
+        if !chunk.records.is_empty() && chunk.bytes + encoded.len() + 4 > chunk::MAX_BYTES {
+            batch.insert(&keys::log(chunk.start), chunk::encode(&chunk.records));
+            chunk = Tail::default();
         }
-        if chunk.is_empty() {
-            chunk_start = record.position;
+        if chunk.records.is_empty() {
+            chunk.start = record.position;
         }
-        chunk_bytes += encoded.len() + 4;
-        chunk.push(encoded);
+        chunk.bytes += encoded.len() + 4;
+        chunk.records.push(encoded.clone());
         let pos = record.position.to_be_bytes();
         let rev = record.revision.to_be_bytes();
         batch.insert(keys::index(&record.stream_id, record.revision), &pos);
@@ -244,13 +264,14 @@ fn sled_batch(plan: &Plan) -> sled::Batch {
         id_value[8..].copy_from_slice(&pos);
         batch.insert(keys::id(&record.stream_id, &record.event_id), &id_value);
     }
-    if !chunk.is_empty() {
-        batch.insert(&keys::log(chunk_start), chunk::encode(&chunk));
-    }
+    let tail = (!chunk.records.is_empty()).then(|| {
+        batch.insert(&keys::log(chunk.start), chunk::encode(&chunk.records));
+        chunk
+    });
     for (stream, revision) in &plan.heads {
         batch.insert(keys::head(stream), &revision.to_be_bytes());
     }
-    batch
+    (batch, tail)
 }
 
 impl Writer {}
