@@ -480,7 +480,13 @@ impl Config {
             7.0 * 1440.0,
         )?;
         non_negative("ledger.reserve_mb", self.ledger.reserve_mb, 1024.0 * 1024.0)?;
-        positive("ledger.cache_mb", self.ledger.cache_mb, 1024.0 * 1024.0)?;
+        anyhow::ensure!(
+            self.ledger.cache_mb.is_finite()
+                && (1.0..=1024.0 * 1024.0).contains(&self.ledger.cache_mb),
+            "ledger.cache_mb must be between 1 and {} (got {})",
+            1024.0 * 1024.0,
+            self.ledger.cache_mb
+        );
         if let Some(url) = &self.ledger.url {
             url.parse::<tokio_postgres::Config>().map_err(|e| {
                 anyhow::anyhow!(

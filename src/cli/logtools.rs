@@ -259,7 +259,8 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         ledger.as_deref(),
         &dir,
         false,
-        crate::events::store::SCAN_CACHE_BYTES,
+        // verify looks up both indexes for every event, in no order: not a scan.
+        crate::events::store::DEFAULT_CACHE_BYTES,
     )?;
     let bar = progress(Some(store.event_count()), "verifying");
     let report = crate::events::verify::verify(&store, |n| bar.set_position(n))

@@ -89,58 +89,48 @@ impl ProductEvent {
 /// A short word many products share: a data type, a QA or a validation verdict, or the
 /// folder a product was published to. Each distinct word is kept once for the life of the
 /// process and named by a number, so a million products hold a million 4-byte numbers,
-/// not a million strings. The table only grows with distinct words, and words are few.
+/// not a million strings. The table grows with the distinct words the log holds (each
+/// came with an event, and a replay meets them all again), as other projections grow with
+/// history; it never stands one word for another.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Word(NonZeroU32);
 
-/// Most distinct words kept. A path whose folder would be a word past it is kept whole; a
-/// data type or verdict past it reads as [`TOO_MANY_WORDS`] (sixteen million distinct
-/// data types or verdicts are not what this table is for).
-const MAX_WORDS: usize = 1 << 24;
-const TOO_MANY_WORDS: &str = "(too many distinct words)";
-
 struct Words {
     texts: Vec<&'static str>,
-    numbers: HashMap<&'static str, NonZeroU32, foldhash::fast::FixedState>,
+    /// Randomly seeded: the words come from clients.
+    numbers: HashMap<&'static str, NonZeroU32, foldhash::fast::RandomState>,
 }
 
-static WORDS: RwLock<Words> = RwLock::new(Words {
-    texts: Vec::new(),
-    numbers: HashMap::with_hasher(foldhash::fast::FixedState::with_seed(0)),
+static WORDS: std::sync::LazyLock<RwLock<Words>> = std::sync::LazyLock::new(|| {
+    RwLock::new(Words {
+        texts: Vec::new(),
+        numbers: HashMap::default(),
+    })
 });
 
 impl Word {
-    /// The word for `s`; past [`MAX_WORDS`] distinct words, [`TOO_MANY_WORDS`]'s.
     pub fn new(s: &str) -> Word {
-        Self::try_new(s)
-            .or_else(|| Self::try_new(TOO_MANY_WORDS))
-            .expect("the table always has room for its overflow word")
-    }
-
-    fn known(s: &str) -> Option<Word> {
-        let words = WORDS.read().unwrap_or_else(|e| e.into_inner());
-        words.numbers.get(s).map(|&n| Word(n))
-    }
-
-    /// The word for `s`, or `None` once [`MAX_WORDS`] distinct words are kept.
-    pub fn try_new(s: &str) -> Option<Word> {
-        if let Some(w) = Self::known(s) {
-            return Some(w);
+        if let Some(&n) = WORDS
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .numbers
+            .get(s)
+        {
+            return Word(n);
         }
         let mut words = WORDS.write().unwrap_or_else(|e| e.into_inner());
         if let Some(&n) = words.numbers.get(s) {
-            return Some(Word(n));
-        }
-        // One place is kept for the overflow word itself.
-        if words.texts.len() >= MAX_WORDS - 1 && s != TOO_MANY_WORDS {
-            return None;
+            return Word(n);
         }
         // Kept for the life of the process, once per distinct word.
         let text: &'static str = Box::leak(Box::from(s));
         words.texts.push(text);
-        let n = NonZeroU32::new(words.texts.len() as u32)?;
+        let n = u32::try_from(words.texts.len())
+            .ok()
+            .and_then(NonZeroU32::new)
+            .expect("fewer than 2^32 distinct words: each is kept in memory, which runs out first");
         words.numbers.insert(text, n);
-        Some(Word(n))
+        Word(n)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -199,10 +189,7 @@ impl Place {
     fn new(path: &str, stage_path: &str) -> Place {
         let name = stage_path.rsplit_once('/').map_or(stage_path, |(_, n)| n);
         match path.rsplit_once('/') {
-            Some((dir, n)) if n == name && !n.is_empty() => match Word::try_new(dir) {
-                Some(dir) => Place::Beside(dir),
-                None => Place::Whole(Arc::from(path)),
-            },
+            Some((dir, n)) if n == name && !n.is_empty() => Place::Beside(Word::new(dir)),
             _ => Place::Whole(Arc::from(path)),
         }
     }

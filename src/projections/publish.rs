@@ -101,7 +101,7 @@ impl PublishSnapshot {
                 7,
                 2,
             );
-            product.apply(ProductEvent::PublishStarted(started), 8, 3);
+            product.apply(ProductEvent::PublishStarted(started.clone()), 8, 3);
             product.apply(
                 ProductEvent::PublishFailed(PublishFailed {
                     attempt: 2,
@@ -113,22 +113,36 @@ impl PublishSnapshot {
                 9,
                 4,
             );
-            product.apply(
-                ProductEvent::PublishStarted(PublishStarted {
-                    attempt: 3,
-                    destination: "d".into(),
-                    trigger: "auto".into(),
-                }),
-                10,
-                5,
-            );
+            product.apply(ProductEvent::PublishStarted(started.clone()), 10, 5);
             product.checksum = Some(Checksum::Hex([0; 32]));
             // Every optional field filled in, the failure's retry time included.
             product.failure.as_mut().expect("failed once").next_retry_at = Some(11);
             assert!(product.publishing_since.is_some() && product.published_at.is_some());
+            // A second product for the other variants: a checksum kept as text, a
+            // destination kept whole and a published path beside the staged name.
+            let mut other = product.clone();
+            other.checksum = Some(Checksum::Text("c".into()));
+            other.apply(
+                ProductEvent::PublishStarted(PublishStarted {
+                    destination: "d".into(),
+                    ..started
+                }),
+                12,
+                6,
+            );
+            other.apply(
+                ProductEvent::PublishSucceeded(PublishSucceeded {
+                    published_path: "p/s".into(),
+                    checksum: None,
+                    duration_ms: 1,
+                    recovered: false,
+                }),
+                13,
+                7,
+            );
             let sample = PublishSnapshot {
                 max_attempts: 3,
-                products: vec![Box::new(product)],
+                products: vec![Box::new(product), Box::new(other)],
                 failure_times: vec![11],
                 parked: vec![Parked {
                     position: 12,

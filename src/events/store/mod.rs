@@ -54,8 +54,9 @@ pub const DEFAULT_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// sled's page cache for the tools that read the log once, in order (`audit`, `report`,
-/// `export`, `verify`): a page is not read twice, so a larger cache would only hold
-/// what has been folded already.
+/// `export`): a page is not read twice, so a larger cache would only hold what has been
+/// folded already. (`verify` looks up both indexes for every event, and keeps the
+/// server's.)
 pub const SCAN_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Most events one append request may carry.

@@ -41,8 +41,9 @@ pub(crate) mod keys {
 
 /// A log value holds consecutive records, up to [`chunk::MAX_BYTES`], keyed by the first
 /// one's position: the records of one commit or several (a commit's records join the
-/// last chunk while it has room, and that chunk is written again), so a replay takes one
-/// sled step per chunk, whatever the commits' sizes.
+/// last chunk while that is under [`chunk::JOIN_BYTES`], and it is written again), so a
+/// replay takes one sled step per chunk, and a log of single-event commits has chunks
+/// of a few dozen records.
 /// Layout: `[TAG]` then, per record, `[length: u32 LE][record]`.
 pub(crate) mod chunk {
     use std::ops::Range;
@@ -55,6 +56,10 @@ pub(crate) mod chunk {
     /// so with 64 KiB chunks every log leaf a replay read stayed in memory (1.1 GB after
     /// a replay of a million products), whatever the cache capacity.
     pub const MAX_BYTES: usize = 7 * 1024;
+    /// A commit joins the log's last chunk only while that chunk is under this size, as
+    /// joining writes the chunk's records again: a log of single commits gets chunks of
+    /// about this size, and a commit rewrites at most this much.
+    pub const JOIN_BYTES: usize = 2 * 1024;
 
     pub fn encode<R: AsRef<[u8]>>(records: &[R]) -> Vec<u8> {
         let len = 1 + records.iter().map(|r| r.as_ref().len() + 4).sum::<usize>();

@@ -33,7 +33,8 @@
 //!
 //! Tunable numbers (besides the store's, in `store/mod.rs`): a log chunk is filled while
 //! it stays under 7 KiB (`chunk::MAX_BYTES` in `layout.rs`; a larger record gets a chunk
-//! of its own); sled's page cache is `[ledger] cache_mb` for the server
+//! of its own), and a commit joins the last chunk while that is under 2 KiB
+//! (`chunk::JOIN_BYTES`); sled's page cache is `[ledger] cache_mb` for the server
 //! (`store::DEFAULT_CACHE_BYTES`) and `store::SCAN_CACHE_BYTES` for the tools that read
 //! the log once, in order. sled is the copy in `vendor/sled`, whose cache keeps to its
 //! capacity (see its `PATCHED.md`).
@@ -644,9 +645,12 @@ impl SledStore {
             return Ok(None);
         };
         let from = snapshot_part_key(name, h.generation, 0);
-        // Room for the whole at once (no doubling copies of hundreds of megabytes), as much
-        // as the parts can hold, whatever a damaged header says.
-        let room = h.len.min(u64::from(h.parts) * SNAPSHOT_PART as u64);
+        // Room for the whole at once (no doubling copies of hundreds of megabytes), but no
+        // more than the parts can hold nor 1 GiB, whatever a damaged header says.
+        let room = h
+            .len
+            .min(u64::from(h.parts) * SNAPSHOT_PART as u64)
+            .min(1 << 30);
         let mut bytes = Vec::with_capacity(usize::try_from(room).unwrap_or(0));
         let mut count = 0u64;
         for item in self.inner.snapshots.range(from..) {

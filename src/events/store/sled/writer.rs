@@ -19,11 +19,11 @@ pub(super) struct Writer {
     pub(super) planner: Planner,
     pub(super) poisoned: Arc<AtomicBool>,
     pub(super) reserve: Reserve,
-    /// The log's last chunk as this writer wrote it, while it has room: the next commit's
-    /// records join it (the chunk is written again, whole, under its key) instead of
-    /// starting a chunk of their own. So a log of single-event commits is stored, and
-    /// replayed, in full chunks like any other. `None` after a start or a failed batch:
-    /// the next commit then starts a chunk.
+    /// The log's last chunk as this writer wrote it: while it is under
+    /// `chunk::JOIN_BYTES`, the next commit's records join it (the chunk is written again,
+    /// whole, under its key) instead of starting a chunk of their own. So a log of
+    /// single-event commits is stored, and replayed, in chunks of a few dozen records, not
+    /// one each. `None` after a start or a failed batch: the next commit starts a chunk.
     pub(super) tail: Option<Tail>,
 }
 
@@ -189,7 +189,11 @@ impl Writer {
             let tail = self.tail.take();
             let (batch, tail) = sled_batch(&plan, tail);
             if let Err(e) = self.tree.apply_batch(batch) {
-                tracing::error!(error = %e, "applying a batch failed; its appends are refused");
+                // sled applies a batch key by key in memory: part of it may be in place,
+                // the last chunk among it. What sled holds is unknown, so nothing more is
+                // written until a restart reads the durable state again.
+                tracing::error!(error = %e, "applying a batch failed; its appends and every later one are refused until a restart");
+                self.poisoned.store(true, Ordering::Release);
                 self.planner = start;
                 let e = e.to_string();
                 replies.into_iter().for_each(|r| {
@@ -236,19 +240,26 @@ impl Index for SledIndex<'_> {
 }
 
 /// A decided commit as one sled batch: the records in log chunks, each stream's head, the
-/// stream index and the id index. The records join `tail` (the log's last chunk) while it
-/// stays under `chunk::MAX_BYTES`, then fill new chunks the same way; a single larger
-/// record gets a chunk of its own. Returns the batch and the log's new last chunk.
+/// stream index and the id index. The records join `tail` (the log's last chunk) if it is
+/// under `chunk::JOIN_BYTES`, filling it while it stays under `chunk::MAX_BYTES`, then fill
+/// new chunks the same way; a single larger record gets a chunk of its own. Returns the
+/// batch and the log's new last chunk.
 fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
     let mut batch = sled::Batch::default();
     let first = plan.records.first().map(|(r, _)| r.position);
-    // Only a chunk that ends just before this commit's first record can take it.
+    // Only a chunk that ends just before this commit's first record can take it, and only
+    // while it is small: joining writes its records again.
     let mut chunk = tail
-        .filter(|t| Some(t.start + t.records.len() as u64) == first)
+        .filter(|t| Some(t.start + t.records.len() as u64) == first && t.bytes < chunk::JOIN_BYTES)
         .unwrap_or_default();
+    // Whether `chunk` holds records of this commit: the last chunk as stored is not
+    // written again when the first record does not fit in it.
+    let mut changed = false;
     for (record, encoded) in &plan.records {
         if !chunk.records.is_empty() && chunk.bytes + encoded.len() + 4 > chunk::MAX_BYTES {
-            batch.insert(&keys::log(chunk.start), chunk::encode(&chunk.records));
+            if changed {
+                batch.insert(&keys::log(chunk.start), chunk::encode(&chunk.records));
+            }
             chunk = Tail::default();
         }
         if chunk.records.is_empty() {
@@ -256,6 +267,7 @@ fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
         }
         chunk.bytes += encoded.len() + 4;
         chunk.records.push(encoded.clone());
+        changed = true;
         let pos = record.position.to_be_bytes();
         let rev = record.revision.to_be_bytes();
         batch.insert(keys::index(&record.stream_id, record.revision), &pos);
@@ -264,10 +276,10 @@ fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
         id_value[8..].copy_from_slice(&pos);
         batch.insert(keys::id(&record.stream_id, &record.event_id), &id_value);
     }
-    let tail = (!chunk.records.is_empty()).then(|| {
+    if changed {
         batch.insert(&keys::log(chunk.start), chunk::encode(&chunk.records));
-        chunk
-    });
+    }
+    let tail = (!chunk.records.is_empty()).then_some(chunk);
     for (stream, revision) in &plan.heads {
         batch.insert(keys::head(stream), &revision.to_be_bytes());
     }
