@@ -104,9 +104,13 @@ impl Projections {
             None => PublishModel::new(max_attempts),
         };
         let from = model.last_position().map_or(0, |p| p + 1);
-        let caught_up = store.for_each_from(from, |e| {
-            model.apply(&e);
-            Ok(())
+        // Read and decoded on threads of their own ahead of the fold, as `audit` does: the
+        // server answers only once this is done.
+        let mut caught_up = 0u64;
+        fold::fold_source(fold::FoldSource::Store(store.clone(), from), |e, decoded| {
+            model.apply_decoded(e, decoded);
+            caught_up += 1;
+            true
         })?;
         tracing::info!(
             from,
