@@ -107,11 +107,14 @@ impl Projections {
         // Read and decoded on threads of their own ahead of the fold, as `audit` does: the
         // server answers only once this is done.
         let mut caught_up = 0u64;
-        fold::fold_source(fold::FoldSource::Store(store.clone(), from), |e, decoded| {
-            model.apply_decoded(e, decoded);
-            caught_up += 1;
-            true
-        })?;
+        fold::fold_source(
+            fold::FoldSource::Store(store.clone(), from),
+            |e, decoded| {
+                model.apply_decoded(e, decoded);
+                caught_up += 1;
+                true
+            },
+        )?;
         tracing::info!(
             from,
             caught_up,
