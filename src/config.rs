@@ -738,5 +738,14 @@ mod tests {
         let c: Config = toml::from_str("[stages]\nrunner = \"external\"\n").unwrap();
         let e = c.check().unwrap_err().to_string();
         assert!(e.contains("[stages.convert]"), "{e}");
+        // sled refuses a cache under 256 bytes with a panic: the check refuses it first.
+        for bad in ["0.0001", "0", "-5", "nan"] {
+            let c: Config = toml::from_str(&format!("[ledger]\ncache_mb = {bad}\n")).unwrap();
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains("ledger.cache_mb"), "{bad}: {e}");
+        }
+        let c: Config = toml::from_str("[ledger]\ncache_mb = 64\n").unwrap();
+        c.check().unwrap();
+        assert_eq!(c.ledger.cache_bytes(), 64 << 20);
     }
 }
