@@ -258,6 +258,11 @@ pub fn category_of(stream_id: &str) -> &str {
     stream_id.split_once('-').map_or(stream_id, |(c, _)| c)
 }
 
+/// `product-img_1` names the entity `img_1`; a name without `-` names none (`""`).
+pub fn entity_of(stream_id: &str) -> &str {
+    stream_id.split_once('-').map_or("", |(_, id)| id)
+}
+
 /// Checks a stream name from a client: not empty, at most 200 characters, not starting
 /// with `$` (reserved), no `/`, no control character.
 pub fn validate_stream_name(name: &str) -> Result<(), String> {

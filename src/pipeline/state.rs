@@ -307,9 +307,9 @@ impl PipelineState {
             // large ledger) are the publish model's, and are not even decoded.
             "product"
                 if e.event_type == ProductRegistered::TYPE
-                    && e.stream_id
-                        .split_once('-')
-                        .is_some_and(|(_, id)| super::worker::pipeline_product(id)) =>
+                    && super::worker::pipeline_product(crate::events::record::entity_of(
+                        e.stream_id,
+                    )) =>
             {
                 if let Some(p) = decode::<ProductRegistered>(e, &mut self.parked) {
                     self.products.insert(p.data_id);

@@ -255,11 +255,7 @@ impl Metrics {
         let Ok(Some(event)) = ProductEvent::decode(r) else {
             return;
         };
-        let id = r
-            .stream_id
-            .split_once('-')
-            .map_or("", |(_, id)| id)
-            .to_string();
+        let id = crate::events::record::entity_of(&r.stream_id).to_string();
         match event {
             ProductEvent::Registered(reg) => {
                 self.staged.insert(id, (at, reg.data_type.clone()));

@@ -361,7 +361,7 @@ impl PublishModel {
         if matches!(event, ProductEvent::PublishFailed(_)) {
             self.failure_times.push(r.created_micros);
         }
-        let id = r.stream_id.split_once('-').map_or("", |(_, id)| id);
+        let id = crate::events::record::entity_of(&r.stream_id);
         if let Some((key, p)) = self.products.get_key_value(id) {
             let key = key.clone();
             let (before, before_flags) = (self.entries(p), self.flags(p));
