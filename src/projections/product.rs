@@ -186,20 +186,23 @@ pub enum Place {
 }
 
 impl Place {
+    /// The last part of a staged path: what a path `Beside` its folder ends in.
+    fn name(stage_path: &str) -> &str {
+        stage_path.rsplit_once('/').map_or(stage_path, |(_, n)| n)
+    }
+
     fn new(path: &str, stage_path: &str) -> Place {
-        let name = stage_path.rsplit_once('/').map_or(stage_path, |(_, n)| n);
         match path.rsplit_once('/') {
-            Some((dir, n)) if n == name && !n.is_empty() => Place::Beside(Word::new(dir)),
+            Some((dir, n)) if n == Self::name(stage_path) && !n.is_empty() => {
+                Place::Beside(Word::new(dir))
+            }
             _ => Place::Whole(Arc::from(path)),
         }
     }
 
     fn text(&self, stage_path: &str) -> String {
         match self {
-            Place::Beside(dir) => {
-                let name = stage_path.rsplit_once('/').map_or(stage_path, |(_, n)| n);
-                format!("{dir}/{name}")
-            }
+            Place::Beside(dir) => format!("{dir}/{}", Self::name(stage_path)),
             Place::Whole(t) => t.to_string(),
         }
     }
