@@ -28,7 +28,6 @@ pub(super) struct Writer {
 }
 
 /// The records of the log's last chunk, and where it starts.
-#[derive(Clone, Default)]
 pub(super) struct Tail {
     start: u64,
     records: Vec<Vec<u8>>,
@@ -245,28 +244,39 @@ impl Index for SledIndex<'_> {
 /// new chunks the same way; a single larger record gets a chunk of its own. Returns the
 /// batch and the log's new last chunk.
 fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
+    use std::borrow::Cow;
     let mut batch = sled::Batch::default();
     let first = plan.records.first().map(|(r, _)| r.position);
     // Only a chunk that ends just before this commit's first record can take it, and only
     // while it is small: joining writes its records again.
-    let mut chunk = tail
-        .filter(|t| Some(t.start + t.records.len() as u64) == first && t.bytes < chunk::JOIN_BYTES)
-        .unwrap_or_default();
-    // Whether `chunk` holds records of this commit: the last chunk as stored is not
+    let tail = tail
+        .filter(|t| Some(t.start + t.records.len() as u64) == first && t.bytes < chunk::JOIN_BYTES);
+    // The chunk being filled: the last one's records (owned) and this commit's (borrowed
+    // from the plan; only those of the new last chunk are copied, at the end).
+    let (mut start, mut bytes, mut records): (u64, usize, Vec<Cow<'_, [u8]>>) = match tail {
+        Some(t) => (
+            t.start,
+            t.bytes,
+            t.records.into_iter().map(Cow::Owned).collect(),
+        ),
+        None => (0, 0, Vec::new()),
+    };
+    // Whether the chunk holds records of this commit: the last chunk as stored is not
     // written again when the first record does not fit in it.
     let mut changed = false;
     for (record, encoded) in &plan.records {
-        if !chunk.records.is_empty() && chunk.bytes + encoded.len() + 4 > chunk::MAX_BYTES {
+        if !records.is_empty() && bytes + encoded.len() + 4 > chunk::MAX_BYTES {
             if changed {
-                batch.insert(&keys::log(chunk.start), chunk::encode(&chunk.records));
+                batch.insert(&keys::log(start), chunk::encode(&records));
             }
-            chunk = Tail::default();
+            records.clear();
+            bytes = 0;
         }
-        if chunk.records.is_empty() {
-            chunk.start = record.position;
+        if records.is_empty() {
+            start = record.position;
         }
-        chunk.bytes += encoded.len() + 4;
-        chunk.records.push(encoded.clone());
+        bytes += encoded.len() + 4;
+        records.push(Cow::Borrowed(encoded));
         changed = true;
         let pos = record.position.to_be_bytes();
         let rev = record.revision.to_be_bytes();
@@ -277,13 +287,15 @@ fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
         batch.insert(keys::id(&record.stream_id, &record.event_id), &id_value);
     }
     if changed {
-        batch.insert(&keys::log(chunk.start), chunk::encode(&chunk.records));
+        batch.insert(&keys::log(start), chunk::encode(&records));
     }
-    let tail = (!chunk.records.is_empty()).then_some(chunk);
+    let tail = (!records.is_empty()).then(|| Tail {
+        start,
+        bytes,
+        records: records.into_iter().map(Cow::into_owned).collect(),
+    });
     for (stream, revision) in &plan.heads {
         batch.insert(keys::head(stream), &revision.to_be_bytes());
     }
     (batch, tail)
 }
-
-impl Writer {}
