@@ -15,8 +15,9 @@ pub(super) fn product_estimate(store: &Store, from: u64) -> usize {
     (store.event_count().saturating_sub(from) / 4) as usize
 }
 
-/// A product fact as decoded from an event (see [`product::ProductEvent::decode`]).
-pub type Decoded = Result<Option<product::ProductEvent>, String>;
+/// A product fact as decoded from an event, in the state's form (see
+/// [`product::ProductFact`]).
+pub type Decoded = Result<Option<product::ProductFact>, String>;
 
 /// An event as the fold sees it, with its product fact decoded. The payload and metadata
 /// bytes are gone; what is left is enough for [`PublishModel::apply_decoded`].
@@ -33,7 +34,7 @@ pub enum FoldSource {
 /// One record from any source, decoded for the fold.
 fn decode_record(item: Result<crate::events::RecordedEvent, StoreError>) -> FoldItem {
     item.map(|mut e| {
-        let d = product::ProductEvent::decode(&e);
+        let d = product::ProductFact::decode_view(&e.view());
         e.data = Vec::new();
         e.metadata = Vec::new();
         (e, d)
@@ -45,7 +46,7 @@ fn decode_record(item: Result<crate::events::RecordedEvent, StoreError>) -> Fold
 fn decode_raw(item: Result<crate::events::RawRecord, StoreError>) -> FoldItem {
     let raw = item?;
     let r = raw.view()?;
-    let d = product::ProductEvent::decode_view(&r);
+    let d = product::ProductFact::decode_view(&r);
     let e = crate::events::RecordedEvent {
         event_id: r.event_id,
         stream_id: if matches!(d, Ok(None)) {

@@ -86,6 +86,113 @@ impl ProductEvent {
     }
 }
 
+/// A product fact in the form a product's state keeps it: words interned, the checksum
+/// read, the error cut to [`MAX_ERROR_CHARS`], the retry time parsed. Made from a
+/// [`ProductEvent`] by a pure mapping, so a fold makes it on its decoder threads and the
+/// fold's own thread only applies it ([`ProductState::apply_fact`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProductFact {
+    Registered(Box<Registration>),
+    Finalized {
+        qa_status: Option<Word>,
+        validation_status: Option<Word>,
+    },
+    PublishStarted(Target),
+    PublishSucceeded(Target),
+    PublishFailed {
+        attempt: u32,
+        failure: Box<LastFailure>,
+    },
+    RetryRequested,
+}
+
+/// What a registration gives a product.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    pub data_type: Word,
+    pub stage_path: Box<str>,
+    pub checksum: Option<Checksum>,
+    pub size_bytes: Option<u64>,
+    pub qa_status: Option<Word>,
+    pub validation_status: Option<Word>,
+    metadata: Option<Box<BTreeMap<String, String>>>,
+    pub auto_publish: bool,
+}
+
+/// A destination or published path as recorded, with its folder interned (the folder is
+/// what a [`Place::Beside`] keeps).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    folder: Option<Word>,
+    path: Box<str>,
+}
+
+impl Target {
+    fn new(path: String) -> Target {
+        Target {
+            folder: path.rsplit_once('/').map(|(dir, _)| Word::new(dir)),
+            path: path.into_boxed_str(),
+        }
+    }
+}
+
+impl From<ProductEvent> for ProductFact {
+    fn from(e: ProductEvent) -> ProductFact {
+        match e {
+            ProductEvent::Registered(r) => ProductFact::Registered(Box::new(Registration {
+                data_type: Word::new(&r.data_type),
+                stage_path: r.stage_path.into_boxed_str(),
+                checksum: r.checksum.map(Checksum::new),
+                size_bytes: r.size_bytes,
+                qa_status: r.qa_status.as_deref().map(Word::new),
+                validation_status: r.validation_status.as_deref().map(Word::new),
+                metadata: (!r.metadata.is_empty()).then(|| Box::new(r.metadata)),
+                auto_publish: r.auto_publish,
+            })),
+            ProductEvent::Finalized(f) => ProductFact::Finalized {
+                qa_status: f.qa_status.as_deref().map(Word::new),
+                validation_status: f.validation_status.as_deref().map(Word::new),
+            },
+            ProductEvent::PublishStarted(s) => {
+                ProductFact::PublishStarted(Target::new(s.destination))
+            }
+            ProductEvent::PublishSucceeded(s) => {
+                ProductFact::PublishSucceeded(Target::new(s.published_path))
+            }
+            ProductEvent::PublishFailed(f) => ProductFact::PublishFailed {
+                attempt: f.attempt,
+                failure: Box::new(LastFailure {
+                    error: truncate_error(&f.error).into_boxed_str(),
+                    retryable: f.retryable,
+                    // Set when the fact is applied: the commit time is the record's.
+                    at: 0,
+                    next_retry_at: parse_time(&f.next_retry_at),
+                }),
+            },
+            ProductEvent::RetryRequested(_) => ProductFact::RetryRequested,
+        }
+    }
+}
+
+impl ProductFact {
+    /// [`ProductEvent::decode_view`], in the state's form.
+    pub fn decode_view(r: &RecordRef<'_>) -> Result<Option<ProductFact>, String> {
+        Ok(ProductEvent::decode_view(r)?.map(ProductFact::from))
+    }
+
+    /// The stored type name of this fact.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ProductFact::Registered(_) => ProductRegistered::TYPE,
+            ProductFact::Finalized { .. } => ProductFinalized::TYPE,
+            ProductFact::PublishStarted(_) => PublishStarted::TYPE,
+            ProductFact::PublishSucceeded(_) => PublishSucceeded::TYPE,
+            ProductFact::PublishFailed { .. } => PublishFailed::TYPE,
+            ProductFact::RetryRequested => RetryRequested::TYPE,
+        }
+    }
+}
+
 /// A short word many products share: a data type, a QA or a validation verdict, or the
 /// folder a product was published to. Each distinct word is kept once for the life of the
 /// process and named by a number, so a million products hold a million 4-byte numbers,
@@ -108,19 +215,43 @@ static WORDS: std::sync::LazyLock<RwLock<Words>> = std::sync::LazyLock::new(|| {
     })
 });
 
+/// Most words a thread keeps a copy of (see [`Word::new`]).
+const LOCAL_WORDS: usize = 4096;
+
+thread_local! {
+    /// The words this thread has met, looked up without the shared table's lock: a fold's
+    /// decoder threads intern several words per product, and each shared read writes the
+    /// lock's counter, a cache line the two threads then pass back and forth. The texts
+    /// are the shared table's; past [`LOCAL_WORDS`] a thread asks the shared table.
+    static LOCAL: std::cell::RefCell<HashMap<&'static str, Word, foldhash::fast::RandomState>> =
+        std::cell::RefCell::new(HashMap::default());
+}
+
 impl Word {
     pub fn new(s: &str) -> Word {
-        if let Some(&n) = WORDS
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .numbers
-            .get(s)
+        if let Some(w) = LOCAL.with_borrow(|local| local.get(s).copied()) {
+            return w;
+        }
+        let (word, text) = Self::shared(s);
+        LOCAL.with_borrow_mut(|local| {
+            if local.len() < LOCAL_WORDS {
+                local.insert(text, word);
+            }
+        });
+        word
+    }
+
+    /// The word for `s` in the shared table, added if new, with its kept text.
+    fn shared(s: &str) -> (Word, &'static str) {
         {
-            return Word(n);
+            let words = WORDS.read().unwrap_or_else(|e| e.into_inner());
+            if let Some((&text, &n)) = words.numbers.get_key_value(s) {
+                return (Word(n), text);
+            }
         }
         let mut words = WORDS.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(&n) = words.numbers.get(s) {
-            return Word(n);
+        if let Some((&text, &n)) = words.numbers.get_key_value(s) {
+            return (Word(n), text);
         }
         // Kept for the life of the process, once per distinct word.
         let text: &'static str = Box::leak(Box::from(s));
@@ -130,7 +261,7 @@ impl Word {
             .and_then(NonZeroU32::new)
             .expect("fewer than 2^32 distinct words: each is kept in memory, which runs out first");
         words.numbers.insert(text, n);
-        Word(n)
+        (Word(n), text)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -191,12 +322,11 @@ impl Place {
         stage_path.rsplit_once('/').map_or(stage_path, |(_, n)| n)
     }
 
-    fn new(path: &str, stage_path: &str) -> Place {
-        match path.rsplit_once('/') {
-            Some((dir, n)) if n == Self::name(stage_path) && !n.is_empty() => {
-                Place::Beside(Word::new(dir))
-            }
-            _ => Place::Whole(Arc::from(path)),
+    fn new(target: Target, stage_path: &str) -> Place {
+        let name = Self::name(&target.path);
+        match target.folder {
+            Some(dir) if name == Self::name(stage_path) && !name.is_empty() => Place::Beside(dir),
+            _ => Place::Whole(Arc::from(target.path)),
         }
     }
 
@@ -336,23 +466,25 @@ impl ProductState {
             return None;
         };
         let id = Arc::from(r.data_id.as_str());
-        Self::start_as(e, id, at, revision)
+        Self::start_as(e.into(), id, at, revision)
     }
 
-    /// [`ProductState::start`] filed under `id` (the stream's), whatever the payload says.
-    pub fn start_as(e: ProductEvent, id: Arc<str>, at: i64, revision: u64) -> Option<ProductState> {
-        let ProductEvent::Registered(r) = e else {
+    /// [`ProductState::start`] of a fact, filed under `id` (the stream's), whatever the
+    /// payload says.
+    pub fn start_as(e: ProductFact, id: Arc<str>, at: i64, revision: u64) -> Option<ProductState> {
+        let ProductFact::Registered(r) = e else {
             return None;
         };
+        let r = *r;
         Some(ProductState {
             data_id: id,
-            data_type: Word::new(&r.data_type),
-            stage_path: r.stage_path.into_boxed_str(),
-            checksum: r.checksum.map(Checksum::new),
+            data_type: r.data_type,
+            stage_path: r.stage_path,
+            checksum: r.checksum,
             size_bytes: r.size_bytes,
-            qa_status: r.qa_status.as_deref().map(Word::new),
-            validation_status: r.validation_status.as_deref().map(Word::new),
-            metadata: (!r.metadata.is_empty()).then(|| Box::new(r.metadata)),
+            qa_status: r.qa_status,
+            validation_status: r.validation_status,
+            metadata: r.metadata,
             auto_publish: r.auto_publish,
             status: ProductStatus::Staging,
             publish_attempts: 0,
@@ -369,43 +501,50 @@ impl ProductState {
 
     /// Folds one later event in. Cannot fail: decoding already happened.
     pub fn apply(&mut self, e: ProductEvent, at: i64, revision: u64) {
+        self.apply_fact(e.into(), at, revision)
+    }
+
+    /// [`ProductState::apply`] of a fact: the one place where a fact changes a product.
+    pub fn apply_fact(&mut self, e: ProductFact, at: i64, revision: u64) {
         self.revision = revision;
         match e {
-            ProductEvent::Registered(_) => {}
-            ProductEvent::Finalized(f) => {
-                if let Some(q) = f.qa_status {
-                    self.qa_status = Some(Word::new(&q));
+            ProductFact::Registered(_) => {}
+            ProductFact::Finalized {
+                qa_status,
+                validation_status,
+            } => {
+                if qa_status.is_some() {
+                    self.qa_status = qa_status;
                 }
-                if let Some(v) = f.validation_status {
-                    self.validation_status = Some(Word::new(&v));
+                if validation_status.is_some() {
+                    self.validation_status = validation_status;
                 }
             }
-            ProductEvent::PublishStarted(s) => {
+            ProductFact::PublishStarted(target) => {
                 self.status = ProductStatus::Publishing;
                 self.publishing_since = Some(at);
                 self.total_attempts += 1;
-                self.destination = Some(Place::new(&s.destination, &self.stage_path));
+                self.destination = Some(Place::new(target, &self.stage_path));
                 self.clear_retry();
             }
-            ProductEvent::PublishSucceeded(s) => {
+            ProductFact::PublishSucceeded(target) => {
                 self.status = ProductStatus::Published;
                 self.publishing_since = None;
                 self.published_at = Some(at);
-                self.published_path = Some(Place::new(&s.published_path, &self.stage_path));
+                self.published_path = Some(Place::new(target, &self.stage_path));
                 self.clear_retry();
             }
-            ProductEvent::PublishFailed(f) => {
+            ProductFact::PublishFailed {
+                attempt,
+                mut failure,
+            } => {
                 self.status = ProductStatus::Staging;
                 self.publishing_since = None;
-                self.publish_attempts = self.publish_attempts.max(f.attempt);
-                self.failure = Some(Box::new(LastFailure {
-                    error: truncate_error(&f.error).into_boxed_str(),
-                    retryable: f.retryable,
-                    at,
-                    next_retry_at: parse_time(&f.next_retry_at),
-                }));
+                self.publish_attempts = self.publish_attempts.max(attempt);
+                failure.at = at;
+                self.failure = Some(failure);
             }
-            ProductEvent::RetryRequested(_) => {
+            ProductFact::RetryRequested => {
                 self.publish_attempts = 0;
                 self.clear_retry();
             }
@@ -476,10 +615,22 @@ impl ProductState {
 
     /// Validated, QA passed where the type needs it, and automatic publishing on.
     pub fn eligible_for_auto_publish(&self) -> bool {
+        /// The words the rule names, interned once: a word's number stands for its text,
+        /// so comparing numbers is comparing texts.
+        struct Rule {
+            validated: Word,
+            passed: Word,
+            gated: Vec<Word>,
+        }
+        static RULE: std::sync::LazyLock<Rule> = std::sync::LazyLock::new(|| Rule {
+            validated: Word::new("validated"),
+            passed: Word::new("passed"),
+            gated: QA_GATED.iter().map(|t| Word::new(t)).collect(),
+        });
+        let rule = &*RULE;
         self.auto_publish
-            && self.validation_status.as_deref() == Some("validated")
-            && (!QA_GATED.contains(&self.data_type.as_str())
-                || self.qa_status.as_deref() == Some("passed"))
+            && self.validation_status == Some(rule.validated)
+            && (!rule.gated.contains(&self.data_type) || self.qa_status == Some(rule.passed))
     }
 
     /// Failed at least once and back in staging.
@@ -510,6 +661,22 @@ impl ProductState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A word is one number for one text on every thread: each thread's copy of the table
+    /// is filled from the shared one, never numbered on its own.
+    #[test]
+    fn a_word_is_the_same_number_on_every_thread() {
+        let text = "a word met on two threads";
+        let here = Word::new(text);
+        let there = std::thread::spawn(move || (Word::new(text), Word::new("its neighbour")))
+            .join()
+            .expect("the thread runs");
+        assert_eq!(there.0, here);
+        assert_eq!(Word::new(text), here, "this thread's copy answers the same");
+        assert_eq!(here.as_str(), text);
+        assert_ne!(there.1, here);
+        assert_eq!(Word::new("its neighbour"), there.1);
+    }
 
     /// A checksum gives back exactly the text recorded: a bare lowercase digest is kept as
     /// its 32 bytes, anything else (upper case, a prefix, another length) as text.

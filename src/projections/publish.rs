@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::product::{Checksum, ProductEvent, ProductState, ProductStatus};
+use super::product::{Checksum, ProductEvent, ProductFact, ProductState, ProductStatus};
 use crate::events::RecordedEvent;
 use crate::events::catalogue::{
     ProductRegistered, PublishFailed, PublishStarted, PublishSucceeded,
@@ -245,7 +245,7 @@ impl PublishModel {
         (&self.parked, self.parked_total)
     }
 
-    fn entries(&self, p: &ProductState) -> Entries {
+    fn entries(p: &ProductState, max_attempts: u32) -> Entries {
         Entries {
             failed: p.is_failed().then(|| {
                 (
@@ -255,17 +255,13 @@ impl PublishModel {
             }),
             staging_since: (p.status == ProductStatus::Staging).then_some(p.created_at),
             publishing_since: p.publishing_since,
-            due_at: p.auto_due_at(self.max_attempts),
+            due_at: p.auto_due_at(max_attempts),
         }
     }
 
     /// Which counters a product is in: status, failed, attempts exhausted.
-    fn flags(&self, p: &ProductState) -> (ProductStatus, bool, bool) {
-        (
-            p.status,
-            p.is_failed(),
-            p.attempts_exhausted(self.max_attempts),
-        )
+    fn flags(p: &ProductState, max_attempts: u32) -> (ProductStatus, bool, bool) {
+        (p.status, p.is_failed(), p.attempts_exhausted(max_attempts))
     }
 
     fn count(&mut self, (status, failed, exhausted): (ProductStatus, bool, bool), sign: i64) {
@@ -340,17 +336,13 @@ impl PublishModel {
 
     /// Folds one event. Never fails: an event that cannot be folded is parked.
     pub fn apply(&mut self, r: &RecordedEvent) {
-        let decoded = ProductEvent::decode(r);
+        let decoded = ProductEvent::decode(r).map(|e| e.map(ProductFact::from));
         self.apply_decoded(r, decoded);
     }
 
     /// Folds one event whose product fact was decoded already (perhaps on another thread,
     /// see `projections::fold_source`); `r.data` is not read again.
-    pub fn apply_decoded(
-        &mut self,
-        r: &RecordedEvent,
-        decoded: Result<Option<ProductEvent>, String>,
-    ) {
+    pub fn apply_decoded(&mut self, r: &RecordedEvent, decoded: super::fold::Decoded) {
         self.last_position = Some(r.position);
         self.last_time = self.last_time.max(r.created_micros);
         let event = match decoded {
@@ -358,17 +350,16 @@ impl PublishModel {
             Ok(None) => return,
             Err(reason) => return self.park(r, &r.event_type, reason),
         };
-        if matches!(event, ProductEvent::PublishFailed(_)) {
+        if matches!(event, ProductFact::PublishFailed { .. }) {
             self.failure_times.push(r.created_micros);
         }
         let id = crate::events::record::entity_of(&r.stream_id);
-        if let Some((key, p)) = self.products.get_key_value(id) {
-            let key = key.clone();
-            let (before, before_flags) = (self.entries(p), self.flags(p));
-            let p = self.products.get_mut(id).expect("present");
-            p.apply(event, r.created_micros, r.revision);
-            let p = &self.products[id];
-            let (after, after_flags) = (self.entries(p), self.flags(p));
+        let max = self.max_attempts;
+        if let Some(p) = self.products.get_mut(id) {
+            let (before, before_flags) = (Self::entries(p, max), Self::flags(p, max));
+            p.apply_fact(event, r.created_micros, r.revision);
+            let (after, after_flags) = (Self::entries(p, max), Self::flags(p, max));
+            let key = p.data_id.clone();
             self.count(before_flags, -1);
             self.count(after_flags, 1);
             self.reindex(&key, before, after);
@@ -379,7 +370,7 @@ impl PublishModel {
             let key: Id = Arc::from(id);
             match ProductState::start_as(event, key.clone(), r.created_micros, r.revision) {
                 Some(p) => {
-                    let (entries, flags) = (self.entries(&p), self.flags(&p));
+                    let (entries, flags) = (Self::entries(&p, max), Self::flags(&p, max));
                     self.count(flags, 1);
                     self.reindex(&key, Entries::default(), entries);
                     self.products.insert(key, Box::new(p));
@@ -525,7 +516,10 @@ impl PublishModel {
         m.reserve(s.products.len());
         for p in s.products {
             let key: Id = p.data_id.clone();
-            let (entries, flags) = (m.entries(&p), m.flags(&p));
+            let (entries, flags) = (
+                Self::entries(&p, max_attempts),
+                Self::flags(&p, max_attempts),
+            );
             m.count(flags, 1);
             m.reindex(&key, Entries::default(), entries);
             m.products.insert(key, p);
