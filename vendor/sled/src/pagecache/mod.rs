@@ -2077,7 +2077,14 @@ impl PageCache {
 
             trace!("load_snapshot pid {} {:?}", pid, state);
 
-            let mut cache_infos = Vec::default();
+            // contimg: sized to what the page holds. A `Vec` grown by `push`
+            // starts with room for four, and most pages hold one fragment: 160
+            // bytes a page where 40 do (353 MB of 915 at the start of a 10 M
+            // event ledger, seen with heaptrack).
+            let mut cache_infos = Vec::with_capacity(match state {
+                PageState::Present { frags, .. } => 1 + frags.len(),
+                _ => 1,
+            });
 
             let guard = pin();
 
