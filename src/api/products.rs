@@ -101,7 +101,7 @@ impl ProductView {
             created_at: secs(p.created_at),
             staged_at: secs(p.staged_at()),
             last_failed_at: p.last_failure_at().map(secs),
-            published_at: p.published_at.map(secs),
+            published_at: p.published_at().map(secs),
             next_retry_at: iso(p.next_retry_at()),
             metadata: p.metadata().clone(),
             revision: p.revision,

@@ -117,7 +117,7 @@ impl PublishSnapshot {
             product.checksum = Some(Checksum::Hex([0; 32]));
             // Every optional field filled in, the failure's retry time included.
             product.failure.as_mut().expect("failed once").next_retry_at = Some(11);
-            assert!(product.publishing_since.is_some() && product.published_at.is_some());
+            assert!(product.publishing_since().is_some() && product.published_at().is_some());
             // A second product for the other variants: a checksum kept as text, a
             // destination kept whole and a published path beside the staged name.
             let mut other = product.clone();
@@ -254,7 +254,7 @@ impl PublishModel {
                 )
             }),
             staging_since: (p.status == ProductStatus::Staging).then_some(p.created_at),
-            publishing_since: p.publishing_since,
+            publishing_since: p.publishing_since(),
             due_at: p.auto_due_at(max_attempts),
         }
     }

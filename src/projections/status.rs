@@ -98,7 +98,7 @@ pub fn stuck(
         m.stuck_publishing(publishing_cutoff)
             .into_iter()
             .take(limit)
-            .map(|p| row(p, p.publishing_since.unwrap_or(now)))
+            .map(|p| row(p, p.publishing_since().unwrap_or(now)))
             .collect(),
     )
 }
