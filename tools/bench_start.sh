@@ -8,7 +8,7 @@
 #   1. starts `contimg serve` on the copy (no snapshot): seconds until GET /api/status
 #      first answers, RSS then and 15 s later (the background folds done);
 #   2. stops it (SIGTERM; the server saves its snapshot) and starts it again: seconds to
-#      ready with the snapshot, and RSS then.
+#      ready with the snapshot, RSS then and 15 s later.
 # An empty server's RSS is printed first, the baseline for bytes per product. SERVE_ARGS
 # adds options to `serve` (e.g. `--mode api`); CONTIMG_BIN names the binary.
 set -euo pipefail
@@ -66,7 +66,9 @@ for r in $(seq 1 "$runs"); do
   start "$work/ledger"
   t2=$(cat "$work/t")
   ready2=$(rss_mb "$pid")
+  sleep 15
+  settled2=$(rss_mb "$pid")
   stop
   echo "run $r: without snapshot ready in ${t} s, RSS ${ready} MB at ready, ${settled} MB 15 s later;" \
-    "with the snapshot ready in ${t2} s, RSS ${ready2} MB"
+    "with the snapshot ready in ${t2} s, RSS ${ready2} MB at ready, ${settled2} MB 15 s later"
 done
