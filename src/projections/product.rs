@@ -87,7 +87,8 @@ impl ProductEvent {
 }
 
 /// A product fact in the form a product's state keeps it: words interned, the checksum
-/// read, the error cut to [`MAX_ERROR_CHARS`], the retry time parsed. Made from a
+/// read, the error cut to [`MAX_ERROR_CHARS`], the retry time parsed, a path's last `/`
+/// found. Made from a
 /// [`ProductEvent`] by a pure mapping, so a fold makes it on its decoder threads and the
 /// fold's own thread only applies it ([`ProductState::apply_fact`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -119,18 +120,19 @@ pub struct Registration {
     pub auto_publish: bool,
 }
 
-/// A destination or published path as recorded, with its folder interned (the folder is
-/// what a [`Place::Beside`] keeps).
+/// A destination or published path as recorded, with where its file name starts (a
+/// [`Place::Beside`] keeps the folder before it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
-    folder: Option<Word>,
+    /// Byte offset of the last `/`.
+    slash: Option<usize>,
     path: Box<str>,
 }
 
 impl Target {
     fn new(path: String) -> Target {
         Target {
-            folder: path.rsplit_once('/').map(|(dir, _)| Word::new(dir)),
+            slash: path.rfind('/'),
             path: path.into_boxed_str(),
         }
     }
@@ -229,11 +231,18 @@ thread_local! {
 
 impl Word {
     pub fn new(s: &str) -> Word {
-        if let Some(w) = LOCAL.with_borrow(|local| local.get(s).copied()) {
+        // `try_with`: a thread's copy may be gone while the thread ends; the shared
+        // table still answers.
+        if let Some(w) = LOCAL
+            .try_with(|local| local.borrow().get(s).copied())
+            .ok()
+            .flatten()
+        {
             return w;
         }
         let (word, text) = Self::shared(s);
-        LOCAL.with_borrow_mut(|local| {
+        let _ = LOCAL.try_with(|local| {
+            let mut local = local.borrow_mut();
             if local.len() < LOCAL_WORDS {
                 local.insert(text, word);
             }
@@ -325,11 +334,14 @@ impl Place {
     }
 
     fn new(target: Target, stage_path: &str) -> Place {
-        let name = Self::name(&target.path);
-        match target.folder {
-            Some(dir) if name == Self::name(stage_path) && !name.is_empty() => Place::Beside(dir),
-            _ => Place::Whole(Arc::new(String::from(target.path))),
+        if let Some(slash) = target.slash {
+            let (dir, name) = (&target.path[..slash], &target.path[slash + 1..]);
+            // Only a folder kept as a word is interned: the table keeps what it holds.
+            if name == Self::name(stage_path) && !name.is_empty() {
+                return Place::Beside(Word::new(dir));
+            }
         }
+        Place::Whole(Arc::new(String::from(target.path)))
     }
 
     fn text(&self, stage_path: &str) -> String {

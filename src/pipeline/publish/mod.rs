@@ -647,12 +647,19 @@ impl Publisher {
         trigger: Trigger,
     ) -> Result<PublishOutcome, PublishError> {
         let state = self.load(id).await?;
+        let now = now_micros();
         let decided = decide::decide(
             Some(&state),
             Command::Publish { trigger },
-            now_micros(),
+            now,
             &self.policy(),
         )?;
+        // The state the outcome is decided from: these events folded in, as the log will
+        // hold them once the append below succeeds.
+        let mut after = state.clone();
+        for (i, e) in decided.iter().cloned().enumerate() {
+            after.apply(e, now, state.revision + 1 + i as u64);
+        }
         let attempt = decided
             .iter()
             .find_map(|e| match e {
@@ -718,8 +725,6 @@ impl Publisher {
         })
         .await
         .unwrap_or_else(|e| Err(MoveError::retryable(format!("publish task failed: {e}"))));
-        let mut after = state;
-        after.status = ProductStatus::Publishing;
         after.revision = started.next_expected_version;
         let failure = moved.as_ref().err().map(|e| e.message.clone());
         let published_path = moved.as_ref().ok().map(|p| p.display().to_string());
