@@ -116,6 +116,8 @@ pub struct Registration {
     pub size_bytes: Option<u64>,
     pub qa_status: Option<Word>,
     pub validation_status: Option<Word>,
+    /// `None` when empty, as the state keeps it.
+    #[allow(clippy::box_collection)]
     metadata: Option<Box<BTreeMap<String, String>>>,
     pub auto_publish: bool,
 }
