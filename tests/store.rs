@@ -579,6 +579,73 @@ fn single_event_commits_share_log_chunks() {
     assert!(report.ok(), "{:?}", report.problems);
 }
 
+/// A ledger carries the layout it was written in (`meta` tree, `layout`): one without a
+/// marker (new, or from before there was one) is marked at open, and one written in a
+/// newer layout is refused with a clear error and left as it is, so a binary put back
+/// after an upgrade cannot misread it.
+#[test]
+fn a_ledger_of_a_newer_layout_is_refused_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .append_blocking("scratch-1", ExpectedRevision::Any, vec![ev(1)])
+        .unwrap();
+    store.close();
+    drop(store);
+    let marker = |dir: &std::path::Path, set: Option<&[u8]>| {
+        let db = sled::open(dir.join("log")).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        if let Some(v) = set {
+            meta.insert(b"layout", v).unwrap();
+        }
+        db.flush().unwrap();
+        let v = meta.get(b"layout").unwrap().map(|v| v.to_vec());
+        let logged = db.open_tree("ledger").unwrap().scan_prefix([b'L']).count();
+        drop(db);
+        (v, logged)
+    };
+    let current = contimg::events::store::sled::LAYOUT;
+    assert_eq!(
+        marker(dir.path(), None),
+        (Some(current.to_be_bytes().to_vec()), 1)
+    );
+    let newer = (current + 1).to_be_bytes();
+    marker(dir.path(), Some(&newer));
+    let Err(refused) = Store::open(dir.path()) else {
+        panic!("a newer layout is refused");
+    };
+    let text = refused.to_string();
+    assert!(
+        matches!(refused, StoreError::NotALedger(_))
+            && text.contains(&format!("version {}", current + 1)),
+        "{text}"
+    );
+    assert_eq!(
+        marker(dir.path(), None),
+        (Some(newer.to_vec()), 1),
+        "left as it is"
+    );
+    // A marker that is not 4 bytes is refused too; an older ledger without one is marked.
+    marker(dir.path(), Some(b"x"));
+    assert!(matches!(
+        Store::open(dir.path()),
+        Err(StoreError::NotALedger(_))
+    ));
+    {
+        let db = sled::open(dir.path().join("log")).unwrap();
+        db.open_tree("meta").unwrap().remove(b"layout").unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.stream_head("scratch-1").unwrap(), Some(0));
+    store.close();
+    drop(store);
+    assert_eq!(
+        marker(dir.path(), None),
+        (Some(current.to_be_bytes().to_vec()), 1)
+    );
+}
+
 fn bad_appends_are_refused_before_writing(l: &Ledgers) {
     let (_, store) = l.fresh();
     let e = ev(1);

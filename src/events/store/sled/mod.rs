@@ -188,6 +188,38 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     }
 }
 
+/// The layout of the `ledger` tree this build writes and reads (its keys and chunks). A
+/// change that an older build would misread bumps it, and that older build, from this
+/// one on, refuses the ledger instead of misreading it: `tools/deploy.sh` may put the
+/// previous binary back. Kept in a tree of its own, `meta`, under `layout`
+/// (u32 big-endian), which builds from before the marker ignore.
+pub const LAYOUT: u32 = 1;
+
+/// Refuses a ledger written in a newer layout than [`LAYOUT`], changing nothing; marks a
+/// ledger that has no marker yet (new, or written before there was one) with this one.
+fn check_layout(db: &sled::Db) -> Result<(), StoreError> {
+    let meta = db.open_tree("meta")?;
+    match meta.get(b"layout")? {
+        Some(v) => {
+            let layout = <[u8; 4]>::try_from(v.as_ref())
+                .map(u32::from_be_bytes)
+                .map_err(|_| {
+                    StoreError::NotALedger(format!("its layout marker is {} bytes, not 4", v.len()))
+                })?;
+            if layout > LAYOUT {
+                return Err(StoreError::NotALedger(format!(
+                    "its layout is version {layout}, written by a newer contimg; this one reads layout {LAYOUT} (run the contimg that wrote it)"
+                )));
+            }
+        }
+        None => {
+            meta.insert(b"layout", &LAYOUT.to_be_bytes())?;
+            db.flush()?;
+        }
+    }
+    Ok(())
+}
+
 /// Takes the folder's lock file, or says who holds it.
 fn lock_folder(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
@@ -243,6 +275,7 @@ impl SledStore {
             File::open(&sled_dir)?.sync_all()?;
             File::open(&dir)?.sync_all()?;
         }
+        check_layout(&db)?;
         let tree = db.open_tree("ledger")?;
         let (next_position, last_created) = match tree
             .range(keys::log(0)..=keys::log(u64::MAX))
