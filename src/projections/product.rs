@@ -88,12 +88,14 @@ impl ProductEvent {
 
 /// A product fact in the form a product's state keeps it: words interned, the checksum
 /// read, the error cut to [`MAX_ERROR_CHARS`], the retry time parsed, a path's last `/`
-/// found. Made from a
-/// [`ProductEvent`] by a pure mapping, so a fold makes it on its decoder threads and the
-/// fold's own thread only applies it ([`ProductState::apply_fact`]).
+/// found, a registration made into the product's first state. Made from a
+/// [`ProductEvent`] by a pure mapping ([`ProductFact::new`]), so a fold makes it on its
+/// decoder threads and the fold's own thread only applies it
+/// ([`ProductState::apply_fact`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProductFact {
-    Registered(Box<Registration>),
+    /// The product as its registration starts it.
+    Registered(Box<ProductState>),
     Finalized {
         qa_status: Option<Word>,
         validation_status: Option<Word>,
@@ -105,21 +107,6 @@ pub enum ProductFact {
         failure: Box<LastFailure>,
     },
     RetryRequested,
-}
-
-/// What a registration gives a product.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Registration {
-    pub data_type: Word,
-    pub stage_path: Box<str>,
-    pub checksum: Option<Checksum>,
-    pub size_bytes: Option<u64>,
-    pub qa_status: Option<Word>,
-    pub validation_status: Option<Word>,
-    /// `None` when empty, as the state keeps it.
-    #[allow(clippy::box_collection)]
-    metadata: Option<Box<BTreeMap<String, String>>>,
-    pub auto_publish: bool,
 }
 
 /// A destination or published path as recorded, with where its file name starts (a
@@ -140,10 +127,13 @@ impl Target {
     }
 }
 
-impl From<ProductEvent> for ProductFact {
-    fn from(e: ProductEvent) -> ProductFact {
+impl ProductFact {
+    /// `e` in the state's form; a registration starts the product filed under `id`,
+    /// created at `at` (the commit time), at `revision`.
+    pub fn new(e: ProductEvent, id: &str, at: i64, revision: u64) -> ProductFact {
         match e {
-            ProductEvent::Registered(r) => ProductFact::Registered(Box::new(Registration {
+            ProductEvent::Registered(r) => ProductFact::Registered(Box::new(ProductState {
+                data_id: Arc::from(id),
                 data_type: Word::new(&r.data_type),
                 stage_path: r.stage_path.into_boxed_str(),
                 checksum: r.checksum.map(Checksum::new),
@@ -152,6 +142,16 @@ impl From<ProductEvent> for ProductFact {
                 validation_status: r.validation_status.as_deref().map(Word::new),
                 metadata: (!r.metadata.is_empty()).then(|| Box::new(r.metadata)),
                 auto_publish: r.auto_publish,
+                status: ProductStatus::Staging,
+                publish_attempts: 0,
+                total_attempts: 0,
+                created_at: at,
+                started_at: 0,
+                succeeded_at: 0,
+                destination: None,
+                published_path: None,
+                failure: None,
+                revision,
             })),
             ProductEvent::Finalized(f) => ProductFact::Finalized {
                 qa_status: f.qa_status.as_deref().map(Word::new),
@@ -176,12 +176,18 @@ impl From<ProductEvent> for ProductFact {
             ProductEvent::RetryRequested(_) => ProductFact::RetryRequested,
         }
     }
-}
 
-impl ProductFact {
-    /// [`ProductEvent::decode_view`], in the state's form.
+    /// [`ProductEvent::decode_view`], in the state's form: the stream names the product (a
+    /// payload that says otherwise does not get to file it under another id).
     pub fn decode_view(r: &RecordRef<'_>) -> Result<Option<ProductFact>, String> {
-        Ok(ProductEvent::decode_view(r)?.map(ProductFact::from))
+        Ok(ProductEvent::decode_view(r)?.map(|e| {
+            ProductFact::new(
+                e,
+                crate::events::record::entity_of(r.stream_id),
+                r.created_micros,
+                r.revision,
+            )
+        }))
     }
 
     /// The stored type name of this fact.
@@ -480,48 +486,23 @@ fn parse_time(s: &Option<String>) -> Option<i64> {
 }
 
 impl ProductState {
-    /// State after the first event of the stream; `None` unless it is a registration.
+    /// State after the first event of the stream, filed under the id its payload names;
+    /// `None` unless it is a registration.
     pub fn start(e: ProductEvent, at: i64, revision: u64) -> Option<ProductState> {
         let ProductEvent::Registered(r) = &e else {
             return None;
         };
-        let id = Arc::from(r.data_id.as_str());
-        Self::start_as(e.into(), id, at, revision)
-    }
-
-    /// [`ProductState::start`] of a fact, filed under `id` (the stream's), whatever the
-    /// payload says.
-    pub fn start_as(e: ProductFact, id: Arc<str>, at: i64, revision: u64) -> Option<ProductState> {
-        let ProductFact::Registered(r) = e else {
-            return None;
-        };
-        let r = *r;
-        Some(ProductState {
-            data_id: id,
-            data_type: r.data_type,
-            stage_path: r.stage_path,
-            checksum: r.checksum,
-            size_bytes: r.size_bytes,
-            qa_status: r.qa_status,
-            validation_status: r.validation_status,
-            metadata: r.metadata,
-            auto_publish: r.auto_publish,
-            status: ProductStatus::Staging,
-            publish_attempts: 0,
-            total_attempts: 0,
-            created_at: at,
-            started_at: 0,
-            succeeded_at: 0,
-            destination: None,
-            published_path: None,
-            failure: None,
-            revision,
-        })
+        let id = r.data_id.clone();
+        match ProductFact::new(e, &id, at, revision) {
+            ProductFact::Registered(state) => Some(*state),
+            _ => None,
+        }
     }
 
     /// Folds one later event in. Cannot fail: decoding already happened.
     pub fn apply(&mut self, e: ProductEvent, at: i64, revision: u64) {
-        self.apply_fact(e.into(), at, revision)
+        let fact = ProductFact::new(e, &self.data_id, at, revision);
+        self.apply_fact(fact, at, revision)
     }
 
     /// [`ProductState::apply`] of a fact: the one place where a fact changes a product.

@@ -245,8 +245,10 @@ impl PublishModel {
         (&self.parked, self.parked_total)
     }
 
-    fn entries(p: &ProductState, max_attempts: u32) -> Entries {
-        Entries {
+    /// Where a product stands: its index entries, and which counters it is in (status,
+    /// failed, attempts exhausted).
+    fn standing(p: &ProductState, max_attempts: u32) -> (Entries, (ProductStatus, bool, bool)) {
+        let entries = Entries {
             failed: p.is_failed().then(|| {
                 (
                     p.publish_attempts,
@@ -256,12 +258,18 @@ impl PublishModel {
             staging_since: (p.status == ProductStatus::Staging).then_some(p.created_at),
             publishing_since: p.publishing_since(),
             due_at: p.auto_due_at(max_attempts),
-        }
+        };
+        let flags = (p.status, p.is_failed(), p.attempts_exhausted(max_attempts));
+        (entries, flags)
     }
 
-    /// Which counters a product is in: status, failed, attempts exhausted.
-    fn flags(p: &ProductState, max_attempts: u32) -> (ProductStatus, bool, bool) {
-        (p.status, p.is_failed(), p.attempts_exhausted(max_attempts))
+    /// Files a product the model does not hold yet.
+    fn add(&mut self, p: Box<ProductState>) {
+        let key: Id = p.data_id.clone();
+        let (entries, flags) = Self::standing(&p, self.max_attempts);
+        self.count(flags, 1);
+        self.reindex(&key, Entries::default(), entries);
+        self.products.insert(key, p);
     }
 
     fn count(&mut self, (status, failed, exhausted): (ProductStatus, bool, bool), sign: i64) {
@@ -336,8 +344,7 @@ impl PublishModel {
 
     /// Folds one event. Never fails: an event that cannot be folded is parked.
     pub fn apply(&mut self, r: &RecordedEvent) {
-        let decoded = ProductEvent::decode(r).map(|e| e.map(ProductFact::from));
-        self.apply_decoded(r, decoded);
+        self.apply_decoded(r, ProductFact::decode_view(&r.view()));
     }
 
     /// Folds one event whose product fact was decoded already (perhaps on another thread,
@@ -356,26 +363,21 @@ impl PublishModel {
         let id = crate::events::record::entity_of(&r.stream_id);
         let max = self.max_attempts;
         if let Some(p) = self.products.get_mut(id) {
-            let (before, before_flags) = (Self::entries(p, max), Self::flags(p, max));
+            let (before, before_flags) = Self::standing(p, max);
             p.apply_fact(event, r.created_micros, r.revision);
-            let (after, after_flags) = (Self::entries(p, max), Self::flags(p, max));
+            let (after, after_flags) = Self::standing(p, max);
             let key = p.data_id.clone();
             self.count(before_flags, -1);
             self.count(after_flags, 1);
             self.reindex(&key, before, after);
         } else {
-            let ty = event.type_name();
-            // The stream names the product; a payload that says otherwise does not get to
-            // file it under another id.
-            let key: Id = Arc::from(id);
-            match ProductState::start_as(event, key.clone(), r.created_micros, r.revision) {
-                Some(p) => {
-                    let (entries, flags) = (Self::entries(&p, max), Self::flags(&p, max));
-                    self.count(flags, 1);
-                    self.reindex(&key, Entries::default(), entries);
-                    self.products.insert(key, Box::new(p));
+            match event {
+                // Filed under the stream's id (`ProductFact::decode_view`).
+                ProductFact::Registered(p) => self.add(p),
+                other => {
+                    let ty = other.type_name();
+                    self.park(r, ty, format!("{ty} before ProductRegistered"));
                 }
-                None => self.park(r, ty, format!("{ty} before ProductRegistered")),
             }
         }
     }
@@ -515,14 +517,7 @@ impl PublishModel {
         let mut m = PublishModel::new(max_attempts);
         m.reserve(s.products.len());
         for p in s.products {
-            let key: Id = p.data_id.clone();
-            let (entries, flags) = (
-                Self::entries(&p, max_attempts),
-                Self::flags(&p, max_attempts),
-            );
-            m.count(flags, 1);
-            m.reindex(&key, Entries::default(), entries);
-            m.products.insert(key, p);
+            m.add(p);
         }
         m.failure_times = s.failure_times;
         m.parked = s.parked;
