@@ -480,13 +480,12 @@ impl Config {
             7.0 * 1440.0,
         )?;
         non_negative("ledger.reserve_mb", self.ledger.reserve_mb, 1024.0 * 1024.0)?;
-        anyhow::ensure!(
-            self.ledger.cache_mb.is_finite()
-                && (1.0..=1024.0 * 1024.0).contains(&self.ledger.cache_mb),
-            "ledger.cache_mb must be between 1 and {} (got {})",
+        between(
+            "ledger.cache_mb",
+            self.ledger.cache_mb,
+            1.0,
             1024.0 * 1024.0,
-            self.ledger.cache_mb
-        );
+        )?;
         if let Some(url) = &self.ledger.url {
             url.parse::<tokio_postgres::Config>().map_err(|e| {
                 anyhow::anyhow!(
@@ -674,9 +673,13 @@ fn positive(name: &str, v: f64, max: f64) -> anyhow::Result<()> {
 }
 
 fn non_negative(name: &str, v: f64, max: f64) -> anyhow::Result<()> {
+    between(name, v, 0.0, max)
+}
+
+fn between(name: &str, v: f64, min: f64, max: f64) -> anyhow::Result<()> {
     anyhow::ensure!(
-        v.is_finite() && (0.0..=max).contains(&v),
-        "{name} must be between 0 and {max} (got {v})"
+        v.is_finite() && (min..=max).contains(&v),
+        "{name} must be between {min} and {max} (got {v})"
     );
     Ok(())
 }

@@ -91,10 +91,9 @@ pub fn ledger_url(flag: Option<String>, other_source_given: bool) -> Option<Stri
 }
 
 /// Opens a ledger this process reads and writes directly: the PostgreSQL database at
-/// `ledger`, or else the sled folder `data_dir` (made when `create`, else it must exist).
-/// Opens the ledger at `ledger` (PostgreSQL) or in `data_dir` (sled, with a page cache of
-/// `cache_bytes`). Without `create`, an empty PostgreSQL database or a missing folder is
-/// an error: the read-only tools make nothing.
+/// `ledger`, or else the sled folder `data_dir` with a page cache of `cache_bytes`.
+/// Without `create`, an empty PostgreSQL database or a missing folder is an error: the
+/// read-only tools make nothing.
 pub fn open_store(
     ledger: Option<&str>,
     data_dir: &Path,

@@ -148,6 +148,8 @@ where
         out_rxs.push(out_rx);
         back_txs.push(back_tx);
     }
+    // The decoders hold the only senders back to the reader.
+    drop(read_back_tx);
     threads.push(spawn(
         "fold-read".into(),
         Box::new(move || {
