@@ -130,6 +130,19 @@ fn ev(n: u32) -> ProposedEvent {
     ProposedEvent::new("Noted", 1, format!("{{\"n\":{n}}}").into_bytes())
 }
 
+/// Appends `ev(i)` for each `i` of `events`, one commit each, to `scratch-{i % streams}`.
+fn append_round_robin(store: &Store, events: std::ops::Range<u32>, streams: u32) {
+    for i in events {
+        store
+            .append_blocking(
+                &format!("scratch-{}", i % streams),
+                ExpectedRevision::Any,
+                vec![ev(i)],
+            )
+            .unwrap();
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Append {
@@ -536,15 +549,7 @@ fn single_event_commits_share_log_chunks() {
         n
     };
     let store = Store::open(dir.path()).unwrap();
-    for i in 0..300 {
-        store
-            .append_blocking(
-                &format!("scratch-{}", i % 7),
-                ExpectedRevision::Any,
-                vec![ev(i)],
-            )
-            .unwrap();
-    }
+    append_round_robin(&store, 0..300, 7);
     store.close();
     drop(store);
     // 300 records of a hundred-odd bytes: chunks of about 2 KiB, not one a commit.
@@ -837,15 +842,7 @@ fn snapshots_keep_their_checkpoint(l: &Ledgers) {
 /// An import writes records exactly as given; one out of place writes nothing.
 fn import_keeps_records_exactly_and_refuses_a_bad_one_whole(l: &Ledgers) {
     let (_, source) = l.fresh();
-    for i in 0..30 {
-        source
-            .append_blocking(
-                &format!("scratch-{}", i % 3),
-                ExpectedRevision::Any,
-                vec![ev(i)],
-            )
-            .unwrap();
-    }
+    append_round_robin(&source, 0..30, 3);
     let records = source.read_all(None, Direction::Forward, 100).unwrap();
     let (_, target) = l.fresh();
     target.import_blocking(records[..10].to_vec()).unwrap();
