@@ -59,8 +59,8 @@ fn raw_ceiling(batch: usize) -> f64 {
 }
 
 /// The same, with the keys the ledger writes per event (one log chunk per batch, and per
-/// event a stream head, a stream-index entry and an id-index entry): sled and the disk
-/// doing the ledger's writes with none of its logic.
+/// event a stream-index entry and an id-index entry): sled and the disk doing the ledger's
+/// writes with none of its logic.
 fn raw_ceiling_ledger_shaped(batch: usize) -> f64 {
     let dir = bench_dir(&format!("raw-shaped-{batch}"));
     let db = sled::open(&dir).unwrap();
@@ -81,7 +81,6 @@ fn raw_ceiling_ledger_shaped(batch: usize) -> f64 {
             let rev = (n / batch as u64).to_be_bytes();
             chunk.extend_from_slice(&(record.len() as u32).to_le_bytes());
             chunk.extend_from_slice(&record);
-            b.insert([&[b'H'][..], stream.as_bytes()].concat(), &rev);
             b.insert(
                 [&[b'S'][..], stream.as_bytes(), &[0], &rev].concat(),
                 &n.to_be_bytes(),

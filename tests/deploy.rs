@@ -42,11 +42,18 @@ impl Target {
         self.dir.path().join("root")
     }
     fn deploy(&self, binary: &Path, extra: &[&str]) -> Output {
-        let data = self.dir.path().join("data");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
+        self.deploy_on(binary, extra, port)
+    }
+    /// The ledger folder `validate` (and a rollback) opens.
+    fn ledger(&self) -> PathBuf {
+        self.dir.path().join("data").join("var")
+    }
+    fn deploy_on(&self, binary: &Path, extra: &[&str], port: std::net::SocketAddr) -> Output {
+        let data = self.dir.path().join("data");
         let mut cmd = Command::new("bash");
         cmd.arg(script())
             .args(["--mode", "both", "--prefix"])
@@ -197,6 +204,56 @@ fn a_failing_validate_rolls_the_binary_back() {
         std::fs::read(p.join("usr/local/bin/contimg")).unwrap(),
         std::fs::read(bin()).unwrap()
     );
+}
+
+/// A rollback to a binary from before layout 2 (here a wrapper that, like one, knows no
+/// `ledger-layout`) puts the sled ledger back in layout 1 with the new binary first, since
+/// the new one's `validate` brought it to layout 2 and the old one would refuse it.
+#[test]
+fn a_rollback_puts_the_ledger_back_in_the_previous_binarys_layout() {
+    use contimg::events::store::sled::{LAYOUT, to_layout};
+    use contimg::events::{ExpectedRevision, ProposedEvent, Store};
+    let t = Target::new();
+    let p = t.prefix();
+    let old = t.dir.path().join("contimg-old");
+    std::fs::write(
+        &old,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in ledger-layout) echo \"error: unrecognized subcommand\" >&2; exit 2;; esac\nexec {} \"$@\"\n",
+            bin().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let first = t.deploy(&old, &[]);
+    assert!(first.status.success(), "{}", text(&first));
+    let store = Store::open(t.ledger()).unwrap();
+    for stream in ["product-a", "product-b"] {
+        let event = ProposedEvent::new("Noted", 1, b"{}".to_vec());
+        store
+            .append_blocking(stream, ExpectedRevision::NoStream, vec![event])
+            .unwrap();
+    }
+    store.close();
+    drop(store);
+    // Something else holds the port: the new binary's validate fails, after opening the
+    // ledger.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = t.deploy_on(&bin(), &[], held.local_addr().unwrap());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("rolling back"), "{said}");
+    assert!(
+        said.contains("layout 2 -> 1 (2 stream head keys written)"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read(p.join("usr/local/bin/contimg")).unwrap(),
+        std::fs::read(&old).unwrap()
+    );
+    let shown = to_layout(&t.ledger(), None).unwrap().unwrap();
+    assert_eq!((shown.from, LAYOUT), (1, 2));
 }
 
 #[test]

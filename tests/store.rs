@@ -651,6 +651,171 @@ fn a_ledger_of_a_newer_layout_is_refused_and_left_as_it_is() {
     );
 }
 
+/// A stream's head is read from its last stream-index entry (layout 2). A ledger written
+/// in layout 1 also kept a head key per stream (`H` stream); opening it marks it layout 2,
+/// then drops them, whatever they say (here stale and wrong), and expected revisions,
+/// reads and `verify` go by the index.
+#[test]
+fn head_keys_of_layout_1_ledgers_are_dropped_and_heads_come_from_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for i in 0..5 {
+        store
+            .append_blocking("product-a", ExpectedRevision::Any, vec![ev(i)])
+            .unwrap();
+    }
+    store
+        .append_blocking("product-ab", ExpectedRevision::NoStream, vec![ev(9)])
+        .unwrap();
+    store.close();
+    drop(store);
+    assert_eq!(sled_keys(dir.path(), None), (2, vec![]), "no head keys");
+    // What layout 1 wrote, but wrong: heads the log does not have.
+    let stale = vec![
+        (b"Hnever-written".to_vec(), 0u64.to_be_bytes().to_vec()),
+        (b"Hproduct-a".to_vec(), 7u64.to_be_bytes().to_vec()),
+        (b"Hproduct-ab".to_vec(), 3u64.to_be_bytes().to_vec()),
+    ];
+    assert_eq!(sled_keys(dir.path(), Some((1, &stale))), (1, stale.clone()));
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.stream_head("product-a").unwrap(), Some(4));
+    assert_eq!(store.stream_head("product-ab").unwrap(), Some(0));
+    assert_eq!(store.stream_head("never-written").unwrap(), None);
+    // The expected revision is checked against the index's head, not the stale key.
+    let wrong = store.append_blocking("product-a", ExpectedRevision::Exact(7), vec![ev(20)]);
+    assert!(
+        matches!(
+            wrong,
+            Err(StoreError::WrongExpectedVersion {
+                current: Some(4),
+                ..
+            })
+        ),
+        "{wrong:?}"
+    );
+    let next = store
+        .append_blocking("product-a", ExpectedRevision::Exact(4), vec![ev(21)])
+        .unwrap();
+    assert_eq!(next.next_expected_version, 5);
+    store
+        .append_blocking("never-written", ExpectedRevision::NoStream, vec![ev(22)])
+        .unwrap();
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    store.close();
+    drop(store);
+    assert_eq!(
+        sled_keys(dir.path(), None),
+        (2, vec![]),
+        "marked 2, heads dropped"
+    );
+}
+
+/// `contimg layout --to 1` puts a ledger back in layout 1 for a binary from before layout 2
+/// (a rollback): a head key per stream holding its last revision, then the marker. The
+/// next open by this build brings it to layout 2 again, and nothing is lost either way.
+#[test]
+fn a_ledger_goes_back_to_layout_1_and_forward_again() {
+    use contimg::events::store::sled::{LAYOUT, LayoutChange, to_layout};
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        to_layout(dir.path(), Some(1)).unwrap(),
+        None,
+        "an empty folder holds no ledger"
+    );
+    let store = Store::open(dir.path()).unwrap();
+    for (stream, n) in [("product-a", 3u32), ("product-b", 1), ("product-c", 2)] {
+        for i in 0..n {
+            store
+                .append_blocking(stream, ExpectedRevision::Any, vec![ev(i)])
+                .unwrap();
+        }
+    }
+    assert!(
+        matches!(
+            to_layout(dir.path(), Some(1)),
+            Err(StoreError::Locked { .. })
+        ),
+        "not while a store holds the folder"
+    );
+    store.close();
+    drop(store);
+    let shown = LayoutChange {
+        from: LAYOUT,
+        to: LAYOUT,
+        heads_written: 0,
+    };
+    assert_eq!(to_layout(dir.path(), None).unwrap(), Some(shown));
+    assert!(matches!(
+        to_layout(dir.path(), Some(LAYOUT + 1)),
+        Err(StoreError::InvalidInput(_))
+    ));
+    assert_eq!(
+        to_layout(dir.path(), Some(1)).unwrap(),
+        Some(LayoutChange {
+            from: LAYOUT,
+            to: 1,
+            heads_written: 3
+        })
+    );
+    let head = |rev: u64| rev.to_be_bytes().to_vec();
+    assert_eq!(
+        sled_keys(dir.path(), None),
+        (
+            1,
+            vec![
+                (b"Hproduct-a".to_vec(), head(2)),
+                (b"Hproduct-b".to_vec(), head(0)),
+                (b"Hproduct-c".to_vec(), head(1)),
+            ]
+        ),
+        "what layout 1 kept"
+    );
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.stream_head("product-a").unwrap(), Some(2));
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.events, 6);
+    store.close();
+    drop(store);
+    assert_eq!(sled_keys(dir.path(), None), (2, vec![]), "forward again");
+}
+
+/// Keys and values of a sled tree.
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A stopped sled ledger's layout marker and its head keys (`H`), after setting the
+/// marker and adding keys when `set` says so.
+fn sled_keys(dir: &std::path::Path, set: Option<(u32, &Pairs)>) -> (u32, Pairs) {
+    let db = sled::open(dir.join("log")).unwrap();
+    let meta = db.open_tree("meta").unwrap();
+    let tree = db.open_tree("ledger").unwrap();
+    if let Some((layout, heads)) = set {
+        meta.insert(b"layout", &layout.to_be_bytes()).unwrap();
+        for (k, v) in heads {
+            tree.insert(k, v.as_slice()).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let layout = u32::from_be_bytes(
+        meta.get(b"layout")
+            .unwrap()
+            .unwrap()
+            .as_ref()
+            .try_into()
+            .unwrap(),
+    );
+    let heads = tree
+        .scan_prefix([b'H'])
+        .map(|kv| {
+            let (k, v) = kv.unwrap();
+            (k.to_vec(), v.to_vec())
+        })
+        .collect();
+    drop(db);
+    (layout, heads)
+}
+
 fn bad_appends_are_refused_before_writing(l: &Ledgers) {
     let (_, store) = l.fresh();
     let e = ev(1);

@@ -125,6 +125,22 @@ else
   run install -m 0600 "$here/systemd/contimg.env.example" "$etc_dir/contimg.env"
 fi
 
+# Before the previous binary runs again: the new one may have brought a sled ledger to its
+# own layout (any open does, `validate`'s included), which the previous one refuses. Put
+# the ledger back in the layout the previous binary reads (one without `ledger-layout --writes`
+# reads layout 1), with the new binary, which knows both. A failure is reported, not
+# fatal: the rollback goes on, and the message says what to run.
+restore_layout() {
+  local wants
+  wants="$("$bin_dir/contimg.prev" ledger-layout --writes 2>/dev/null)" || wants=1
+  echo "+ $installed ledger-layout --config $etc_dir/contimg.toml --to $wants"
+  [ "$dry_run" -eq 1 ] && return 0
+  if ! (set -a; [ -r "$etc_dir/contimg.env" ] && . "$etc_dir/contimg.env"; set +a
+        "$installed" ledger-layout --config "$etc_dir/contimg.toml" --to "$wants"); then
+    echo "deploy: could not put the ledger back in layout $wants; before starting the previous binary run: $installed ledger-layout --config $etc_dir/contimg.toml --to $wants" >&2
+  fi
+}
+
 # 3. Validate with the installed binary, in the services' environment.
 validate=("$installed" validate --config "$etc_dir/contimg.toml" --units-dir "$unit_dir")
 if [ -n "$prefix" ]; then
@@ -137,6 +153,7 @@ if [ "$dry_run" -eq 0 ]; then
     echo "deploy: contimg validate found errors; fix them and run again" >&2
     if [ "$replaced" -eq 1 ]; then
       say "rolling back to the previous binary"
+      restore_layout
       run mv -f "$bin_dir/contimg.prev" "$installed"
     fi
     exit 1
@@ -188,6 +205,8 @@ until healthy; do
     echo "deploy: not healthy after ${timeout}s (journalctl -u ${units[0]} -n 50)" >&2
     if [ "$replaced" -eq 1 ]; then
       say "rolling back to the previous binary"
+      run systemctl stop "${units[@]}"
+      restore_layout
       run mv -f "$bin_dir/contimg.prev" "$installed"
       run systemctl restart "${units[@]}"
     fi

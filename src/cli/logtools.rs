@@ -61,6 +61,64 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct LedgerLayoutArgs {
+    /// The ledger as `serve` would open it: from the configuration and the flags and
+    /// environment that override it. A ledger on PostgreSQL has no sled layout to change.
+    #[command(flatten)]
+    pub layout: super::Layout,
+    /// Put the ledger in this layout: 1 for a contimg from before layout 2 (writes a
+    /// head key per stream; do it before putting such a binary back), 2 for this one
+    /// (what any open of the ledger does). Without it, only print the layout. A folder
+    /// with no ledger yet has nothing to change.
+    #[arg(long)]
+    pub to: Option<u32>,
+    /// Print the layout this contimg reads and writes, and nothing else (for scripts).
+    #[arg(long, conflicts_with = "to")]
+    pub writes: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `contimg ledger-layout`: what [`crate::events::store::sled::to_layout`] found and did.
+pub fn ledger_layout(args: LedgerLayoutArgs) -> anyhow::Result<ExitCode> {
+    use crate::events::store::sled::{LAYOUT, to_layout};
+    if args.writes {
+        println!("{LAYOUT}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut config = crate::config::Config::load_or_default(args.layout.config.as_deref())?;
+    args.layout.apply(&mut config);
+    if config.ledger.url.is_some() {
+        println!("the ledger is on PostgreSQL: it has no sled layout to change");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dir = config.ledger_dir();
+    let change =
+        to_layout(&dir, args.to).with_context(|| format!("ledger at {}", dir.display()))?;
+    let Some(change) = change else {
+        if args.to.is_some() {
+            println!("{} holds no ledger yet: nothing to change", dir.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        bail!("{} holds no sled ledger", dir.display());
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&change)?);
+    } else if args.to.is_none() {
+        println!("layout {} (this contimg writes {LAYOUT})", change.from);
+    } else if change.to == 1 {
+        println!(
+            "layout {} -> 1 ({} stream head keys written)",
+            change.from, change.heads_written
+        );
+    } else {
+        println!("layout {} -> {}", change.from, change.to);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A progress bar on a terminal, nothing otherwise.
 pub fn progress(len: Option<u64>, what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {

@@ -59,6 +59,9 @@ pub enum Command {
     Import(logtools::ImportArgs),
     /// Check a stopped ledger: gapless positions, matching checksums, agreeing indexes.
     Verify(logtools::VerifyArgs),
+    /// Show a stopped sled ledger's layout, or put it in another (`--to 1` before going
+    /// back to a build from before layout 2).
+    LedgerLayout(logtools::LedgerLayoutArgs),
     /// What the ledger knew and when: timelines, status and failed list as of any time.
     Audit(audit::AuditArgs),
     /// The weekly review, rebuilt offline: report.json, report.md, report.html with charts.
@@ -253,6 +256,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Export(args) => logtools::export(args),
         Command::Import(args) => logtools::import(args),
         Command::Verify(args) => logtools::verify(args),
+        Command::LedgerLayout(args) => logtools::ledger_layout(args),
         Command::Monitor(args) => return monitor::run(args),
         Command::Validate(args) => return validate::run(args),
         Command::Audit(args) => audit::run(args),

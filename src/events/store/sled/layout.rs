@@ -3,6 +3,9 @@
 /// Key layout of the `ledger` tree.
 pub(crate) mod keys {
     pub const LOG: u8 = b'L';
+    /// Stream heads, one key per stream, as ledgers kept them before heads were read from
+    /// the stream index's last entry: dropped when such a ledger is opened (see
+    /// `sled::drop_head_keys`), never written.
     pub const HEAD: u8 = b'H';
     pub const INDEX: u8 = b'S';
     pub const ID: u8 = b'I';
@@ -10,13 +13,6 @@ pub(crate) mod keys {
     pub fn log(position: u64) -> [u8; 9] {
         let mut k = [LOG; 9];
         k[1..].copy_from_slice(&position.to_be_bytes());
-        k
-    }
-
-    pub fn head(stream: &str) -> Vec<u8> {
-        let mut k = Vec::with_capacity(stream.len() + 1);
-        k.push(HEAD);
-        k.extend_from_slice(stream.as_bytes());
         k
     }
 

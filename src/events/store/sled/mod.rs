@@ -1,16 +1,19 @@
 //! The event store on sled, the embedded backend: one writer thread with group commit,
 //! reads of streams and of `$all`.
 //!
-//! One sled tree, `ledger`, holds four kinds of key, told apart by a first byte (numbers
+//! One sled tree, `ledger`, holds three kinds of key, told apart by a first byte (numbers
 //! big-endian so that sled's byte order is numeric order):
 //! - `L` position -> a chunk: the encoded records from that position on, of one commit or
 //!   several (the truth, `$all`; see `layout::chunk`);
-//! - `H` stream -> last revision (the stream head);
-//! - `S` stream 0x00 revision -> position (the stream index);
+//! - `S` stream 0x00 revision -> position (the stream index; its last entry for a stream
+//!   is the stream's head);
 //! - `I` stream 0x00 event id -> revision, position (the durable idempotency index).
 //!
+//! Ledgers written before also kept `H` stream -> last revision, a key per stream written
+//! again by every commit to it; opening such a ledger drops those keys ([`drop_head_keys`]).
+//!
 //! One tree because a sled batch on one tree is atomic, crash included: a group commit
-//! writes events, heads and both indexes in one `apply_batch`, which costs a fraction of
+//! writes events and both indexes in one `apply_batch`, which costs a fraction of
 //! a multi-tree transaction. Stream names hold no control character, so 0x00 cannot occur
 //! inside one.
 //!
@@ -189,35 +192,215 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
 }
 
 /// The layout of the `ledger` tree this build writes and reads (its keys and chunks). A
-/// change that an older build would misread bumps it, and that older build, from this
-/// one on, refuses the ledger instead of misreading it: `tools/deploy.sh` may put the
-/// previous binary back. Kept in a tree of its own, `meta`, under `layout`
-/// (u32 big-endian), which builds from before the marker ignore.
-pub const LAYOUT: u32 = 1;
+/// change that an older build would misread bumps it, and that older build, from the
+/// marker's first release on, refuses the ledger instead of misreading it:
+/// `tools/deploy.sh` may put the previous binary back. Kept in a tree of its own, `meta`,
+/// under `layout` (u32 big-endian), which builds from before the marker ignore.
+///
+/// - 1: per stream a head key (`H` stream -> last revision) beside the stream index.
+/// - 2: no head keys; a stream's head is its last stream-index entry.
+pub const LAYOUT: u32 = 2;
 
-/// Refuses a ledger written in a newer layout than [`LAYOUT`], changing nothing; marks a
-/// ledger that has no marker yet (new, or written before there was one) with this one.
-fn check_layout(db: &sled::Db) -> Result<(), StoreError> {
-    let meta = db.open_tree("meta")?;
-    match meta.get(b"layout")? {
-        Some(v) => {
-            let layout = <[u8; 4]>::try_from(v.as_ref())
+/// The layout a ledger's marker names, `None` when it has none (new, or written before
+/// there was one, in layout 1).
+fn read_layout(meta: &sled::Tree) -> Result<Option<u32>, StoreError> {
+    meta.get(b"layout")?
+        .map(|v| {
+            <[u8; 4]>::try_from(v.as_ref())
                 .map(u32::from_be_bytes)
                 .map_err(|_| {
                     StoreError::NotALedger(format!("its layout marker is {} bytes, not 4", v.len()))
-                })?;
-            if layout > LAYOUT {
-                return Err(StoreError::NotALedger(format!(
-                    "its layout is version {layout}, written by a newer contimg; this one reads layout {LAYOUT} (run the contimg that wrote it)"
-                )));
-            }
-        }
-        None => {
-            meta.insert(b"layout", &LAYOUT.to_be_bytes())?;
-            db.flush()?;
+                })
+        })
+        .transpose()
+}
+
+/// Writes the layout marker and makes it durable (sled's flush, then `fdatasync` of its
+/// data file) before anything that relies on it is changed.
+fn mark_layout(db: &sled::Db, sled_dir: &Path, layout: u32) -> Result<(), StoreError> {
+    db.open_tree("meta")?
+        .insert(b"layout", &layout.to_be_bytes())?;
+    db.flush()?;
+    File::open(sled_dir.join("db"))?.sync_data()?;
+    Ok(())
+}
+
+/// Refuses a ledger written in a newer layout than [`LAYOUT`], changing nothing. A ledger
+/// in an older layout (or unmarked) is marked with this one first, durably, and then
+/// brought to it: an older build refuses it from the marker on, so it never reads a
+/// ledger half-changed. A crash on the way leaves the rest for the next open.
+fn check_layout(db: &sled::Db, sled_dir: &Path, tree: &sled::Tree) -> Result<(), StoreError> {
+    let layout = read_layout(&db.open_tree("meta")?)?;
+    if let Some(newer) = layout.filter(|&l| l > LAYOUT) {
+        return Err(StoreError::NotALedger(format!(
+            "its layout is version {newer}, written by a newer contimg; this one reads layout {LAYOUT} (run the contimg that wrote it)"
+        )));
+    }
+    if layout != Some(LAYOUT) {
+        mark_layout(db, sled_dir, LAYOUT)?;
+    }
+    // Also after a crash in the middle of this, or of a `layout --to 1` (the marker still
+    // says 2 then).
+    drop_head_keys(db, tree)?;
+    Ok(())
+}
+
+/// The last entry of `stream` in the stream index: its head (the last revision) and that
+/// event's position, `None` for a stream with no event. Exact: stream names hold no 0x00,
+/// so the range holds this stream's entries and no other's.
+pub(super) fn last_in_stream(
+    tree: &sled::Tree,
+    stream: &str,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    let prefix_len = keys::in_stream(keys::INDEX, stream, &[]).len();
+    match tree
+        .range(keys::index(stream, 0)..=keys::index(stream, u64::MAX))
+        .next_back()
+    {
+        None => Ok(None),
+        Some(item) => {
+            let (k, v) = item?;
+            Ok(Some((
+                be_u64(k.get(prefix_len..).unwrap_or_default(), "stream index key")?,
+                be_u64(&v, "stream index value")?,
+            )))
         }
     }
-    Ok(())
+}
+
+/// Keys removed or written per sled batch when a ledger changes layout.
+const LAYOUT_BATCH: usize = 10_000;
+
+/// Drops the head keys (`H` stream) of a ledger written in layout 1: every commit wrote its
+/// streams' heads again, a sled key per stream that said what the stream index's last
+/// entry says. In batches; a crash on the way leaves some for the next open, and nothing
+/// reads them meanwhile.
+fn drop_head_keys(db: &sled::Db, tree: &sled::Tree) -> Result<u64, StoreError> {
+    let mut dropped = 0u64;
+    loop {
+        let found = tree
+            .scan_prefix([keys::HEAD])
+            .keys()
+            .take(LAYOUT_BATCH)
+            .collect::<Result<Vec<_>, _>>()?;
+        if found.is_empty() {
+            break;
+        }
+        let mut batch = sled::Batch::default();
+        for k in &found {
+            batch.remove(k.clone());
+        }
+        tree.apply_batch(batch)?;
+        dropped += found.len() as u64;
+    }
+    if dropped > 0 {
+        db.flush()?;
+        tracing::info!(
+            dropped,
+            "dropped the stream head keys of a ledger written in layout 1; heads are read from the stream index"
+        );
+    }
+    Ok(dropped)
+}
+
+/// What [`to_layout`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LayoutChange {
+    /// The ledger's layout before (1 for a ledger with no marker).
+    pub from: u32,
+    pub to: u32,
+    /// Head keys written (going to layout 1).
+    pub heads_written: u64,
+}
+
+/// Puts a stopped ledger in `layout` for a build that reads that one (the folder's lock is
+/// held meanwhile): to 1, for a build from before layout 2 (a rollback), it writes every
+/// stream's head key from the stream index, then the marker, durably; to [`LAYOUT`], what
+/// any open does. `layout: None` changes nothing and reports the ledger's layout. `None`
+/// when `dir` holds no sled ledger.
+pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>, StoreError> {
+    let sled_dir = dir.join(LOG_DIR);
+    if !sled_dir.join("db").is_file() {
+        return Ok(None);
+    }
+    let _lock = lock_folder(dir)?;
+    let db = open_sled(&sled_dir, crate::events::store::SCAN_CACHE_BYTES)?;
+    let tree = db.open_tree("ledger")?;
+    let from = read_layout(&db.open_tree("meta")?)?.unwrap_or(1);
+    let to = layout.unwrap_or(from);
+    let change = |heads_written| LayoutChange {
+        from,
+        to,
+        heads_written,
+    };
+    if from > LAYOUT {
+        return Err(StoreError::NotALedger(format!(
+            "its layout is version {from}, written by a newer contimg; this one reads layout {LAYOUT} (run the contimg that wrote it)"
+        )));
+    }
+    match to {
+        _ if layout.is_none() => Ok(Some(change(0))),
+        LAYOUT => {
+            check_layout(&db, &sled_dir, &tree)?;
+            Ok(Some(change(0)))
+        }
+        1 => {
+            // Heads first, under the marker that tells older builds to stay away; a crash
+            // before the marker changes leaves heads the next open drops again.
+            let written = write_head_keys(&tree)?;
+            mark_layout(&db, &sled_dir, 1)?;
+            Ok(Some(change(written)))
+        }
+        other => Err(StoreError::InvalidInput(format!(
+            "layout {other} is not one this contimg can write (1 or {LAYOUT})"
+        ))),
+    }
+}
+
+/// Writes `H` stream -> last revision for every stream in the stream index, as layout 1
+/// kept them.
+fn write_head_keys(tree: &sled::Tree) -> Result<u64, StoreError> {
+    let mut written = 0u64;
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0;
+    let mut last: Option<(Vec<u8>, [u8; 8])> = None;
+    let mut put = |stream: Vec<u8>, revision: [u8; 8], batch: &mut sled::Batch| {
+        let mut k = Vec::with_capacity(stream.len() + 1);
+        k.push(keys::HEAD);
+        k.extend_from_slice(&stream);
+        batch.insert(k, &revision);
+        written += 1;
+    };
+    for item in tree.scan_prefix([keys::INDEX]) {
+        let (k, _) = item?;
+        let Some(split) = k.len().checked_sub(9).filter(|&at| at >= 1 && k[at] == 0) else {
+            return Err(StoreError::CorruptKey {
+                what: "stream index key",
+                len: k.len(),
+                want: 11,
+            });
+        };
+        let stream = &k[1..split];
+        let revision: [u8; 8] = k[split + 1..].try_into().expect("8 bytes");
+        match &mut last {
+            Some((s, r)) if s.as_slice() == stream => *r = revision,
+            _ => {
+                if let Some((s, r)) = last.replace((stream.to_vec(), revision)) {
+                    put(s, r, &mut batch);
+                    in_batch += 1;
+                    if in_batch == LAYOUT_BATCH {
+                        tree.apply_batch(std::mem::take(&mut batch))?;
+                        in_batch = 0;
+                    }
+                }
+            }
+        }
+    }
+    if let Some((s, r)) = last {
+        put(s, r, &mut batch);
+    }
+    tree.apply_batch(batch)?;
+    Ok(written)
 }
 
 /// Takes the folder's lock file, or says who holds it.
@@ -275,8 +458,8 @@ impl SledStore {
             File::open(&sled_dir)?.sync_all()?;
             File::open(&dir)?.sync_all()?;
         }
-        check_layout(&db)?;
         let tree = db.open_tree("ledger")?;
+        check_layout(&db, &sled_dir, &tree)?;
         let (next_position, last_created) = match tree
             .range(keys::log(0)..=keys::log(u64::MAX))
             .next_back()
@@ -408,16 +591,14 @@ impl SledStore {
 
     /// The last revision of a stream among durable events, `None` when it has none.
     pub fn stream_head(&self, stream: &str) -> Result<Option<u64>, StoreError> {
-        let Some(rev) = self.inner.tree.get(keys::head(stream))? else {
-            return Ok(None);
-        };
-        // The head may be ahead of durability for a moment; step back to the durable part.
+        // The stream index may be ahead of durability for a moment; step back to the
+        // durable part.
         let durable = self.event_count();
         let prefix_len = keys::in_stream(keys::INDEX, stream, &[]).len();
         for item in self
             .inner
             .tree
-            .range(keys::index(stream, 0)..=keys::index(stream, be_u64(&rev, "stream head")?))
+            .range(keys::index(stream, 0)..=keys::index(stream, u64::MAX))
             .rev()
         {
             let (k, v) = item?;

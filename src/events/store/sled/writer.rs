@@ -1,6 +1,6 @@
 //! The writer thread: takes every queued append and import, decides each (expected
 //! revision, idempotency, the log's shape), stages the accepted ones in one sled batch
-//! (events in chunks, stream heads, both indexes) and applies it, then hands the batch to
+//! (events in chunks, the stream and id indexes) and applies it, then hands the batch to
 //! the syncer with the answers it owes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -183,7 +183,7 @@ impl Writer {
             }
         }
         if !plan.records.is_empty() {
-            // Atomic, crash included: events, heads and both indexes land together or not
+            // Atomic, crash included: events and both indexes land together or not
             // at all. Durability is the syncer's job.
             let tail = self.tail.take();
             let (batch, tail) = sled_batch(&plan, tail);
@@ -219,10 +219,7 @@ struct SledIndex<'a>(&'a sled::Tree);
 
 impl Index for SledIndex<'_> {
     fn head(&mut self, stream: &str) -> Result<Option<u64>, StoreError> {
-        self.0
-            .get(keys::head(stream))?
-            .map(|v| be_u64(&v, "stream head"))
-            .transpose()
+        Ok(last_in_stream(self.0, stream)?.map(|(revision, _)| revision))
     }
 
     fn find_id(&mut self, stream: &str, id: Uuid) -> Result<Option<(u64, u64)>, StoreError> {
@@ -238,8 +235,8 @@ impl Index for SledIndex<'_> {
     }
 }
 
-/// A decided commit as one sled batch: the records in log chunks, each stream's head, the
-/// stream index and the id index. The records join `tail` (the log's last chunk) if it is
+/// A decided commit as one sled batch: the records in log chunks, the stream index (whose
+/// last entry for a stream is its head) and the id index. The records join `tail` (the log's last chunk) if it is
 /// under `chunk::JOIN_BYTES`, filling it while it stays under `chunk::MAX_BYTES`, then fill
 /// new chunks the same way; a single larger record gets a chunk of its own. Returns the
 /// batch and the log's new last chunk.
@@ -294,8 +291,5 @@ fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
         bytes,
         records: records.into_iter().map(Cow::into_owned).collect(),
     });
-    for (stream, revision) in &plan.heads {
-        batch.insert(keys::head(stream), &revision.to_be_bytes());
-    }
     (batch, tail)
 }
