@@ -597,6 +597,8 @@ impl Node {
     }
 
     pub(crate) fn should_split(&self) -> bool {
+        const LEAF_MAX: usize = 64;
+        const LEAF_SPLIT_BYTES: u64 = 4096;
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
         } else if self.data.is_index() {
@@ -605,7 +607,12 @@ impl Node {
             16
         };
 
-        let size_checks = self.data.len() > threshold;
+        // contimg: a leaf of small values splits by size too, so that a leaf holds up to
+        // LEAF_MAX entries while its bytes stay under LEAF_SPLIT_BYTES (see PATCHED.md).
+        let size_checks = self.data.len() > threshold
+            && (self.data.is_index()
+                || self.data.len() > LEAF_MAX
+                || self.data.rss() > LEAF_SPLIT_BYTES);
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks
