@@ -20,10 +20,14 @@ port=${CONTIMG_BENCH_PORT:-18431}
 if ! command -v wrk >/dev/null 2>&1; then apt-get update -qq && apt-get install -y -qq wrk >/dev/null; fi
 cargo build --release --bin contimg
 out=$(mktemp)
-target/release/contimg serve --data-dir "$ledger" --listen "127.0.0.1:$port" --no-auto-publish >/dev/null 2>&1 &
+target/release/contimg serve --data-dir "$ledger" --listen "127.0.0.1:$port" --no-auto-publish >/dev/null 2>"$out.log" &
 server=$!
-trap 'kill "$server" 2>/dev/null || true; rm -f "$out"' EXIT
-until curl -fsS "http://127.0.0.1:$port/api/status" >/dev/null 2>&1; do sleep 0.05; done
+# Waits for the server to exit, so that a run right after this one finds the ledger free.
+trap 'kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; rm -f "$out" "$out.log"' EXIT
+until curl -fsS "http://127.0.0.1:$port/api/status" >/dev/null 2>&1; do
+  kill -0 "$server" 2>/dev/null || { echo "the server exited before answering:" >&2; tail -5 "$out.log" >&2; exit 1; }
+  sleep 0.05
+done
 sleep 12
 CONTIMG_LOAD_DELAY_MS=$delay wrk -t1 -c"$conns" -d25s -s tools/append_load.lua "http://127.0.0.1:$port" >"$out" &
 appends=$!
