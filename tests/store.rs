@@ -9,7 +9,9 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use contimg::events::{Direction, ExpectedRevision, ProposedEvent, Store, StoreError};
+use contimg::events::{
+    Direction, ExpectedRevision, ProposedEvent, RecordedEvent, Store, StoreError,
+};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -66,7 +68,7 @@ impl Ledgers {
                 // and each run of consecutive records is written back as one chunk, so
                 // `gone` leaves a gap between two chunks' keys.
                 let key = |p: u64| [&[b'L'][..], &p.to_be_bytes()].concat();
-                let db = sled::open(dir.join("log")).unwrap();
+                let db = open_raw_sled(dir);
                 let log = db.open_tree("ledger").unwrap();
                 let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
                 for item in log.scan_prefix([b'L']) {
@@ -543,7 +545,7 @@ fn a_second_opener_of_a_sled_folder_is_refused_at_once_naming_it() {
 fn single_event_commits_share_log_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = |dir: &std::path::Path| {
-        let db = sled::open(dir.join("log")).unwrap();
+        let db = open_raw_sled(dir);
         let n = db.open_tree("ledger").unwrap().scan_prefix([b'L']).count();
         drop(db);
         n
@@ -598,7 +600,7 @@ fn a_ledger_of_a_newer_layout_is_refused_and_left_as_it_is() {
     store.close();
     drop(store);
     let marker = |dir: &std::path::Path, set: Option<&[u8]>| {
-        let db = sled::open(dir.join("log")).unwrap();
+        let db = open_raw_sled(dir);
         let meta = db.open_tree("meta").unwrap();
         if let Some(v) = set {
             meta.insert(b"layout", v).unwrap();
@@ -637,7 +639,7 @@ fn a_ledger_of_a_newer_layout_is_refused_and_left_as_it_is() {
         Err(StoreError::NotALedger(_))
     ));
     {
-        let db = sled::open(dir.path().join("log")).unwrap();
+        let db = open_raw_sled(dir.path());
         db.open_tree("meta").unwrap().remove(b"layout").unwrap();
         db.flush().unwrap();
     }
@@ -711,7 +713,7 @@ fn head_keys_of_layout_1_ledgers_are_dropped_and_heads_come_from_the_index() {
     );
 }
 
-/// `contimg layout --to 1` puts a ledger back in layout 1 for a binary from before layout 2
+/// `contimg ledger-layout --to 1` puts a ledger back in layout 1 for a binary from before layout 2
 /// (a rollback): a head key per stream holding its last revision, then the marker. The
 /// next open by this build brings it to layout 2 again, and nothing is lost either way.
 #[test]
@@ -771,6 +773,37 @@ fn a_ledger_goes_back_to_layout_1_and_forward_again() {
         ),
         "what layout 1 kept"
     );
+    // The tools that only read leave it in layout 1: they read it as layout 2 (the stream
+    // index is the same), `verify` checks its head keys too, and nothing is appended.
+    let reading =
+        Store::open_to_read(dir.path(), contimg::events::store::SCAN_CACHE_BYTES).unwrap();
+    assert_eq!(reading.stream_head("product-a").unwrap(), Some(2));
+    let report = contimg::events::verify::verify(&reading, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert!(matches!(
+        reading.append_blocking("product-b", ExpectedRevision::Exact(0), vec![ev(7)]),
+        Err(StoreError::InvalidInput(_))
+    ));
+    reading.close();
+    drop(reading);
+    let (layout, heads) = sled_keys(dir.path(), None);
+    assert_eq!((layout, heads.len()), (1, 3), "left as it was");
+    // A wrong head key is reported by `verify` on such a ledger.
+    let wrong = vec![(b"Hproduct-b".to_vec(), head(5))];
+    sled_keys(dir.path(), Some((1, &wrong)));
+    let reading =
+        Store::open_to_read(dir.path(), contimg::events::store::SCAN_CACHE_BYTES).unwrap();
+    let report = contimg::events::verify::verify(&reading, |_| {}).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.message.contains("head of product-b")),
+        "{:?}",
+        report.problems
+    );
+    reading.close();
+    drop(reading);
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.stream_head("product-a").unwrap(), Some(2));
     let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
@@ -781,13 +814,67 @@ fn a_ledger_goes_back_to_layout_1_and_forward_again() {
     assert_eq!(sled_keys(dir.path(), None), (2, vec![]), "forward again");
 }
 
+/// Going back to layout 1 and forward again past the 10,000 keys a batch of either holds:
+/// every stream gets its head key, and every one is dropped again.
+#[test]
+fn layout_changes_cover_more_streams_than_one_batch() {
+    use contimg::events::store::sled::to_layout;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let streams = 10_001u64;
+    let records = (0..streams)
+        .map(|i| RecordedEvent {
+            event_id: uuid::Uuid::now_v7(),
+            stream_id: format!("scratch-{i:05}"),
+            revision: 0,
+            position: i,
+            event_type: "Noted".into(),
+            event_version: 1,
+            data: b"{}".to_vec(),
+            metadata: b"{}".to_vec(),
+            created_micros: 1_700_000_000_000_000 + i as i64,
+            checksum: 0,
+        })
+        .collect();
+    store.import_blocking(records).unwrap();
+    store.close();
+    drop(store);
+    let back = to_layout(dir.path(), Some(1)).unwrap().unwrap();
+    assert_eq!(back.heads_written, streams);
+    let (layout, heads) = sled_keys(dir.path(), None);
+    assert_eq!((layout, heads.len() as u64), (1, streams));
+    assert_eq!(heads.last().unwrap().0, b"Hscratch-10000".to_vec());
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .append_blocking("scratch-10000", ExpectedRevision::Exact(0), vec![ev(1)])
+        .unwrap();
+    store.close();
+    drop(store);
+    assert_eq!(sled_keys(dir.path(), None), (2, vec![]));
+}
+
+/// The sled database of a stopped ledger folder. sled lets go of its file lock a moment
+/// after the last handle drops (its flusher thread exits on its own), as the store's own
+/// open knows: wait for it.
+fn open_raw_sled(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(dir.join("log")) {
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 /// Keys and values of a sled tree.
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A stopped sled ledger's layout marker and its head keys (`H`), after setting the
 /// marker and adding keys when `set` says so.
 fn sled_keys(dir: &std::path::Path, set: Option<(u32, &Pairs)>) -> (u32, Pairs) {
-    let db = sled::open(dir.join("log")).unwrap();
+    let db = open_raw_sled(dir);
     let meta = db.open_tree("meta").unwrap();
     let tree = db.open_tree("ledger").unwrap();
     if let Some((layout, heads)) = set {

@@ -69,7 +69,7 @@ pub struct LedgerLayoutArgs {
     pub layout: super::Layout,
     /// Put the ledger in this layout: 1 for a contimg from before layout 2 (writes a
     /// head key per stream; do it before putting such a binary back), 2 for this one
-    /// (what any open of the ledger does). Without it, only print the layout. A folder
+    /// (what `serve` and `import` do). Without it, only print the layout. A folder
     /// with no ledger yet has nothing to change.
     #[arg(long)]
     pub to: Option<u32>,
@@ -150,8 +150,9 @@ pub fn ledger_url(flag: Option<String>, other_source_given: bool) -> Option<Stri
 
 /// Opens a ledger this process reads and writes directly: the PostgreSQL database at
 /// `ledger`, or else the sled folder `data_dir` with a page cache of `cache_bytes`.
-/// Without `create`, an empty PostgreSQL database or a missing folder is an error: the
-/// read-only tools make nothing.
+/// Without `create`, an empty PostgreSQL database or a missing folder is an error, and a
+/// sled ledger in an older layout is left in it (`Store::open_to_read`): the read-only
+/// tools make and change nothing.
 pub fn open_store(
     ledger: Option<&str>,
     data_dir: &Path,
@@ -172,8 +173,12 @@ pub fn open_store(
                     data_dir.display()
                 );
             }
-            Store::open_cached(data_dir, cache_bytes)
-                .with_context(|| format!("opening ledger at {}", data_dir.display()))
+            let opened = if create {
+                Store::open_cached(data_dir, cache_bytes)
+            } else {
+                Store::open_to_read(data_dir, cache_bytes)
+            };
+            opened.with_context(|| format!("opening ledger at {}", data_dir.display()))
         }
     }
 }

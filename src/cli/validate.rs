@@ -321,7 +321,7 @@ fn check_ledger(f: &mut Findings, dir: &Path) -> Option<i64> {
         );
         return None;
     }
-    match Store::open(dir) {
+    match Store::open_to_read(dir, crate::events::store::SCAN_CACHE_BYTES) {
         Ok(store) => {
             let events = store.event_count();
             let last = store

@@ -248,9 +248,29 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
             format!("id index has {ids_len} entries for {events} events"),
         );
     }
-    // A stream's head is its last stream-index entry, checked with the others above; the
-    // head keys of older ledgers are dropped when a ledger is opened.
-    let known = chunks + index_len + ids_len;
+    // In layout 2 a stream's head is its last stream-index entry, checked with the others
+    // above. A layout 1 ledger (opened to read, and left as it was) also keeps a head key
+    // per stream, which must name the stream's last revision.
+    let mut heads = 0u64;
+    if sled.layout() == 1 {
+        for item in tree.scan_prefix([keys::HEAD]) {
+            let (k, v) = item?;
+            heads += 1;
+            let stream = String::from_utf8_lossy(&k[1..]).to_string();
+            match (shape.heads().get(&stream), be(&v)) {
+                (Some(&r), Some(h)) if r == h => {}
+                (seen, h) => add(
+                    None,
+                    format!("head of {stream} is {h:?}, log ends at {seen:?}"),
+                ),
+            }
+        }
+        let streams = shape.heads().len() as u64;
+        if heads != streams {
+            add(None, format!("{heads} stream heads for {streams} streams"));
+        }
+    }
+    let known = chunks + index_len + ids_len + heads;
     let total = tree.len() as u64;
     if total != known {
         add(

@@ -186,12 +186,28 @@ impl Store {
     /// [`Store::open`] with sled's page cache set to `cache_bytes` (see
     /// [`DEFAULT_CACHE_BYTES`] and [`SCAN_CACHE_BYTES`]).
     pub fn open_cached(dir: impl AsRef<Path>, cache_bytes: u64) -> Result<Store, StoreError> {
+        Self::open_sled(dir, cache_bytes, true)
+    }
+
+    /// An existing sled ledger for the tools that only read it: one in an older layout is
+    /// left in it (it reads the same) and takes no appends, so a read changes nothing an
+    /// older build needs.
+    pub fn open_to_read(dir: impl AsRef<Path>, cache_bytes: u64) -> Result<Store, StoreError> {
+        Self::open_sled(dir, cache_bytes, false)
+    }
+
+    fn open_sled(
+        dir: impl AsRef<Path>,
+        cache_bytes: u64,
+        convert: bool,
+    ) -> Result<Store, StoreError> {
         let timings = Timings::default();
         Ok(Store {
             backend: Backend::Sled(self::sled::SledStore::open(
                 dir,
                 timings.sync_seconds.clone(),
                 cache_bytes,
+                convert,
             )?),
             timings,
         })

@@ -88,6 +88,9 @@ struct Inner {
     poisoned: Arc<AtomicBool>,
     /// Free bytes a commit leaves on the ledger's file system.
     reserve: Arc<AtomicU64>,
+    /// The ledger's layout: [`LAYOUT`], or 1 for one opened to read and left as it was
+    /// (no appends then: they would write no head keys).
+    layout: u32,
     _lock: File,
 }
 
@@ -225,24 +228,34 @@ fn mark_layout(db: &sled::Db, sled_dir: &Path, layout: u32) -> Result<(), StoreE
     Ok(())
 }
 
-/// Refuses a ledger written in a newer layout than [`LAYOUT`], changing nothing. A ledger
-/// in an older layout (or unmarked) is marked with this one first, durably, and then
-/// brought to it: an older build refuses it from the marker on, so it never reads a
-/// ledger half-changed. A crash on the way leaves the rest for the next open.
-fn check_layout(db: &sled::Db, sled_dir: &Path, tree: &sled::Tree) -> Result<(), StoreError> {
+/// Refuses a ledger written in a newer layout than [`LAYOUT`], changing nothing. With
+/// `convert`, a ledger in an older layout (or unmarked) is marked with this one first,
+/// durably, and then brought to it: an older build refuses it from the marker on, so it
+/// never reads a ledger half-changed; a crash on the way leaves the rest for the next
+/// open. Without, an older ledger is left as it is (this build reads layout 1 as it reads
+/// 2: the stream index is the same). Returns the layout the ledger is in after.
+fn check_layout(
+    db: &sled::Db,
+    sled_dir: &Path,
+    tree: &sled::Tree,
+    convert: bool,
+) -> Result<u32, StoreError> {
     let layout = read_layout(&db.open_tree("meta")?)?;
     if let Some(newer) = layout.filter(|&l| l > LAYOUT) {
         return Err(StoreError::NotALedger(format!(
             "its layout is version {newer}, written by a newer contimg; this one reads layout {LAYOUT} (run the contimg that wrote it)"
         )));
     }
+    if !convert && layout != Some(LAYOUT) {
+        return Ok(layout.unwrap_or(1));
+    }
     if layout != Some(LAYOUT) {
         mark_layout(db, sled_dir, LAYOUT)?;
     }
-    // Also after a crash in the middle of this, or of a `layout --to 1` (the marker still
-    // says 2 then).
+    // Also after a crash in the middle of this, or of a `ledger-layout --to 1` (the marker
+    // still says 2 then).
     drop_head_keys(db, tree)?;
-    Ok(())
+    Ok(LAYOUT)
 }
 
 /// The last entry of `stream` in the stream index: its head (the last revision) and that
@@ -316,7 +329,7 @@ pub struct LayoutChange {
 /// Puts a stopped ledger in `layout` for a build that reads that one (the folder's lock is
 /// held meanwhile): to 1, for a build from before layout 2 (a rollback), it writes every
 /// stream's head key from the stream index, then the marker, durably; to [`LAYOUT`], what
-/// any open does. `layout: None` changes nothing and reports the ledger's layout. `None`
+/// an open to write does. `layout: None` changes nothing and reports the ledger's layout. `None`
 /// when `dir` holds no sled ledger.
 pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>, StoreError> {
     let sled_dir = dir.join(LOG_DIR);
@@ -341,13 +354,14 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
     match to {
         _ if layout.is_none() => Ok(Some(change(0))),
         LAYOUT => {
-            check_layout(&db, &sled_dir, &tree)?;
+            check_layout(&db, &sled_dir, &tree, true)?;
             Ok(Some(change(0)))
         }
         1 => {
             // Heads first, under the marker that tells older builds to stay away; a crash
             // before the marker changes leaves heads the next open drops again.
             let written = write_head_keys(&tree)?;
+            db.flush()?;
             mark_layout(&db, &sled_dir, 1)?;
             Ok(Some(change(written)))
         }
@@ -377,7 +391,7 @@ fn write_head_keys(tree: &sled::Tree) -> Result<u64, StoreError> {
             return Err(StoreError::CorruptKey {
                 what: "stream index key",
                 len: k.len(),
-                want: 11,
+                want: 10,
             });
         };
         let stream = &k[1..split];
@@ -432,11 +446,14 @@ fn lock_folder(dir: &Path) -> Result<File, StoreError> {
 
 impl SledStore {
     /// Opens (creating if needed) the ledger in `dir`. Fails at once, naming the folder and
-    /// the owner's pid, when another process holds it.
+    /// the owner's pid, when another process holds it. `convert` brings a ledger in an older
+    /// layout to [`LAYOUT`]; without it such a ledger is left as it is and takes no appends
+    /// (the tools that only read: `verify`, `audit`, `export`, `validate`).
     pub fn open(
         dir: impl AsRef<Path>,
         sync_seconds: prometheus_client::metrics::histogram::Histogram,
         cache_bytes: u64,
+        convert: bool,
     ) -> Result<SledStore, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Folder {
@@ -459,7 +476,7 @@ impl SledStore {
             File::open(&dir)?.sync_all()?;
         }
         let tree = db.open_tree("ledger")?;
-        check_layout(&db, &sled_dir, &tree)?;
+        let layout = check_layout(&db, &sled_dir, &tree, convert)?;
         let (next_position, last_created) = match tree
             .range(keys::log(0)..=keys::log(u64::MAX))
             .next_back()
@@ -510,6 +527,7 @@ impl SledStore {
             writer: Mutex::new(None),
             poisoned: poisoned.clone(),
             reserve: reserve.clone(),
+            layout,
             closed: AtomicBool::new(false),
             _lock: lock,
         });
@@ -559,6 +577,11 @@ impl SledStore {
         self.inner.durable.load(Ordering::Acquire)
     }
 
+    /// The ledger's layout: [`LAYOUT`], or an older one it was opened to read in.
+    pub fn layout(&self) -> u32 {
+        self.inner.layout
+    }
+
     /// Durability rounds (one flush and one fdatasync each) since the store was opened.
     pub fn sync_count(&self) -> u64 {
         self.inner.syncs.load(Ordering::Relaxed)
@@ -567,6 +590,12 @@ impl SledStore {
     pub(super) fn send(&self, msg: WriterMsg) -> Result<(), StoreError> {
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(StoreError::Poisoned);
+        }
+        if self.inner.layout != LAYOUT {
+            return Err(StoreError::InvalidInput(format!(
+                "the ledger is in layout {} and was opened to read: contimg serve or import brings it to layout {LAYOUT} and writes",
+                self.inner.layout
+            )));
         }
         let guard = self.inner.sender.lock().expect("sender mutex");
         let sender = guard.as_ref().ok_or(StoreError::Closed)?;
@@ -993,6 +1022,7 @@ mod tests {
             dir.path(),
             timings.sync_seconds.clone(),
             crate::events::store::DEFAULT_CACHE_BYTES,
+            true,
         )
         .unwrap();
         let mut v = vec![1u8];
