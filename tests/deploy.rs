@@ -200,6 +200,11 @@ fn a_failing_validate_rolls_the_binary_back() {
     let out = t.deploy(&other, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("rolling back"), "{}", text(&out));
+    assert!(
+        text(&out).contains("reads ledger layout 2, as the new one does"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(
         std::fs::read(p.join("usr/local/bin/contimg")).unwrap(),
         std::fs::read(bin()).unwrap()
@@ -208,7 +213,8 @@ fn a_failing_validate_rolls_the_binary_back() {
 
 /// A rollback to a binary from before layout 2 (here a wrapper that, like one, knows no
 /// `ledger-layout`) puts the sled ledger back in layout 1 with the new binary first, since
-/// the new one's `validate` brought it to layout 2 and the old one would refuse it.
+/// the ledger is in layout 2 (written by this build, as a server of it would leave it) and
+/// the old one would refuse it.
 #[test]
 fn a_rollback_puts_the_ledger_back_in_the_previous_binarys_layout() {
     use contimg::events::store::sled::{LAYOUT, to_layout};

@@ -126,19 +126,34 @@ else
 fi
 
 # Before the previous binary runs again: the new one may have brought a sled ledger to its
-# own layout (any open does, `validate`'s included), which the previous one refuses. Put
-# the ledger back in the layout the previous binary reads (one without `ledger-layout --writes`
-# reads layout 1), with the new binary, which knows both. A failure is reported, not
-# fatal: the rollback goes on, and the message says what to run.
+# own layout (the server does when it starts), which the previous one would refuse.
+# Put the ledger back in the layout the previous binary reads (one without
+# `ledger-layout --writes` reads layout 1), with the new binary, which knows both. Nothing
+# to do when both read the same layout, or when a running service (the previous binary,
+# not yet restarted) holds the ledger: the new one cannot have changed it. Returns 1, with
+# what to run, when the ledger could not be put back.
 restore_layout() {
-  local wants
+  local wants writes out
   wants="$("$bin_dir/contimg.prev" ledger-layout --writes 2>/dev/null)" || wants=1
-  echo "+ $installed ledger-layout --config $etc_dir/contimg.toml --to $wants"
-  [ "$dry_run" -eq 1 ] && return 0
-  if ! (set -a; [ -r "$etc_dir/contimg.env" ] && . "$etc_dir/contimg.env"; set +a
-        "$installed" ledger-layout --config "$etc_dir/contimg.toml" --to "$wants"); then
-    echo "deploy: could not put the ledger back in layout $wants; before starting the previous binary run: $installed ledger-layout --config $etc_dir/contimg.toml --to $wants" >&2
+  writes="$("$installed" ledger-layout --writes 2>/dev/null)" || writes=1
+  if [ "$wants" = "$writes" ]; then
+    say "the previous binary reads ledger layout $wants, as the new one does"
+    return 0
   fi
+  echo "+ $installed ledger-layout --config $etc_dir/contimg.toml --to $wants"
+  if out="$(set -a; [ -r "$etc_dir/contimg.env" ] && . "$etc_dir/contimg.env"; set +a
+            "$installed" ledger-layout --config "$etc_dir/contimg.toml" --to "$wants" 2>&1)"; then
+    echo "$out"
+    return 0
+  fi
+  echo "$out" >&2
+  case "$out" in
+    *"held by another process"*)
+      say "the ledger is held by the running service (the previous binary): left as it is"
+      return 0 ;;
+  esac
+  echo "deploy: could not put the ledger back in layout $wants; with the services stopped, and the services' environment, run: $new ledger-layout --config $etc_dir/contimg.toml --to $wants" >&2
+  return 1
 }
 
 # 3. Validate with the installed binary, in the services' environment.
@@ -153,7 +168,9 @@ if [ "$dry_run" -eq 0 ]; then
     echo "deploy: contimg validate found errors; fix them and run again" >&2
     if [ "$replaced" -eq 1 ]; then
       say "rolling back to the previous binary"
-      restore_layout
+      # The services were not restarted: they run the previous binary still. A ledger the
+      # previous binary cannot read is refused by it, not misread; what to run is printed.
+      restore_layout || true
       run mv -f "$bin_dir/contimg.prev" "$installed"
     fi
     exit 1
@@ -206,9 +223,12 @@ until healthy; do
     if [ "$replaced" -eq 1 ]; then
       say "rolling back to the previous binary"
       run systemctl stop "${units[@]}"
-      restore_layout
-      run mv -f "$bin_dir/contimg.prev" "$installed"
-      run systemctl restart "${units[@]}"
+      if restore_layout; then
+        run mv -f "$bin_dir/contimg.prev" "$installed"
+        run systemctl restart "${units[@]}"
+      else
+        echo "deploy: the services are left stopped and the new binary installed: put the ledger back first" >&2
+      fi
     fi
     exit 1
   fi
