@@ -76,7 +76,9 @@ impl Projections {
     pub fn open(store: &Store, max_attempts: u32) -> Result<Projections, StoreError> {
         let started = Instant::now();
         let mut loaded = None;
-        let mut model = match store.load_snapshot(SNAPSHOT_NAME)? {
+        let snapshot = store.load_snapshot(SNAPSHOT_NAME)?;
+        let read_ms = started.elapsed().as_millis() as u64;
+        let mut model = match snapshot {
             Some((_, bytes)) if !bytes.starts_with(&PublishSnapshot::format()) => {
                 tracing::warn!(
                     "the projection snapshot was written in another format; replaying from the start"
@@ -103,6 +105,7 @@ impl Projections {
             }
             None => PublishModel::new(max_attempts),
         };
+        let snapshot_ms = started.elapsed().as_millis() as u64;
         let from = model.last_position().map_or(0, |p| p + 1);
         // Read and decoded on threads of their own ahead of the fold, as `audit` does: the
         // server answers only once this is done.
@@ -119,6 +122,8 @@ impl Projections {
             from,
             caught_up,
             products = model.product_count(),
+            snapshot_read_ms = read_ms,
+            snapshot_ms,
             ms = started.elapsed().as_millis() as u64,
             "projections ready"
         );
