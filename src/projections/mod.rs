@@ -86,7 +86,7 @@ impl Projections {
                 PublishModel::new(max_attempts)
             }
             Some((checkpoint, bytes)) => {
-                match bincode::serde::decode_from_slice::<PublishSnapshot, _>(
+                match bincode::serde::borrow_decode_from_slice::<PublishSnapshot, _>(
                     &bytes[8..],
                     bincode::config::standard(),
                 ) {

@@ -53,9 +53,8 @@ struct Entries {
 #[derive(Serialize, Deserialize)]
 pub struct PublishSnapshot {
     pub max_attempts: u32,
-    /// Boxed as the model keeps them, so a load moves each state in without a copy (a
-    /// box encodes as what it holds: the bytes are those of the states).
-    pub products: Vec<Box<ProductState>>,
+    /// Boxed as the model keeps them, so a load moves each state in without a copy.
+    pub products: Segments,
     pub failure_times: Vec<i64>,
     pub parked: Vec<Parked>,
     pub parked_total: u64,
@@ -143,7 +142,7 @@ impl PublishSnapshot {
             );
             let sample = PublishSnapshot {
                 max_attempts: 3,
-                products: vec![Box::new(product), Box::new(other)],
+                products: Segments(vec![Box::new(product), Box::new(other)]),
                 failure_times: vec![11],
                 parked: vec![Parked {
                     position: 12,
@@ -164,6 +163,109 @@ impl PublishSnapshot {
             out.copy_from_slice(&h.finalize().as_bytes()[..8]);
             out
         })
+    }
+}
+
+/// Products a snapshot segment holds: enough that a million products make about sixty
+/// segments, few enough that two threads share the decoding evenly.
+const SEGMENT_PRODUCTS: usize = 16_384;
+
+/// The products of a snapshot, encoded as a sequence of byte strings, each the encoding
+/// of up to [`SEGMENT_PRODUCTS`] states: a load finds each segment without decoding the
+/// ones before it, and decodes them side by side (most of a start from a snapshot is
+/// allocating and filling the states). Decoding needs the snapshot's bytes borrowed
+/// (`bincode::serde::borrow_decode_from_slice`).
+pub struct Segments(pub Vec<Box<ProductState>>);
+
+impl Segments {
+    /// Serializes `products` (whose count is `len`) as segments: what [`Segments`] holds,
+    /// written from wherever the states are.
+    fn serialize_from<'a, S: serde::Serializer>(
+        products: impl Iterator<Item = &'a ProductState>,
+        len: usize,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        struct Bytes<'b>(&'b [u8]);
+        impl Serialize for Bytes<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(self.0)
+            }
+        }
+        let mut seq = s.serialize_seq(Some(len.div_ceil(SEGMENT_PRODUCTS)))?;
+        let mut segment = Vec::with_capacity(SEGMENT_PRODUCTS);
+        let mut bytes = Vec::new();
+        let mut products = products.peekable();
+        while products.peek().is_some() {
+            segment.clear();
+            segment.extend(products.by_ref().take(SEGMENT_PRODUCTS));
+            bytes.clear();
+            bincode::serde::encode_into_std_write(
+                &segment,
+                &mut bytes,
+                bincode::config::standard(),
+            )
+            .map_err(S::Error::custom)?;
+            seq.serialize_element(&Bytes(&bytes))?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for Segments {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Self::serialize_from(self.0.iter().map(|p| &**p), self.0.len(), s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Segments {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<&'de [u8]>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence of encoded segments of product states")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                // Bounded by what the input holds, not by what it says.
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(segment) = seq.next_element::<&'de [u8]>()? {
+                    out.push(segment);
+                }
+                Ok(out)
+            }
+        }
+        let segments = d.deserialize_seq(Visitor)?;
+        let decode = |segments: &[&[u8]]| {
+            let mut out = Vec::new();
+            for bytes in segments {
+                let (products, _) = bincode::serde::decode_from_slice::<Vec<Box<ProductState>>, _>(
+                    bytes,
+                    bincode::config::standard(),
+                )?;
+                out.extend(products);
+            }
+            Ok::<_, bincode::error::DecodeError>(out)
+        };
+        // The second half on a thread of its own, the first on this one: two threads, as
+        // this machine has two cores, and one allocator heap more, not a pool's worth.
+        let (first, second) = segments.split_at(segments.len() / 2);
+        let (mut products, rest) = std::thread::scope(|scope| {
+            let rest = scope.spawn(|| decode(second));
+            let first = decode(first);
+            let rest = rest
+                .join()
+                .unwrap_or(Err(bincode::error::DecodeError::Other(
+                    "the thread decoding a snapshot segment stopped",
+                )));
+            (first, rest)
+        });
+        let products = products.as_mut().map_err(serde::de::Error::custom)?;
+        products.extend(rest.map_err(serde::de::Error::custom)?);
+        Ok(Segments(std::mem::take(products)))
     }
 }
 
@@ -541,11 +643,12 @@ impl PublishModel {
     fn snapshot(&self) -> PublishSnapshot {
         PublishSnapshot {
             max_attempts: self.max_attempts,
-            products: self
-                .products
-                .values()
-                .map(|p| Box::new(p.clone()))
-                .collect(),
+            products: Segments(
+                self.products
+                    .values()
+                    .map(|p| Box::new(p.clone()))
+                    .collect(),
+            ),
             failure_times: self.failure_times.clone(),
             parked: self.parked.clone(),
             parked_total: self.parked_total,
@@ -560,7 +663,7 @@ impl PublishModel {
         struct ProductsView<'a>(&'a Products);
         impl Serialize for ProductsView<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_seq(self.0.values())
+                Segments::serialize_from(self.0.values(), self.0.len(), s)
             }
         }
         #[derive(Serialize)]
@@ -590,8 +693,8 @@ impl PublishModel {
     /// one the snapshot was taken with).
     pub fn from_snapshot(s: PublishSnapshot, max_attempts: u32) -> Self {
         let mut m = PublishModel::new(max_attempts);
-        m.reserve(s.products.len());
-        for p in s.products {
+        m.reserve(s.products.0.len());
+        for p in s.products.0 {
             m.add(p);
         }
         m.failure_times = s.failure_times;
@@ -711,11 +814,46 @@ mod tests {
             bincode::serde::encode_to_vec(g.model.snapshot(), bincode::config::standard()).unwrap();
         assert_eq!(borrowed, owned);
         let (back, _): (PublishSnapshot, usize) =
-            bincode::serde::decode_from_slice(&borrowed, bincode::config::standard()).unwrap();
+            bincode::serde::borrow_decode_from_slice(&borrowed, bincode::config::standard())
+                .unwrap();
         let back = PublishModel::from_snapshot(back, 3);
         assert_eq!(ids(back.failed(None, 10)), vec!["b"]);
         assert_eq!(back.product("a"), g.model.product("a"));
         assert_eq!(back.product("b"), g.model.product("b"));
+    }
+
+    /// A snapshot of more products than one segment holds decodes (two threads, several
+    /// segments each) into the same model, every index and counter included.
+    #[test]
+    fn a_snapshot_of_many_segments_loads_into_the_same_model() {
+        let mut g = Given::new();
+        let n = 2 * SEGMENT_PRODUCTS + 1_000;
+        for i in 0..n {
+            g.registered(&format!("p{i}"), T0 + i as i64);
+            if i % 7 == 0 {
+                g.attempt(
+                    &format!("p{i}"),
+                    1,
+                    T0 + SEC + i as i64,
+                    Some(T0 + 60 * SEC),
+                );
+            }
+        }
+        let mut bytes = Vec::new();
+        g.model.encode_snapshot(&mut bytes);
+        let (back, _): (PublishSnapshot, usize) =
+            bincode::serde::borrow_decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(back.products.0.len(), n);
+        let back = PublishModel::from_snapshot(back, 3);
+        assert_eq!(back, g.model);
+        // A damaged segment is an error, not a panic or a model with products missing.
+        let cut = bytes.len() / 2;
+        bytes[cut..cut + 64].fill(0xFF);
+        let damaged = bincode::serde::borrow_decode_from_slice::<PublishSnapshot, _>(
+            &bytes,
+            bincode::config::standard(),
+        );
+        assert!(damaged.is_err_and(|e| !e.to_string().is_empty()));
     }
 
     /// Given products staged, failed once, failed three times and published, then the
