@@ -254,19 +254,19 @@ impl<'de> Deserialize<'de> for Segments {
         // would each keep an allocator heap of their own (15 MB more at a million
         // products, measured), one thread keeps one.
         let (first, second) = segments.split_at(segments.len() / 2);
-        let (mut products, rest) = std::thread::scope(|scope| {
-            let rest = scope.spawn(|| decode(second));
+        let (first, second) = std::thread::scope(|scope| {
+            let second = scope.spawn(|| decode(second));
             let first = decode(first);
-            let rest = rest
+            let second = second
                 .join()
                 .unwrap_or(Err(bincode::error::DecodeError::Other(
                     "the thread decoding a snapshot segment stopped",
                 )));
-            (first, rest)
+            (first, second)
         });
-        let products = products.as_mut().map_err(serde::de::Error::custom)?;
-        products.extend(rest.map_err(serde::de::Error::custom)?);
-        Ok(Segments(std::mem::take(products)))
+        let mut products = first.map_err(serde::de::Error::custom)?;
+        products.extend(second.map_err(serde::de::Error::custom)?);
+        Ok(Segments(products))
     }
 }
 
@@ -854,7 +854,7 @@ mod tests {
             &bytes,
             bincode::config::standard(),
         );
-        assert!(damaged.is_err_and(|e| !e.to_string().is_empty()));
+        assert!(damaged.is_err());
     }
 
     /// Given products staged, failed once, failed three times and published, then the

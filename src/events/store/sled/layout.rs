@@ -3,9 +3,9 @@
 /// Key layout of the `ledger` tree.
 pub(crate) mod keys {
     pub const LOG: u8 = b'L';
-    /// Stream heads, one key per stream, as ledgers kept them before heads were read from
-    /// the stream index's last entry: dropped when such a ledger is opened (see
-    /// `sled::drop_head_keys`), never written.
+    /// Stream heads, one key per stream, as layout 1 kept them (layout 2 reads a head from
+    /// the stream index's last entry): dropped when such a ledger is opened to write, and
+    /// written only to take a ledger back to layout 1 (`sled::to_layout`).
     pub const HEAD: u8 = b'H';
     pub const INDEX: u8 = b'S';
     pub const ID: u8 = b'I';
@@ -13,6 +13,14 @@ pub(crate) mod keys {
     pub fn log(position: u64) -> [u8; 9] {
         let mut k = [LOG; 9];
         k[1..].copy_from_slice(&position.to_be_bytes());
+        k
+    }
+
+    /// `H` stream (layout 1's head key; `stream` as the stream index holds it).
+    pub fn head(stream: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(stream.len() + 1);
+        k.push(HEAD);
+        k.extend_from_slice(stream);
         k
     }
 

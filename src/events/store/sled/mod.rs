@@ -205,17 +205,23 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
 pub const LAYOUT: u32 = 2;
 
 /// The layout a ledger's marker names, `None` when it has none (new, or written before
-/// there was one, in layout 1).
+/// there was one, in layout 1). A ledger in a layout newer than [`LAYOUT`] is refused here,
+/// before anything reads or changes it.
 fn read_layout(meta: &sled::Tree) -> Result<Option<u32>, StoreError> {
-    meta.get(b"layout")?
-        .map(|v| {
-            <[u8; 4]>::try_from(v.as_ref())
-                .map(u32::from_be_bytes)
-                .map_err(|_| {
-                    StoreError::NotALedger(format!("its layout marker is {} bytes, not 4", v.len()))
-                })
-        })
-        .transpose()
+    let Some(v) = meta.get(b"layout")? else {
+        return Ok(None);
+    };
+    let layout = <[u8; 4]>::try_from(v.as_ref())
+        .map(u32::from_be_bytes)
+        .map_err(|_| {
+            StoreError::NotALedger(format!("its layout marker is {} bytes, not 4", v.len()))
+        })?;
+    if layout > LAYOUT {
+        return Err(StoreError::NotALedger(format!(
+            "its layout is version {layout}, written by a newer contimg; this one reads layout {LAYOUT} (run the contimg that wrote it)"
+        )));
+    }
+    Ok(Some(layout))
 }
 
 /// Writes the layout marker and makes it durable (sled's flush, then `fdatasync` of its
@@ -241,11 +247,6 @@ fn check_layout(
     convert: bool,
 ) -> Result<u32, StoreError> {
     let layout = read_layout(&db.open_tree("meta")?)?;
-    if let Some(newer) = layout.filter(|&l| l > LAYOUT) {
-        return Err(StoreError::NotALedger(format!(
-            "its layout is version {newer}, written by a newer contimg; this one reads layout {LAYOUT} (run the contimg that wrote it)"
-        )));
-    }
     if !convert && layout != Some(LAYOUT) {
         return Ok(layout.unwrap_or(1));
     }
@@ -258,27 +259,30 @@ fn check_layout(
     Ok(LAYOUT)
 }
 
-/// The last entry of `stream` in the stream index: its head (the last revision) and that
-/// event's position, `None` for a stream with no event. Exact: stream names hold no 0x00,
+/// A stream's head as its stream-index entries give it: the last revision whose event's
+/// position is below `below`, `None` when there is none. The writer passes `u64::MAX`
+/// (every entry applied, durable or not: its last is the head), readers the durable count
+/// (the index may be ahead of durability for a moment). Exact: stream names hold no 0x00,
 /// so the range holds this stream's entries and no other's.
-pub(super) fn last_in_stream(
+pub(super) fn head_in_index(
     tree: &sled::Tree,
     stream: &str,
-) -> Result<Option<(u64, u64)>, StoreError> {
+    below: u64,
+) -> Result<Option<u64>, StoreError> {
     let prefix_len = keys::in_stream(keys::INDEX, stream, &[]).len();
-    match tree
+    for item in tree
         .range(keys::index(stream, 0)..=keys::index(stream, u64::MAX))
-        .next_back()
+        .rev()
     {
-        None => Ok(None),
-        Some(item) => {
-            let (k, v) = item?;
-            Ok(Some((
-                be_u64(k.get(prefix_len..).unwrap_or_default(), "stream index key")?,
-                be_u64(&v, "stream index value")?,
-            )))
+        let (k, v) = item?;
+        if be_u64(&v, "stream index value")? < below {
+            return Ok(Some(be_u64(
+                k.get(prefix_len..).unwrap_or_default(),
+                "stream index key",
+            )?));
         }
     }
+    Ok(None)
 }
 
 /// Keys removed or written per sled batch when a ledger changes layout.
@@ -340,19 +344,19 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
     let db = open_sled(&sled_dir, crate::events::store::SCAN_CACHE_BYTES)?;
     let tree = db.open_tree("ledger")?;
     let from = read_layout(&db.open_tree("meta")?)?.unwrap_or(1);
-    let to = layout.unwrap_or(from);
+    let Some(to) = layout else {
+        return Ok(Some(LayoutChange {
+            from,
+            to: from,
+            heads_written: 0,
+        }));
+    };
     let change = |heads_written| LayoutChange {
         from,
         to,
         heads_written,
     };
-    if from > LAYOUT {
-        return Err(StoreError::NotALedger(format!(
-            "its layout is version {from}, written by a newer contimg; this one reads layout {LAYOUT} (run the contimg that wrote it)"
-        )));
-    }
     match to {
-        _ if layout.is_none() => Ok(Some(change(0))),
         LAYOUT => {
             check_layout(&db, &sled_dir, &tree, true)?;
             Ok(Some(change(0)))
@@ -379,10 +383,7 @@ fn write_head_keys(tree: &sled::Tree) -> Result<u64, StoreError> {
     let mut in_batch = 0;
     let mut last: Option<(Vec<u8>, [u8; 8])> = None;
     let mut put = |stream: Vec<u8>, revision: [u8; 8], batch: &mut sled::Batch| {
-        let mut k = Vec::with_capacity(stream.len() + 1);
-        k.push(keys::HEAD);
-        k.extend_from_slice(&stream);
-        batch.insert(k, &revision);
+        batch.insert(keys::head(&stream), &revision);
         written += 1;
     };
     for item in tree.scan_prefix([keys::INDEX]) {
@@ -620,25 +621,7 @@ impl SledStore {
 
     /// The last revision of a stream among durable events, `None` when it has none.
     pub fn stream_head(&self, stream: &str) -> Result<Option<u64>, StoreError> {
-        // The stream index may be ahead of durability for a moment; step back to the
-        // durable part.
-        let durable = self.event_count();
-        let prefix_len = keys::in_stream(keys::INDEX, stream, &[]).len();
-        for item in self
-            .inner
-            .tree
-            .range(keys::index(stream, 0)..=keys::index(stream, u64::MAX))
-            .rev()
-        {
-            let (k, v) = item?;
-            if be_u64(&v, "stream index value")? < durable {
-                return Ok(Some(be_u64(
-                    k.get(prefix_len..).unwrap_or_default(),
-                    "stream index key",
-                )?));
-            }
-        }
-        Ok(None)
+        head_in_index(&self.inner.tree, stream, self.event_count())
     }
 
     /// Reads up to `limit` events of a stream from revision `from` (inclusive; `None`

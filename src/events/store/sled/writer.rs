@@ -219,7 +219,7 @@ struct SledIndex<'a>(&'a sled::Tree);
 
 impl Index for SledIndex<'_> {
     fn head(&mut self, stream: &str) -> Result<Option<u64>, StoreError> {
-        Ok(last_in_stream(self.0, stream)?.map(|(revision, _)| revision))
+        head_in_index(self.0, stream, u64::MAX)
     }
 
     fn find_id(&mut self, stream: &str, id: Uuid) -> Result<Option<(u64, u64)>, StoreError> {
@@ -236,10 +236,10 @@ impl Index for SledIndex<'_> {
 }
 
 /// A decided commit as one sled batch: the records in log chunks, the stream index (whose
-/// last entry for a stream is its head) and the id index. The records join `tail` (the log's last chunk) if it is
-/// under `chunk::JOIN_BYTES`, filling it while it stays under `chunk::MAX_BYTES`, then fill
-/// new chunks the same way; a single larger record gets a chunk of its own. Returns the
-/// batch and the log's new last chunk.
+/// last entry for a stream is its head) and the id index. The records join `tail` (the
+/// log's last chunk) if it is under `chunk::JOIN_BYTES`, filling it while it stays under
+/// `chunk::MAX_BYTES`, then fill new chunks the same way; a single larger record gets a
+/// chunk of its own. Returns the batch and the log's new last chunk.
 fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
     use std::borrow::Cow;
     let mut batch = sled::Batch::default();
