@@ -592,24 +592,14 @@ fn single_event_commits_share_log_chunks() {
 /// after an upgrade cannot misread it.
 #[test]
 fn a_ledger_of_a_newer_layout_is_refused_and_left_as_it_is() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    store
-        .append_blocking("scratch-1", ExpectedRevision::Any, vec![ev(1)])
-        .unwrap();
-    store.close();
-    drop(store);
+    let dir = stopped_ledger(&[("scratch-1", 1)]);
     let marker = |dir: &std::path::Path, set: Option<&[u8]>| {
-        let db = open_raw_sled(dir);
-        let meta = db.open_tree("meta").unwrap();
-        if let Some(v) = set {
-            meta.insert(b"layout", v).unwrap();
-        }
-        db.flush().unwrap();
-        let v = meta.get(b"layout").unwrap().map(|v| v.to_vec());
-        let logged = db.open_tree("ledger").unwrap().scan_prefix([b'L']).count();
-        drop(db);
-        (v, logged)
+        let (marker, _, logged) = raw_layout(dir, |meta, _| {
+            if let Some(v) = set {
+                meta.insert(b"layout", v).unwrap();
+            }
+        });
+        (marker, logged)
     };
     let current = contimg::events::store::sled::LAYOUT;
     assert_eq!(
@@ -638,11 +628,9 @@ fn a_ledger_of_a_newer_layout_is_refused_and_left_as_it_is() {
         Store::open(dir.path()),
         Err(StoreError::NotALedger(_))
     ));
-    {
-        let db = open_raw_sled(dir.path());
-        db.open_tree("meta").unwrap().remove(b"layout").unwrap();
-        db.flush().unwrap();
-    }
+    raw_layout(dir.path(), |meta, _| {
+        meta.remove(b"layout").unwrap();
+    });
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.stream_head("scratch-1").unwrap(), Some(0));
     store.close();
@@ -659,18 +647,7 @@ fn a_ledger_of_a_newer_layout_is_refused_and_left_as_it_is() {
 /// reads and `verify` go by the index.
 #[test]
 fn head_keys_of_layout_1_ledgers_are_dropped_and_heads_come_from_the_index() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    for i in 0..5 {
-        store
-            .append_blocking("product-a", ExpectedRevision::Any, vec![ev(i)])
-            .unwrap();
-    }
-    store
-        .append_blocking("product-ab", ExpectedRevision::NoStream, vec![ev(9)])
-        .unwrap();
-    store.close();
-    drop(store);
+    let dir = stopped_ledger(&[("product-a", 5), ("product-ab", 1)]);
     assert_eq!(sled_keys(dir.path(), None), (2, vec![]), "no head keys");
     // What layout 1 wrote, but wrong: heads the log does not have.
     let stale = vec![
@@ -719,20 +696,14 @@ fn head_keys_of_layout_1_ledgers_are_dropped_and_heads_come_from_the_index() {
 #[test]
 fn a_ledger_goes_back_to_layout_1_and_forward_again() {
     use contimg::events::store::sled::{LAYOUT, LayoutChange, to_layout};
-    let dir = tempfile::tempdir().unwrap();
+    let empty = tempfile::tempdir().unwrap();
     assert_eq!(
-        to_layout(dir.path(), Some(1)).unwrap(),
+        to_layout(empty.path(), Some(1)).unwrap(),
         None,
         "an empty folder holds no ledger"
     );
+    let dir = stopped_ledger(&[("product-a", 3), ("product-b", 1), ("product-c", 2)]);
     let store = Store::open(dir.path()).unwrap();
-    for (stream, n) in [("product-a", 3u32), ("product-b", 1), ("product-c", 2)] {
-        for i in 0..n {
-            store
-                .append_blocking(stream, ExpectedRevision::Any, vec![ev(i)])
-                .unwrap();
-        }
-    }
     assert!(
         matches!(
             to_layout(dir.path(), Some(1)),
@@ -820,15 +791,7 @@ fn a_ledger_goes_back_to_layout_1_and_forward_again() {
 /// so `verify` finds nothing of unknown kind.
 #[test]
 fn head_keys_left_under_a_layout_2_marker_are_dropped_at_the_next_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    for i in 0..3 {
-        store
-            .append_blocking("product-a", ExpectedRevision::Any, vec![ev(i)])
-            .unwrap();
-    }
-    store.close();
-    drop(store);
+    let dir = stopped_ledger(&[("product-a", 3)]);
     let left = vec![(b"Hproduct-a".to_vec(), 2u64.to_be_bytes().to_vec())];
     assert_eq!(sled_keys(dir.path(), Some((2, &left))), (2, left));
     let reading =
@@ -898,27 +861,19 @@ fn open_raw_sled(dir: &std::path::Path) -> sled::Db {
 /// Keys and values of a sled tree.
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// A stopped sled ledger's layout marker and its head keys (`H`), after setting the
-/// marker and adding keys when `set` says so.
-fn sled_keys(dir: &std::path::Path, set: Option<(u32, &Pairs)>) -> (u32, Pairs) {
+/// A stopped sled ledger as its layout concerns it, after `edit` ran on its `meta` and
+/// `ledger` trees: the raw layout marker, the head keys (`H`) and the number of log chunks
+/// (`L`).
+fn raw_layout(
+    dir: &std::path::Path,
+    edit: impl FnOnce(&sled::Tree, &sled::Tree),
+) -> (Option<Vec<u8>>, Pairs, usize) {
     let db = open_raw_sled(dir);
     let meta = db.open_tree("meta").unwrap();
     let tree = db.open_tree("ledger").unwrap();
-    if let Some((layout, heads)) = set {
-        meta.insert(b"layout", &layout.to_be_bytes()).unwrap();
-        for (k, v) in heads {
-            tree.insert(k, v.as_slice()).unwrap();
-        }
-        db.flush().unwrap();
-    }
-    let layout = u32::from_be_bytes(
-        meta.get(b"layout")
-            .unwrap()
-            .unwrap()
-            .as_ref()
-            .try_into()
-            .unwrap(),
-    );
+    edit(&meta, &tree);
+    db.flush().unwrap();
+    let marker = meta.get(b"layout").unwrap().map(|v| v.to_vec());
     let heads = tree
         .scan_prefix([b'H'])
         .map(|kv| {
@@ -926,8 +881,40 @@ fn sled_keys(dir: &std::path::Path, set: Option<(u32, &Pairs)>) -> (u32, Pairs) 
             (k.to_vec(), v.to_vec())
         })
         .collect();
-    drop(db);
-    (layout, heads)
+    let logged = tree.scan_prefix([b'L']).count();
+    (marker, heads, logged)
+}
+
+/// A stopped sled ledger's layout and its head keys (`H`), after setting the layout and
+/// adding keys when `set` says so.
+fn sled_keys(dir: &std::path::Path, set: Option<(u32, &Pairs)>) -> (u32, Pairs) {
+    let (marker, heads, _) = raw_layout(dir, |meta, tree| {
+        if let Some((layout, add)) = set {
+            meta.insert(b"layout", &layout.to_be_bytes()).unwrap();
+            for (k, v) in add {
+                tree.insert(k, v.as_slice()).unwrap();
+            }
+        }
+    });
+    let marker: [u8; 4] = marker.expect("a marker").try_into().expect("4 bytes");
+    (u32::from_be_bytes(marker), heads)
+}
+
+/// A stopped ledger holding, in each named stream, that many events (revisions from 0),
+/// one commit each.
+fn stopped_ledger(streams: &[(&str, u32)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for &(stream, n) in streams {
+        for i in 0..n {
+            store
+                .append_blocking(stream, ExpectedRevision::Any, vec![ev(i)])
+                .unwrap();
+        }
+    }
+    store.close();
+    drop(store);
+    dir
 }
 
 fn bad_appends_are_refused_before_writing(l: &Ledgers) {
