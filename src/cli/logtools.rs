@@ -88,8 +88,7 @@ pub fn ledger_layout(args: LedgerLayoutArgs) -> anyhow::Result<ExitCode> {
         println!("{LAYOUT}");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut config = crate::config::Config::load_or_default(args.layout.config.as_deref())?;
-    args.layout.apply(&mut config);
+    let config = args.layout.resolve()?;
     if config.ledger.url.is_some() {
         println!("the ledger is on PostgreSQL: it has no sled layout to change");
         return Ok(ExitCode::SUCCESS);

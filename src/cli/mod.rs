@@ -119,6 +119,13 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The configuration file (or the defaults) with these flags laid over it.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load_or_default(self.config.as_deref())?;
+        self.apply(&mut c);
+        Ok(c)
+    }
+
     /// Lays the flags given over a configuration.
     pub fn apply(&self, c: &mut Config) {
         if let Some(d) = &self.data_dir {
@@ -176,8 +183,7 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The configuration file (or the defaults) with the flags laid over it.
     pub fn resolve(&self) -> anyhow::Result<Config> {
-        let mut c = Config::load_or_default(self.layout.config.as_deref())?;
-        self.layout.apply(&mut c);
+        let mut c = self.layout.resolve()?;
         if let Some(u) = &self.url {
             c.url = Some(u.clone());
         }
