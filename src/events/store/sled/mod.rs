@@ -9,8 +9,9 @@
 //!   is the stream's head);
 //! - `I` stream 0x00 event id -> revision, position (the durable idempotency index).
 //!
-//! Ledgers written before also kept `H` stream -> last revision, a key per stream written
-//! again by every commit to it; opening such a ledger drops those keys ([`drop_head_keys`]).
+//! Ledgers in layout 1 also kept `H` stream -> last revision, a key per stream written
+//! again by every commit to it; opening such a ledger to write drops those keys
+//! (`check_layout`), and the tools that only read leave them ([`LAYOUT`]).
 //!
 //! One tree because a sled batch on one tree is atomic, crash included: a group commit
 //! writes events and both indexes in one `apply_batch`, which costs a fraction of
