@@ -17,5 +17,6 @@ pub mod cli;
 pub mod config;
 pub mod disk;
 pub mod events;
+pub mod memory;
 pub mod pipeline;
 pub mod projections;

@@ -1,0 +1,21 @@
+//! Memory the process has freed, given back to the system.
+//!
+//! The binary's allocator is mimalloc (`src/main.rs`). It returns freed pages to the
+//! system lazily, on a later allocation once they have been free for a second. A server
+//! that goes quiet after a burst (its start's replay, the activity counters' first pass,
+//! a snapshot) would keep them as resident memory until traffic came: about 30 MB on a
+//! million-product server (`docs/benchmarks.md`).
+
+use std::time::Duration;
+
+/// How often a running server gives its freed memory back ([`return_freed`]).
+pub const RETURN_EVERY: Duration = Duration::from_secs(10);
+
+/// Gives back to the system the pages the allocator holds that no allocation uses: the
+/// calling thread's empty pages, and every free page of the process's arenas. Cheap (it
+/// visits page lists and bitmaps, not memory). Under another global allocator (the test
+/// binaries') it finds nothing to give.
+pub fn return_freed() {
+    // SAFETY: `mi_collect` takes no pointer and may be called from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
