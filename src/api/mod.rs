@@ -134,13 +134,8 @@ impl AppState {
             let store = store.clone();
             tokio::task::spawn_blocking(move || {
                 let opened = Projections::open(&store, max_attempts);
-                // The start's burst is over (the snapshot's bytes, the replay's batches):
-                // its freed pages go back now, and from here on each goes back as it is
-                // freed, for a server may sit idle for hours. (Given back at once during
-                // the start, they made it slower: 0.84 to 1.06 s from the snapshot, not
-                // 0.68.)
+                // The replay's batches and buffers are free now; the server may start idle.
                 crate::memory::return_freed();
-                crate::memory::return_at_once();
                 opened
             })
             .await??
@@ -386,7 +381,19 @@ pub async fn run(
         state.hourly.clone(),
         stop_fold_rx.clone(),
     ));
-    let follower = tokio::spawn(state.projections.clone().run(stop_fold_rx));
+    let follower = tokio::spawn(state.projections.clone().run(stop_fold_rx.clone()));
+    // Memory freed in a burst (the activity counters' first pass over the log, a
+    // snapshot) goes back to the system even while no request comes.
+    let mut stop_returning = stop_fold_rx;
+    let returning = tokio::spawn(async move {
+        let mut every = tokio::time::interval(crate::memory::RETURN_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => crate::memory::return_freed(),
+                _ = crate::projections::stopped(&mut stop_returning) => return,
+            }
+        }
+    });
     let publisher = Some(tokio::spawn(lead(state.clone(), stop_pub_rx)));
     let store = state.store.clone();
     let limits = server::ConnLimits {
@@ -420,6 +427,7 @@ pub async fn run(
     let _ = stop_fold_tx.send(true);
     let _ = follower.await;
     let _ = counting.await;
+    let _ = returning.await;
     tokio::task::spawn_blocking(move || store.close())
         .await
         .map_err(std::io::Error::other)?;
