@@ -4,7 +4,7 @@
 //! system lazily, on a later allocation once they have been free for a second. A server
 //! that goes quiet after a burst (its start's replay, the activity counters' first pass,
 //! a snapshot) would keep them as resident memory until traffic came. So a server gives
-//! back what its start freed, and every [`RETURN_EVERY`] what it freed since: about 7 MB
+//! back what its start freed, and every [`RETURN_EVERY`] what it freed since: about 6 MB
 //! on a million-product server. Giving each page back as soon as it is freed (mimalloc's
 //! purge delay at 0) kept up to 20 MB more off, but made the status endpoint's p99 43 to
 //! 55 ms, not 9, while the activity counters' first pass ran (`docs/benchmarks.md`).
