@@ -382,14 +382,18 @@ pub async fn run(
         stop_fold_rx.clone(),
     ));
     let follower = tokio::spawn(state.projections.clone().run(stop_fold_rx.clone()));
-    // Memory freed in a burst (the activity counters' first pass over the log, a
+    // Memory freed since the start (the activity counters' first pass over the log, a
     // snapshot) goes back to the system even while no request comes.
     let mut stop_returning = stop_fold_rx;
     let returning = tokio::spawn(async move {
-        let mut every = tokio::time::interval(crate::memory::RETURN_EVERY);
+        let every = crate::memory::RETURN_EVERY;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = every.tick() => crate::memory::return_freed(),
+                _ = ticks.tick() => {
+                    let _ = tokio::task::spawn_blocking(crate::memory::return_freed).await;
+                }
                 _ = crate::projections::stopped(&mut stop_returning) => return,
             }
         }

@@ -468,6 +468,16 @@ pub fn command_only(stream: &str, event_type: &str) -> bool {
             .any(|e| e.name == event_type && COMMAND_ONLY_CATEGORIES.contains(&e.category))
 }
 
+/// A payload as its type: checked to be UTF-8 once, whole, then parsed as text. Parsed
+/// from bytes, serde_json checks each string and key on its own, in many short calls (with
+/// its string parsing, 11.6% of a 10 M-event audit's samples; 5.3% since), and not at all
+/// in a field it ignores. The append's check and the folds both read payloads here, so
+/// they agree on which payloads decode.
+pub fn decode_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
 struct Entry {
     category: &'static str,
     name: &'static str,
@@ -485,11 +495,7 @@ fn entry_in<T: DomainEvent>(category: &'static str) -> Entry {
         category,
         name: T::TYPE,
         version: T::VERSION,
-        check: |bytes| {
-            serde_json::from_slice::<T>(bytes)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        },
+        check: |bytes| decode_payload::<T>(bytes).map(|_| ()),
     }
 }
 
