@@ -6,6 +6,9 @@
 //! Figures:
 //! - raw ceiling: a sled batch of N small values, `flush`, `fdatasync` of the data file,
 //!   no ledger on top, for N = 1 and N = 64;
+//! - the same with the ledger's keys (a log chunk, and per event a stream-index and an
+//!   id-index key, ids of version 7 as the ledger makes them), and with the stream-index
+//!   key alone: what sled allows a ledger with two index keys an event, or one;
 //! - durable single-event appends per second with 1 appender and with 64 concurrent ones;
 //! - `$all` replay (decode and checksum every record) in events per second.
 
@@ -60,9 +63,10 @@ fn raw_ceiling(batch: usize) -> f64 {
 
 /// The same, with the keys the ledger writes per event (one log chunk per batch, and per
 /// event a stream-index entry and an id-index entry): sled and the disk doing the ledger's
-/// writes with none of its logic.
-fn raw_ceiling_ledger_shaped(batch: usize) -> f64 {
-    let dir = bench_dir(&format!("raw-shaped-{batch}"));
+/// writes with none of its logic. Without `id_index`, the stream-index entries alone: what
+/// a ledger with one index key an event could reach at most.
+fn raw_ceiling_ledger_shaped(batch: usize, id_index: bool) -> f64 {
+    let dir = bench_dir(&format!("raw-shaped-{batch}-{id_index}"));
     let db = sled::open(&dir).unwrap();
     let tree = db.open_tree("ledger").unwrap();
     let data = std::fs::OpenOptions::new()
@@ -85,16 +89,18 @@ fn raw_ceiling_ledger_shaped(batch: usize) -> f64 {
                 [&[b'S'][..], stream.as_bytes(), &[0], &rev].concat(),
                 &n.to_be_bytes(),
             );
-            b.insert(
-                [
-                    &[b'I'][..],
-                    stream.as_bytes(),
-                    &[0],
-                    uuid::Uuid::new_v4().as_bytes(),
-                ]
-                .concat(),
-                &[0u8; 16],
-            );
+            if id_index {
+                b.insert(
+                    [
+                        &[b'I'][..],
+                        stream.as_bytes(),
+                        &[0],
+                        uuid::Uuid::now_v7().as_bytes(),
+                    ]
+                    .concat(),
+                    &[0u8; 16],
+                );
+            }
             n += 1;
         }
         b.insert(
@@ -227,10 +233,18 @@ fn main() {
     println!("raw ceiling, batch of 1:   {raw1:>10.0} events/s  (sled batch + flush + fdatasync)");
     let raw64 = raw_ceiling(64);
     println!("raw ceiling, batch of 64:  {raw64:>10.0} events/s");
-    let shaped1 = raw_ceiling_ledger_shaped(1);
+    let shaped1 = raw_ceiling_ledger_shaped(1, true);
     println!("raw ceiling, ledger's keys, batch of 1:  {shaped1:>10.0} events/s");
-    let shaped64 = raw_ceiling_ledger_shaped(64);
-    println!("raw ceiling, ledger's keys, batch of 64: {shaped64:>10.0} events/s");
+    let shaped64 = raw_ceiling_ledger_shaped(64, true);
+    println!(
+        "raw ceiling, ledger's keys, batch of 64: {shaped64:>10.0} events/s  ({:.0}% of raw batch-64)",
+        shaped64 / raw64 * 100.0
+    );
+    let one_key64 = raw_ceiling_ledger_shaped(64, false);
+    println!(
+        "raw ceiling, one index key an event, batch of 64: {one_key64:>10.0} events/s  ({:.0}% of raw batch-64)",
+        one_key64 / raw64 * 100.0
+    );
     let (one, p99_one) = appenders(1);
     println!(
         "durable appends, 1 appender:   {one:>10.0} events/s  p99 {p99_one:.2} ms  ({:.0}% of raw batch-1)",
