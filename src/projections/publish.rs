@@ -178,11 +178,10 @@ const SEGMENT_PRODUCTS: usize = 16_384;
 pub struct Segments(pub Vec<Box<ProductState>>);
 
 impl Segments {
-    /// Serializes `products` (whose count is `len`) as segments: what [`Segments`] holds,
-    /// written from wherever the states are.
+    /// Serializes `products` as segments: what [`Segments`] holds, written from wherever
+    /// the states are.
     fn serialize_from<'a, S: serde::Serializer>(
-        products: impl Iterator<Item = &'a ProductState>,
-        len: usize,
+        products: impl ExactSizeIterator<Item = &'a ProductState>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
         use serde::ser::{Error, SerializeSeq};
@@ -192,7 +191,7 @@ impl Segments {
                 s.serialize_bytes(self.0)
             }
         }
-        let mut seq = s.serialize_seq(Some(len.div_ceil(SEGMENT_PRODUCTS)))?;
+        let mut seq = s.serialize_seq(Some(products.len().div_ceil(SEGMENT_PRODUCTS)))?;
         let mut segment = Vec::with_capacity(SEGMENT_PRODUCTS);
         let mut bytes = Vec::new();
         let mut products = products.peekable();
@@ -214,7 +213,7 @@ impl Segments {
 
 impl Serialize for Segments {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        Self::serialize_from(self.0.iter().map(|p| &**p), self.0.len(), s)
+        Self::serialize_from(self.0.iter().map(|p| &**p), s)
     }
 }
 
@@ -328,7 +327,7 @@ impl Products {
         self.table.len()
     }
 
-    fn values(&self) -> impl Iterator<Item = &ProductState> {
+    fn values(&self) -> impl ExactSizeIterator<Item = &ProductState> {
         self.table.iter().map(|p| &**p)
     }
 }
@@ -664,7 +663,7 @@ impl PublishModel {
         struct ProductsView<'a>(&'a Products);
         impl Serialize for ProductsView<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                Segments::serialize_from(self.0.values(), self.0.len(), s)
+                Segments::serialize_from(self.0.values(), s)
             }
         }
         #[derive(Serialize)]
