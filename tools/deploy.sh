@@ -141,6 +141,8 @@ restore_layout() {
     return 0
   fi
   echo "+ $installed ledger-layout --config $etc_dir/contimg.toml --to $wants"
+  # Not through `run`: its output decides what follows. So --dry-run is honoured here.
+  [ "$dry_run" -eq 1 ] && return 0
   if out="$(set -a; [ -r "$etc_dir/contimg.env" ] && . "$etc_dir/contimg.env"; set +a
             "$installed" ledger-layout --config "$etc_dir/contimg.toml" --to "$wants" 2>&1)"; then
     echo "$out"
