@@ -201,7 +201,10 @@ fn a_failing_validate_rolls_the_binary_back() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("rolling back"), "{}", text(&out));
     assert!(
-        text(&out).contains("reads ledger layout 2, as the new one does"),
+        text(&out).contains(&format!(
+            "reads ledger layout {}, as the new one does",
+            contimg::events::store::sled::LAYOUT
+        )),
         "{}",
         text(&out)
     );
@@ -213,21 +216,41 @@ fn a_failing_validate_rolls_the_binary_back() {
 
 /// A rollback to a binary from before layout 2 (here a wrapper that, like one, knows no
 /// `ledger-layout`) puts the sled ledger back in layout 1 with the new binary first, since
-/// the ledger is in layout 2 (written by this build, as a server of it would leave it) and
-/// the old one would refuse it.
+/// the ledger is in this build's layout (written by it, as a server of it would leave it)
+/// and the old one would refuse it.
 #[test]
 fn a_rollback_puts_the_ledger_back_in_the_previous_binarys_layout() {
+    rollback_to(
+        "case \"$1\" in ledger-layout) echo \"error: unrecognized subcommand\" >&2; exit 2;; esac",
+        1,
+        "layout 3 -> 1 (2 id index keys, 2 stream head keys written)",
+    );
+}
+
+/// The same to a binary of layout 2 (a wrapper that says so, as `ledger-layout --writes`
+/// of one does): the id index is written back from the log, and no head keys.
+#[test]
+fn a_rollback_to_a_layout_2_binary_writes_the_id_index_back() {
+    rollback_to(
+        "case \"$1 $2\" in \"ledger-layout --writes\") echo 2; exit 0;; esac",
+        2,
+        "layout 3 -> 2 (2 id index keys written)",
+    );
+}
+
+/// Deploys a wrapper of this binary that runs `prelude` first as the previous binary, puts
+/// two events in its ledger, then fails a deploy of this binary: the rollback must say
+/// `said` and leave the ledger in `layout`.
+fn rollback_to(prelude: &str, layout: u32, said: &str) {
     use contimg::events::store::sled::{LAYOUT, to_layout};
     use contimg::events::{ExpectedRevision, ProposedEvent, Store};
+    assert_eq!(LAYOUT, 3);
     let t = Target::new();
     let p = t.prefix();
     let old = t.dir.path().join("contimg-old");
     std::fs::write(
         &old,
-        format!(
-            "#!/bin/sh\ncase \"$1\" in ledger-layout) echo \"error: unrecognized subcommand\" >&2; exit 2;; esac\nexec {} \"$@\"\n",
-            bin().display()
-        ),
+        format!("#!/bin/sh\n{prelude}\nexec {} \"$@\"\n", bin().display()),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -248,18 +271,15 @@ fn a_rollback_puts_the_ledger_back_in_the_previous_binarys_layout() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let out = t.deploy_on(&bin(), &[], held.local_addr().unwrap());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let said = text(&out);
-    assert!(said.contains("rolling back"), "{said}");
-    assert!(
-        said.contains("layout 2 -> 1 (2 stream head keys written)"),
-        "{said}"
-    );
+    let text = text(&out);
+    assert!(text.contains("rolling back"), "{text}");
+    assert!(text.contains(said), "{text}");
     assert_eq!(
         std::fs::read(p.join("usr/local/bin/contimg")).unwrap(),
         std::fs::read(&old).unwrap()
     );
     let shown = to_layout(&t.ledger(), None).unwrap().unwrap();
-    assert_eq!((shown.from, LAYOUT), (1, 2));
+    assert_eq!(shown.from, layout);
 }
 
 #[test]

@@ -641,14 +641,19 @@ fn a_ledger_of_a_newer_layout_is_refused_and_left_as_it_is() {
     );
 }
 
-/// A stream's head is read from its last stream-index entry (layout 2). A ledger written
-/// in layout 1 also kept a head key per stream (`H` stream); opening it marks it layout 2,
-/// then drops them, whatever they say (here stale and wrong), and expected revisions,
-/// reads and `verify` go by the index.
+/// A stream's head is read from its last stream-index entry (since layout 2). A ledger
+/// written in layout 1 also kept a head key per stream (`H` stream); opening it marks it
+/// with this layout, then drops them, whatever they say (here stale and wrong), and
+/// expected revisions, reads and `verify` go by the index.
 #[test]
 fn head_keys_of_layout_1_ledgers_are_dropped_and_heads_come_from_the_index() {
+    use contimg::events::store::sled::LAYOUT;
     let dir = stopped_ledger(&[("product-a", 5), ("product-ab", 1)]);
-    assert_eq!(sled_keys(dir.path(), None), (2, vec![]), "no head keys");
+    assert_eq!(
+        sled_keys(dir.path(), None),
+        (LAYOUT, vec![]),
+        "no head keys"
+    );
     // What layout 1 wrote, but wrong: heads the log does not have.
     let stale = vec![
         (b"Hnever-written".to_vec(), 0u64.to_be_bytes().to_vec()),
@@ -685,14 +690,15 @@ fn head_keys_of_layout_1_ledgers_are_dropped_and_heads_come_from_the_index() {
     drop(store);
     assert_eq!(
         sled_keys(dir.path(), None),
-        (2, vec![]),
-        "marked 2, heads dropped"
+        (LAYOUT, vec![]),
+        "marked, heads dropped"
     );
 }
 
 /// `contimg ledger-layout --to 1` puts a ledger back in layout 1 for a binary from before layout 2
-/// (a rollback): a head key per stream holding its last revision, then the marker. The
-/// next open by this build brings it to layout 2 again, and nothing is lost either way.
+/// (a rollback): the id index from the log, a head key per stream holding its last
+/// revision, then the marker. The next open by this build brings it to its layout again,
+/// and nothing is lost either way.
 #[test]
 fn a_ledger_goes_back_to_layout_1_and_forward_again() {
     use contimg::events::store::sled::{LAYOUT, LayoutChange, to_layout};
@@ -717,6 +723,7 @@ fn a_ledger_goes_back_to_layout_1_and_forward_again() {
         from: LAYOUT,
         to: LAYOUT,
         heads_written: 0,
+        ids_written: 0,
     };
     assert_eq!(to_layout(dir.path(), None).unwrap(), Some(shown));
     assert!(matches!(
@@ -728,9 +735,11 @@ fn a_ledger_goes_back_to_layout_1_and_forward_again() {
         Some(LayoutChange {
             from: LAYOUT,
             to: 1,
-            heads_written: 3
+            heads_written: 3,
+            ids_written: 6,
         })
     );
+    assert_eq!(id_keys(dir.path()), 6);
     let head = |rev: u64| rev.to_be_bytes().to_vec();
     assert_eq!(
         sled_keys(dir.path(), None),
@@ -744,8 +753,9 @@ fn a_ledger_goes_back_to_layout_1_and_forward_again() {
         ),
         "what layout 1 kept"
     );
-    // The tools that only read leave it in layout 1: they read it as layout 2 (the stream
-    // index is the same), `verify` checks its head keys too, and nothing is appended.
+    // The tools that only read leave it in layout 1: they read it as their own (the stream
+    // index is the same), `verify` checks its head keys and id index too, and nothing is
+    // appended.
     let reading =
         Store::open_to_read(dir.path(), contimg::events::store::SCAN_CACHE_BYTES).unwrap();
     assert_eq!(reading.stream_head("product-a").unwrap(), Some(2));
@@ -782,18 +792,28 @@ fn a_ledger_goes_back_to_layout_1_and_forward_again() {
     assert_eq!(report.events, 6);
     store.close();
     drop(store);
-    assert_eq!(sled_keys(dir.path(), None), (2, vec![]), "forward again");
+    assert_eq!(
+        (sled_keys(dir.path(), None), id_keys(dir.path())),
+        ((LAYOUT, vec![]), 0),
+        "forward again"
+    );
 }
 
-/// A crash in the middle of `ledger-layout --to 1`, after the head keys and before the
-/// marker, leaves a layout 2 ledger with head keys: older builds refuse it (the marker says
-/// 2), and the next open of it, to read or to write, drops the keys (nothing reads them),
-/// so `verify` finds nothing of unknown kind.
+/// A crash in the middle of `ledger-layout --to 1`, after the id and head keys and before
+/// the marker, leaves a ledger marked with this layout that has both: older builds refuse
+/// it (the marker says so), and the next open of it, to read or to write, drops the keys
+/// (nothing reads them), so `verify` finds nothing of unknown kind.
 #[test]
-fn head_keys_left_under_a_layout_2_marker_are_dropped_at_the_next_open() {
+fn keys_left_under_this_layouts_marker_are_dropped_at_the_next_open() {
+    use contimg::events::store::sled::{LAYOUT, to_layout};
     let dir = stopped_ledger(&[("product-a", 3)]);
+    to_layout(dir.path(), Some(1)).unwrap();
     let left = vec![(b"Hproduct-a".to_vec(), 2u64.to_be_bytes().to_vec())];
-    assert_eq!(sled_keys(dir.path(), Some((2, &left))), (2, left));
+    assert_eq!(
+        sled_keys(dir.path(), Some((LAYOUT, &vec![]))),
+        (LAYOUT, left)
+    );
+    assert_eq!(id_keys(dir.path()), 3);
     let reading =
         Store::open_to_read(dir.path(), contimg::events::store::SCAN_CACHE_BYTES).unwrap();
     assert_eq!(reading.stream_head("product-a").unwrap(), Some(2));
@@ -801,7 +821,154 @@ fn head_keys_left_under_a_layout_2_marker_are_dropped_at_the_next_open() {
     assert!(report.ok(), "{:?}", report.problems);
     reading.close();
     drop(reading);
-    assert_eq!(sled_keys(dir.path(), None), (2, vec![]));
+    assert_eq!(
+        (sled_keys(dir.path(), None), id_keys(dir.path())),
+        ((LAYOUT, vec![]), 0)
+    );
+}
+
+/// Layout 3 keeps no id index: idempotency finds an id in its stream through the stream
+/// index and the log, also for a repeat of events committed before the ledger changed
+/// layout, and after the writer dropped the stream from what it keeps. A ledger taken back
+/// to layout 2 gets its id index from the log, entry for entry (`verify` checks it), and
+/// loses it again when this build opens it to write.
+#[test]
+fn idempotency_holds_across_layout_changes_without_an_id_index() {
+    use contimg::events::store::sled::{LAYOUT, to_layout};
+    assert_eq!(LAYOUT, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let first = vec![ev(1), ev(2), ev(3)];
+    let at = store
+        .append_blocking("product-x", ExpectedRevision::NoStream, first.clone())
+        .unwrap();
+    for i in 0..40 {
+        store
+            .append_blocking(&format!("product-y{i}"), ExpectedRevision::Any, vec![ev(i)])
+            .unwrap();
+    }
+    store.close();
+    drop(store);
+    assert_eq!(id_keys(dir.path()), 0, "no id index");
+    let back = to_layout(dir.path(), Some(2)).unwrap().unwrap();
+    assert_eq!((back.to, back.ids_written, back.heads_written), (2, 43, 0));
+    assert_eq!(id_keys(dir.path()), 43);
+    let reading =
+        Store::open_to_read(dir.path(), contimg::events::store::SCAN_CACHE_BYTES).unwrap();
+    let report = contimg::events::verify::verify(&reading, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    reading.close();
+    drop(reading);
+    // A wrong id index entry is what `verify` reports on a layout 2 ledger.
+    raw_layout(dir.path(), |_, tree| {
+        let k = tree.scan_prefix([b'I']).keys().next().unwrap().unwrap();
+        tree.insert(k, &[0xFFu8; 16]).unwrap();
+    });
+    let reading =
+        Store::open_to_read(dir.path(), contimg::events::store::SCAN_CACHE_BYTES).unwrap();
+    let report = contimg::events::verify::verify(&reading, |_| {}).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.message.contains("id index")),
+        "{:?}",
+        report.problems
+    );
+    reading.close();
+    drop(reading);
+    // This build opens it to write: marked 3, the id index dropped, and every repeat is
+    // still answered from the log.
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.as_sled().unwrap().layout(), LAYOUT);
+    let again = store
+        .append_blocking("product-x", ExpectedRevision::Any, first.clone())
+        .unwrap();
+    assert_eq!(again, at, "a repeat writes nothing");
+    let partial = store.append_blocking(
+        "product-x",
+        ExpectedRevision::Any,
+        vec![first[1].clone(), ev(9)],
+    );
+    assert!(
+        matches!(partial, Err(StoreError::WrongExpectedVersion { .. })),
+        "{partial:?}"
+    );
+    let tail = store
+        .append_blocking("product-x", ExpectedRevision::Any, first[1..].to_vec())
+        .unwrap();
+    assert_eq!(tail, at, "the last two again, at their place");
+    assert_eq!(store.event_count(), 43);
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    store.close();
+    drop(store);
+    assert_eq!(id_keys(dir.path()), 0);
+}
+
+/// `verify` finds an id twice in one stream on a ledger with no id index (written here
+/// past the store, as a damaged or hand-edited log would have it), and not an id shared
+/// by two streams, which is allowed.
+#[test]
+fn verify_finds_an_id_twice_in_a_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let shared = uuid::Uuid::now_v7();
+    let record = |stream: &str, revision: u64, position: u64, id: uuid::Uuid| RecordedEvent {
+        event_id: id,
+        stream_id: stream.into(),
+        revision,
+        position,
+        event_type: "Noted".into(),
+        event_version: 1,
+        data: b"{}".to_vec(),
+        metadata: b"{}".to_vec(),
+        created_micros: 1_700_000_000_000_000 + position as i64,
+        checksum: 0,
+    };
+    store
+        .import_blocking(vec![
+            record("scratch-a", 0, 0, shared),
+            record("scratch-b", 0, 1, shared),
+        ])
+        .unwrap();
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(report.ok(), "one id in two streams: {:?}", report.problems);
+    store.close();
+    drop(store);
+    // The record at position 1 rewritten to repeat position 0's id in scratch-a, with its
+    // stream index entry: a chunk of its own, as the store reads any chunk.
+    raw_layout(dir.path(), |_, tree| {
+        let mut bad = record("scratch-a", 1, 1, shared);
+        let encoded = bad.encode();
+        let mut chunk = vec![0xC1u8];
+        chunk.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        chunk.extend_from_slice(&encoded);
+        let first = tree.scan_prefix([b'L']).keys().next().unwrap().unwrap();
+        let v = tree.get(&first).unwrap().unwrap();
+        let len = u32::from_le_bytes(v[1..5].try_into().unwrap()) as usize;
+        tree.insert(&first, &v[..5 + len]).unwrap();
+        tree.insert([&[b'L'][..], &1u64.to_be_bytes()].concat(), chunk)
+            .unwrap();
+        tree.remove([&b"Sscratch-b\0"[..], &0u64.to_be_bytes()].concat())
+            .unwrap();
+        tree.insert(
+            [&b"Sscratch-a\0"[..], &1u64.to_be_bytes()].concat(),
+            &1u64.to_be_bytes(),
+        )
+        .unwrap();
+    });
+    let store = Store::open(dir.path()).unwrap();
+    let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.message.contains("is in scratch-a twice") && p.position == Some(1)),
+        "{:?}",
+        report.problems
+    );
+    store.close();
 }
 
 /// Going back to layout 1 and forward again past the 10,000 keys a batch of either holds:
@@ -840,7 +1007,10 @@ fn layout_changes_cover_more_streams_than_one_batch() {
         .unwrap();
     store.close();
     drop(store);
-    assert_eq!(sled_keys(dir.path(), None), (2, vec![]));
+    assert_eq!(
+        sled_keys(dir.path(), None),
+        (contimg::events::store::sled::LAYOUT, vec![])
+    );
 }
 
 /// The sled database of a stopped ledger folder. sled lets go of its file lock a moment
@@ -883,6 +1053,14 @@ fn raw_layout(
         .collect();
     let logged = tree.scan_prefix([b'L']).count();
     (marker, heads, logged)
+}
+
+/// The number of id index keys (`I`, layouts 1 and 2) of a stopped sled ledger.
+fn id_keys(dir: &std::path::Path) -> usize {
+    let db = open_raw_sled(dir);
+    let n = db.open_tree("ledger").unwrap().scan_prefix([b'I']).count();
+    drop(db);
+    n
 }
 
 /// A stopped sled ledger's layout and its head keys (`H`), after setting the layout and

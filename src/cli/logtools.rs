@@ -67,10 +67,11 @@ pub struct LedgerLayoutArgs {
     /// environment that override it. A ledger on PostgreSQL has no sled layout to change.
     #[command(flatten)]
     pub layout: super::Layout,
-    /// Put the ledger in this layout: 1 for a contimg from before layout 2 (writes a
-    /// head key per stream; do it before putting such a binary back), 2 for this one
-    /// (what `serve` and `import` do). Without it, only print the layout. A folder
-    /// with no ledger yet has nothing to change.
+    /// Put the ledger in this layout: 1 for a contimg from before layout 2, 2 for one
+    /// from before layout 3 (writes what that layout keeps and this one does not: the id
+    /// index, and for 1 a head key per stream; do it before putting such a binary back),
+    /// 3 for this one (what `serve` and `import` do). Without it, only print the layout.
+    /// A folder with no ledger yet has nothing to change.
     #[arg(long)]
     pub to: Option<u32>,
     /// Print the layout this contimg reads and writes, and nothing else (for scripts).
@@ -107,13 +108,23 @@ pub fn ledger_layout(args: LedgerLayoutArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&change)?);
     } else if args.to.is_none() {
         println!("layout {} (this contimg writes {LAYOUT})", change.from);
-    } else if change.to == 1 {
-        println!(
-            "layout {} -> 1 ({} stream head keys written)",
-            change.from, change.heads_written
-        );
     } else {
-        println!("layout {} -> {}", change.from, change.to);
+        let mut written = Vec::new();
+        if change.ids_written > 0 {
+            written.push(format!("{} id index keys", change.ids_written));
+        }
+        if change.to == 1 {
+            written.push(format!("{} stream head keys", change.heads_written));
+        }
+        match written.is_empty() {
+            true => println!("layout {} -> {}", change.from, change.to),
+            false => println!(
+                "layout {} -> {} ({} written)",
+                change.from,
+                change.to,
+                written.join(", ")
+            ),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

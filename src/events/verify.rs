@@ -1,6 +1,7 @@
 //! `contimg verify`: positions gapless from 0, every checksum matching, stream revisions
-//! consecutive, and the stream heads (PostgreSQL's table; on sled, the stream index's last
-//! entries), stream index and id index agreeing with the log, entry for entry.
+//! consecutive, ids unique in each stream, and the stream heads (PostgreSQL's table; on
+//! sled, the stream index's last entries), stream index (and, in layouts 1 and 2, the id
+//! index) agreeing with the log, entry for entry.
 
 use serde::Serialize;
 
@@ -141,6 +142,15 @@ fn verify_postgres(
     })
 }
 
+/// A hash of (stream, id), for telling the ids met in a stream apart without keeping them.
+fn id_hash(stream: &str, id: &uuid::Uuid) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = foldhash::quality::FixedState::with_seed(0).build_hasher();
+    stream.hash(&mut h);
+    id.hash(&mut h);
+    h.finish()
+}
+
 fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyReport, sled::Error> {
     let sled = store.as_sled().expect("a sled store");
     let tree = sled.raw_tree();
@@ -150,7 +160,11 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
             problems.push(Problem { position, message });
         }
     };
-    // Positions, revisions and commit times; ids are checked through the id index below.
+    // Positions, revisions and commit times; ids are checked below, through the id index
+    // in layouts 1 and 2, else against the ids met so far in the stream: by a hash of
+    // (stream, id) with the position it was first met at, a hit confirmed from the log.
+    let id_index = sled.layout() < 3;
+    let mut met: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     let mut shape = LogShape::from_start(false);
     let mut expected_pos = 0u64;
     let mut events = 0u64;
@@ -220,15 +234,40 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
                     ),
                 ),
             }
-            match tree.get(keys::id(&r.stream_id, &r.event_id))? {
-                Some(v) if be(&v) == Some(r.revision) && v.get(8..).and_then(be) == Some(pos) => {}
-                _ => add(
-                    Some(pos),
-                    format!(
-                        "id index lacks or misplaces event {} of {}",
-                        r.event_id, r.stream_id
+            if id_index {
+                match tree.get(keys::id(&r.stream_id, &r.event_id))? {
+                    Some(v)
+                        if be(&v) == Some(r.revision) && v.get(8..).and_then(be) == Some(pos) => {}
+                    _ => add(
+                        Some(pos),
+                        format!(
+                            "id index lacks or misplaces event {} of {}",
+                            r.event_id, r.stream_id
+                        ),
                     ),
-                ),
+                }
+            } else {
+                let hash = id_hash(&r.stream_id, &r.event_id);
+                match met.entry(hash) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(pos);
+                    }
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        let first = *o.get();
+                        match sled.get(first) {
+                            Ok(e) if e.stream_id == r.stream_id && e.event_id == r.event_id => add(
+                                Some(pos),
+                                format!(
+                                    "event id {} is in {} twice (also at position {first})",
+                                    r.event_id, r.stream_id
+                                ),
+                            ),
+                            // Another (stream, id) with the same hash: both are fine.
+                            Ok(_) => {}
+                            Err(e) => add(Some(first), format!("record does not read: {e}")),
+                        }
+                    }
+                }
             }
         }
     }
@@ -242,10 +281,16 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
         );
     }
     let ids_len = tree.scan_prefix([keys::ID]).count() as u64;
-    if ids_len != events {
+    if id_index && ids_len != events {
         add(
             None,
             format!("id index has {ids_len} entries for {events} events"),
+        );
+    }
+    if !id_index && ids_len != 0 {
+        add(
+            None,
+            format!("{ids_len} id index keys in a ledger of layout 3, which has none"),
         );
     }
     // In layout 2 a stream's head is its last stream-index entry, checked with the others

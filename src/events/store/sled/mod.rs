@@ -1,20 +1,22 @@
 //! The event store on sled, the embedded backend: one writer thread with group commit,
 //! reads of streams and of `$all`.
 //!
-//! One sled tree, `ledger`, holds three kinds of key, told apart by a first byte (numbers
+//! One sled tree, `ledger`, holds two kinds of key, told apart by a first byte (numbers
 //! big-endian so that sled's byte order is numeric order):
 //! - `L` position -> a chunk: the encoded records from that position on, of one commit or
 //!   several (the truth, `$all`; see `layout::chunk`);
 //! - `S` stream 0x00 revision -> position (the stream index; its last entry for a stream
-//!   is the stream's head);
-//! - `I` stream 0x00 event id -> revision, position (the durable idempotency index).
+//!   is the stream's head). Idempotency finds an id in a stream through it and the
+//!   records it points at (`ids.rs`), so a commit writes one index key an event.
 //!
 //! Ledgers in layout 1 also kept `H` stream -> last revision, a key per stream written
-//! again by every commit to it; opening such a ledger to write drops those keys
-//! (`check_layout`), and the tools that only read leave them ([`LAYOUT`]).
+//! again by every commit to it, and ledgers in layouts 1 and 2 an id index, `I` stream
+//! 0x00 event id -> revision, position: a second key an event. Opening such a ledger to
+//! write drops those keys (`check_layout`), and the tools that only read leave them
+//! ([`LAYOUT`]).
 //!
 //! One tree because a sled batch on one tree is atomic, crash included: a group commit
-//! writes events and both indexes in one `apply_batch`, which costs a fraction of
+//! writes events and their index entries in one `apply_batch`, which costs a fraction of
 //! a multi-tree transaction. Stream names hold no control character, so 0x00 cannot occur
 //! inside one.
 //!
@@ -54,12 +56,13 @@ use std::thread::JoinHandle;
 use tokio::sync::watch;
 
 use super::super::error::{StoreError, be_u64};
-use super::super::record::RecordedEvent;
+use super::super::record::{RecordRef, RecordedEvent};
 use super::{
     DEFAULT_RESERVE_BYTES, Direction, LOCK_FILE, LOG_DIR, MAX_COMMIT_EVENTS, RawBytes, RawRecord,
     Snapshot, WriterMsg, decode_at, now_micros,
 };
 
+mod ids;
 mod layout;
 mod syncer;
 mod writer;
@@ -203,7 +206,9 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
 ///
 /// - 1: per stream a head key (`H` stream -> last revision) beside the stream index.
 /// - 2: no head keys; a stream's head is its last stream-index entry.
-pub const LAYOUT: u32 = 2;
+/// - 3: no id index (`I` stream 0x00 id); an id is found in a stream through the stream
+///   index and the records it points at.
+pub const LAYOUT: u32 = 3;
 
 /// The layout a ledger's marker names, `None` when it has none (new, or written before
 /// there was one, in layout 1). A ledger in a layout newer than [`LAYOUT`] is refused here,
@@ -239,8 +244,8 @@ fn mark_layout(db: &sled::Db, sled_dir: &Path, layout: u32) -> Result<(), StoreE
 /// `convert`, a ledger in an older layout (or unmarked) is marked with this one first,
 /// durably, and then brought to it: an older build refuses it from the marker on, so it
 /// never reads a ledger half-changed; a crash on the way leaves the rest for the next
-/// open. Without, an older ledger is left as it is (this build reads layout 1 as it reads
-/// 2: the stream index is the same). Returns the layout the ledger is in after.
+/// open. Without, an older ledger is left as it is (this build reads layouts 1 and 2 as it
+/// reads 3: the stream index is the same). Returns the layout the ledger is in after.
 fn check_layout(
     db: &sled::Db,
     sled_dir: &Path,
@@ -254,9 +259,10 @@ fn check_layout(
     if layout != Some(LAYOUT) {
         mark_layout(db, sled_dir, LAYOUT)?;
     }
-    // Also after a crash in the middle of this, or of a `ledger-layout --to 1` (the marker
-    // still says 2 then).
-    drop_head_keys(db, tree)?;
+    // Also after a crash in the middle of this, or of a `ledger-layout --to 1` or `--to 2`
+    // (the marker still says 3 then).
+    drop_keys(db, tree, keys::HEAD, "stream head keys (layout 1)")?;
+    drop_keys(db, tree, keys::ID, "id index keys (layouts 1 and 2)")?;
     Ok(LAYOUT)
 }
 
@@ -289,15 +295,16 @@ pub(super) fn head_in_index(
 /// Keys removed or written per sled batch when a ledger changes layout.
 const LAYOUT_BATCH: usize = 10_000;
 
-/// Drops the head keys (`H` stream) of a ledger written in layout 1: every commit wrote its
-/// streams' heads again, a sled key per stream that said what the stream index's last
-/// entry says. In batches; a crash on the way leaves some for the next open, and nothing
-/// reads them meanwhile.
-fn drop_head_keys(db: &sled::Db, tree: &sled::Tree) -> Result<u64, StoreError> {
+/// Drops every key of a `kind` an older layout kept: the head keys (`H` stream) of
+/// layout 1, which said what the stream index's last entry says, and the id index (`I`
+/// stream 0x00 id) of layouts 1 and 2, which said what the stream index and the records
+/// say. In batches; a crash on the way leaves some for the next open, and nothing reads
+/// them meanwhile.
+fn drop_keys(db: &sled::Db, tree: &sled::Tree, kind: u8, what: &str) -> Result<u64, StoreError> {
     let mut dropped = 0u64;
     loop {
         let found = tree
-            .scan_prefix([keys::HEAD])
+            .scan_prefix([kind])
             .keys()
             .take(LAYOUT_BATCH)
             .collect::<Result<Vec<_>, _>>()?;
@@ -315,7 +322,7 @@ fn drop_head_keys(db: &sled::Db, tree: &sled::Tree) -> Result<u64, StoreError> {
         db.flush()?;
         tracing::info!(
             dropped,
-            "dropped the stream head keys of a ledger written in layout 1; heads are read from the stream index"
+            "dropped the {what} of a ledger written in an older layout"
         );
     }
     Ok(dropped)
@@ -329,13 +336,16 @@ pub struct LayoutChange {
     pub to: u32,
     /// Head keys written (going to layout 1).
     pub heads_written: u64,
+    /// Id index keys written (going from layout 3 to 2 or 1).
+    pub ids_written: u64,
 }
 
 /// Puts a stopped ledger in `layout` for a build that reads that one (the folder's lock is
-/// held meanwhile): to 1, for a build from before layout 2 (a rollback), it writes every
-/// stream's head key from the stream index, then the marker, durably; to [`LAYOUT`], what
-/// an open to write does. `layout: None` changes nothing and reports the ledger's layout. `None`
-/// when `dir` holds no sled ledger.
+/// held meanwhile). Going back (a rollback), it writes what the older layout kept and
+/// this one does not (to 2 or 1 from 3: the id index, from the log; to 1: every stream's
+/// head key, from the stream index), then the marker, durably; to [`LAYOUT`], what an
+/// open to write does. `layout: None` changes nothing and reports the ledger's layout.
+/// `None` when `dir` holds no sled ledger.
 pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>, StoreError> {
     let sled_dir = dir.join(LOG_DIR);
     if !sled_dir.join("db").is_file() {
@@ -345,35 +355,72 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
     let db = open_sled(&sled_dir, crate::events::store::SCAN_CACHE_BYTES)?;
     let tree = db.open_tree("ledger")?;
     let from = read_layout(&db.open_tree("meta")?)?.unwrap_or(1);
-    let Some(to) = layout else {
-        return Ok(Some(LayoutChange {
-            from,
-            to: from,
-            heads_written: 0,
-        }));
-    };
-    let change = |heads_written| LayoutChange {
+    let mut change = LayoutChange {
         from,
-        to,
-        heads_written,
+        to: layout.unwrap_or(from),
+        heads_written: 0,
+        ids_written: 0,
     };
-    match to {
-        LAYOUT => {
+    match layout {
+        None => {}
+        Some(LAYOUT) => {
             check_layout(&db, &sled_dir, &tree, true)?;
-            Ok(Some(change(0)))
         }
-        1 => {
-            // Heads first, under the marker that tells older builds to stay away; a crash
-            // before the marker changes leaves heads the next open drops again.
-            let written = write_head_keys(&tree)?;
+        Some(to @ (1 | 2)) => {
+            // What the older layout keeps first, under the marker that tells older builds
+            // to stay away; a crash before the marker changes leaves keys the next open
+            // drops again. Layouts 1 and 2 already have their id index.
+            if from == LAYOUT {
+                change.ids_written = write_id_keys(&tree)?;
+            }
+            if to == 1 {
+                change.heads_written = write_head_keys(&tree)?;
+            }
             db.flush()?;
-            mark_layout(&db, &sled_dir, 1)?;
-            Ok(Some(change(written)))
+            mark_layout(&db, &sled_dir, to)?;
         }
-        other => Err(StoreError::InvalidInput(format!(
-            "layout {other} is not one this contimg can write (1 or {LAYOUT})"
-        ))),
+        Some(other) => {
+            return Err(StoreError::InvalidInput(format!(
+                "layout {other} is not one this contimg can write (1, 2 or {LAYOUT})"
+            )));
+        }
     }
+    Ok(Some(change))
+}
+
+/// Writes `I` stream 0x00 event id -> revision, position for every record of the log, as
+/// layouts 1 and 2 kept them.
+fn write_id_keys(tree: &sled::Tree) -> Result<u64, StoreError> {
+    let mut written = 0u64;
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0;
+    for item in tree.range(keys::log(0)..=keys::log(u64::MAX)) {
+        let (k, v) = item?;
+        let start = be_u64(&k[1..], "log key")?;
+        let ranges = chunk::entries(&v).map_err(|reason| StoreError::Corrupt {
+            position: start,
+            reason,
+        })?;
+        for (i, r) in ranges.into_iter().enumerate() {
+            let position = start + i as u64;
+            let record = RecordRef::decode(&v[r]).map_err(|e| StoreError::Corrupt {
+                position,
+                reason: e.to_string(),
+            })?;
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&record.revision.to_be_bytes());
+            value[8..].copy_from_slice(&position.to_be_bytes());
+            batch.insert(keys::id(record.stream_id, &record.event_id), &value);
+            written += 1;
+            in_batch += 1;
+            if in_batch == LAYOUT_BATCH {
+                tree.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+            }
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(written)
 }
 
 /// Writes `H` stream -> last revision for every stream in the stream index, as layout 1
@@ -546,6 +593,7 @@ impl SledStore {
                 refusing: false,
             },
             tail: None,
+            ids: ids::StreamIds::new(ids::HELD),
         };
         let syncer = Syncer {
             db,

@@ -1,7 +1,7 @@
 //! The writer thread: takes every queued append and import, decides each (expected
 //! revision, idempotency, the log's shape), stages the accepted ones in one sled batch
-//! (events in chunks, the stream and id indexes) and applies it, then hands the batch to
-//! the syncer with the answers it owes.
+//! (events in chunks, the stream index) and applies it, then hands the batch to the
+//! syncer with the answers it owes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -9,6 +9,7 @@ use std::sync::{Arc, mpsc};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::ids::StreamIds;
 use super::*;
 use crate::events::store::AppendResult;
 use crate::events::store::plan::{Index, Plan, Planner};
@@ -25,6 +26,8 @@ pub(super) struct Writer {
     /// single-event commits is stored, and replayed, in chunks of a few dozen records, not
     /// one each. `None` after a start or a failed batch: the next commit starts a chunk.
     pub(super) tail: Option<Tail>,
+    /// The ids of the streams asked about lately (`ids.rs`): idempotency's lookups.
+    pub(super) ids: StreamIds,
 }
 
 /// The records of the log's last chunk, and where it starts.
@@ -161,7 +164,10 @@ impl Writer {
         let start = self.planner;
         let mut plan = Plan::default();
         let mut replies = Vec::with_capacity(batch.len());
-        let mut index = SledIndex(&self.tree);
+        let mut index = SledIndex {
+            tree: &self.tree,
+            ids: &mut self.ids,
+        };
         let now = now_micros();
         for msg in batch {
             match msg {
@@ -183,8 +189,8 @@ impl Writer {
             }
         }
         if !plan.records.is_empty() {
-            // Atomic, crash included: events and both indexes land together or not
-            // at all. Durability is the syncer's job.
+            // Atomic, crash included: events and their index entries land together or
+            // not at all. Durability is the syncer's job.
             let tail = self.tail.take();
             let (batch, tail) = sled_batch(&plan, tail);
             if let Err(e) = self.tree.apply_batch(batch) {
@@ -194,6 +200,7 @@ impl Writer {
                 tracing::error!(error = %e, "applying a batch failed; its appends and every later one are refused until a restart");
                 self.poisoned.store(true, Ordering::Release);
                 self.planner = start;
+                self.ids.clear();
                 let e = e.to_string();
                 replies.into_iter().for_each(|r| {
                     r.fail(|| StoreError::NotDurable {
@@ -204,6 +211,11 @@ impl Writer {
                 return;
             }
             self.tail = tail;
+            self.ids.committed(
+                plan.records
+                    .iter()
+                    .map(|(r, _)| (r.stream_id.as_str(), r.event_id, r.revision, r.position)),
+            );
         }
         // Answers wait for the syncer even when nothing was written: a refusal or an
         // idempotent repeat may rest on events of a batch that is not durable yet.
@@ -215,28 +227,23 @@ impl Writer {
 }
 
 /// The committed part of the `ledger` tree, as the planner asks it.
-struct SledIndex<'a>(&'a sled::Tree);
+struct SledIndex<'a> {
+    tree: &'a sled::Tree,
+    ids: &'a mut StreamIds,
+}
 
 impl Index for SledIndex<'_> {
     fn head(&mut self, stream: &str) -> Result<Option<u64>, StoreError> {
-        head_in_index(self.0, stream, u64::MAX)
+        head_in_index(self.tree, stream, u64::MAX)
     }
 
     fn find_id(&mut self, stream: &str, id: Uuid) -> Result<Option<(u64, u64)>, StoreError> {
-        self.0
-            .get(keys::id(stream, &id))?
-            .map(|v| {
-                Ok((
-                    be_u64(&v, "id index value")?,
-                    be_u64(v.get(8..).unwrap_or_default(), "id index value")?,
-                ))
-            })
-            .transpose()
+        self.ids.find(self.tree, stream, id)
     }
 }
 
-/// A decided commit as one sled batch: the records in log chunks, the stream index (whose
-/// last entry for a stream is its head) and the id index. The records join `tail` (the
+/// A decided commit as one sled batch: the records in log chunks and the stream index
+/// (whose last entry for a stream is its head), one index key an event. The records join `tail` (the
 /// log's last chunk) if it is under `chunk::JOIN_BYTES`, filling it while it stays under
 /// `chunk::MAX_BYTES`, then fill new chunks the same way; a single larger record gets a
 /// chunk of its own. Returns the batch and the log's new last chunk.
@@ -275,13 +282,10 @@ fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
         bytes += encoded.len() + 4;
         records.push(Cow::Borrowed(encoded));
         changed = true;
-        let pos = record.position.to_be_bytes();
-        let rev = record.revision.to_be_bytes();
-        batch.insert(keys::index(&record.stream_id, record.revision), &pos);
-        let mut id_value = [0u8; 16];
-        id_value[..8].copy_from_slice(&rev);
-        id_value[8..].copy_from_slice(&pos);
-        batch.insert(keys::id(&record.stream_id, &record.event_id), &id_value);
+        batch.insert(
+            keys::index(&record.stream_id, record.revision),
+            &record.position.to_be_bytes(),
+        );
     }
     if changed {
         batch.insert(&keys::log(start), chunk::encode(&records));

@@ -1,0 +1,263 @@
+//! Where an event id is in a stream, as the writer asks it (idempotency, DESIGN §4), in
+//! layout 3: the ledger keeps no id index of its own. The durable answer is the stream
+//! index (revision -> position) and the records it points at, which hold the ids; a
+//! stream's ids are read from them the first time the writer asks about the stream, and
+//! kept, with what later commits add, while the stream is among the recently used ones.
+//! So a commit writes one index key an event, not two, and a lookup costs a hash probe
+//! for a stream already asked about, one read of the stream for another.
+//!
+//! What is kept is bounded by [`HELD`] ids (about 50 bytes each); past it, the streams
+//! used least recently are dropped until half is left. A stream longer than the bound is
+//! read again at every commit that asks about it after it was dropped: the ledger's
+//! streams are short (a product, a group, a mosaic), but for the day's ingest stream.
+
+use std::collections::HashMap;
+
+use uuid::Uuid;
+
+use super::super::super::error::{StoreError, be_u64};
+use super::super::super::record::RecordRef;
+use super::layout::{chunk, keys};
+
+/// Ids kept, at most, before the least recently used streams are dropped.
+pub(super) const HELD: usize = 1 << 18;
+
+/// The ids of recently used streams: for each, every id committed (applied) in it with its
+/// revision and position, as the stream index and the log say.
+pub(super) struct StreamIds {
+    streams: HashMap<String, Known>,
+    /// Ids held over all streams, plus one a stream.
+    held: usize,
+    bound: usize,
+    /// Counts lookups and commits: when a stream was last used.
+    clock: u64,
+}
+
+struct Known {
+    ids: HashMap<Uuid, (u64, u64)>,
+    used: u64,
+}
+
+impl StreamIds {
+    pub(super) fn new(bound: usize) -> StreamIds {
+        StreamIds {
+            streams: HashMap::new(),
+            held: 0,
+            bound,
+            clock: 0,
+        }
+    }
+
+    /// Where `id` is committed in `stream`: (revision, position), `None` when it is not.
+    /// Reads the stream's ids from `tree` when they are not held.
+    pub(super) fn find(
+        &mut self,
+        tree: &sled::Tree,
+        stream: &str,
+        id: Uuid,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        self.clock += 1;
+        let known = match self.streams.get_mut(stream) {
+            Some(known) => known,
+            None => {
+                let ids = read_ids(tree, stream)?;
+                self.held += ids.len() + 1;
+                self.streams
+                    .entry(stream.to_string())
+                    .or_insert(Known { ids, used: 0 })
+            }
+        };
+        known.used = self.clock;
+        Ok(known.ids.get(&id).copied())
+    }
+
+    /// Takes in the events of a commit just applied: each joins its stream's ids when the
+    /// stream is held, or when the commit begins the stream (its ids are then all known).
+    /// Then keeps to the bound.
+    pub(super) fn committed<'a>(
+        &mut self,
+        events: impl Iterator<Item = (&'a str, Uuid, u64, u64)>,
+    ) {
+        self.clock += 1;
+        for (stream, id, revision, position) in events {
+            let known = match self.streams.get_mut(stream) {
+                Some(known) => known,
+                None if revision == 0 => {
+                    self.held += 1;
+                    self.streams.entry(stream.to_string()).or_insert(Known {
+                        ids: HashMap::new(),
+                        used: 0,
+                    })
+                }
+                None => continue,
+            };
+            known.used = self.clock;
+            if known.ids.insert(id, (revision, position)).is_none() {
+                self.held += 1;
+            }
+        }
+        if self.held > self.bound {
+            self.shrink();
+        }
+    }
+
+    /// Forgets everything: after a batch that may be partly applied.
+    pub(super) fn clear(&mut self) {
+        self.streams.clear();
+        self.held = 0;
+    }
+
+    /// Drops the streams used least recently until at most half the bound is held.
+    fn shrink(&mut self) {
+        let mut by_use: Vec<(u64, usize, String)> = self
+            .streams
+            .iter()
+            .map(|(s, k)| (k.used, k.ids.len() + 1, s.clone()))
+            .collect();
+        by_use.sort_unstable_by_key(|(used, _, _)| *used);
+        for (_, size, stream) in by_use {
+            if self.held <= self.bound / 2 {
+                break;
+            }
+            self.streams.remove(&stream);
+            self.held -= size;
+        }
+    }
+
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.held
+    }
+}
+
+/// Every id of `stream` with its revision, from the stream index and the records it
+/// points at (each chunk read once for the stream's records in it).
+fn read_ids(tree: &sled::Tree, stream: &str) -> Result<HashMap<Uuid, (u64, u64)>, StoreError> {
+    let prefix = keys::in_stream(keys::INDEX, stream, &[]).len();
+    let mut ids = HashMap::new();
+    let mut last_chunk: Option<(u64, sled::IVec, Vec<std::ops::Range<usize>>)> = None;
+    for item in tree.range(keys::index(stream, 0)..=keys::index(stream, u64::MAX)) {
+        let (k, v) = item?;
+        let revision = be_u64(k.get(prefix..).unwrap_or_default(), "stream index key")?;
+        let position = be_u64(&v, "stream index value")?;
+        let held = last_chunk.as_ref().is_some_and(|(start, _, ranges)| {
+            *start <= position && position - start < ranges.len() as u64
+        });
+        if !held {
+            let (k, bytes) = tree
+                .range(keys::log(0)..=keys::log(position))
+                .next_back()
+                .transpose()?
+                .ok_or_else(|| missing(position))?;
+            let start = be_u64(&k[1..], "log key")?;
+            let ranges = chunk::entries(&bytes).map_err(|reason| StoreError::Corrupt {
+                position: start,
+                reason,
+            })?;
+            last_chunk = Some((start, bytes, ranges));
+        }
+        let (start, bytes, ranges) = last_chunk.as_ref().expect("read above");
+        let range = ranges
+            .get((position - start) as usize)
+            .ok_or_else(|| missing(position))?;
+        let record = RecordRef::decode(&bytes[range.clone()]).map_err(|e| StoreError::Corrupt {
+            position,
+            reason: e.to_string(),
+        })?;
+        if record.position != position || record.stream_id != stream || record.revision != revision
+        {
+            return Err(StoreError::Corrupt {
+                position,
+                reason: format!(
+                    "the stream index puts {stream}@{revision} here, the record is {}@{} at {}",
+                    record.stream_id, record.revision, record.position
+                ),
+            });
+        }
+        ids.insert(record.event_id, (revision, position));
+    }
+    Ok(ids)
+}
+
+fn missing(position: u64) -> StoreError {
+    StoreError::Corrupt {
+        position,
+        reason: "missing from the log".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{ExpectedRevision, ProposedEvent, Store};
+
+    fn event() -> ProposedEvent {
+        ProposedEvent::new("Noted", 1, b"{}".to_vec())
+    }
+
+    /// Ids are read from the stream index and the log (streams spread over several chunks,
+    /// among other streams' records), found with their revision and position, and not
+    /// found in another stream; commits join held streams and streams they begin, not
+    /// others; past the bound, the streams used least recently go, and are read again.
+    #[test]
+    fn ids_come_from_the_log_and_the_least_recently_used_streams_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut written = Vec::new();
+        for round in 0..60u64 {
+            for s in 0..3u64 {
+                let stream = format!("scratch-{s}");
+                let e = event();
+                let at = store
+                    .append_blocking(&stream, ExpectedRevision::Any, vec![e.clone()])
+                    .unwrap();
+                written.push((stream, e.event_id, round, at.position));
+            }
+        }
+        let tree = store.as_sled().unwrap().raw_tree();
+        assert!(
+            tree.scan_prefix([keys::LOG]).count() > 2,
+            "the streams span several chunks"
+        );
+        let mut ids = StreamIds::new(128);
+        for (stream, id, revision, position) in &written {
+            assert_eq!(
+                ids.find(&tree, stream, *id).unwrap(),
+                Some((*revision, *position))
+            );
+        }
+        assert_eq!(ids.find(&tree, "scratch-1", written[0].1).unwrap(), None);
+        assert_eq!(ids.find(&tree, "scratch-9", written[0].1).unwrap(), None);
+        // Three streams of 60 and an empty one are held: over the bound of 128 only once
+        // a commit says so.
+        assert_eq!(ids.held(), 3 * 61 + 1);
+        let new = Uuid::now_v7();
+        ids.committed(
+            [
+                ("scratch-0", new, 60, 1000),
+                ("scratch-new", new, 0, 1001),
+                ("scratch-other", new, 5, 1002),
+            ]
+            .into_iter(),
+        );
+        // scratch-0 and scratch-new were used last; the others went until half (64) was left.
+        let mut held: Vec<_> = ids.streams.keys().cloned().collect();
+        held.sort();
+        assert_eq!(held, ["scratch-0", "scratch-new"]);
+        assert_eq!(ids.held(), 62 + 2);
+        assert_eq!(ids.find(&tree, "scratch-0", new).unwrap(), Some((60, 1000)));
+        assert_eq!(
+            ids.find(&tree, "scratch-new", new).unwrap(),
+            Some((0, 1001))
+        );
+        // A dropped stream is read again, whole.
+        let (stream, id, revision, position) = &written[4];
+        assert_eq!(
+            ids.find(&tree, stream, *id).unwrap(),
+            Some((*revision, *position))
+        );
+        ids.clear();
+        assert_eq!(ids.held(), 0);
+        store.close();
+    }
+}
