@@ -4,7 +4,9 @@
 //! stream's ids are read from them the first time the writer asks about the stream, and
 //! kept, with what later commits add, while the stream is among the recently used ones.
 //! So a commit writes one index key an event, not two, and a lookup costs a hash probe
-//! for a stream already asked about, one read of the stream for another.
+//! for a stream already asked about, one read of the stream for another. A held stream's
+//! head (its highest revision) is answered the same way, without a backward step through
+//! the stream index, which cost the writer a third of its time.
 //!
 //! What is kept is bounded by [`HELD`] ids (about 50 bytes each); past it, the streams
 //! used least recently are dropped until half is left. A stream longer than the bound is
@@ -35,6 +37,8 @@ pub(super) struct StreamIds {
 
 struct Known {
     ids: HashMap<Uuid, (u64, u64)>,
+    /// The highest revision among `ids`.
+    head: Option<u64>,
     used: u64,
 }
 
@@ -56,19 +60,30 @@ impl StreamIds {
         stream: &str,
         id: Uuid,
     ) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(self.known(tree, stream)?.ids.get(&id).copied())
+    }
+
+    /// The last revision committed in `stream`, `None` when it has none: its ids' highest
+    /// revision (they are all held), as the stream index's last entry says.
+    pub(super) fn head(
+        &mut self,
+        tree: &sled::Tree,
+        stream: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self.known(tree, stream)?.head)
+    }
+
+    /// The ids of `stream`, read from `tree` when they are not held.
+    fn known(&mut self, tree: &sled::Tree, stream: &str) -> Result<&mut Known, StoreError> {
         self.clock += 1;
-        let known = match self.streams.get_mut(stream) {
-            Some(known) => known,
-            None => {
-                let ids = read_ids(tree, stream)?;
-                self.held += ids.len() + 1;
-                self.streams
-                    .entry(stream.to_string())
-                    .or_insert(Known { ids, used: 0 })
-            }
-        };
+        if !self.streams.contains_key(stream) {
+            let known = read_ids(tree, stream)?;
+            self.held += known.ids.len() + 1;
+            self.streams.insert(stream.to_string(), known);
+        }
+        let known = self.streams.get_mut(stream).expect("inserted above");
         known.used = self.clock;
-        Ok(known.ids.get(&id).copied())
+        Ok(known)
     }
 
     /// Takes in the events of a commit just applied: each joins its stream's ids when the
@@ -86,12 +101,14 @@ impl StreamIds {
                     self.held += 1;
                     self.streams.entry(stream.to_string()).or_insert(Known {
                         ids: HashMap::new(),
+                        head: None,
                         used: 0,
                     })
                 }
                 None => continue,
             };
             known.used = self.clock;
+            known.head = known.head.max(Some(revision));
             if known.ids.insert(id, (revision, position)).is_none() {
                 self.held += 1;
             }
@@ -130,11 +147,12 @@ impl StreamIds {
     }
 }
 
-/// Every id of `stream` with its revision, from the stream index and the records it
-/// points at (each chunk read once for the stream's records in it).
-fn read_ids(tree: &sled::Tree, stream: &str) -> Result<HashMap<Uuid, (u64, u64)>, StoreError> {
+/// Every id of `stream` with its revision and position, from the stream index and the
+/// records it points at (each chunk read once for the stream's records in it).
+fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
     let prefix = keys::in_stream(keys::INDEX, stream, &[]).len();
     let mut ids = HashMap::new();
+    let mut head = None;
     let mut last_chunk: Option<(u64, sled::IVec, Vec<std::ops::Range<usize>>)> = None;
     for item in tree.range(keys::index(stream, 0)..=keys::index(stream, u64::MAX)) {
         let (k, v) = item?;
@@ -175,8 +193,9 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<HashMap<Uuid, (u64, u64)>
             });
         }
         ids.insert(record.event_id, (revision, position));
+        head = Some(revision);
     }
-    Ok(ids)
+    Ok(Known { ids, head, used: 0 })
 }
 
 fn missing(position: u64) -> StoreError {
@@ -228,6 +247,8 @@ mod tests {
         }
         assert_eq!(ids.find(&tree, "scratch-1", written[0].1).unwrap(), None);
         assert_eq!(ids.find(&tree, "scratch-9", written[0].1).unwrap(), None);
+        assert_eq!(ids.head(&tree, "scratch-2").unwrap(), Some(59));
+        assert_eq!(ids.head(&tree, "scratch-9").unwrap(), None);
         // Three streams of 60 and an empty one are held: over the bound of 128 only once
         // a commit says so.
         assert_eq!(ids.held(), 3 * 61 + 1);
@@ -246,6 +267,7 @@ mod tests {
         assert_eq!(held, ["scratch-0", "scratch-new"]);
         assert_eq!(ids.held(), 62 + 2);
         assert_eq!(ids.find(&tree, "scratch-0", new).unwrap(), Some((60, 1000)));
+        assert_eq!(ids.head(&tree, "scratch-0").unwrap(), Some(60));
         assert_eq!(
             ids.find(&tree, "scratch-new", new).unwrap(),
             Some((0, 1001))

@@ -234,7 +234,7 @@ struct SledIndex<'a> {
 
 impl Index for SledIndex<'_> {
     fn head(&mut self, stream: &str) -> Result<Option<u64>, StoreError> {
-        head_in_index(self.tree, stream, u64::MAX)
+        self.ids.head(self.tree, stream)
     }
 
     fn find_id(&mut self, stream: &str, id: Uuid) -> Result<Option<(u64, u64)>, StoreError> {
