@@ -829,7 +829,8 @@ fn keys_left_under_this_layouts_marker_are_dropped_at_the_next_open() {
 
 /// Layout 3 keeps no id index: idempotency finds an id in its stream through the stream
 /// index and the log, also for a repeat of events committed before the ledger changed
-/// layout, and after the writer dropped the stream from what it keeps. A ledger taken back
+/// layout, read again after a reopen (the writer's own dropping of streams is tested in
+/// `sled/ids.rs`). A ledger taken back
 /// to layout 2 gets its id index from the log, entry for entry (`verify` checks it), and
 /// loses it again when this build opens it to write.
 #[test]

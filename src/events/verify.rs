@@ -162,9 +162,12 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
     };
     // Positions, revisions and commit times; ids are checked below, through the id index
     // in layouts 1 and 2, else against the ids met so far in the stream: by a hash of
-    // (stream, id) with the position it was first met at, a hit confirmed from the log.
+    // (stream, id) with the position it was first met at, a hit confirmed from the log;
+    // the pairs whose hash another pair took first are kept whole, beside.
     let id_index = sled.layout() < 3;
     let mut met: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut collided: std::collections::HashMap<(String, uuid::Uuid), u64> =
+        std::collections::HashMap::new();
     let mut shape = LogShape::from_start(false);
     let mut expected_pos = 0u64;
     let mut events = 0u64;
@@ -254,17 +257,26 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
                     }
                     std::collections::hash_map::Entry::Occupied(o) => {
                         let first = *o.get();
-                        match sled.get(first) {
-                            Ok(e) if e.stream_id == r.stream_id && e.event_id == r.event_id => add(
+                        let earlier = match sled.get(first) {
+                            Ok(e) if e.stream_id == r.stream_id && e.event_id == r.event_id => {
+                                Some(first)
+                            }
+                            // Another (stream, id) with the same hash: this pair is
+                            // told apart from it by its whole value.
+                            Ok(_) => collided.insert((r.stream_id.clone(), r.event_id), pos),
+                            Err(e) => {
+                                add(Some(first), format!("record does not read: {e}"));
+                                None
+                            }
+                        };
+                        if let Some(earlier) = earlier {
+                            add(
                                 Some(pos),
                                 format!(
-                                    "event id {} is in {} twice (also at position {first})",
+                                    "event id {} is in {} twice (also at position {earlier})",
                                     r.event_id, r.stream_id
                                 ),
-                            ),
-                            // Another (stream, id) with the same hash: both are fine.
-                            Ok(_) => {}
-                            Err(e) => add(Some(first), format!("record does not read: {e}")),
+                            )
                         }
                     }
                 }

@@ -8,11 +8,13 @@
 //! head (its highest revision) is answered the same way, without a backward step through
 //! the stream index, which cost the writer a third of its time.
 //!
-//! What is kept is bounded by [`HELD`] ids (with their streams' names and tables, about
-//! 60 bytes an id for product streams: 16 MB at most); past it, the streams used least
-//! recently are dropped until half is left. A stream longer than the bound is
-//! read again at every commit that asks about it after it was dropped: the ledger's
-//! streams are short (a product, a group, a mosaic), but for the day's ingest stream.
+//! What is kept is brought back under [`HELD`] ids after every group commit (with their
+//! streams' names and tables, about 60 bytes an id for product streams: 16 MB), whether
+//! it wrote or not: past the bound, the streams used least recently are dropped until half
+//! is left. Within one commit it may hold more: every stream the commit asks about, whole.
+//! A stream of more than half the bound is dropped at each such shrink and read again
+//! when next asked about: the ledger's streams are short (a product, a group, a mosaic),
+//! but for the day's ingest stream.
 
 use std::collections::HashMap;
 
@@ -89,7 +91,7 @@ impl StreamIds {
 
     /// Takes in the events of a commit just applied: each joins its stream's ids when the
     /// stream is held, or when the commit begins the stream (its ids are then all known).
-    /// Then keeps to the bound.
+    /// [`StreamIds::keep_bound`] follows.
     pub(super) fn committed<'a>(
         &mut self,
         events: impl Iterator<Item = (&'a str, Uuid, u64, u64)>,
@@ -114,6 +116,11 @@ impl StreamIds {
                 self.held += 1;
             }
         }
+    }
+
+    /// Drops the streams used least recently while more than the bound is held, until
+    /// half is left. The writer calls it after every group commit.
+    pub(super) fn keep_bound(&mut self) {
         if self.held > self.bound {
             self.shrink();
         }
@@ -262,6 +269,7 @@ mod tests {
             ]
             .into_iter(),
         );
+        ids.keep_bound();
         // scratch-0 and scratch-new were used last; the others went until half (64) was left.
         let mut held: Vec<_> = ids.streams.keys().cloned().collect();
         held.sort();

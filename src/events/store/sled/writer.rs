@@ -217,6 +217,8 @@ impl Writer {
                     .map(|(r, _)| (r.stream_id.as_str(), r.event_id, r.revision, r.position)),
             );
         }
+        // Also after a commit that wrote nothing: its lookups may have read streams in.
+        self.ids.keep_bound();
         // Answers wait for the syncer even when nothing was written: a refusal or an
         // idempotent repeat may rest on events of a batch that is not durable yet.
         queue.push(Ticket {
