@@ -772,19 +772,7 @@ fn a_ledger_goes_back_to_layout_1_and_forward_again() {
     // A wrong head key is reported by `verify` on such a ledger.
     let wrong = vec![(b"Hproduct-b".to_vec(), head(5))];
     sled_keys(dir.path(), Some((1, &wrong)));
-    let reading =
-        Store::open_to_read(dir.path(), contimg::events::store::SCAN_CACHE_BYTES).unwrap();
-    let report = contimg::events::verify::verify(&reading, |_| {}).unwrap();
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| p.message.contains("head of product-b")),
-        "{:?}",
-        report.problems
-    );
-    reading.close();
-    drop(reading);
+    verify_to_read_reports(dir.path(), "head of product-b");
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.stream_head("product-a").unwrap(), Some(2));
     let report = contimg::events::verify::verify(&store, |_| {}).unwrap();
@@ -865,19 +853,7 @@ fn idempotency_holds_across_layout_changes_without_an_id_index() {
         let k = tree.scan_prefix([b'I']).keys().next().unwrap().unwrap();
         tree.insert(k, &[0xFFu8; 16]).unwrap();
     });
-    let reading =
-        Store::open_to_read(dir.path(), contimg::events::store::SCAN_CACHE_BYTES).unwrap();
-    let report = contimg::events::verify::verify(&reading, |_| {}).unwrap();
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| p.message.contains("id index")),
-        "{:?}",
-        report.problems
-    );
-    reading.close();
-    drop(reading);
+    verify_to_read_reports(dir.path(), "id index");
     // This build opens it to write: marked 3, the id index dropped, and every repeat is
     // still answered from the log.
     let store = Store::open(dir.path()).unwrap();
@@ -1054,6 +1030,19 @@ fn raw_layout(
         .collect();
     let logged = tree.scan_prefix([b'L']).count();
     (marker, heads, logged)
+}
+
+/// `verify` of a stopped sled ledger, opened to read (so left in its layout), reports a
+/// problem whose message holds `needle`.
+fn verify_to_read_reports(dir: &std::path::Path, needle: &str) {
+    let reading = Store::open_to_read(dir, contimg::events::store::SCAN_CACHE_BYTES).unwrap();
+    let report = contimg::events::verify::verify(&reading, |_| {}).unwrap();
+    assert!(
+        report.problems.iter().any(|p| p.message.contains(needle)),
+        "{:?}",
+        report.problems
+    );
+    reading.close();
 }
 
 /// The number of id index keys (`I`, layouts 1 and 2) of a stopped sled ledger.
