@@ -142,13 +142,41 @@ fn verify_postgres(
     })
 }
 
-/// A hash of (stream, id), for telling the ids met in a stream apart without keeping them.
-fn id_hash(stream: &str, id: &uuid::Uuid) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = foldhash::quality::FixedState::with_seed(0).build_hasher();
-    stream.hash(&mut h);
-    id.hash(&mut h);
-    h.finish()
+/// The (stream, id) pairs met so far in a log with no id index (layout 3): a hash of each
+/// with the position it was first met at, a repeat of a hash confirmed from the log, and
+/// the pairs whose hash another pair took first, whole.
+#[derive(Default)]
+struct IdsMet {
+    first: std::collections::HashMap<u64, u64>,
+    collided: std::collections::HashMap<(String, uuid::Uuid), u64>,
+}
+
+impl IdsMet {
+    /// Where `r`'s (stream, id) was met before, if it was; `pos` is `r`'s position. An
+    /// error names the earlier position that could not be read.
+    fn earlier(
+        &mut self,
+        sled: &super::store::sled::SledStore,
+        r: &RecordedEvent,
+        pos: u64,
+    ) -> Result<Option<u64>, (u64, StoreError)> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = foldhash::quality::FixedState::with_seed(0).build_hasher();
+        r.stream_id.hash(&mut h);
+        r.event_id.hash(&mut h);
+        let first = match self.first.entry(h.finish()) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(pos);
+                return Ok(None);
+            }
+            std::collections::hash_map::Entry::Occupied(o) => *o.get(),
+        };
+        let e = sled.get(first).map_err(|e| (first, e))?;
+        if e.stream_id == r.stream_id && e.event_id == r.event_id {
+            return Ok(Some(first));
+        }
+        Ok(self.collided.insert((r.stream_id.clone(), r.event_id), pos))
+    }
 }
 
 fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyReport, sled::Error> {
@@ -161,13 +189,9 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
         }
     };
     // Positions, revisions and commit times; ids are checked below, through the id index
-    // in layouts 1 and 2, else against the ids met so far in the stream: by a hash of
-    // (stream, id) with the position it was first met at, a hit confirmed from the log;
-    // the pairs whose hash another pair took first are kept whole, beside.
+    // in layouts 1 and 2, else against the ids met so far (`IdsMet`).
     let id_index = sled.layout() < 3;
-    let mut met: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    let mut collided: std::collections::HashMap<(String, uuid::Uuid), u64> =
-        std::collections::HashMap::new();
+    let mut met = IdsMet::default();
     let mut shape = LogShape::from_start(false);
     let mut expected_pos = 0u64;
     let mut events = 0u64;
@@ -250,35 +274,16 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
                     ),
                 }
             } else {
-                let hash = id_hash(&r.stream_id, &r.event_id);
-                match met.entry(hash) {
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(pos);
-                    }
-                    std::collections::hash_map::Entry::Occupied(o) => {
-                        let first = *o.get();
-                        let earlier = match sled.get(first) {
-                            Ok(e) if e.stream_id == r.stream_id && e.event_id == r.event_id => {
-                                Some(first)
-                            }
-                            // Another (stream, id) with the same hash: this pair is
-                            // told apart from it by its whole value.
-                            Ok(_) => collided.insert((r.stream_id.clone(), r.event_id), pos),
-                            Err(e) => {
-                                add(Some(first), format!("record does not read: {e}"));
-                                None
-                            }
-                        };
-                        if let Some(earlier) = earlier {
-                            add(
-                                Some(pos),
-                                format!(
-                                    "event id {} is in {} twice (also at position {earlier})",
-                                    r.event_id, r.stream_id
-                                ),
-                            )
-                        }
-                    }
+                match met.earlier(sled, &r, pos) {
+                    Ok(None) => {}
+                    Ok(Some(earlier)) => add(
+                        Some(pos),
+                        format!(
+                            "event id {} is in {} twice (also at position {earlier})",
+                            r.event_id, r.stream_id
+                        ),
+                    ),
+                    Err((first, e)) => add(Some(first), format!("record does not read: {e}")),
                 }
             }
         }

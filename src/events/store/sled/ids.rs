@@ -90,7 +90,8 @@ impl StreamIds {
     }
 
     /// Takes in the events of a commit just applied: each joins its stream's ids when the
-    /// stream is held, or when the commit begins the stream (its ids are then all known).
+    /// stream is held, as every stream the commit decided on is (deciding asked for its
+    /// head); one that is not is read whole when next asked about.
     /// [`StreamIds::keep_bound`] follows.
     pub(super) fn committed<'a>(
         &mut self,
@@ -98,17 +99,8 @@ impl StreamIds {
     ) {
         self.clock += 1;
         for (stream, id, revision, position) in events {
-            let known = match self.streams.get_mut(stream) {
-                Some(known) => known,
-                None if revision == 0 => {
-                    self.held += 1;
-                    self.streams.entry(stream.to_string()).or_insert(Known {
-                        ids: HashMap::new(),
-                        head: None,
-                        used: 0,
-                    })
-                }
-                None => continue,
+            let Some(known) = self.streams.get_mut(stream) else {
+                continue;
             };
             known.used = self.clock;
             known.head = known.head.max(Some(revision));
@@ -170,12 +162,8 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
             *start <= position && position - start < ranges.len() as u64
         });
         if !held {
-            let (k, bytes) = tree
-                .range(keys::log(0)..=keys::log(position))
-                .next_back()
-                .transpose()?
-                .ok_or_else(|| missing(position))?;
-            let start = be_u64(&k[1..], "log key")?;
+            let (start, bytes) =
+                super::chunk_at(tree, position)?.ok_or_else(|| missing(position))?;
             let ranges = chunk::entries(&bytes).map_err(|reason| StoreError::Corrupt {
                 position: start,
                 reason,
@@ -224,8 +212,7 @@ mod tests {
 
     /// Ids are read from the stream index and the log (streams spread over several chunks,
     /// among other streams' records), found with their revision and position, and not
-    /// found in another stream; commits join held streams and streams they begin, not
-    /// others; past the bound, the streams used least recently go, and are read again.
+    /// found in another stream; commits join held streams, not others; past the bound, the streams used least recently go, and are read again.
     #[test]
     fn ids_come_from_the_log_and_the_least_recently_used_streams_go() {
         let dir = tempfile::tempdir().unwrap();
@@ -260,6 +247,8 @@ mod tests {
         // Three streams of 60 and an empty one are held: over the bound of 128 only once
         // a commit says so.
         assert_eq!(ids.held(), 3 * 61 + 1);
+        // A stream the commit below begins: asked about first, as deciding it does.
+        assert_eq!(ids.head(&tree, "scratch-new").unwrap(), None);
         let new = Uuid::now_v7();
         ids.committed(
             [

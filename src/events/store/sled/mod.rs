@@ -292,6 +292,21 @@ pub(super) fn head_in_index(
     Ok(None)
 }
 
+/// The log chunk holding `position` (the last one starting at or before it): its first
+/// position and its bytes; `None` when no chunk starts there or before.
+pub(super) fn chunk_at(
+    tree: &sled::Tree,
+    position: u64,
+) -> Result<Option<(u64, sled::IVec)>, StoreError> {
+    match tree.range(keys::log(0)..=keys::log(position)).next_back() {
+        Some(item) => {
+            let (k, v) = item?;
+            Ok(Some((be_u64(&k[1..], "log key")?, v)))
+        }
+        None => Ok(None),
+    }
+}
+
 /// Keys removed or written per sled batch when a ledger changes layout.
 const LAYOUT_BATCH: usize = 10_000;
 
@@ -396,15 +411,8 @@ const ID_KEY_BYTES: u64 = 300;
 /// Refuses, writing nothing, to write the id index back on a file system without room for
 /// it and the ledger's reserve: sled cannot go on after a write that found no space.
 fn room_for_id_keys(tree: &sled::Tree, sled_dir: &Path) -> Result<(), StoreError> {
-    let events = match tree
-        .range(keys::log(0)..=keys::log(u64::MAX))
-        .next_back()
-        .transpose()?
-    {
-        Some((k, v)) => {
-            let entries = chunk::entries(&v).map_or(1, |r| r.len() as u64);
-            be_u64(&k[1..], "log key")? + entries
-        }
+    let events = match chunk_at(tree, u64::MAX)? {
+        Some((start, v)) => start + chunk::entries(&v).map_or(1, |r| r.len() as u64),
         None => 0,
     };
     let need = events * ID_KEY_BYTES + DEFAULT_RESERVE_BYTES;
@@ -558,13 +566,8 @@ impl SledStore {
         }
         let tree = db.open_tree("ledger")?;
         let layout = check_layout(&db, &sled_dir, &tree, convert)?;
-        let (next_position, last_created) = match tree
-            .range(keys::log(0)..=keys::log(u64::MAX))
-            .next_back()
-        {
-            Some(item) => {
-                let (k, v) = item?;
-                let start = be_u64(&k[1..], "log key")?;
+        let (next_position, last_created) = match chunk_at(&tree, u64::MAX)? {
+            Some((start, v)) => {
                 // A damaged last chunk must not keep `verify` from reporting on it.
                 match chunk::entries(&v) {
                     Ok(ranges) => {
@@ -777,17 +780,7 @@ impl SledStore {
 
     /// The key of the chunk holding `position` (its first position).
     fn chunk_start(&self, position: u64) -> Result<u64, StoreError> {
-        Ok(
-            match self
-                .inner
-                .tree
-                .range(keys::log(0)..=keys::log(position))
-                .next_back()
-            {
-                Some(item) => be_u64(&item?.0[1..], "log key")?,
-                None => position,
-            },
-        )
+        Ok(chunk_at(&self.inner.tree, position)?.map_or(position, |(start, _)| start))
     }
 
     /// Records in `[from, to)`, in order, read lazily chunk by chunk.
