@@ -483,6 +483,17 @@ async fn the_database_stopped_under_load_answers_503_and_the_servers_reconnect()
     eprintln!("{} acknowledged appends; refusals {refused:?}", acked.len());
     assert!(refused.keys().all(|s| *s == 503), "only 503s: {refused:?}");
     assert!(refused.contains_key(&503), "the outage was seen");
+    // Server a reads up to the head it has heard of: b's last commits reach it once its
+    // listener, which reconnects on its own after the outage, reads the head row.
+    let b_head = status(&c, &b.base).await["ledger"]["events"]
+        .as_u64()
+        .unwrap();
+    eventually(30.0, || {
+        let (c, base) = (c.clone(), a.base.clone());
+        async move { (status(&c, &base).await["ledger"]["events"].as_u64()? >= b_head).then_some(()) }
+    })
+    .await
+    .expect("server a hears of server b's commits within 30 s of the outage");
     let ids = all_ids(&c, &a.base).await;
     assert!(
         acked.iter().all(|id| ids.contains(id)),
