@@ -5,6 +5,13 @@ image (the primary-beam correction) all take the beam from here.
 """
 
 import numpy as np
+from astropy.utils import iers
+
+# Nothing is downloaded at run time: astropy uses the IERS tables it was installed with,
+# whatever their age (by default it refuses, once they are 30 days old, to convert times
+# without fetching new ones, so the stages would stop working on a date, offline).
+iers.conf.auto_download = False
+iers.conf.auto_max_age = None
 
 # The Owens Valley Radio Observatory, DSA-110's site.
 OVRO_LAT_DEG = 37.2339
