@@ -25,6 +25,7 @@ use super::record::{
     ProposedEvent, RecordRef, RecordedEvent, validate_event_type, validate_stream_name,
 };
 
+pub mod gather;
 pub mod plan;
 pub mod postgres;
 pub mod sled;

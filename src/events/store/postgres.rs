@@ -44,6 +44,7 @@ use uuid::Uuid;
 
 use super::super::error::StoreError;
 use super::super::record::RecordedEvent;
+use super::gather::Gather;
 use super::plan::{Index, Plan, Planner};
 use super::{
     AppendResult, Direction, MAX_COMMIT_EVENTS, RawBytes, RawRecord, Snapshot, WriterMsg,
@@ -1027,20 +1028,29 @@ async fn write_loop(
     sync_seconds: prometheus_client::metrics::histogram::Histogram,
 ) {
     let mut client: Option<Client> = None;
+    let mut gather = Gather::START;
     while let Some(first) = rx.recv().await {
+        let taking = std::time::Instant::now();
         let mut batch = vec![first];
         let mut count = batch[0].len();
         let mut bytes = batch[0].bytes();
         while count < MAX_COMMIT_EVENTS && bytes < MAX_COMMIT_BYTES {
-            match rx.try_recv() {
-                Ok(m) => {
-                    count += m.len();
-                    bytes += m.bytes();
-                    batch.push(m);
+            let next = match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match gather.wait_for_more(batch.len(), taking.elapsed()) {
+                        Some(left) => tokio::time::timeout(left, rx.recv()).await.ok().flatten(),
+                        None => None,
+                    }
                 }
-                Err(_) => break,
-            }
+            };
+            let Some(m) = next else { break };
+            count += m.len();
+            bytes += m.bytes();
+            batch.push(m);
         }
+        let held = batch.len();
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             match writer_connection(&shared.config).await {
                 Ok(c) => client = Some(c),
@@ -1050,6 +1060,7 @@ async fn write_loop(
                     batch
                         .into_iter()
                         .for_each(|m| m.refuse(|| StoreError::Unavailable(detail.clone())));
+                    gather = gather.after(held, None);
                     continue;
                 }
             }
@@ -1066,7 +1077,9 @@ async fn write_loop(
         };
         match committed {
             Ok((outcomes, end)) => {
-                sync_seconds.observe(started.elapsed().as_secs_f64());
+                let took = started.elapsed();
+                sync_seconds.observe(took.as_secs_f64());
+                gather = gather.after(held, Some(took));
                 shared.syncs.fetch_add(1, Ordering::Relaxed);
                 shared.advance(end);
                 for (m, o) in batch.into_iter().zip(outcomes) {
@@ -1082,6 +1095,7 @@ async fn write_loop(
                 tracing::warn!(error = %detail, "a group commit failed; its appends were not acknowledged");
                 // A new connection next time: this one may be closed, or stuck mid-commit.
                 client = None;
+                gather = gather.after(held, None);
                 batch
                     .into_iter()
                     .for_each(|m| m.refuse(|| StoreError::Unavailable(detail.clone())));

@@ -20,11 +20,12 @@
 //! a multi-tree transaction. Stream names hold no control character, so 0x00 cannot occur
 //! inside one.
 //!
-//! Appends go through two threads. The writer takes every queued request, decides each
-//! (expected revision, idempotency), and applies the accepted ones in one batch; the
-//! syncer then makes everything applied so far durable (sled flush, then `fdatasync` of
-//! the data file) and only then answers. While the syncer waits on the disk the writer
-//! applies the next requests, so a group commit grows with the load by itself.
+//! Appends go through one thread, the writer, in rounds. A round takes every queued
+//! request (and waits a little for callers it has just answered: `writer::Gather`),
+//! decides each (expected revision, idempotency), applies the accepted ones in one batch,
+//! makes them durable (sled flush, then `fdatasync` of the data file: `syncer.rs`) and
+//! only then answers. Requests that arrive during a round form the next, so a group commit
+//! grows with the load by itself.
 //!
 //! Readers only see events up to the durable head: an event becomes visible after the
 //! batch holding it has been flushed and `fdatasync`ed, at the moment its writers are
@@ -68,7 +69,7 @@ mod syncer;
 mod writer;
 
 pub(crate) use layout::{chunk, keys};
-use syncer::{SyncQueue, Syncer};
+use syncer::Syncer;
 use writer::{Reply, Ticket, Writer};
 
 struct Inner {
@@ -635,7 +636,6 @@ impl SledStore {
             data_file,
             blobs_dir: sled_dir.join("blobs"),
             synced_blobs: Mutex::new(HashSet::new()),
-            queue: Arc::new(SyncQueue::default()),
             inner: Arc::downgrade(&inner),
             poisoned,
             sync_seconds,

@@ -1,50 +1,16 @@
-//! The syncer thread: makes everything the writer applied durable (sled's flush, then
-//! `fdatasync` of the data file and fsyncs of new blob files) and only then answers the
-//! callers and moves the durable head that readers see.
+//! A round's durability: everything the writer applied is made durable (sled's flush,
+//! then `fdatasync` of the data file and fsyncs of new blob files), and only then are its
+//! callers answered and the durable head that readers see moved. It runs on the writer's
+//! thread, between one round and the next (`writer.rs`).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::*;
-
-/// Applied batches on their way to the disk. The writer pushes; the syncer drains
-/// everything queued, makes it durable with one flush and one fdatasync, then answers.
-/// While the syncer waits on the disk the writer applies the next batches, so the size of
-/// a group commit follows the load by itself.
-#[derive(Default)]
-pub(super) struct SyncQueue {
-    pub(super) state: Mutex<(VecDeque<Ticket>, bool)>,
-    pub(super) ready: Condvar,
-}
-
-impl SyncQueue {
-    pub(super) fn push(&self, ticket: Ticket) {
-        self.state.lock().expect("sync queue").0.push_back(ticket);
-        self.ready.notify_one();
-    }
-
-    pub(super) fn close(&self) {
-        self.state.lock().expect("sync queue").1 = true;
-        self.ready.notify_one();
-    }
-
-    /// Everything queued, waiting for some; `None` once closed and empty.
-    pub(super) fn take(&self) -> Option<Vec<Ticket>> {
-        let mut state = self.state.lock().expect("sync queue");
-        loop {
-            if !state.0.is_empty() {
-                return Some(state.0.drain(..).collect());
-            }
-            if state.1 {
-                return None;
-            }
-            state = self.ready.wait(state).expect("sync queue");
-        }
-    }
-}
 
 pub(super) struct Syncer {
     pub(super) db: sled::Db,
@@ -52,7 +18,6 @@ pub(super) struct Syncer {
     pub(super) blobs_dir: PathBuf,
     /// Blob files already synced (sled names each blob once).
     pub(super) synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
-    pub(super) queue: Arc<SyncQueue>,
     pub(super) inner: std::sync::Weak<Inner>,
     pub(super) poisoned: Arc<AtomicBool>,
     /// Durations of each flush and `fdatasync`.
@@ -60,54 +25,51 @@ pub(super) struct Syncer {
 }
 
 impl Syncer {
-    pub(super) fn run(self) {
-        while let Some(tickets) = self.queue.take() {
-            let end = tickets.last().map_or(0, |t| t.end);
-            if self.poisoned.load(Ordering::Acquire) {
-                tickets
-                    .into_iter()
-                    .flat_map(|t| t.replies)
-                    .for_each(|r| r.fail(|| StoreError::Poisoned));
-                continue;
+    /// Makes a round durable when it wrote anything, then answers its callers: with their
+    /// results once it is durable, with the cause when it cannot be made so. Returns how
+    /// long the flush and `fdatasync` took (`None` when nothing was written, as every
+    /// earlier round is durable already).
+    pub(super) fn settle(&self, ticket: Ticket) -> Option<Duration> {
+        if !ticket.wrote {
+            ticket.replies.into_iter().for_each(Reply::send);
+            return None;
+        }
+        let started = Instant::now();
+        let synced = self.sync();
+        let took = started.elapsed();
+        self.sync_seconds.observe(took.as_secs_f64());
+        match synced {
+            Ok(()) => {
+                if let Some(inner) = self.inner.upgrade() {
+                    inner.syncs.fetch_add(1, Ordering::Relaxed);
+                    inner.durable.store(ticket.end, Ordering::Release);
+                    inner.head_tx.send_replace(ticket.end);
+                }
+                ticket.replies.into_iter().for_each(Reply::send);
             }
-            let started = std::time::Instant::now();
-            let synced = self.sync();
-            self.sync_seconds.observe(started.elapsed().as_secs_f64());
-            match synced {
-                Ok(()) => {
-                    if let Some(inner) = self.inner.upgrade() {
-                        inner.syncs.fetch_add(1, Ordering::Relaxed);
-                        inner.durable.store(end, Ordering::Release);
-                        inner.head_tx.send_replace(end);
+            Err(e) => {
+                self.poisoned.store(true, Ordering::Release);
+                tracing::error!(error = %crate::events::error::chain(&e), "making appends durable failed; refusing appends until restart");
+                // Each caller gets the cause (io::Error is not Clone: same kind and text).
+                let (step, kind, text) = match &e {
+                    StoreError::NotDurable { step, source } => {
+                        (step.clone(), source.kind(), source.to_string())
                     }
-                    tickets
-                        .into_iter()
-                        .flat_map(|t| t.replies)
-                        .for_each(Reply::send);
-                }
-                Err(e) => {
-                    self.poisoned.store(true, Ordering::Release);
-                    tracing::error!(error = %crate::events::error::chain(&e), "making appends durable failed; refusing appends until restart");
-                    // Each caller gets the cause (io::Error is not Clone: same kind and text).
-                    let (step, kind, text) = match &e {
-                        StoreError::NotDurable { step, source } => {
-                            (step.clone(), source.kind(), source.to_string())
-                        }
-                        other => (
-                            "sync".to_string(),
-                            std::io::ErrorKind::Other,
-                            crate::events::error::chain(other),
-                        ),
-                    };
-                    tickets.into_iter().flat_map(|t| t.replies).for_each(|r| {
-                        r.fail(|| StoreError::NotDurable {
-                            step: step.clone(),
-                            source: std::io::Error::new(kind, text.clone()),
-                        })
-                    });
-                }
+                    other => (
+                        "sync".to_string(),
+                        std::io::ErrorKind::Other,
+                        crate::events::error::chain(other),
+                    ),
+                };
+                ticket.replies.into_iter().for_each(|r| {
+                    r.fail(|| StoreError::NotDurable {
+                        step: step.clone(),
+                        source: std::io::Error::new(kind, text.clone()),
+                    })
+                });
             }
         }
+        Some(took)
     }
 
     pub(super) fn sync(&self) -> Result<(), StoreError> {

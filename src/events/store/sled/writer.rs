@@ -1,10 +1,12 @@
-//! The writer thread: takes every queued append and import, decides each (expected
+//! The writer thread, in rounds: it takes the queued appends and imports (waiting a
+//! little for callers it has just answered: `store::gather`), decides each (expected
 //! revision, idempotency, the log's shape), stages the accepted ones in one sled batch
-//! (events in chunks, the stream index) and applies it, then hands the batch to the
-//! syncer with the answers it owes.
+//! (events in chunks, the stream index) and applies it, then makes the round durable and
+//! answers (`syncer.rs`) before it takes the next.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -12,6 +14,7 @@ use uuid::Uuid;
 use super::ids::StreamIds;
 use super::*;
 use crate::events::store::AppendResult;
+use crate::events::store::gather::Gather;
 use crate::events::store::plan::{Index, Plan, Planner};
 
 /// Owns appends. Runs on its own thread because sled and fdatasync block.
@@ -73,10 +76,13 @@ impl Reserve {
     }
 }
 
-/// One applied batch waiting to be made durable, with the answers it owes.
+/// One decided round, with the answers it owes once it is durable.
 pub(super) struct Ticket {
-    /// The log's next position once this batch is in.
+    /// The log's next position once this round is in.
     pub(super) end: u64,
+    /// Whether the round applied anything to sled (else every answer rests on durable
+    /// events already: the rounds before it were settled).
+    pub(super) wrote: bool,
     pub(super) replies: Vec<Reply>,
 }
 
@@ -110,45 +116,27 @@ impl Reply {
 
 impl Writer {
     pub(super) fn run(mut self, rx: mpsc::Receiver<WriterMsg>, syncer: Syncer) {
-        let queue = syncer.queue.clone();
-        let syncer = std::thread::Builder::new()
-            .name("contimg-sync".into())
-            .spawn(move || syncer.run());
-        let syncer = match syncer {
-            Ok(handle) => handle,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the sync thread");
-                self.poisoned.store(true, Ordering::Release);
-                return;
-            }
-        };
+        let mut gather = Gather::START;
         // recv() keeps returning queued messages after every sender is gone, so a close
         // still answers everything that was submitted.
         while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            let mut count = batch[0].len();
-            while count < MAX_COMMIT_EVENTS {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        count += m.len();
-                        batch.push(m);
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.commit_batch(batch, &queue);
+            let batch = take_round(&rx, first, gather);
+            let held = batch.len();
+            let synced = self.commit_batch(batch).and_then(|t| syncer.settle(t));
+            gather = gather.after(held, synced);
         }
-        queue.close();
-        let _ = syncer.join();
     }
 
-    pub(super) fn commit_batch(&mut self, batch: Vec<WriterMsg>, queue: &SyncQueue) {
+    /// Decides and applies a round. Returns what it owes its callers once durable;
+    /// `None` when it has answered them already: the whole round refused, or its batch
+    /// failed to apply.
+    pub(super) fn commit_batch(&mut self, batch: Vec<WriterMsg>) -> Option<Ticket> {
         if self.poisoned.load(Ordering::Acquire) {
             // The disk failed under an earlier batch: what is in sled now is unknown.
             batch
                 .into_iter()
                 .for_each(|m| m.refuse(|| StoreError::Closed));
-            return;
+            return None;
         }
         if let Some((free, reserve)) = self.reserve.short() {
             let dir = &self.reserve.dir;
@@ -159,7 +147,7 @@ impl Writer {
                     reserve,
                 })
             });
-            return;
+            return None;
         }
         let start = self.planner;
         let mut plan = Plan::default();
@@ -190,7 +178,7 @@ impl Writer {
         }
         if !plan.records.is_empty() {
             // Atomic, crash included: events and their index entries land together or
-            // not at all. Durability is the syncer's job.
+            // not at all. Durability is the syncer's step, next.
             let tail = self.tail.take();
             let (batch, tail) = sled_batch(&plan, tail);
             if let Err(e) = self.tree.apply_batch(batch) {
@@ -208,7 +196,7 @@ impl Writer {
                         source: std::io::Error::other(e.clone()),
                     })
                 });
-                return;
+                return None;
             }
             self.tail = tail;
             self.ids.committed(
@@ -219,13 +207,38 @@ impl Writer {
         }
         // Also after a commit that wrote nothing: its lookups may have read streams in.
         self.ids.keep_bound();
-        // Answers wait for the syncer even when nothing was written: a refusal or an
-        // idempotent repeat may rest on events of a batch that is not durable yet.
-        queue.push(Ticket {
+        Some(Ticket {
             end: self.planner.next_position,
+            wrote: !plan.records.is_empty(),
             replies,
-        });
+        })
     }
+}
+
+/// The requests of one round: `first`, everything queued behind it, and those that join
+/// while `gather` says to wait, up to `MAX_COMMIT_EVENTS` events.
+fn take_round(rx: &mpsc::Receiver<WriterMsg>, first: WriterMsg, gather: Gather) -> Vec<WriterMsg> {
+    let started = Instant::now();
+    let mut count = first.len();
+    let mut batch = vec![first];
+    while count < MAX_COMMIT_EVENTS {
+        let next = match rx.try_recv() {
+            Ok(m) => m,
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                match gather.wait_for_more(batch.len(), started.elapsed()) {
+                    Some(left) => match rx.recv_timeout(left) {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                    None => break,
+                }
+            }
+        };
+        count += next.len();
+        batch.push(next);
+    }
+    batch
 }
 
 /// The committed part of the `ledger` tree, as the planner asks it.
@@ -298,4 +311,40 @@ fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
         records: records.into_iter().map(Cow::into_owned).collect(),
     });
     (batch, tail)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_round_takes_the_callers_that_come_back_while_it_waits() {
+        let (tx, rx) = mpsc::channel();
+        let msg = || {
+            let (reply, _) = oneshot::channel();
+            WriterMsg::Import(crate::events::store::ImportRequest {
+                records: Vec::new(),
+                reply,
+            })
+        };
+        let sender = std::thread::spawn(move || {
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(5));
+                tx.send(msg()).unwrap();
+            }
+            tx
+        });
+        let waiting = Gather {
+            expect: 4,
+            wait: Duration::from_secs(10),
+        };
+        let round = take_round(&rx, msg(), waiting);
+        assert_eq!(round.len(), 4, "the first and the three that came back");
+        let tx = sender.join().unwrap();
+        tx.send(msg()).unwrap();
+        let round = take_round(&rx, msg(), Gather::START);
+        assert_eq!(round.len(), 2, "what was queued, without waiting for more");
+    }
 }
