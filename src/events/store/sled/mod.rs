@@ -21,7 +21,7 @@
 //! inside one.
 //!
 //! Appends go through one thread, the writer, in rounds. A round takes every queued
-//! request (and waits a little for callers it has just answered: `writer::Gather`),
+//! request (and waits a little for callers it has just answered: `store::gather`),
 //! decides each (expected revision, idempotency), applies the accepted ones in one batch,
 //! makes them durable (sled flush, then `fdatasync` of the data file: `syncer.rs`) and
 //! only then answers. Requests that arrive during a round form the next, so a group commit
@@ -631,15 +631,20 @@ impl SledStore {
             tail: None,
             ids: ids::StreamIds::new(ids::HELD),
         };
-        let syncer = Syncer {
+        let mut syncer = Syncer {
             db,
             data_file,
             blobs_dir: sled_dir.join("blobs"),
-            synced_blobs: Mutex::new(HashSet::new()),
+            synced_blobs: HashSet::new(),
             inner: Arc::downgrade(&inner),
             poisoned,
             sync_seconds,
         };
+        // What sled recovered may be only in the page cache: a process killed after a
+        // batch was applied and before its sync leaves it there. Durable from here on, so
+        // that readers, and a round that answers without writing (an idempotent repeat
+        // of such an event), rest on durable events only.
+        syncer.sync()?;
         let handle = std::thread::Builder::new()
             .name("contimg-writer".into())
             .spawn(move || writer.run(rx, syncer))?;

@@ -6,7 +6,6 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ pub(super) struct Syncer {
     pub(super) data_file: File,
     pub(super) blobs_dir: PathBuf,
     /// Blob files already synced (sled names each blob once).
-    pub(super) synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
+    pub(super) synced_blobs: HashSet<std::ffi::OsString>,
     pub(super) inner: std::sync::Weak<Inner>,
     pub(super) poisoned: Arc<AtomicBool>,
     /// Durations of each flush and `fdatasync`.
@@ -27,9 +26,9 @@ pub(super) struct Syncer {
 impl Syncer {
     /// Makes a round durable when it wrote anything, then answers its callers: with their
     /// results once it is durable, with the cause when it cannot be made so. Returns how
-    /// long the flush and `fdatasync` took (`None` when nothing was written, as every
-    /// earlier round is durable already).
-    pub(super) fn settle(&self, ticket: Ticket) -> Option<Duration> {
+    /// long the flush and `fdatasync` took (`None` when nothing was written: every
+    /// earlier round is durable already, and so is what the store recovered at its open).
+    pub(super) fn settle(&mut self, ticket: Ticket) -> Option<Duration> {
         if !ticket.wrote {
             ticket.replies.into_iter().for_each(Reply::send);
             return None;
@@ -72,7 +71,7 @@ impl Syncer {
         Some(took)
     }
 
-    pub(super) fn sync(&self) -> Result<(), StoreError> {
+    pub(super) fn sync(&mut self) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| StoreError::NotDurable {
             step: "flush".into(),
             source: match e {
@@ -94,15 +93,14 @@ impl Syncer {
     /// leaf) to a file of its own under `blobs/` and never syncs it. Sync the ones that
     /// appeared since the last round, and the folder, so an acknowledged batch cannot
     /// live only in the page cache.
-    pub(super) fn sync_blobs(&self) -> Result<(), StoreError> {
+    pub(super) fn sync_blobs(&mut self) -> Result<(), StoreError> {
         let Ok(entries) = std::fs::read_dir(&self.blobs_dir) else {
             return Ok(()); // no blob written yet
         };
-        let mut synced = self.synced_blobs.lock().expect("blob set");
         let mut any = false;
         for entry in entries.flatten() {
             let name = entry.file_name();
-            if synced.contains(&name) {
+            if self.synced_blobs.contains(&name) {
                 continue;
             }
             if let Ok(f) = File::open(entry.path()) {
@@ -111,7 +109,7 @@ impl Syncer {
                     source,
                 })?;
             }
-            synced.insert(name);
+            self.synced_blobs.insert(name);
             any = true;
         }
         if any {

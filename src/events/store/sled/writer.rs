@@ -80,8 +80,9 @@ impl Reserve {
 pub(super) struct Ticket {
     /// The log's next position once this round is in.
     pub(super) end: u64,
-    /// Whether the round applied anything to sled (else every answer rests on durable
-    /// events already: the rounds before it were settled).
+    /// Whether the round applied anything to sled. Else every answer rests on durable
+    /// events already: the rounds before it were settled, and the store synced what it
+    /// recovered at its open.
     pub(super) wrote: bool,
     pub(super) replies: Vec<Reply>,
 }
@@ -105,76 +106,102 @@ impl Reply {
         }
     }
 
-    /// Turns a success into `err()`: the batch it belongs to never became durable.
+    /// Answers `err()`, whatever was decided: the round never became durable, and a
+    /// refusal in it (a wrong expected revision, say) may rest on an event of the round.
     pub(super) fn fail(self, err: impl Fn() -> StoreError) {
         match self {
-            Reply::Append(tx, r) => drop(tx.send(r.and_then(|_| Err(err())))),
-            Reply::Import(tx, r) => drop(tx.send(r.and_then(|_| Err(err())))),
+            Reply::Append(tx, _) => drop(tx.send(Err(err()))),
+            Reply::Import(tx, _) => drop(tx.send(Err(err()))),
         }
     }
 }
 
 impl Writer {
-    pub(super) fn run(mut self, rx: mpsc::Receiver<WriterMsg>, syncer: Syncer) {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<WriterMsg>, mut syncer: Syncer) {
         let mut gather = Gather::START;
         // recv() keeps returning queued messages after every sender is gone, so a close
         // still answers everything that was submitted.
         while let Ok(first) = rx.recv() {
-            let batch = take_round(&rx, first, gather);
-            let held = batch.len();
-            let synced = self.commit_batch(batch).and_then(|t| syncer.settle(t));
+            let mut round = self.begin_round();
+            // Each request is decided as it is taken, while the round waits for the next.
+            let held = take_round(&rx, first, gather, |m| self.decide(&mut round, m));
+            let synced = self.apply(round).and_then(|t| syncer.settle(t));
             gather = gather.after(held, synced);
         }
     }
 
-    /// Decides and applies a round. Returns what it owes its callers once durable;
-    /// `None` when it has answered them already: the whole round refused, or its batch
-    /// failed to apply.
-    pub(super) fn commit_batch(&mut self, batch: Vec<WriterMsg>) -> Option<Ticket> {
-        if self.poisoned.load(Ordering::Acquire) {
+    /// A round's start: whether it must refuse every request, and the commit time its
+    /// events get.
+    fn begin_round(&mut self) -> Round {
+        let refusal = if self.poisoned.load(Ordering::Acquire) {
             // The disk failed under an earlier batch: what is in sled now is unknown.
-            batch
-                .into_iter()
-                .for_each(|m| m.refuse(|| StoreError::Closed));
-            return None;
+            Some(Refusal::Closed)
+        } else {
+            self.reserve
+                .short()
+                .map(|(free, reserve)| Refusal::NoSpace { free, reserve })
+        };
+        Round {
+            refusal,
+            start: self.planner,
+            plan: Plan::default(),
+            replies: Vec::new(),
+            now: now_micros(),
         }
-        if let Some((free, reserve)) = self.reserve.short() {
-            let dir = &self.reserve.dir;
-            batch.into_iter().for_each(|m| {
-                m.refuse(|| StoreError::NoSpace {
-                    path: dir.clone(),
+    }
+
+    /// Decides one request into the round (or refuses it with the round's refusal).
+    fn decide(&mut self, round: &mut Round, msg: WriterMsg) {
+        if let Some(refusal) = &round.refusal {
+            msg.refuse(|| match *refusal {
+                Refusal::Closed => StoreError::Closed,
+                Refusal::NoSpace { free, reserve } => StoreError::NoSpace {
+                    path: self.reserve.dir.clone(),
                     free,
                     reserve,
-                })
+                },
             });
-            return None;
+            return;
         }
-        let start = self.planner;
-        let mut plan = Plan::default();
-        let mut replies = Vec::with_capacity(batch.len());
         let mut index = SledIndex {
             tree: &self.tree,
             ids: &mut self.ids,
         };
-        let now = now_micros();
-        for msg in batch {
-            match msg {
-                WriterMsg::Append(req) => {
-                    let result = self.planner.append(
-                        &req.stream,
-                        req.expected,
-                        &req.events,
-                        &mut plan,
-                        &mut index,
-                        now,
-                    );
-                    replies.push(Reply::Append(req.reply, result));
-                }
-                WriterMsg::Import(req) => {
-                    let result = self.planner.import(&req.records, &mut plan, &mut index);
-                    replies.push(Reply::Import(req.reply, result));
-                }
+        let reply = match msg {
+            WriterMsg::Append(req) => {
+                let result = self.planner.append(
+                    &req.stream,
+                    req.expected,
+                    &req.events,
+                    &mut round.plan,
+                    &mut index,
+                    round.now,
+                );
+                Reply::Append(req.reply, result)
             }
+            WriterMsg::Import(req) => {
+                let result = self
+                    .planner
+                    .import(&req.records, &mut round.plan, &mut index);
+                Reply::Import(req.reply, result)
+            }
+        };
+        round.replies.push(reply);
+    }
+
+    /// Applies a decided round in one sled batch. Returns what it owes its callers once
+    /// durable; `None` when it has answered them already: the round refused everything,
+    /// or its batch failed to apply.
+    fn apply(&mut self, round: Round) -> Option<Ticket> {
+        let Round {
+            refusal,
+            start,
+            plan,
+            replies,
+            ..
+        } = round;
+        if refusal.is_some() {
+            return None;
         }
         if !plan.records.is_empty() {
             // Atomic, crash included: events and their index entries land together or
@@ -215,30 +242,56 @@ impl Writer {
     }
 }
 
-/// The requests of one round: `first`, everything queued behind it, and those that join
-/// while `gather` says to wait, up to `MAX_COMMIT_EVENTS` events.
-fn take_round(rx: &mpsc::Receiver<WriterMsg>, first: WriterMsg, gather: Gather) -> Vec<WriterMsg> {
+/// A round being decided.
+struct Round {
+    /// Set when the round refuses every request.
+    refusal: Option<Refusal>,
+    /// The planner before the round, restored if its batch fails to apply.
+    start: Planner,
+    plan: Plan,
+    replies: Vec<Reply>,
+    /// The round's commit time.
+    now: i64,
+}
+
+/// Why a round refuses every request.
+enum Refusal {
+    /// A batch failed to apply or to become durable earlier: until a restart.
+    Closed,
+    /// The ledger's file system is under its reserve.
+    NoSpace { free: u64, reserve: u64 },
+}
+
+/// Takes the requests of one round into `take`: `first`, everything queued behind it, and
+/// those that join while `gather` says to wait, up to `MAX_COMMIT_EVENTS` events.
+/// Returns how many it took.
+fn take_round(
+    rx: &mpsc::Receiver<WriterMsg>,
+    first: WriterMsg,
+    gather: Gather,
+    mut take: impl FnMut(WriterMsg),
+) -> usize {
     let started = Instant::now();
     let mut count = first.len();
-    let mut batch = vec![first];
+    let mut held = 1;
+    take(first);
     while count < MAX_COMMIT_EVENTS {
         let next = match rx.try_recv() {
             Ok(m) => m,
             Err(mpsc::TryRecvError::Disconnected) => break,
-            Err(mpsc::TryRecvError::Empty) => {
-                match gather.wait_for_more(batch.len(), started.elapsed()) {
-                    Some(left) => match rx.recv_timeout(left) {
-                        Ok(m) => m,
-                        Err(_) => break,
-                    },
-                    None => break,
-                }
-            }
+            Err(mpsc::TryRecvError::Empty) => match gather.wait_for_more(held, started.elapsed()) {
+                Some(left) => match rx.recv_timeout(left) {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+                None => break,
+            },
         };
         count += next.len();
-        batch.push(next);
+        held += 1;
+        take(next);
     }
-    batch
+    held
 }
 
 /// The committed part of the `ledger` tree, as the planner asks it.
@@ -340,11 +393,57 @@ mod tests {
             expect: 4,
             wait: Duration::from_secs(10),
         };
-        let round = take_round(&rx, msg(), waiting);
-        assert_eq!(round.len(), 4, "the first and the three that came back");
+        let mut round = Vec::new();
+        let held = take_round(&rx, msg(), waiting, |m| round.push(m));
+        assert_eq!(
+            (held, round.len()),
+            (4, 4),
+            "the first and the three that came back"
+        );
         let tx = sender.join().unwrap();
         tx.send(msg()).unwrap();
-        let round = take_round(&rx, msg(), Gather::START);
-        assert_eq!(round.len(), 2, "what was queued, without waiting for more");
+        let mut round = Vec::new();
+        let held = take_round(&rx, msg(), Gather::START, |m| round.push(m));
+        assert_eq!(
+            (held, round.len()),
+            (2, 2),
+            "what was queued, without waiting for more"
+        );
+    }
+
+    #[test]
+    fn a_round_stops_at_the_commit_limit_and_when_its_wait_is_over() {
+        let (tx, rx) = mpsc::channel();
+        let append = |n: usize| {
+            let (reply, _) = oneshot::channel();
+            WriterMsg::Append(crate::events::store::AppendRequest {
+                stream: "scratch-limit".into(),
+                expected: crate::events::ExpectedRevision::Any,
+                events: (0..n)
+                    .map(|_| crate::events::ProposedEvent::new("Noted", 1, b"{}".to_vec()))
+                    .collect(),
+                reply,
+            })
+        };
+        for _ in 0..5 {
+            tx.send(append(1000)).unwrap();
+        }
+        let mut events = 0;
+        let held = take_round(&rx, append(1000), Gather::START, |m| events += m.len());
+        assert!(events >= MAX_COMMIT_EVENTS, "{events} events");
+        assert_eq!((held, events), (5, 5000), "stops once past the limit");
+        assert_eq!(
+            rx.try_iter().count(),
+            1,
+            "the rest waits for the next round"
+        );
+        // Expecting callers that never come: the round goes ahead once its wait is over.
+        let waiting = Gather {
+            expect: 64,
+            wait: Duration::from_millis(20),
+        };
+        let held = take_round(&rx, append(1), waiting, |_| {});
+        assert_eq!(held, 1);
+        drop(tx);
     }
 }
