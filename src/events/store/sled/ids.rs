@@ -212,7 +212,8 @@ mod tests {
 
     /// Ids are read from the stream index and the log (streams spread over several chunks,
     /// among other streams' records), found with their revision and position, and not
-    /// found in another stream; commits join held streams, not others; past the bound, the streams used least recently go, and are read again.
+    /// found in another stream; commits join held streams, not others; past the bound, the
+    /// streams used least recently go, and are read again.
     #[test]
     fn ids_come_from_the_log_and_the_least_recently_used_streams_go() {
         let dir = tempfile::tempdir().unwrap();
