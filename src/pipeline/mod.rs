@@ -2,6 +2,7 @@
 //! staging and publishing.
 
 pub mod casa;
+pub mod dirsync;
 pub mod ingest;
 pub mod mosaic;
 pub mod moves;

@@ -21,13 +21,15 @@
 //! form would let a folder pose as a file whose bytes spell its manifest.)
 
 use std::ffi::{CString, OsStr, OsString};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+use super::dirsync::DirSyncs;
 
 /// The folder of temporary copies, directly under the products root.
 pub const TMP_DIR: &str = ".contimg-tmp";
@@ -310,7 +312,7 @@ impl Dir {
     fn create_file(&self, name: &OsStr) -> std::io::Result<std::fs::File> {
         let fd = self.openat2(
             Path::new(name),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
             0o644,
         )?;
         Ok(std::fs::File::from(fd))
@@ -353,6 +355,12 @@ impl Dir {
         // SAFETY: a valid descriptor.
         check(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(|_| ())
     }
+
+    /// [`Dir::sync`], shared with the other publishes syncing this folder.
+    fn sync_shared(&self, syncs: &DirSyncs) -> std::io::Result<()> {
+        let Id(dev, ino) = file_id(&self.fd)?;
+        syncs.sync((dev, ino), || self.sync())
+    }
 }
 
 /// Device and inode: which file an entry is, whatever its name says later.
@@ -361,6 +369,15 @@ struct Id(u64, u64);
 
 fn st_id(st: &libc::stat) -> Id {
     Id(st.st_dev, st.st_ino)
+}
+
+/// Which file an open descriptor is.
+fn file_id(fd: &impl AsRawFd) -> std::io::Result<Id> {
+    // SAFETY: zeroed plain-old-data, filled by the kernel.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a stat buffer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st_id(&st))
 }
 
 fn st_kind(st: &libc::stat) -> u32 {
@@ -407,6 +424,8 @@ pub struct Walked {
     pub checksum: String,
     pub size: u64,
     tree: Node,
+    /// The copy made, when one was asked for: which file (or folder) it is.
+    copy: Option<Id>,
 }
 
 enum Node {
@@ -437,20 +456,25 @@ fn walk(
             format!("{} does not exist", parent.path.join(name).display()),
         )
     })?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; READ];
     match st_kind(&st) {
         libc::S_IFREG => {
             let mut hasher = blake3::Hasher::new();
             let (mut from, id) = parent.open_file(name)?;
-            let mut out = to.map(|(d, n)| d.create_file(n)).transpose()?;
-            let size = copy_chunks(&mut from, out.as_mut(), &mut hasher, &mut buf, budget)?;
-            if let Some(o) = out {
-                o.sync_all()?;
-            }
+            let (size, copy) = match to {
+                Some((d, n)) => {
+                    let mut out = d.create_file(n)?;
+                    let size = copy_chunks(&mut from, &mut out, &mut hasher, &mut buf, budget)?;
+                    out.sync_all()?;
+                    (size, Some(file_id(&out)?))
+                }
+                None => (hash_chunks(&mut from, &mut hasher, &mut buf, budget)?, None),
+            };
             Ok(Walked {
                 checksum: hasher.finalize().to_hex().to_string(),
                 size,
                 tree: Node::File(id),
+                copy,
             })
         }
         libc::S_IFDIR => {
@@ -465,13 +489,18 @@ fn walk(
                 buf,
             };
             let children = walk_dir(&dir, out.as_ref(), Path::new(""), &mut w, budget, 1)?;
-            if let Some(o) = &out {
-                o.sync()?;
-            }
+            let copy = match &out {
+                Some(o) => {
+                    o.sync()?;
+                    Some(file_id(&o.fd)?)
+                }
+                None => None,
+            };
             Ok(Walked {
                 checksum: format!("{TREE}{}", w.tree.finalize().to_hex()),
                 size: w.size,
                 tree: Node::Dir(st_id(&st), children),
+                copy,
             })
         }
         other => Err(not_regular(&parent.path.join(name), mode_name(other))),
@@ -546,7 +575,10 @@ fn walk_dir(
                 h.tree.update(bytes);
                 h.tree.update(&size.to_le_bytes());
                 let mut to = out.map(|o| o.create_file(&name)).transpose()?;
-                let n = copy_chunks(&mut from, to.as_mut(), &mut h.tree, &mut h.buf, budget)?;
+                let n = match to.as_mut() {
+                    Some(t) => copy_chunks(&mut from, t, &mut h.tree, &mut h.buf, budget)?,
+                    None => hash_chunks(&mut from, &mut h.tree, &mut h.buf, budget)?,
+                };
                 if n != size {
                     return Err(std::io::Error::other(format!(
                         "{} changed size while it was read",
@@ -565,16 +597,24 @@ fn walk_dir(
     Ok(nodes)
 }
 
-fn copy_chunks(
+/// Bytes read into memory at a time when hashing (small enough to stay in the CPU's
+/// cache between the read and the hash).
+const READ: usize = 256 << 10;
+
+/// Hashes what `from` holds from where it stands to its end; the bytes read.
+fn hash_chunks(
     from: &mut std::fs::File,
-    mut to: Option<&mut std::fs::File>,
     hasher: &mut blake3::Hasher,
     buf: &mut [u8],
     budget: &Budget,
 ) -> std::io::Result<u64> {
     let mut n = 0u64;
+    let mut since_check = 0usize;
     loop {
-        budget.check()?;
+        if since_check >= CHUNK {
+            budget.check()?;
+            since_check = 0;
+        }
         let got = match from.read(buf) {
             Ok(0) => return Ok(n),
             Ok(k) => k,
@@ -582,11 +622,75 @@ fn copy_chunks(
             Err(e) => return Err(e),
         };
         hasher.update(&buf[..got]);
-        if let Some(t) = to.as_deref_mut() {
-            t.write_all(&buf[..got])?;
+        n += got as u64;
+        since_check += got;
+    }
+}
+
+/// Copies `from` into `to` (by the kernel where it can), then hashes the copy as it now
+/// reads back from the file system: the checksum compared with the recorded one is the
+/// copy's own, not what was meant to be written. The bytes copied.
+fn copy_chunks(
+    from: &mut std::fs::File,
+    to: &mut std::fs::File,
+    hasher: &mut blake3::Hasher,
+    buf: &mut [u8],
+    budget: &Budget,
+) -> std::io::Result<u64> {
+    let mut n = 0u64;
+    let mut kernel = true;
+    loop {
+        budget.check()?;
+        if kernel {
+            // SAFETY: two open descriptors; null offsets use (and advance) the files' own.
+            let rc = unsafe {
+                libc::copy_file_range(
+                    from.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    to.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    CHUNK,
+                    0,
+                )
+            };
+            if rc > 0 {
+                n += rc as u64;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match (rc, e.raw_os_error()) {
+                (_, Some(libc::EINTR)) if rc < 0 => continue,
+                // The end, or a file system that copies nothing this way (some report 0
+                // for files they cannot copy): read and write from here, which either
+                // confirms the end or copies the rest.
+                (0, _) => kernel = false,
+                (
+                    _,
+                    Some(
+                        libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL | libc::EPERM,
+                    ),
+                ) => kernel = false,
+                _ => return Err(e),
+            }
+            continue;
         }
+        let got = match from.read(&mut buf[..]) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..got])?;
         n += got as u64;
     }
+    to.seek(std::io::SeekFrom::Start(0))?;
+    let hashed = hash_chunks(to, hasher, buf, budget)?;
+    if hashed != n {
+        return Err(std::io::Error::other(format!(
+            "the copy holds {hashed} bytes where {n} were written"
+        )));
+    }
+    Ok(n)
 }
 
 /// Removes exactly the entries `walked` read, those still the same files (device and
@@ -750,14 +854,17 @@ pub struct MoveRequest<'a> {
     /// The checksum recorded at registration; a move without one is refused.
     pub checksum: Option<&'a str>,
     pub budget: Budget<'a>,
+    /// Folder fsyncs shared with the publishes running beside it.
+    pub syncs: &'a DirSyncs,
 }
 
 /// The move: locate the source beneath the stage root; copy it into
-/// `PRODUCTS/.contimg-tmp/<uuid>`, hashing as it reads, and fsync; refuse it if it no
-/// longer matches the recorded checksum; rename into place (never over an existing
-/// file), fsync both folders, verify the published copy, and only then remove the
-/// entries that were copied. An existing destination with the same checksum is success;
-/// another one gets a suffix.
+/// `PRODUCTS/.contimg-tmp/<uuid>` and fsync; read the copy back and refuse it if it does
+/// not have the recorded checksum; rename into place (never over an existing file),
+/// fsync both folders (sharing the fsyncs of publishes in flight beside it), check that
+/// the published name is that verified copy, and only then remove the entries that were
+/// copied. An existing destination with the same checksum is success; another one gets
+/// a suffix.
 pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     let expected = req.checksum.ok_or_else(|| {
         MoveError::fatal(format!(
@@ -826,26 +933,22 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
             return Err(e);
         }
     };
-    dest.sync()
+    dest.sync_shared(req.syncs)
         .map_err(|e| MoveError::io("syncing the products folder", e))?;
-    let _ = tmp.sync();
-    // A copy this move put in place and could not verify goes again; one that was there
-    // before is somebody else's and stays.
-    let drop_ours = || {
-        if ours {
-            let _ = remove_all(&dest, OsStr::new(&final_name));
+    let _ = tmp.sync_shared(req.syncs);
+    // The copy was verified (read back and hashed) before the rename, and the rename
+    // moved that very file: the published name must still be it. One that was there
+    // before was hashed when it was found.
+    if ours {
+        let published = dest
+            .stat(OsStr::new(&final_name))
+            .map_err(|e| MoveError::io("verifying the published copy", e))?;
+        if published.map(|st| st_id(&st)) != copied.copy {
+            return Err(MoveError::retryable(format!(
+                "the published copy of {} was replaced before it could be verified",
+                req.stage_path
+            )));
         }
-    };
-    let written = walk(&dest, OsStr::new(&final_name), None, &req.budget).map_err(|e| {
-        drop_ours();
-        MoveError::io("verifying the published copy", e)
-    })?;
-    if !written.matches(expected) {
-        drop_ours();
-        return Err(MoveError::retryable(format!(
-            "published copy of {} does not match its checksum",
-            req.stage_path
-        )));
     }
     // The copy is verified: the product is published. A staged copy that will not go away
     // is worth a warning, not a failed publish (which would retry against a half-removed
@@ -853,7 +956,7 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     if let Err(e) = remove_walked(&src.parent, &src.name, &copied.tree) {
         tracing::warn!(path = %req.stage_path, error = %e, "published, but the staged copy could not be removed");
     }
-    let _ = src.parent.sync();
+    let _ = src.parent.sync_shared(req.syncs);
     Ok(dest.path.join(final_name))
 }
 
@@ -950,6 +1053,37 @@ mod tests {
             deadline: Instant::now() + std::time::Duration::from_secs(60),
             cancel,
         }
+    }
+
+    /// Where the kernel will not copy (here: from a pipe, `EINVAL`), the copy reads and
+    /// writes, and the checksum is still the copy's own, read back.
+    #[test]
+    fn a_copy_the_kernel_refuses_is_read_and_written_and_hashed_back() {
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let mut fds = [0; 2];
+        // SAFETY: an array of two descriptors for the kernel to fill.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just opened, and each is owned once.
+        let (mut from, mut writer) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        writer.write_all(&data).unwrap(); // fits in the pipe's buffer
+        drop(writer);
+        let mut to = Dir::open_root(d.path())
+            .unwrap()
+            .create_file(OsStr::new("copy"))
+            .unwrap();
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; READ];
+        let cancel = AtomicBool::new(false);
+        let n = copy_chunks(&mut from, &mut to, &mut hasher, &mut buf, &budget(&cancel)).unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(std::fs::read(d.path().join("copy")).unwrap(), data);
+        assert_eq!(hasher.finalize(), blake3::hash(&data));
     }
 
     fn mkfifo(p: &Path) {
@@ -1060,6 +1194,7 @@ mod tests {
             type_dir: "ms",
             checksum: Some(&sum),
             budget: budget(&cancel),
+            syncs: &DirSyncs::default(),
         })
         .unwrap();
         assert_eq!(out, products.join("ms/m.ms"));
@@ -1090,6 +1225,7 @@ mod tests {
             type_dir: "images",
             checksum: Some(&sum),
             budget: budget(&cancel),
+            syncs: &DirSyncs::default(),
         })
         .unwrap_err();
         assert!(

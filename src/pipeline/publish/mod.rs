@@ -184,6 +184,8 @@ struct Inner {
     moves: std::sync::atomic::AtomicU64,
     /// Set at shutdown: a move in progress stops at its next chunk.
     cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// Folder fsyncs the moves in flight share.
+    syncs: super::dirsync::DirSyncs,
     /// The staged paths of registrations between their overlap check and the read model's
     /// folding of their append: registrations run side by side (their appends share group
     /// commits), and each checks the others' claims with the read model.
@@ -438,6 +440,7 @@ impl Publisher {
                 config,
                 moves: std::sync::atomic::AtomicU64::new(0),
                 cancel: Arc::default(),
+                syncs: Default::default(),
                 registering: std::sync::Mutex::default(),
             }),
         })
@@ -715,6 +718,7 @@ impl Publisher {
                     deadline: clock + cfg.timeout,
                     cancel: &inner.cancel,
                 },
+                syncs: &inner.syncs,
             });
             if r.is_ok() {
                 inner
