@@ -149,6 +149,14 @@ fn seed(dir: PathBuf, n: u64) {
     store.close();
 }
 
+/// Writes every dirty page of the machine back before a timed phase: the staged files
+/// just written (and the ceiling's copies) would otherwise be written back by the kernel
+/// during the phase, at a moment that differs from run to run.
+fn settle_disk() {
+    // SAFETY: sync(2) takes no argument and cannot fail.
+    unsafe { libc::sync() };
+}
+
 fn publish_bench(dir: PathBuf, files: usize, size_mib: usize, concurrency: usize) {
     use contimg::api::{AppState, ServerConfig};
     use contimg::pipeline::publish::{Registration, Trigger};
@@ -181,6 +189,7 @@ fn publish_bench(dir: PathBuf, files: usize, size_mib: usize, concurrency: usize
         let bare = dir.join("bare");
         std::fs::create_dir_all(&bare).unwrap();
         write_all("b");
+        settle_disk();
         let began = Instant::now();
         for i in 0..files {
             let from = stage.join(format!("b{i}.fits"));
@@ -194,6 +203,7 @@ fn publish_bench(dir: PathBuf, files: usize, size_mib: usize, concurrency: usize
         // contimg: each product registered, then published, with every fsync and event,
         // `concurrency` products in flight at once (sharing the ledger's group commits).
         write_all("f");
+        settle_disk();
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let began = Instant::now();
         let mut workers = Vec::new();
