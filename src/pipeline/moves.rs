@@ -356,6 +356,43 @@ impl Dir {
         check(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(|_| ())
     }
 
+    /// A new file without a name in this folder (`O_TMPFILE`), gone when closed unless
+    /// linked; `None` where the file system makes no such files.
+    fn create_unnamed(&self) -> std::io::Result<Option<std::fs::File>> {
+        match self.openat2(Path::new("."), libc::O_TMPFILE | libc::O_RDWR, 0o644) {
+            Ok(fd) => Ok(Some(std::fs::File::from(fd))),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives `file` (made by [`Dir::create_unnamed`]) the name `name` here, never over an
+    /// existing entry (`AlreadyExists`).
+    fn link_unnamed(&self, file: &std::fs::File, name: &OsStr) -> std::io::Result<()> {
+        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .expect("no NUL in a number");
+        let to = cstr(name)?;
+        // SAFETY: NUL-terminated paths and a valid dirfd. The first path is this
+        // process's own descriptor, followed to the file it is open on.
+        check(unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                self.fd.as_raw_fd(),
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        })
+        .map(|_| ())
+    }
+
     /// [`Dir::sync`], shared with the other publishes syncing this folder.
     fn sync_shared(&self, syncs: &DirSyncs) -> std::io::Result<()> {
         let Id(dev, ino) = file_id(&self.fd)?;
@@ -461,20 +498,14 @@ fn walk(
         libc::S_IFREG => {
             let mut hasher = blake3::Hasher::new();
             let (mut from, id) = parent.open_file(name)?;
-            let (size, copy) = match to {
-                Some((d, n)) => {
-                    let mut out = d.create_file(n)?;
-                    let size = copy_chunks(&mut from, &mut out, &mut hasher, &mut buf, budget)?;
-                    out.sync_all()?;
-                    (size, Some(file_id(&out)?))
-                }
-                None => (hash_chunks(&mut from, &mut hasher, &mut buf, budget)?, None),
-            };
+            if let Some((d, n)) = to {
+                return copy_file(from, id, &mut d.create_file(n)?, &mut buf, budget);
+            }
             Ok(Walked {
+                size: hash_chunks(&mut from, &mut hasher, &mut buf, budget)?,
                 checksum: hasher.finalize().to_hex().to_string(),
-                size,
                 tree: Node::File(id),
-                copy,
+                copy: None,
             })
         }
         libc::S_IFDIR => {
@@ -595,6 +626,25 @@ fn walk_dir(
         }
     }
     Ok(nodes)
+}
+
+/// Copies the regular file `from` (entry `id`) into `out`, fsynced and hashed back.
+fn copy_file(
+    mut from: std::fs::File,
+    id: Id,
+    out: &mut std::fs::File,
+    buf: &mut [u8],
+    budget: &Budget,
+) -> std::io::Result<Walked> {
+    let mut hasher = blake3::Hasher::new();
+    let size = copy_chunks(&mut from, out, &mut hasher, buf, budget)?;
+    out.sync_all()?;
+    Ok(Walked {
+        checksum: hasher.finalize().to_hex().to_string(),
+        size,
+        tree: Node::File(id),
+        copy: Some(file_id(out)?),
+    })
 }
 
 /// Bytes read into memory at a time when hashing (small enough to stay in the CPU's
@@ -858,13 +908,14 @@ pub struct MoveRequest<'a> {
     pub syncs: &'a DirSyncs,
 }
 
-/// The move: locate the source beneath the stage root; copy it into
-/// `PRODUCTS/.contimg-tmp/<uuid>` and fsync; read the copy back and refuse it if it does
-/// not have the recorded checksum; rename into place (never over an existing file),
-/// fsync both folders (sharing the fsyncs of publishes in flight beside it), check that
-/// the published name is that verified copy, and only then remove the entries that were
-/// copied. An existing destination with the same checksum is success; another one gets
-/// a suffix.
+/// The move: locate the source beneath the stage root; copy it (a file into a new file
+/// without a name in its products folder, `O_TMPFILE`; a folder, or a file where the file
+/// system makes no such files, into `PRODUCTS/.contimg-tmp/<uuid>`) and fsync; read the
+/// copy back and refuse it if it does not have the recorded checksum; link or rename it
+/// into place (never over an existing file), fsync the folders it changed (sharing the
+/// fsyncs of publishes in flight beside it), check that the published name is that
+/// verified copy, and only then remove the entries that were copied. An existing
+/// destination with the same checksum is success; another one gets a suffix.
 pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     let expected = req.checksum.ok_or_else(|| {
         MoveError::fatal(format!(
@@ -874,71 +925,55 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     })?;
     let src = locate(req.stage_root, req.stage_path)
         .map_err(|e| MoveError::io(&format!("staged product {}", req.stage_path), e))?;
-    let name = src.name.to_string_lossy().to_string();
     let products = Dir::open_root(req.products_root)
         .map_err(|e| MoveError::io("opening the products root", e))?;
     let dest = type_folder(&products, req.type_dir)
         .map_err(|e| MoveError::io("opening the products folder", e))?;
-    let tmp = products
-        .make_sub(TMP_DIR)
-        .map_err(|e| MoveError::io("opening the temporary folder", e))?;
-    let tmp_name = OsString::from(uuid::Uuid::new_v4().to_string());
-    let copied = walk(&src.parent, &src.name, Some((&tmp, &tmp_name)), &req.budget);
-    let result = (|| {
-        let copied = copied.map_err(|e| {
-            MoveError::io(
-                &format!(
-                    "copying {} into the products root",
-                    src.parent.path.join(&src.name).display()
-                ),
-                e,
-            )
-        })?;
-        if !copied.matches(expected) {
-            return Err(MoveError::fatal(format!(
-                "staged product {} changed since it was registered (checksum {}, expected {expected})",
-                src.parent.path.join(&src.name).display(),
-                copied.checksum
-            )));
-        }
-        for candidate in candidates(&name) {
-            match tmp.rename_noreplace(&tmp_name, &dest, OsStr::new(&candidate)) {
-                Ok(()) => return Ok((candidate, copied, true)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    // A shutdown or the time limit while looking is not "different": it
-                    // stops the move, rather than placing a second copy under the next name.
-                    let same = match walk(&dest, OsStr::new(&candidate), None, &req.budget) {
-                        Ok(w) => w.matches(expected),
-                        Err(e) if is_stop(&e) => {
-                            return Err(MoveError::io("comparing with an existing product", e));
-                        }
-                        Err(_) => false,
-                    };
-                    if same {
-                        let _ = remove_all(&tmp, &tmp_name);
-                        return Ok((candidate, copied, false));
-                    }
-                }
-                Err(e) => return Err(MoveError::io("renaming into place", e)),
-            }
-        }
-        Err(MoveError::fatal(format!(
-            "100 products named like {name} already exist"
-        )))
-    })();
-    let (final_name, copied, ours) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = remove_all(&tmp, &tmp_name);
-            return Err(e);
-        }
+    let copying = |e| {
+        MoveError::io(
+            &format!(
+                "copying {} into the products root",
+                src.parent.path.join(&src.name).display()
+            ),
+            e,
+        )
     };
-    dest.sync_shared(req.syncs)
-        .map_err(|e| MoveError::io("syncing the products folder", e))?;
-    let _ = tmp.sync_shared(req.syncs);
-    // The copy was verified (read back and hashed) before the rename, and the rename
-    // moved that very file: the published name must still be it. One that was there
-    // before was hashed when it was found.
+    let (final_name, copied, ours) =
+        match copy_unnamed(&src, &dest, &req.budget).map_err(copying)? {
+            Some((file, copied)) => {
+                // Dropped without a link, the copy is gone: nothing to clean.
+                let placed = place(&dest, &src, copied, expected, &req.budget, |candidate| {
+                    dest.link_unnamed(&file, candidate)
+                })?;
+                dest.sync_shared(req.syncs)
+                    .map_err(|e| MoveError::io("syncing the products folder", e))?;
+                placed
+            }
+            None => {
+                let tmp = products
+                    .make_sub(TMP_DIR)
+                    .map_err(|e| MoveError::io("opening the temporary folder", e))?;
+                let tmp_name = OsString::from(uuid::Uuid::new_v4().to_string());
+                let placed = walk(&src.parent, &src.name, Some((&tmp, &tmp_name)), &req.budget)
+                    .map_err(copying)
+                    .and_then(|copied| {
+                        place(&dest, &src, copied, expected, &req.budget, |candidate| {
+                            tmp.rename_noreplace(&tmp_name, &dest, candidate)
+                        })
+                    });
+                if !matches!(placed, Ok((_, _, true))) {
+                    let _ = remove_all(&tmp, &tmp_name);
+                }
+                let placed = placed?;
+                dest.sync_shared(req.syncs)
+                    .map_err(|e| MoveError::io("syncing the products folder", e))?;
+                let _ = tmp.sync_shared(req.syncs);
+                placed
+            }
+        };
+    // The copy was verified (read back and hashed) before it was put in place, and that
+    // very file was linked or renamed: the published name must still be it. One that was
+    // there before was hashed when it was found.
     if ours {
         let published = dest
             .stat(OsStr::new(&final_name))
@@ -958,6 +993,73 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     }
     let _ = src.parent.sync_shared(req.syncs);
     Ok(dest.path.join(final_name))
+}
+
+/// A staged regular file copied into a new file without a name in `dest`, fsynced and
+/// hashed back; `None` when the source is not a regular file, or the file system (or a
+/// missing `/proc`) allows no such copy: the caller then goes through the temporaries'
+/// folder.
+fn copy_unnamed(
+    src: &Located,
+    dest: &Dir,
+    budget: &Budget,
+) -> std::io::Result<Option<(std::fs::File, Walked)>> {
+    static PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+        return Ok(None);
+    }
+    match src.parent.stat(&src.name)? {
+        Some(st) if st_kind(&st) == libc::S_IFREG => {}
+        _ => return Ok(None),
+    }
+    let Some(mut out) = dest.create_unnamed()? else {
+        return Ok(None);
+    };
+    let (from, id) = src.parent.open_file(&src.name)?;
+    let copied = copy_file(from, id, &mut out, &mut vec![0u8; READ], budget)?;
+    Ok(Some((out, copied)))
+}
+
+/// Puts a copy in place once it is found to have the recorded checksum: `put` under the
+/// product's name, or the first of its suffixed names that is free, unless one already
+/// there has the same checksum. The name, the copy, and whether the copy is the one in
+/// place.
+fn place(
+    dest: &Dir,
+    src: &Located,
+    copied: Walked,
+    expected: &str,
+    budget: &Budget,
+    put: impl Fn(&OsStr) -> std::io::Result<()>,
+) -> Result<(String, Walked, bool), MoveError> {
+    if !copied.matches(expected) {
+        return Err(MoveError::fatal(format!(
+            "staged product {} changed since it was registered (checksum {}, expected {expected})",
+            src.parent.path.join(&src.name).display(),
+            copied.checksum
+        )));
+    }
+    let name = src.name.to_string_lossy().to_string();
+    for candidate in candidates(&name) {
+        match put(OsStr::new(&candidate)) {
+            Ok(()) => return Ok((candidate, copied, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // A shutdown or the time limit while looking is not "different": it
+                // stops the move, rather than placing a second copy under the next name.
+                match walk(dest, OsStr::new(&candidate), None, budget) {
+                    Ok(w) if w.matches(expected) => return Ok((candidate, copied, false)),
+                    Err(e) if is_stop(&e) => {
+                        return Err(MoveError::io("comparing with an existing product", e));
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) => return Err(MoveError::io("putting the copy in place", e)),
+        }
+    }
+    Err(MoveError::fatal(format!(
+        "100 products named like {name} already exist"
+    )))
 }
 
 /// What recovery found of a publish a crash cut short.
@@ -1204,6 +1306,55 @@ mod tests {
         assert_eq!(
             std::fs::read_dir(products.join(TMP_DIR)).unwrap().count(),
             0
+        );
+    }
+
+    /// A file goes through a copy without a name in its products folder: nothing is made
+    /// in the temporaries' folder; a different file under its name makes it `name_1`, the
+    /// same file under its name counts as done.
+    #[test]
+    fn a_file_is_linked_into_place_beside_files_of_its_name() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("stage");
+        let products = d.path().join("products");
+        std::fs::create_dir_all(&stage).unwrap();
+        std::fs::create_dir_all(products.join("images")).unwrap();
+        let cancel = AtomicBool::new(false);
+        let syncs = DirSyncs::default();
+        let publish = |bytes: &[u8]| {
+            std::fs::write(stage.join("t.fits"), bytes).unwrap();
+            let sum = checksum_path(&stage.join("t.fits")).unwrap().0;
+            let out = move_product(&MoveRequest {
+                stage_root: &stage,
+                products_root: &products,
+                stage_path: "t.fits",
+                type_dir: "images",
+                checksum: Some(&sum),
+                budget: budget(&cancel),
+                syncs: &syncs,
+            })
+            .unwrap();
+            assert!(!stage.join("t.fits").exists(), "the source is removed");
+            out
+        };
+        assert_eq!(publish(b"first"), products.join("images/t.fits"));
+        assert_eq!(publish(b"second"), products.join("images/t_1.fits"));
+        assert_eq!(publish(b"first"), products.join("images/t.fits"));
+        assert_eq!(
+            std::fs::read(products.join("images/t.fits")).unwrap(),
+            b"first"
+        );
+        assert_eq!(
+            std::fs::read(products.join("images/t_1.fits")).unwrap(),
+            b"second"
+        );
+        assert_eq!(
+            std::fs::read_dir(products.join("images")).unwrap().count(),
+            2
+        );
+        assert!(
+            !products.join(TMP_DIR).exists(),
+            "no named temporary was made"
         );
     }
 
