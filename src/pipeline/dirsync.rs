@@ -14,8 +14,9 @@
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 
-/// Which folder: device and inode (however it was reached).
-pub type FolderId = (u64, u64);
+/// Which folder: device, inode, and the path it was reached by (on file systems such as
+/// overlayfs, device and inode alone may name two folders).
+pub type FolderId = (u64, u64, std::path::PathBuf);
 
 /// One folder's fsyncs, numbered from 1.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -84,10 +85,10 @@ impl DirSyncs {
         fsync: impl FnOnce() -> std::io::Result<()>,
     ) -> std::io::Result<()> {
         let mut folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
-        let need = folders.entry(id).or_default().needed();
+        let need = folders.entry(id.clone()).or_default().needed();
         let mut fsync = Some(fsync);
         loop {
-            let folder = folders.entry(id).or_default();
+            let folder = folders.entry(id.clone()).or_default();
             match step(folder, need) {
                 Step::Done(outcome) => {
                     if !folder.running() && folder.waiting == 0 {
@@ -101,7 +102,7 @@ impl DirSyncs {
                     let run = fsync.take().expect("a caller runs at most one fsync");
                     let outcome = run();
                     folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
-                    let folder = folders.entry(id).or_default();
+                    let folder = folders.entry(id.clone()).or_default();
                     folder.done = n;
                     if let Err(e) = &outcome {
                         folder.failed = Some((n, e.kind(), e.to_string()));
@@ -115,7 +116,7 @@ impl DirSyncs {
                 Step::Wait => {
                     folder.waiting += 1;
                     folders = self.ended.wait(folders).unwrap_or_else(|e| e.into_inner());
-                    folders.entry(id).or_default().waiting -= 1;
+                    folders.entry(id.clone()).or_default().waiting -= 1;
                 }
             }
         }
@@ -214,7 +215,7 @@ mod tests {
                     for _ in 0..20 {
                         let mine = changes.fetch_add(1, Ordering::SeqCst);
                         syncs
-                            .sync((1, 2), || {
+                            .sync((1, 2, "/f".into()), || {
                                 let upto = changes.load(Ordering::SeqCst);
                                 runs.fetch_add(1, Ordering::SeqCst);
                                 std::thread::sleep(Duration::from_millis(1));

@@ -356,47 +356,10 @@ impl Dir {
         check(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(|_| ())
     }
 
-    /// A new file without a name in this folder (`O_TMPFILE`), gone when closed unless
-    /// linked; `None` where the file system makes no such files.
-    fn create_unnamed(&self) -> std::io::Result<Option<std::fs::File>> {
-        match self.openat2(Path::new("."), libc::O_TMPFILE | libc::O_RDWR, 0o644) {
-            Ok(fd) => Ok(Some(std::fs::File::from(fd))),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Gives `file` (made by [`Dir::create_unnamed`]) the name `name` here, never over an
-    /// existing entry (`AlreadyExists`).
-    fn link_unnamed(&self, file: &std::fs::File, name: &OsStr) -> std::io::Result<()> {
-        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .expect("no NUL in a number");
-        let to = cstr(name)?;
-        // SAFETY: NUL-terminated paths and a valid dirfd. The first path is this
-        // process's own descriptor, followed to the file it is open on.
-        check(unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                self.fd.as_raw_fd(),
-                to.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        })
-        .map(|_| ())
-    }
-
     /// [`Dir::sync`], shared with the other publishes syncing this folder.
     fn sync_shared(&self, syncs: &DirSyncs) -> std::io::Result<()> {
         let Id(dev, ino) = file_id(&self.fd)?;
-        syncs.sync((dev, ino), || self.sync())
+        syncs.sync((dev, ino, self.path.clone()), || self.sync())
     }
 }
 
@@ -908,14 +871,13 @@ pub struct MoveRequest<'a> {
     pub syncs: &'a DirSyncs,
 }
 
-/// The move: locate the source beneath the stage root; copy it (a file into a new file
-/// without a name in its products folder, `O_TMPFILE`; a folder, or a file where the file
-/// system makes no such files, into `PRODUCTS/.contimg-tmp/<uuid>`) and fsync; read the
-/// copy back and refuse it if it does not have the recorded checksum; link or rename it
-/// into place (never over an existing file), fsync the folders it changed (sharing the
-/// fsyncs of publishes in flight beside it), check that the published name is that
-/// verified copy, and only then remove the entries that were copied. An existing
-/// destination with the same checksum is success; another one gets a suffix.
+/// The move: locate the source beneath the stage root; copy it into
+/// `PRODUCTS/.contimg-tmp/<uuid>`, read the copy back, and fsync it; refuse it if it does
+/// not have the recorded checksum; rename it into place (never over an existing file),
+/// fsync both folders (sharing the fsyncs of publishes in flight beside it), check that
+/// the published name is that verified copy, and only then remove the entries that were
+/// copied. An existing destination with the same checksum is success; another one gets a
+/// suffix.
 pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     let expected = req.checksum.ok_or_else(|| {
         MoveError::fatal(format!(
@@ -938,41 +900,26 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
             e,
         )
     };
-    let (final_name, copied, ours) =
-        match copy_unnamed(&src, &dest, &req.budget).map_err(copying)? {
-            Some((file, copied)) => {
-                // Dropped without a link, the copy is gone: nothing to clean.
-                let placed = place(&dest, &src, copied, expected, &req.budget, |candidate| {
-                    dest.link_unnamed(&file, candidate)
-                })?;
-                dest.sync_shared(req.syncs)
-                    .map_err(|e| MoveError::io("syncing the products folder", e))?;
-                placed
-            }
-            None => {
-                let tmp = products
-                    .make_sub(TMP_DIR)
-                    .map_err(|e| MoveError::io("opening the temporary folder", e))?;
-                let tmp_name = OsString::from(uuid::Uuid::new_v4().to_string());
-                let placed = walk(&src.parent, &src.name, Some((&tmp, &tmp_name)), &req.budget)
-                    .map_err(copying)
-                    .and_then(|copied| {
-                        place(&dest, &src, copied, expected, &req.budget, |candidate| {
-                            tmp.rename_noreplace(&tmp_name, &dest, candidate)
-                        })
-                    });
-                if !matches!(placed, Ok((_, _, true))) {
-                    let _ = remove_all(&tmp, &tmp_name);
-                }
-                let placed = placed?;
-                dest.sync_shared(req.syncs)
-                    .map_err(|e| MoveError::io("syncing the products folder", e))?;
-                let _ = tmp.sync_shared(req.syncs);
-                placed
-            }
-        };
+    let tmp = products
+        .make_sub(TMP_DIR)
+        .map_err(|e| MoveError::io("opening the temporary folder", e))?;
+    let tmp_name = OsString::from(uuid::Uuid::new_v4().to_string());
+    let placed = walk(&src.parent, &src.name, Some((&tmp, &tmp_name)), &req.budget)
+        .map_err(copying)
+        .and_then(|copied| {
+            place(&dest, &src, copied, expected, &req.budget, |candidate| {
+                tmp.rename_noreplace(&tmp_name, &dest, candidate)
+            })
+        });
+    if !matches!(placed, Ok((_, _, true))) {
+        let _ = remove_all(&tmp, &tmp_name);
+    }
+    let (final_name, copied, ours) = placed?;
+    dest.sync_shared(req.syncs)
+        .map_err(|e| MoveError::io("syncing the products folder", e))?;
+    let _ = tmp.sync_shared(req.syncs);
     // The copy was verified (read back and hashed) before it was put in place, and that
-    // very file was linked or renamed: the published name must still be it. One that was
+    // very file was renamed: the published name must still be it. One that was
     // there before was hashed when it was found.
     if ours {
         let published = dest
@@ -993,31 +940,6 @@ pub fn move_product(req: &MoveRequest) -> Result<PathBuf, MoveError> {
     }
     let _ = src.parent.sync_shared(req.syncs);
     Ok(dest.path.join(final_name))
-}
-
-/// A staged regular file copied into a new file without a name in `dest`, fsynced and
-/// hashed back; `None` when the source is not a regular file, or the file system (or a
-/// missing `/proc`) allows no such copy: the caller then goes through the temporaries'
-/// folder.
-fn copy_unnamed(
-    src: &Located,
-    dest: &Dir,
-    budget: &Budget,
-) -> std::io::Result<Option<(std::fs::File, Walked)>> {
-    static PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
-        return Ok(None);
-    }
-    match src.parent.stat(&src.name)? {
-        Some(st) if st_kind(&st) == libc::S_IFREG => {}
-        _ => return Ok(None),
-    }
-    let Some(mut out) = dest.create_unnamed()? else {
-        return Ok(None);
-    };
-    let (from, id) = src.parent.open_file(&src.name)?;
-    let copied = copy_file(from, id, &mut out, &mut vec![0u8; READ], budget)?;
-    Ok(Some((out, copied)))
 }
 
 /// Puts a copy in place once it is found to have the recorded checksum: `put` under the
@@ -1309,11 +1231,10 @@ mod tests {
         );
     }
 
-    /// A file goes through a copy without a name in its products folder: nothing is made
-    /// in the temporaries' folder; a different file under its name makes it `name_1`, the
-    /// same file under its name counts as done.
+    /// A different file under its name makes it `name_1`; the same file under its name
+    /// counts as done; no temporary is left either way.
     #[test]
-    fn a_file_is_linked_into_place_beside_files_of_its_name() {
+    fn a_file_is_put_in_place_beside_files_of_its_name() {
         let d = tempfile::tempdir().unwrap();
         let stage = d.path().join("stage");
         let products = d.path().join("products");
@@ -1352,9 +1273,10 @@ mod tests {
             std::fs::read_dir(products.join("images")).unwrap().count(),
             2
         );
-        assert!(
-            !products.join(TMP_DIR).exists(),
-            "no named temporary was made"
+        assert_eq!(
+            std::fs::read_dir(products.join(TMP_DIR)).unwrap().count(),
+            0,
+            "no temporary left"
         );
     }
 
