@@ -1072,6 +1072,35 @@ pub fn remove_temporaries(products_root: &Path) {
 mod tests {
     use super::*;
 
+    /// `move_product` of `path` (below `stage`) into `products/type_dir`, with a day to do it.
+    fn move_in(
+        stage: &Path,
+        products: &Path,
+        path: &str,
+        type_dir: &str,
+        sum: &str,
+        syncs: &DirSyncs,
+    ) -> Result<PathBuf, MoveError> {
+        let cancel = AtomicBool::new(false);
+        move_product(&MoveRequest {
+            stage_root: stage,
+            products_root: products,
+            stage_path: path,
+            type_dir,
+            checksum: Some(sum),
+            budget: budget(&cancel),
+            syncs,
+        })
+    }
+
+    /// `DIR/stage` and `DIR/products`, with the products folder `images`.
+    fn stage_and_products(dir: &Path) -> (PathBuf, PathBuf) {
+        let (stage, products) = (dir.join("stage"), dir.join("products"));
+        std::fs::create_dir_all(&stage).unwrap();
+        std::fs::create_dir_all(products.join("images")).unwrap();
+        (stage, products)
+    }
+
     fn budget(cancel: &AtomicBool) -> Budget<'_> {
         Budget {
             deadline: Instant::now() + std::time::Duration::from_secs(60),
@@ -1210,17 +1239,7 @@ mod tests {
         std::fs::create_dir_all(&products).unwrap();
         let (sum, size) = checksum_path(&src).unwrap();
         assert_eq!(size, 3 * CHUNK as u64 + 6);
-        let cancel = AtomicBool::new(false);
-        let out = move_product(&MoveRequest {
-            stage_root: &stage,
-            products_root: &products,
-            stage_path: "m.ms",
-            type_dir: "ms",
-            checksum: Some(&sum),
-            budget: budget(&cancel),
-            syncs: &DirSyncs::default(),
-        })
-        .unwrap();
+        let out = move_in(&stage, &products, "m.ms", "ms", &sum, &DirSyncs::default()).unwrap();
         assert_eq!(out, products.join("ms/m.ms"));
         assert_eq!(checksum_path(&out).unwrap().0, sum);
         assert!(out.join("empty").is_dir());
@@ -1236,25 +1255,12 @@ mod tests {
     #[test]
     fn a_file_is_put_in_place_beside_files_of_its_name() {
         let d = tempfile::tempdir().unwrap();
-        let stage = d.path().join("stage");
-        let products = d.path().join("products");
-        std::fs::create_dir_all(&stage).unwrap();
-        std::fs::create_dir_all(products.join("images")).unwrap();
-        let cancel = AtomicBool::new(false);
+        let (stage, products) = stage_and_products(d.path());
         let syncs = DirSyncs::default();
         let publish = |bytes: &[u8]| {
             std::fs::write(stage.join("t.fits"), bytes).unwrap();
             let sum = checksum_path(&stage.join("t.fits")).unwrap().0;
-            let out = move_product(&MoveRequest {
-                stage_root: &stage,
-                products_root: &products,
-                stage_path: "t.fits",
-                type_dir: "images",
-                checksum: Some(&sum),
-                budget: budget(&cancel),
-                syncs: &syncs,
-            })
-            .unwrap();
+            let out = move_in(&stage, &products, "t.fits", "images", &sum, &syncs).unwrap();
             assert!(!stage.join("t.fits").exists(), "the source is removed");
             out
         };
@@ -1290,16 +1296,14 @@ mod tests {
         std::fs::write(stage.join("t.fits"), b"t").unwrap();
         std::os::unix::fs::symlink(products.join(TMP_DIR), products.join("images")).unwrap();
         let sum = checksum_path(&stage.join("t.fits")).unwrap().0;
-        let cancel = AtomicBool::new(false);
-        let e = move_product(&MoveRequest {
-            stage_root: &stage,
-            products_root: &products,
-            stage_path: "t.fits",
-            type_dir: "images",
-            checksum: Some(&sum),
-            budget: budget(&cancel),
-            syncs: &DirSyncs::default(),
-        })
+        let e = move_in(
+            &stage,
+            &products,
+            "t.fits",
+            "images",
+            &sum,
+            &DirSyncs::default(),
+        )
         .unwrap_err();
         assert!(
             !e.retryable && e.message.contains("symbolic link"),
@@ -1312,10 +1316,7 @@ mod tests {
     #[test]
     fn recovery_removes_nothing_it_did_not_verify() {
         let d = tempfile::tempdir().unwrap();
-        let stage = d.path().join("stage");
-        let products = d.path().join("products");
-        std::fs::create_dir_all(&stage).unwrap();
-        std::fs::create_dir_all(products.join("images")).unwrap();
+        let (stage, products) = stage_and_products(d.path());
         std::fs::write(stage.join("keep.fits"), b"another product").unwrap();
         let sum = blake3::hash(b"big").to_hex().to_string();
         std::fs::write(products.join("images/big.fits"), b"big").unwrap();
