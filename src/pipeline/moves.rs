@@ -459,11 +459,11 @@ fn walk(
     let mut buf = vec![0u8; READ];
     match st_kind(&st) {
         libc::S_IFREG => {
-            let mut hasher = blake3::Hasher::new();
             let (mut from, id) = parent.open_file(name)?;
             if let Some((d, n)) = to {
                 return copy_file(from, id, &mut d.create_file(n)?, &mut buf, budget);
             }
+            let mut hasher = blake3::Hasher::new();
             Ok(Walked {
                 size: hash_chunks(&mut from, &mut hasher, &mut buf, budget)?,
                 checksum: hasher.finalize().to_hex().to_string(),
@@ -622,7 +622,8 @@ fn hash_chunks(
     budget: &Budget,
 ) -> std::io::Result<u64> {
     let mut n = 0u64;
-    let mut since_check = 0usize;
+    // Checked before the first read too, then after every `CHUNK` bytes.
+    let mut since_check = CHUNK;
     loop {
         if since_check >= CHUNK {
             budget.check()?;
