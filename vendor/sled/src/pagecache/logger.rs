@@ -635,6 +635,14 @@ pub(crate) fn read_segment_header(
 pub(crate) trait ReadAt {
     fn pread_exact(&self, dst: &mut [u8], at: u64) -> std::io::Result<()>;
 
+    /// `len` bytes from `at` into a new vector, read into its room without
+    /// zeroing it first (contimg's patch; see PATCHED.md).
+    fn pread_exact_vec(&self, len: usize, at: u64) -> std::io::Result<Vec<u8>> {
+        let mut v = vec![0; len];
+        self.pread_exact(&mut v, at)?;
+        Ok(v)
+    }
+
     fn pread_exact_or_eof(
         &self,
         dst: &mut [u8],
@@ -645,6 +653,55 @@ pub(crate) trait ReadAt {
 impl ReadAt for File {
     fn pread_exact(&self, dst: &mut [u8], at: u64) -> std::io::Result<()> {
         pread_exact(self, dst, at)
+    }
+
+    #[cfg(unix)]
+    fn pread_exact_vec(&self, len: usize, at: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::io::AsRawFd;
+        let mut v: Vec<u8> = Vec::with_capacity(len);
+        let mut filled = 0_usize;
+        while filled < len {
+            let offset = libc::off_t::try_from(at + filled as u64).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "read offset out of range",
+                )
+            })?;
+            // SAFETY: the pointer and length lie within the vector's allocated
+            // room past the `filled` bytes already read; pread writes at most
+            // `len - filled` bytes there, and nothing reads them until the length
+            // is set below, once every byte has been written.
+            #[allow(unsafe_code)]
+            let n = unsafe {
+                libc::pread(
+                    self.as_raw_fd(),
+                    v.as_mut_ptr().add(filled).cast(),
+                    len - filled,
+                    offset,
+                )
+            };
+            match n {
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "failed to fill whole buffer",
+                    ))
+                }
+                n if n > 0 => filled += n as usize,
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        // SAFETY: the loop above wrote all `len` bytes.
+        #[allow(unsafe_code)]
+        unsafe {
+            v.set_len(len)
+        };
+        Ok(v)
     }
 
     fn pread_exact_or_eof(
@@ -753,15 +810,13 @@ pub(crate) fn read_message<R: ReadAt>(
     }
 
     // perform crc check on everything that isn't Corrupted
-    let mut buf = vec![0; header_len];
-
-    if header_len > len_after {
+    let buf = if header_len > len_after {
         // we have to read more data from disk
-        file.pread_exact(&mut buf, lid + message_offset as LogOffset)?;
+        file.pread_exact_vec(header_len, lid + message_offset as LogOffset)?
     } else {
         // we already read this data in the initial read
-        buf.copy_from_slice(header_cursor[..header_len].as_ref());
-    }
+        header_cursor[..header_len].to_vec()
+    };
 
     let crc32 = calculate_message_crc32(
         msg_header_buf[..message_offset].as_ref(),
