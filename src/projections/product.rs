@@ -371,24 +371,33 @@ pub enum Checksum {
 
 impl Checksum {
     pub fn new(s: String) -> Checksum {
-        let b = s.as_bytes();
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
+        /// Each byte's value as a lowercase hex digit, or 0xFF: one load a digit.
+        const DIGIT: [u8; 256] = {
+            let mut t = [0xFF; 256];
+            let mut c = 0;
+            while c < 10 {
+                t[b'0' as usize + c] = c as u8;
+                c += 1;
+            }
+            let mut c = 0;
+            while c < 6 {
+                t[b'a' as usize + c] = 10 + c as u8;
+                c += 1;
+            }
+            t
         };
-        if b.len() == 64 {
+        if s.len() == 64
+            && let Ok(pairs) = <&[[u8; 2]; 32]>::try_from(s.as_bytes().as_chunks::<2>().0)
+        {
             let mut out = [0u8; 32];
-            let whole = out.iter_mut().enumerate().all(|(i, o)| {
-                match (digit(b[2 * i]), digit(b[2 * i + 1])) {
-                    (Some(h), Some(l)) => {
-                        *o = h << 4 | l;
-                        true
-                    }
-                    _ => false,
-                }
-            });
-            if whole {
+            let mut bad = 0u8;
+            for (o, [h, l]) in out.iter_mut().zip(pairs) {
+                let (h, l) = (DIGIT[*h as usize], DIGIT[*l as usize]);
+                bad |= h | l;
+                *o = h << 4 | (l & 15);
+            }
+            // Every digit is below 16: no 0xFF met.
+            if bad < 16 {
                 return Checksum::Hex(out);
             }
         }
@@ -771,6 +780,22 @@ mod tests {
             assert!(matches!(c, Checksum::Text(_)), "{other:?}");
             assert_eq!(c.text(), other);
         }
+        // Every digit, and every place a non-digit can stand (the bytes either side of
+        // each digit range among them); 64 bytes of two-byte characters too.
+        let all = "0123456789abcdef".repeat(4);
+        assert!(matches!(Checksum::new(all.clone()), Checksum::Hex(_)));
+        assert_eq!(Checksum::new(all.clone()).text(), all);
+        for i in 0..64 {
+            for c in ['/', ':', '`', 'g', 'A', 'F', '\0'] {
+                let mut t = all.clone().into_bytes();
+                t[i] = c as u8;
+                let t = String::from_utf8(t).unwrap();
+                let k = Checksum::new(t.clone());
+                assert!(matches!(k, Checksum::Text(_)), "{t:?}");
+                assert_eq!(k.text(), t);
+            }
+        }
+        assert!(matches!(Checksum::new("é".repeat(32)), Checksum::Text(_)));
     }
 
     /// Products of one type share its word; a path beside the staged file's name keeps
