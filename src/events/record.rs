@@ -358,12 +358,20 @@ pub fn format_time(t: DateTime<Utc>) -> String {
 
 /// `group-2026-11-30T10:00:00` has category `group`; a name without `-` is its own category.
 pub fn category_of(stream_id: &str) -> &str {
-    stream_id.split_once('-').map_or(stream_id, |(c, _)| c)
+    first_dash(stream_id).map_or(stream_id, |i| &stream_id[..i])
 }
 
 /// `product-img_1` names the entity `img_1`; a name without `-` names none (`""`).
 pub fn entity_of(stream_id: &str) -> &str {
-    stream_id.split_once('-').map_or("", |(_, id)| id)
+    first_dash(stream_id).map_or("", |i| &stream_id[i + 1..])
+}
+
+/// Where the first `-` is. Categories are short words, so a plain loop finds it in a few
+/// steps, where `split_once` set up a vectorised search for each of the millions of
+/// names a fold splits (2 to 5% of its instructions).
+#[inline]
+fn first_dash(name: &str) -> Option<usize> {
+    name.bytes().position(|b| b == b'-')
 }
 
 /// Checks a stream name from a client: not empty, at most 200 characters, not starting
@@ -732,5 +740,12 @@ mod tests {
         assert!(validate_stream_name(&"x".repeat(200)).is_ok());
         assert_eq!(category_of("group-2026-11-30"), "group");
         assert_eq!(category_of("plain"), "plain");
+        assert_eq!(category_of("é-x"), "é");
+        assert_eq!(category_of("-x"), "");
+        assert_eq!(entity_of("product-img_1"), "img_1");
+        assert_eq!(entity_of("group-2026-11-30"), "2026-11-30");
+        assert_eq!(entity_of("plain"), "");
+        assert_eq!(entity_of("x-"), "");
+        assert_eq!(entity_of("é-ü"), "ü");
     }
 }
