@@ -118,10 +118,18 @@ pub struct Target {
     path: Box<str>,
 }
 
+/// Where a path's last `/` is. File names are short, so a plain loop from the end finds it
+/// in a few steps, where `rfind` set up a vectorised search for each of the millions of
+/// paths a fold reads.
+#[inline]
+fn last_slash(path: &str) -> Option<usize> {
+    path.bytes().rposition(|b| b == b'/')
+}
+
 impl Target {
     fn new(path: String) -> Target {
         Target {
-            slash: path.rfind('/'),
+            slash: last_slash(&path),
             path: path.into_boxed_str(),
         }
     }
@@ -338,7 +346,7 @@ pub enum Place {
 impl Place {
     /// The last part of a staged path: what a path `Beside` its folder ends in.
     fn name(stage_path: &str) -> &str {
-        stage_path.rsplit_once('/').map_or(stage_path, |(_, n)| n)
+        last_slash(stage_path).map_or(stage_path, |i| &stage_path[i + 1..])
     }
 
     fn new(target: Target, stage_path: &str) -> Place {
