@@ -834,6 +834,8 @@ mod tests {
             ("/stage/dir/", "/p/images/", false),
             ("a.fits", "/p/a.fits", true),
             ("/stage/a.fits", "/p/images/a.fits/", false),
+            ("/stage/é/ü.fits", "/p/ï/ü.fits", true),
+            ("ü.fits", "/p/ü.fits/x", false),
         ];
         for (stage, dest, beside) in cases {
             let mut s = ProductState::start(registered(stage), 1, 0).unwrap();
