@@ -374,7 +374,7 @@ pub fn entity_of(stream_id: &str) -> &str {
 
 /// Where the first `-` is. Categories are short words, so a plain loop finds it in a few
 /// steps, where `split_once` set up a vectorised search for each of the millions of
-/// names a fold splits (2 to 5% of its instructions).
+/// names a fold splits (4% of the fold's instructions, `docs/benchmarks.md`).
 #[inline]
 fn first_dash(name: &str) -> Option<usize> {
     name.bytes().position(|b| b == b'-')

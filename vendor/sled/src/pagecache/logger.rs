@@ -663,12 +663,15 @@ impl ReadAt for File {
         let mut v: Vec<u8> = Vec::with_capacity(len);
         let mut filled = 0_usize;
         while filled < len {
-            let offset = libc::off_t::try_from(at + filled as u64).map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "read offset out of range",
-                )
-            })?;
+            let offset = at
+                .checked_add(filled as u64)
+                .and_then(|o| libc::off_t::try_from(o).ok())
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "read offset out of range",
+                    )
+                })?;
             // SAFETY: the pointer and length lie within the vector's allocated
             // room past the `filled` bytes already read; pread writes at most
             // `len - filled` bytes there, and nothing reads them until the length
