@@ -5,20 +5,24 @@
 #
 #   tools/bench_fold_instructions.sh SEEDED_LEDGER
 #
-# Run from the repository's root. SEEDED_LEDGER is a folder written by
-# `examples/seed_products --data-dir DIR --products N` (100,000 products, 330,000 events,
-# take about 30 s here). `contimg audit --json status` runs under callgrind, counting only
-# inside the fold's three parts: the reader walking the log (`LogIter::next` of the sled
-# store), the two decoders (`decode_raw`) and the fold itself (`fold_as_of`); opening the
-# ledger and sled's own threads are not counted. Each of the four threads' count is
-# printed, then the total, each divided by the ledger's events. A run that does not count
-# exactly those four threads (a function renamed or inlined away) stops with an error
-# rather than print a smaller total. CONTIMG_BIN names the binary (default
-# target/release/contimg).
+# Run from the repository's root, after
+#   cargo build --release --bin contimg --example seed_products
+#   target/release/examples/seed_products --data-dir /tmp/f100k --products 100000
+# SEEDED_LEDGER is such a folder (100,000 products, 330,000 events: about 30 s a count
+# here). Needs valgrind (`apt-get install valgrind`) and python3.
+#
+# `contimg audit --json status` runs under callgrind, counting only inside the fold's
+# four threads: the reader walking the log (`LogIter::next` of the sled store), the two
+# decoders (`decode_raw`) and the fold itself (`fold_as_of`); opening the ledger and
+# sled's own threads are not counted. Each thread's count is printed divided by all the
+# ledger's events (so the two decoders' figures add up to what decoding costs an event),
+# then the total. A run that does not count exactly those four threads (a function
+# renamed or inlined away) stops with an error rather than print a smaller total.
+# CONTIMG_BIN names the binary (default target/release/contimg).
 set -euo pipefail
 ledger=${1:?usage: tools/bench_fold_instructions.sh SEEDED_LEDGER}
 bin=${CONTIMG_BIN:-target/release/contimg}
-for tool in valgrind callgrind_annotate python3; do
+for tool in valgrind python3; do
   command -v "$tool" >/dev/null || { echo "$tool is not installed" >&2; exit 2; }
 done
 [ -x "$bin" ] || { echo "no binary at $bin (build it, or set CONTIMG_BIN)" >&2; exit 2; }

@@ -378,6 +378,7 @@ pub enum Checksum {
 }
 
 impl Checksum {
+    /// A bare 64-digit lowercase hex digest as its 32 bytes; any other text kept as it is.
     pub fn new(s: String) -> Checksum {
         /// Each byte's value as a lowercase hex digit, or 0xFF: one load a digit.
         const DIGIT: [u8; 256] = {
