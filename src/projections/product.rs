@@ -395,9 +395,9 @@ impl Checksum {
             }
             t
         };
-        if s.len() == 64
-            && let Ok(pairs) = <&[[u8; 2]; 32]>::try_from(s.as_bytes().as_chunks::<2>().0)
-        {
+        if s.len() == 64 {
+            // 32 pairs of digits, nothing left over.
+            let (pairs, _) = s.as_bytes().as_chunks::<2>();
             let mut out = [0u8; 32];
             let mut bad = 0u8;
             for (o, [h, l]) in out.iter_mut().zip(pairs) {
