@@ -6,6 +6,7 @@
 
 pub mod catalogue;
 pub mod error;
+pub mod flat_json;
 pub mod jsonl;
 pub mod ledger;
 pub mod record;
