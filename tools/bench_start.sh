@@ -9,7 +9,10 @@
 #      first answers, RSS then and 15 s later (the background folds done);
 #   2. stops it (SIGTERM; the server saves its snapshot) and starts it again: seconds to
 #      ready with the snapshot, RSS then and 15 s later.
-# An empty server's RSS is printed first, the baseline for bytes per product. SERVE_ARGS
+# An empty server's RSS is printed first, the baseline for bytes per product. RSS is
+# printed in MiB (VmRSS / 1024); bytes a product are worked out here from KiB, over the
+# products the server counts (staging + publishing + published in
+# /api/monitoring/publish/status), so no one divides MiB by a million by hand. SERVE_ARGS
 # adds options to `serve` (e.g. `--mode api`); CONTIMG_BIN names the binary.
 set -euo pipefail
 seeded=${1:?usage: tools/bench_start.sh SEEDED_LEDGER [RUNS] [PORT]}
@@ -25,6 +28,20 @@ cleanup() {
 trap cleanup EXIT
 
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# Products the running server counts.
+products() {
+  curl -fsS "http://127.0.0.1:$port/api/monitoring/publish/status" | python3 -c "
+import json, sys
+s = json.load(sys.stdin)
+print(s['total_staging'] + s['total_publishing'] + s['total_published'])"
+}
+
+# Bytes a product: (RSS in KiB - the empty server's) * 1024 / products.
+per_product() {
+  if [ "$2" -gt 0 ]; then echo $((($1 - empty_kib) * 1024 / $2)); else echo "n/a"; fi
+}
 
 # Starts the server on $1; sets pid and writes seconds to the first answer to $work/t.
 start() {
@@ -50,7 +67,8 @@ stop() {
 mkdir "$work/empty"
 start "$work/empty"
 sleep 2
-echo "empty server: RSS $(rss_mb "$pid") MB"
+empty_kib=$(rss_kib "$pid")
+echo "empty server: RSS $(rss_mb "$pid") MiB"
 stop
 
 for r in $(seq 1 "$runs"); do
@@ -60,15 +78,19 @@ for r in $(seq 1 "$runs"); do
   start "$work/ledger"
   t=$(cat "$work/t")
   ready=$(rss_mb "$pid")
+  n=$(products)
   sleep 15
   settled=$(rss_mb "$pid")
+  b=$(per_product "$(rss_kib "$pid")" "$n")
   stop
   start "$work/ledger"
   t2=$(cat "$work/t")
   ready2=$(rss_mb "$pid")
   sleep 15
   settled2=$(rss_mb "$pid")
+  b2=$(per_product "$(rss_kib "$pid")" "$n")
   stop
-  echo "run $r: without snapshot ready in ${t} s, RSS ${ready} MB at ready, ${settled} MB 15 s later;" \
-    "with the snapshot ready in ${t2} s, RSS ${ready2} MB at ready, ${settled2} MB 15 s later"
+  echo "run $r ($n products): without snapshot ready in ${t} s, RSS ${ready} MiB at ready," \
+    "${settled} MiB 15 s later ($b bytes a product); with the snapshot ready in ${t2} s," \
+    "RSS ${ready2} MiB at ready, ${settled2} MiB 15 s later ($b2 bytes a product)"
 done
