@@ -79,6 +79,9 @@ macro_rules! domain_event {
             const CATEGORY: &'static str = $category;
         }
     };
+    // A type with a plain reader: the reader restates the fields' names, kinds and serde
+    // defaults, so a change to the struct's fields or attributes is made there too, and
+    // in the field table of the test that holds it to serde_json (the tests below).
     ($ty:ident, $name:literal, $version:literal, $category:literal, plain: $read:expr) => {
         impl DomainEvent for $ty {
             const TYPE: &'static str = $name;
@@ -557,7 +560,8 @@ pub fn command_only(stream: &str, event_type: &str) -> bool {
             .any(|e| e.name == event_type && COMMAND_ONLY_CATEGORIES.contains(&e.category))
 }
 
-/// A payload as its type: checked to be UTF-8 once, whole, then parsed as text. Parsed
+/// A payload as its type: checked to be UTF-8 once, whole, then read in place if it is
+/// plain ([`DomainEvent::read_plain`]), else parsed as text by serde_json. Parsed
 /// from bytes, serde_json checks each string and key on its own, in many short calls (with
 /// its string parsing, 11.6% of a 10 M-event audit's samples; 5.3% since), and not at all
 /// in a field it ignores. The append's check and the folds both read payloads here, so
@@ -734,12 +738,13 @@ mod tests {
     }
 
     /// One payload text for a type with `fields` (name, kind, required), and whether it is
-    /// written the plain way (every field of the right kind in its order, strings without
+    /// written the plain way (every required field there and of its kind, strings without
     /// escapes, nothing added, cut or changed), which the plain reader must then read.
     fn payload(rng: &mut rand::rngs::StdRng, fields: &[(&str, Kind, bool)]) -> (Vec<u8>, bool) {
         use rand::Rng;
         use rand::seq::SliceRandom;
-        const ODD: [&str; 24] = [
+        type R = rand::rngs::StdRng;
+        const ODD: &[&str] = &[
             "-1",
             "-0",
             "01",
@@ -747,11 +752,16 @@ mod tests {
             "1e3",
             "2E1",
             "0.5",
+            "10}",
             "tru",
+            "truex",
             "nul",
+            "nullx",
             "[]",
             "[1]",
+            "[\"a\"]",
             "{\"k\":\"v\"}",
+            "{\"k\":1}",
             "true",
             "false",
             "null",
@@ -761,21 +771,34 @@ mod tests {
             "18446744073709551616",
             "\"x\"",
             "\"a\\u0062\"",
+            "\"\\u00e9\"",
+            "\"\u{1F}\"",
             "\"\"",
             "{",
             "\"open",
         ];
-        const CHARS: [char; 10] = [
+        // The first four need no escape; the rest either side of the bytes a string must
+        // escape, and characters whose UTF-8 bytes lie near those.
+        const CHARS: &[char] = &[
             'a',
             '/',
-            'é',
+            '\u{E9}',
             '\u{1F4E1}',
             '"',
             '\\',
             '\n',
             '\u{1}',
+            '\u{1F}',
             ' ',
+            '!',
+            '#',
+            '[',
+            ']',
             '\u{7F}',
+            '\u{A2}',
+            '\u{DC}',
+            '\u{2028}',
+            '\u{10FFFF}',
         ];
         let edges = [
             0u64,
@@ -787,24 +810,26 @@ mod tests {
             u64::MAX,
         ];
         let mut plain = true;
-        let ws = |rng: &mut rand::rngs::StdRng| {
+        // JSON's whitespace, and rarely a character JSON does not take as whitespace.
+        let ws = |rng: &mut R, plain: &mut bool| {
+            if rng.gen_bool(0.01) {
+                *plain = false;
+                return *["\u{C}", "\u{B}", "\u{A0}", "\u{FEFF}"]
+                    .choose(rng)
+                    .unwrap();
+            }
             *["", "", "", " ", "\n", "\t", "\r\n  "].choose(rng).unwrap()
         };
-        let mut entries: Vec<(String, String)> = Vec::new();
-        for &(name, kind, required) in fields {
-            if rng.gen_bool(if required { 0.05 } else { 0.3 }) {
-                plain &= !required;
-                continue;
-            }
-            let string = |rng: &mut rand::rngs::StdRng, plain: &mut bool| {
-                let n = rng.gen_range(0..40);
-                // Most strings need no escape; some may.
-                let pool = if rng.gen_bool(0.8) { 4 } else { CHARS.len() };
-                let s: String = (0..n).map(|_| CHARS[rng.gen_range(0..pool)]).collect();
-                *plain &= !s.contains(['"', '\\', '\n', '\u{1}']);
-                serde_json::to_string(&s).unwrap()
-            };
-            let int = |rng: &mut rand::rngs::StdRng, max: u64, plain: &mut bool| {
+        let string = |rng: &mut R, plain: &mut bool| {
+            let n = rng.gen_range(0..40);
+            // Most strings need no escape; some may.
+            let pool = if rng.gen_bool(0.8) { 4 } else { CHARS.len() };
+            let s: String = (0..n).map(|_| CHARS[rng.gen_range(0..pool)]).collect();
+            *plain &= !s.contains(|c: char| c == '"' || c == '\\' || c < ' ');
+            serde_json::to_string(&s).unwrap()
+        };
+        let value = |rng: &mut R, kind: Kind, plain: &mut bool| -> String {
+            let int = |rng: &mut R, max: u64, plain: &mut bool| {
                 let n = if rng.gen_bool(0.5) {
                     edges[rng.gen_range(0..edges.len())]
                 } else {
@@ -813,54 +838,96 @@ mod tests {
                 *plain &= n <= max;
                 n.to_string()
             };
-            let value = if rng.gen_bool(0.04) {
-                plain = false;
-                ODD[rng.gen_range(0..ODD.len())].to_string()
-            } else {
-                match kind {
-                    Kind::Str => string(rng, &mut plain),
-                    Kind::OptStr if rng.gen_bool(0.3) => "null".into(),
-                    Kind::OptStr => string(rng, &mut plain),
-                    Kind::U32 => int(rng, u64::from(u32::MAX), &mut plain),
-                    Kind::OptU64 if rng.gen_bool(0.3) => "null".into(),
-                    Kind::U64 | Kind::OptU64 => int(rng, u64::MAX, &mut plain),
-                    Kind::Bool => rng.gen_bool(0.5).to_string(),
-                    Kind::Map => {
-                        let m = *["{}", "{ }", "{\"k\":\"v\"}"].choose(rng).unwrap();
-                        plain &= m != "{\"k\":\"v\"}";
-                        m.to_string()
-                    }
+            if rng.gen_bool(0.04) {
+                *plain = false;
+                return ODD[rng.gen_range(0..ODD.len())].to_string();
+            }
+            match kind {
+                Kind::Str => string(rng, plain),
+                Kind::OptStr if rng.gen_bool(0.3) => "null".into(),
+                Kind::OptStr => string(rng, plain),
+                Kind::U32 => int(rng, u64::from(u32::MAX), plain),
+                Kind::OptU64 if rng.gen_bool(0.3) => "null".into(),
+                Kind::U64 | Kind::OptU64 => int(rng, u64::MAX, plain),
+                Kind::Bool => rng.gen_bool(0.5).to_string(),
+                Kind::Map => {
+                    let m = *["{}", "{ }", "{\"k\":\"v\"}"].choose(rng).unwrap();
+                    *plain &= m != "{\"k\":\"v\"}";
+                    m.to_string()
                 }
-            };
-            entries.push((name.to_string(), value));
+            }
+        };
+        let mut entries: Vec<(String, String)> = Vec::new();
+        for &(name, kind, required) in fields {
+            if rng.gen_bool(if required { 0.05 } else { 0.3 }) {
+                plain &= !required;
+                continue;
+            }
+            let v = value(rng, kind, &mut plain);
+            entries.push((name.to_string(), v));
         }
         if rng.gen_bool(0.1) {
+            // A key added: another of the type's (repeated), or one near a name.
             plain = false;
-            let (name, ..) = fields[rng.gen_range(0..fields.len())];
-            let name = if rng.gen_bool(0.5) { "unknown" } else { name };
+            let (name, kind, _) = fields[rng.gen_range(0..fields.len())];
+            let mut first = name.chars();
+            let c = first.next().unwrap();
+            let key = match rng.gen_range(0..7) {
+                0 => name.to_string(),
+                1 => name[..name.len() - 1].to_string(),
+                2 => format!("{name}x"),
+                3 => String::new(),
+                4 => name.to_uppercase(),
+                5 => format!("\\u{:04x}{}", c as u32, first.as_str()),
+                _ => "unknown".to_string(),
+            };
+            let v = value(rng, kind, &mut plain);
             let at = rng.gen_range(0..=entries.len());
-            entries.insert(at, (name.to_string(), "null".to_string()));
+            entries.insert(at, (key, v));
         }
         if rng.gen_bool(0.2) {
             // Out of order: still read here, by name.
             entries.shuffle(rng);
         }
-        let mut text = format!("{}{{{}", ws(rng), ws(rng));
+        let mut text = ws(rng, &mut plain).to_string();
+        // serde also reads a struct from an array of its fields; the plain reader does not.
+        let (open, close) = if rng.gen_bool(0.03) {
+            plain = false;
+            ("[", "]")
+        } else {
+            ("{", "}")
+        };
+        text += open;
         for (i, (k, v)) in entries.iter().enumerate() {
             if i > 0 {
-                text += &format!("{},{}", ws(rng), ws(rng));
+                text += ws(rng, &mut plain);
+                text += ",";
             }
-            text += &format!("\"{k}\"{}:{}{v}", ws(rng), ws(rng));
+            text += ws(rng, &mut plain);
+            if open == "[" {
+                text += v;
+                continue;
+            }
+            text += &format!("\"{k}\"");
+            text += ws(rng, &mut plain);
+            text += ":";
+            text += ws(rng, &mut plain);
+            text += v;
         }
-        text += &format!("{}}}{}", ws(rng), ws(rng));
+        text += ws(rng, &mut plain);
+        text += close;
+        text += ws(rng, &mut plain);
         let mut bytes = text.into_bytes();
         if rng.gen_bool(0.2) {
             plain = false;
-            let at = rng.gen_range(0..bytes.len());
-            match rng.gen_range(0..3) {
-                0 => bytes.truncate(at),
-                1 => bytes.insert(at, *b",}\"\\x 0{\xC3".choose(rng).unwrap()),
-                _ => bytes[at] = rng.r#gen(),
+            for _ in 0..rng.gen_range(1..=3) {
+                let at = rng.gen_range(0..=bytes.len());
+                match rng.gen_range(0..3) {
+                    0 => bytes.truncate(at),
+                    1 => bytes.insert(at, *b",}\"\\x 0{[\xC3\x1F".choose(rng).unwrap()),
+                    _ if at < bytes.len() => bytes[at] = rng.r#gen(),
+                    _ => bytes.push(rng.r#gen()),
+                }
             }
         }
         (bytes, plain)
@@ -876,7 +943,11 @@ mod tests {
         let (mut answered, mut read) = (0, 0);
         for _ in 0..4000 {
             let (bytes, plain) = payload(rng, fields);
-            let by_serde = serde_json::from_slice::<T>(&bytes);
+            // serde_json as `decode_payload` calls it: from bytes, serde_json would not
+            // check the UTF-8 of strings in keys it ignores.
+            let by_serde = std::str::from_utf8(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str::<T>(t).map_err(|e| e.to_string()));
             let by_hand = std::str::from_utf8(&bytes).ok().and_then(T::read_plain);
             let shown = String::from_utf8_lossy(&bytes);
             if let Some(v) = &by_hand {
@@ -961,9 +1032,10 @@ mod tests {
         ];
         eprintln!("answered in place, read by serde_json, of 4000 each: {counts:?}");
         for (answered, read) in counts {
-            // Both paths are exercised: most payloads read, and some left to serde_json.
+            // Every path is taken: payloads read in place, some left to serde_json, some
+            // refused by it.
             assert!(
-                answered >= 400 && read > answered && read < 4000,
+                answered >= 200 && read > answered && read < 4000,
                 "{counts:?}"
             );
         }

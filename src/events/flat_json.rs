@@ -2,7 +2,8 @@
 //! known keys, each at most once, whose values are plain strings (no escapes), unsigned
 //! integers, `true`, `false`, `null` or `{}`. Anything else (an escape, a key not asked
 //! for, a repeated key, a nested value, a sign, a fraction, an exponent, trailing text)
-//! makes [`read_object`] answer `None`, and the caller reads the payload with serde_json,
+//! makes [`read_object`] or a field's helper answer `None`, and the caller reads the
+//! payload with serde_json,
 //! which then accepts or refuses it as it always has. So this reader never refuses a
 //! payload and never reads one differently: where it answers, serde_json would give the
 //! same values (the tests hold it to that with serde_json as the oracle).
@@ -25,13 +26,23 @@ pub enum Value<'a> {
 
 /// The values of `text`'s keys, in the order of `names` (`None` for a key it lacks), when
 /// `text` is a plain object (module docs) with no key outside `names`; `None` otherwise.
+/// Whether each value is of its field's type is the caller's to check (the helpers
+/// below). `names` must be distinct, and none may hold `"`, `\` or a control character
+/// (field names are plain words), since a key is first compared to a name as bytes.
 pub fn read_object<'a, const N: usize>(
     text: &'a str,
     names: &[&str; N],
 ) -> Option<[Option<Value<'a>>; N]> {
+    debug_assert!(
+        names
+            .iter()
+            .all(|n| n.bytes().all(|c| c > 0x1F && c != b'"' && c != b'\\')),
+        "field names are plain: {names:?}"
+    );
     let b = text.as_bytes();
     let mut out = [None; N];
-    let mut seen = 0;
+    // The index in `names` of the key read last, plus one.
+    let mut expected = 0;
     let mut i = skip_ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -46,8 +57,8 @@ pub fn read_object<'a, const N: usize>(
             }
             // Written payloads have their keys in the order of `names`: the key expected
             // next is tried first, as bytes (a name has no byte a string must escape).
-            let (k, next) = match names.get(seen) {
-                Some(name) if is_key(b, i + 1, name) => (seen, i + 2 + name.len()),
+            let (k, next) = match names.get(expected) {
+                Some(name) if is_key(b, i + 1, name) => (expected, i + 2 + name.len()),
                 _ => {
                     let (key, next) = string(text, i + 1)?;
                     (names.iter().position(|n| *n == key)?, next)
@@ -56,7 +67,7 @@ pub fn read_object<'a, const N: usize>(
             if out[k].is_some() {
                 return None;
             }
-            seen += 1;
+            expected = k + 1;
             i = skip_ws(b, next);
             if b.get(i) != Some(&b':') {
                 return None;
@@ -93,7 +104,10 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The value starting at `i`, and the index after it.
+/// The value starting at `i`, and the index after it. It reads only as far as the value's
+/// first token: it answers for `truex`, `nullx` and the `0` of `01` or `0.5`, which
+/// [`read_object`] then refuses, as only whitespace, `,` or `}` may follow a value. Not for
+/// use where that is not checked.
 fn value(text: &str, i: usize) -> Option<(Value<'_>, usize)> {
     let b = text.as_bytes();
     let rest = &b[i.min(b.len())..];
@@ -106,9 +120,8 @@ fn value(text: &str, i: usize) -> Option<(Value<'_>, usize)> {
             let close = skip_ws(b, i + 1);
             (b.get(close) == Some(&b'}')).then_some((Value::EmptyObject, close + 1))
         }
-        // A run of digits without a leading zero; what follows must end the value (the
-        // caller refuses anything but whitespace, `,` or `}`), so `01`, `1.5` and `1e3`
-        // are refused there.
+        // A run of digits without a leading zero (`01`, `1.5` and `1e3` are refused by
+        // the caller, see above).
         b'0' => Some((Value::UInt(0), i + 1)),
         b'1'..=b'9' => {
             let mut n: u64 = 0;
@@ -151,7 +164,10 @@ fn string(text: &str, i: usize) -> Option<(&str, usize)> {
 /// The string from `i` to `j`, where the first special byte is, if that byte closes it.
 #[inline]
 fn end(text: &str, i: usize, j: usize) -> Option<(&str, usize)> {
-    (text.as_bytes()[j] == b'"').then(|| Some((text.get(i..j)?, j + 1)))?
+    if text.as_bytes()[j] != b'"' {
+        return None;
+    }
+    Some((text.get(i..j)?, j + 1))
 }
 
 /// The high bit of each byte of `w` that is `"`, `\`, or below 0x20, marked, the bytes
