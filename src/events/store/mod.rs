@@ -54,8 +54,9 @@ pub const DEFAULT_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 /// `vendor/sled` keeps to it, give or take 512 pages; see its `PATCHED.md`). A start's
 /// replay reads each log page once and appends touch the indexes' newest pages, so a
 /// larger cache mostly holds what was read at start: 256 MiB took 160 MB more with a
-/// million products and made no figure of `docs/benchmarks.md` better.
-pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// million products than 64 MiB, and 64 MiB about 45 MB more than 16, and neither made a
+/// figure of `docs/benchmarks.md` better.
+pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// sled's page cache for the tools that read the log once, in order (`audit`, `report`,
 /// `export`): a page is not read twice, so a larger cache would only hold what has been
