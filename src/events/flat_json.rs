@@ -3,10 +3,10 @@
 //! integers, `true`, `false`, `null` or `{}`. Anything else (an escape, a key not asked
 //! for, a repeated key, a nested value, a sign, a fraction, an exponent, trailing text)
 //! makes [`read_object`] or a field's helper answer `None`, and the caller reads the
-//! payload with serde_json,
-//! which then accepts or refuses it as it always has. So this reader never refuses a
-//! payload and never reads one differently: where it answers, serde_json would give the
-//! same values (the tests hold it to that with serde_json as the oracle).
+//! payload with serde_json, which then accepts or refuses it as it always has. So this
+//! reader never refuses a payload and never reads one differently: where it answers,
+//! serde_json would give the same values (the tests hold it to that with serde_json as
+//! the oracle).
 //!
 //! It exists for speed: serde_json's general machinery was about 40% of a whole-log
 //! fold's instructions, on payloads that almost always have this plain form.
