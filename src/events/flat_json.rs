@@ -142,6 +142,16 @@ fn value(text: &str, i: usize) -> Option<(Value<'_>, usize)> {
 fn string(text: &str, i: usize) -> Option<(&str, usize)> {
     let b = text.as_bytes();
     let mut j = i;
+    // Sixteen bytes at a time where SSE2 is (every x86-64 processor has it).
+    #[cfg(target_arch = "x86_64")]
+    while j + 16 <= b.len() {
+        let marks = special16(b, j);
+        if marks != 0 {
+            j += marks.trailing_zeros() as usize;
+            return end(text, i, j);
+        }
+        j += 16;
+    }
     // Eight bytes at a time; the lowest marked byte is the first special one.
     while let Some(chunk) = b.get(j..j + 8) {
         let marks = special(u64::from_le_bytes(chunk.try_into().ok()?));
@@ -168,6 +178,28 @@ fn end(text: &str, i: usize, j: usize) -> Option<(&str, usize)> {
         return None;
     }
     Some((text.get(i..j)?, j + 1))
+}
+
+/// One bit for each of the 16 bytes of `b` from `j` that is `"`, `\`, or below 0x20, the
+/// lowest bit for the byte at `j`. Panics unless `j + 16 <= b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn special16(b: &[u8], j: usize) -> u32 {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    let chunk = &b[j..j + 16];
+    // SAFETY: `chunk` holds 16 bytes, which the unaligned load reads; SSE2 is part of
+    // the x86-64 baseline, so its instructions are always there.
+    unsafe {
+        let x = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
+        let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
+        // Below 0x20 (unsigned): the byte is its own minimum with 0x1F.
+        let control = _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x1F)), x);
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+    }
 }
 
 /// The high bit of each byte of `w` that is `"`, `\`, or below 0x20, marked, the bytes
