@@ -239,6 +239,8 @@ pub fn fold_as_of(
     if let FoldSource::Store(store, from) = &events {
         model.reserve(product_estimate(store, *from));
     }
+    // Ordered once at the end, not event by event.
+    model.defer_indexes();
     let mut at = None;
     let mut now = match as_of {
         AsOf::Time(t) => t,
@@ -260,6 +262,7 @@ pub fn fold_as_of(
         }
         true
     })?;
+    model.index_all();
     if let AsOf::Position(p) = as_of
         && at != Some(p)
     {

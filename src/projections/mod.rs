@@ -110,6 +110,11 @@ impl Projections {
         // Read and decoded on threads of their own ahead of the fold, as `audit` does: the
         // server answers only once this is done.
         let mut caught_up = 0u64;
+        // Without a snapshot the whole log is folded: its indexes are ordered once, at the
+        // end. A snapshot's are built as it loads, and its catch-up is short.
+        if loaded.is_none() {
+            model.defer_indexes();
+        }
         fold::fold_source(
             fold::FoldSource::Store(store.clone(), from),
             |e, decoded| {
@@ -118,6 +123,7 @@ impl Projections {
                 true
             },
         )?;
+        model.index_all();
         tracing::info!(
             from,
             caught_up,
