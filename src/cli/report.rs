@@ -103,6 +103,8 @@ pub fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
     )?;
     let bar = super::logtools::progress(None, "reading events");
     let mut model = PublishModel::new(args.max_attempts);
+    // The model's indexes are read only after the whole fold: built once, at its end.
+    model.defer_indexes();
     let mut metrics = Metrics::new(from, to);
     let mut last_position = None;
     for (n, e) in source.events()?.enumerate() {
@@ -119,6 +121,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
     }
     bar.finish_and_clear();
     source.close();
+    model.index_all();
     let status = publish_status(&model, to);
     let report = metrics.report();
     let rule = StuckRule {

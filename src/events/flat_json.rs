@@ -143,7 +143,7 @@ fn string(text: &str, i: usize) -> Option<(&str, usize)> {
     let b = text.as_bytes();
     let mut j = i;
     // Sixteen bytes at a time where SSE2 is (every x86-64 processor has it).
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     while j + 16 <= b.len() {
         let marks = special16(b, j);
         if marks != 0 {
@@ -182,7 +182,7 @@ fn end(text: &str, i: usize, j: usize) -> Option<(&str, usize)> {
 
 /// One bit for each of the 16 bytes of `b` from `j` that is `"`, `\`, or below 0x20, the
 /// lowest bit for the byte at `j`. Panics unless `j + 16 <= b.len()`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 #[inline]
 fn special16(b: &[u8], j: usize) -> u32 {
     use std::arch::x86_64::{
@@ -190,8 +190,8 @@ fn special16(b: &[u8], j: usize) -> u32 {
         _mm_set1_epi8,
     };
     let chunk = &b[j..j + 16];
-    // SAFETY: `chunk` holds 16 bytes, which the unaligned load reads; SSE2 is part of
-    // the x86-64 baseline, so its instructions are always there.
+    // SAFETY: `chunk` holds 16 bytes, which the unaligned load reads; SSE2 is enabled for
+    // this build (the `cfg` above), so its instructions are there.
     unsafe {
         let x = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
         let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));

@@ -1,7 +1,7 @@
 //! The publish read model: per-product state, counters, the failed set, stuck lists, the
 //! automatic publisher's due set and failure times. Every index is kept up to date on each
-//! event, so a status read is O(1), a failed page O(limit) and a stuck list O(result),
-//! whatever the length of history.
+//! event (or, in a fold of a whole log, built once at its end), so a status read is O(1),
+//! a failed page O(limit) and a stuck list O(result), whatever the length of history.
 
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
@@ -398,8 +398,9 @@ impl PublishModel {
     /// are folded in, until [`PublishModel::index_all`] builds them in one pass: for a fold
     /// of a whole log, where keeping them in order event by event (a B-tree insert and
     /// remove as each product moves) was over half of the fold's own thread. The counts
-    /// are kept as usual. Queries of the indexes must wait for `index_all`.
-    pub fn defer_indexes(&mut self) {
+    /// are kept as usual. Queries of the indexes must wait for `index_all` (debug builds
+    /// assert it).
+    pub(crate) fn defer_indexes(&mut self) {
         if self.indexed {
             self.indexed = false;
             self.failed.clear();
@@ -413,7 +414,7 @@ impl PublishModel {
     /// [`PublishModel::defer_indexes`]; nothing to do otherwise. The entries are those
     /// [`PublishModel::reindex`] keeps event by event: each comes from the same
     /// `standing` and the same keys.
-    pub fn index_all(&mut self) {
+    pub(crate) fn index_all(&mut self) {
         if self.indexed {
             return;
         }
@@ -634,6 +635,7 @@ impl PublishModel {
     /// The failed set, most attempts first then oldest failure; `max_attempts` keeps only
     /// products with fewer attempts than it. O(limit) without the filter.
     pub fn failed(&self, max_attempts: Option<u32>, limit: usize) -> Vec<&ProductState> {
+        debug_assert!(self.indexed, "the indexes are deferred");
         self.failed
             .iter()
             .filter(|(inv, _, _)| max_attempts.is_none_or(|m| u32::MAX - inv < m))
@@ -644,6 +646,7 @@ impl PublishModel {
 
     /// Products in staging since before `cutoff`, oldest first.
     pub fn stuck_staging(&self, cutoff: i64) -> Vec<&ProductState> {
+        debug_assert!(self.indexed, "the indexes are deferred");
         self.staging_by_age
             .iter()
             .take_while(|(at, _)| *at < cutoff)
@@ -653,6 +656,7 @@ impl PublishModel {
 
     /// Products publishing since before `cutoff`, oldest first.
     pub fn stuck_publishing(&self, cutoff: i64) -> Vec<&ProductState> {
+        debug_assert!(self.indexed, "the indexes are deferred");
         self.publishing_by_age
             .iter()
             .take_while(|(at, _)| *at < cutoff)
@@ -662,6 +666,7 @@ impl PublishModel {
 
     /// The oldest product in staging, if any.
     pub fn oldest_staging(&self) -> Option<&ProductState> {
+        debug_assert!(self.indexed, "the indexes are deferred");
         self.staging_by_age
             .first()
             .and_then(|(_, id)| self.products.get(id))
@@ -669,6 +674,7 @@ impl PublishModel {
 
     /// Ids the automatic publisher should try at `now`, soonest first.
     pub fn due(&self, now: i64, limit: usize) -> Vec<String> {
+        debug_assert!(self.indexed, "the indexes are deferred");
         self.due
             .iter()
             .take_while(|(at, _)| *at <= now)
@@ -680,6 +686,7 @@ impl PublishModel {
     /// A product not yet published, other than `except`, staged at `path`, inside it, or
     /// holding it: publishing either would carry the other's files away.
     pub fn unpublished_overlapping(&self, path: &str, except: &str) -> Option<&ProductState> {
+        debug_assert!(self.indexed, "the indexes are deferred");
         self.staging_by_age
             .iter()
             .chain(self.publishing_by_age.iter())
@@ -689,6 +696,7 @@ impl PublishModel {
 
     /// Every product currently publishing (crash recovery).
     pub fn publishing(&self) -> Vec<&ProductState> {
+        debug_assert!(self.indexed, "the indexes are deferred");
         self.publishing_by_age
             .iter()
             .filter_map(|(_, id)| self.products.get(id))
