@@ -20,3 +20,17 @@ pub mod events;
 pub mod memory;
 pub mod pipeline;
 pub mod projections;
+
+/// A random generator for a unit test and its seed, taken from `CONTIMG_TEST_SEED` or
+/// afresh; the seed is printed so a failure can be replayed (the integration tests have
+/// their own, in `tests/common`).
+#[cfg(test)]
+pub(crate) fn test_rng() -> (rand::rngs::StdRng, u64) {
+    use rand::SeedableRng;
+    let seed = std::env::var("CONTIMG_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
+    (rand::rngs::StdRng::seed_from_u64(seed), seed)
+}

@@ -969,13 +969,7 @@ mod tests {
     #[test]
     fn product_payloads_read_in_place_exactly_as_serde_json_reads_them() {
         use Kind::*;
-        use rand::SeedableRng;
-        let seed = std::env::var("CONTIMG_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
-        let rng = &mut rand::rngs::StdRng::seed_from_u64(seed);
+        let rng = &mut crate::test_rng().0;
         let counts = [
             hold_to_serde::<ProductRegistered>(
                 rng,

@@ -574,13 +574,8 @@ mod tests {
     /// hand reader reads the same one, and where bincode refuses, so does it.
     #[test]
     fn the_body_is_read_by_hand_exactly_as_bincode_reads_it() {
-        use rand::{Rng, SeedableRng};
-        let seed = std::env::var("CONTIMG_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        use rand::Rng;
+        let (mut rng, seed) = crate::test_rng();
         let edges: [u64; 10] = [
             0,
             250,

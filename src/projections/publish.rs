@@ -1004,12 +1004,7 @@ mod tests {
     #[test]
     fn indexes_built_at_the_end_are_those_kept_event_by_event() {
         use rand::{Rng, SeedableRng};
-        let seed = std::env::var("CONTIMG_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("seed {seed} (replay with CONTIMG_TEST_SEED={seed})");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (mut rng, _) = crate::test_rng();
         let (mut kept, mut deferred) = (Given::new(), Given::new());
         deferred.model.defer_indexes();
         let mut attempts = std::collections::HashMap::<String, u32>::new();
@@ -1017,8 +1012,11 @@ mod tests {
         for step in 0..3_000i64 {
             let id = format!("p{}", rng.gen_range(0..200));
             let at = T0 + step * SEC + rng.gen_range(-5..5) * SEC;
+            let step_seed: u64 = rng.r#gen();
             for g in [&mut kept, &mut deferred] {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ step as u64);
+                // Both models are given the same event: the step's draws come from one
+                // seed, taken before.
+                let mut rng = rand::rngs::StdRng::seed_from_u64(step_seed);
                 let n = attempts.get(&id).copied().unwrap_or(0);
                 match rng.gen_range(0..6) {
                     0 => {
