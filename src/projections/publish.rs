@@ -523,8 +523,8 @@ impl PublishModel {
     }
 
     /// Moves a product's index entries from `before` to `after`, touching only the
-    /// indexes whose entry changed.
-    /// Nothing while the indexes are deferred ([`PublishModel::defer_indexes`]).
+    /// indexes whose entry changed; nothing while the indexes are deferred
+    /// ([`PublishModel::defer_indexes`]).
     fn reindex(&mut self, id: &Id, before: Entries, after: Entries) {
         if !self.indexed {
             return;
