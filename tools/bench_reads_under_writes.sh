@@ -9,7 +9,8 @@
 # appends one event, then waits DELAY_MS: at most 80 * 1000 / 10 = 8,000 a second, fewer
 # as each append's own latency adds to the wait) for 25 s, and after 4 s of it wrk against
 # /api/monitoring/publish/status for 15 s. Prints the status latencies and the appends'
-# rate over their 25 s. Needs wrk (installed when missing).
+# rate over their 25 s. Needs wrk (installed when missing). CONTIMG_BIN names the binary
+# (default: target/release/contimg, built first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ledger=$1
@@ -18,9 +19,10 @@ delay=${3:-10}
 readers=${4:-4}
 port=${CONTIMG_BENCH_PORT:-18431}
 if ! command -v wrk >/dev/null 2>&1; then apt-get update -qq && apt-get install -y -qq wrk >/dev/null; fi
-cargo build --release --bin contimg
+bin=${CONTIMG_BIN:-}
+if [ -z "$bin" ]; then cargo build --release --bin contimg; bin=target/release/contimg; fi
 out=$(mktemp)
-target/release/contimg serve --data-dir "$ledger" --listen "127.0.0.1:$port" --no-auto-publish >/dev/null 2>"$out.log" &
+"$bin" serve --data-dir "$ledger" --listen "127.0.0.1:$port" --no-auto-publish >/dev/null 2>"$out.log" &
 server=$!
 # Waits for the server to exit, so that a run right after this one finds the ledger free.
 trap 'kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; rm -f "$out" "$out.log"' EXIT

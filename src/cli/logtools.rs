@@ -68,9 +68,11 @@ pub struct LedgerLayoutArgs {
     #[command(flatten)]
     pub layout: super::Layout,
     /// Put the ledger in this layout: 1 for a contimg from before layout 2, 2 for one
-    /// from before layout 3 (writes what that layout keeps and this one does not: the id
-    /// index, and for 1 a head key per stream; do it before putting such a binary back),
-    /// 3 for this one (what `serve` and `import` do). Without it, only print the layout.
+    /// from before layout 3, 3 for one from before layout 4 (drops the id index of long
+    /// streams only this layout keeps, and writes what the older one keeps and this one
+    /// does not: for 2 and 1 the id index of every stream, for 1 a head key per stream;
+    /// do it before putting such a binary back), 4 for this one (what `serve` and
+    /// `import` do). Without it, only print the layout.
     /// A folder with no ledger yet has nothing to change.
     #[arg(long)]
     pub to: Option<u32>,
@@ -110,6 +112,12 @@ pub fn ledger_layout(args: LedgerLayoutArgs) -> anyhow::Result<ExitCode> {
         println!("layout {} (this contimg writes {LAYOUT})", change.from);
     } else {
         let mut written = Vec::new();
+        if change.ids_dropped > 0 {
+            println!(
+                "dropped the {} id index keys of layout 4's long streams",
+                change.ids_dropped
+            );
+        }
         if change.ids_written > 0 {
             written.push(format!("{} id index keys", change.ids_written));
         }

@@ -1,7 +1,8 @@
 //! `contimg verify`: positions gapless from 0, every checksum matching, stream revisions
 //! consecutive, ids unique in each stream, and the stream heads (PostgreSQL's table; on
 //! sled, the stream index's last entries), stream index (and, in layouts 1 and 2, the id
-//! index) agreeing with the log, entry for entry.
+//! index; in layout 4, the id index of the streams marked indexed) agreeing with the log,
+//! entry for entry.
 
 use serde::Serialize;
 
@@ -142,7 +143,8 @@ fn verify_postgres(
     })
 }
 
-/// The (stream, id) pairs met so far in a log with no id index (layout 3): a hash of each
+/// The (stream, id) pairs met so far in a log with no id index of every stream (layouts
+/// 3 and 4): a hash of each
 /// with the position it was first met at, a repeat of a hash confirmed from the log, and
 /// the pairs whose hash another pair took first, whole.
 #[derive(Default)]
@@ -189,8 +191,14 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
         }
     };
     // Positions, revisions and commit times; ids are checked below, through the id index
-    // in layouts 1 and 2, else against the ids met so far (`IdsMet`).
+    // in layouts 1 and 2, else against the ids met so far (`IdsMet`), and in layout 4,
+    // for the streams marked indexed, also through their id index.
     let id_index = sled.layout() < 3;
+    let mut marked = std::collections::HashMap::new();
+    for item in tree.scan_prefix([keys::INDEXED]) {
+        let (k, _) = item?;
+        marked.insert(String::from_utf8_lossy(&k[1..]).into_owned(), 0u64);
+    }
     let mut met = IdsMet::default();
     let mut shape = LogShape::from_start(false);
     let mut expected_pos = 0u64;
@@ -274,6 +282,21 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
                     ),
                 }
             } else {
+                if let Some(seen) = marked.get_mut(&r.stream_id) {
+                    *seen += 1;
+                    match tree.get(keys::indexed_id(&r.stream_id, &r.event_id))? {
+                        Some(v)
+                            if be(&v) == Some(r.revision)
+                                && v.get(8..).and_then(be) == Some(pos) => {}
+                        _ => add(
+                            Some(pos),
+                            format!(
+                                "the id index of {} lacks or misplaces its event {}",
+                                r.stream_id, r.event_id
+                            ),
+                        ),
+                    }
+                }
                 match met.earlier(sled, &r, pos) {
                     Ok(None) => {}
                     Ok(Some(earlier)) => add(
@@ -307,8 +330,26 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
     if !id_index && ids_len != 0 {
         add(
             None,
-            format!("{ids_len} id index keys in a ledger of layout 3, which has none"),
+            format!(
+                "{ids_len} `I` id index keys in a ledger of layout {}, which has none",
+                sled.layout()
+            ),
         );
+    }
+    // Layout 4's id index: the keys of the marked streams' events, no others.
+    let indexed_len = tree.scan_prefix([keys::INDEXED_ID]).count() as u64;
+    let indexed_events: u64 = marked.values().sum();
+    if indexed_len != indexed_events {
+        add(
+            None,
+            format!(
+                "the id index of long streams has {indexed_len} entries for the {indexed_events} events of the {} streams marked indexed",
+                marked.len()
+            ),
+        );
+    }
+    for (stream, _) in marked.iter().filter(|(_, events)| **events == 0) {
+        add(None, format!("{stream} is marked indexed and has no event"));
     }
     // In layout 2 a stream's head is its last stream-index entry, checked with the others
     // above. A layout 1 ledger (opened to read, and left as it was) also keeps a head key
@@ -332,7 +373,7 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
             add(None, format!("{heads} stream heads for {streams} streams"));
         }
     }
-    let known = chunks + index_len + ids_len + heads;
+    let known = chunks + index_len + ids_len + heads + marked.len() as u64 + indexed_len;
     let total = tree.len() as u64;
     if total != known {
         add(

@@ -1,20 +1,30 @@
-//! Where an event id is in a stream, as the writer asks it (idempotency, DESIGN §4), in
-//! layout 3: the ledger keeps no id index of its own. The durable answer is the stream
-//! index (revision -> position) and the records it points at, which hold the ids; a
-//! stream's ids are read from them the first time the writer asks about the stream, and
-//! kept, with what later commits add, while the stream is among the recently used ones.
-//! So a commit writes one index key an event, not two, and a lookup costs a hash probe
-//! for a stream already asked about, one read of the stream for another. A held stream's
-//! head (its highest revision) is answered the same way, without a backward step through
-//! the stream index, which cost the writer a third of its time.
+//! Where an event id is in a stream, as the writer asks it (idempotency, DESIGN §4). The
+//! durable answer is the stream index (revision -> position) and the records it points
+//! at, which hold the ids: a stream's ids are read from them the first time the writer
+//! asks about the stream, and kept, with what later commits add, while the stream is among
+//! the recently used ones. So a commit writes one index key an event, and a lookup costs a
+//! hash probe for a stream already asked about, one read of the stream for another. A held
+//! stream's head (its highest revision) is answered the same way, without a backward step
+//! through the stream index, which cost the writer a third of its time.
 //!
 //! What is kept is brought back under [`HELD`] ids after every group commit (with their
 //! streams' names and tables, about 60 bytes an id for product streams: 16 MB), whether
 //! it wrote or not: past the bound, the streams used least recently are dropped until half
 //! is left. Within one commit it may hold more: every stream the commit asks about, whole.
-//! A stream of more than half the bound is dropped at each such shrink and read again
-//! when next asked about: the ledger's streams are short (a product, a group, a mosaic),
-//! but for the day's ingest stream.
+//!
+//! A stream whose ids the writer had to read from the log, [`INDEXED_FROM`] or more of
+//! them, is not forgotten when it is dropped: its ids are written to the `J` index, and
+//! the stream is marked (`X`, layout 4), in one sled batch; from then on every commit to it
+//! writes its events' `J` keys beside their stream index entries, and its ids are looked
+//! up there, one sled read each, not held. Reading such a stream again costs
+//! [`INDEXED_FROM`] stream index entries and the mark, not the stream. Without this,
+//! appends to more long streams than the bound holds read every stream again, whole, at
+//! every commit: 64 streams of 6,000 events took appends from 5,000 a second to under
+//! 500. A stream is read whole when it comes back after a drop, or is first asked about
+//! after a start; one written and dropped in the same run, never asked about again (a
+//! bulk import), is forgotten, and one short (a product, a group, a mosaic) is never
+//! indexed. So a commit to the streams the writer holds still writes one index key an
+//! event, and a long stream costs at most one whole read before it is indexed.
 
 use std::collections::HashMap;
 
@@ -27,21 +37,36 @@ use super::layout::{chunk, keys};
 /// Ids kept, at most, before the least recently used streams are dropped.
 pub(super) const HELD: usize = 1 << 18;
 
+/// A stream read from the log with this many ids or more is indexed (`J` keys, `X` mark)
+/// when dropped, rather than forgotten. Reading a stream, the mark is looked for once it
+/// has shown this many entries: so this may only ever be lowered, never raised, as ledgers
+/// hold marks on streams of this length.
+pub(super) const INDEXED_FROM: usize = 64;
+
 /// The ids of recently used streams: for each, every id committed (applied) in it with its
-/// revision and position, as the stream index and the log say.
+/// revision and position, as the stream index and the log say, or, for an indexed stream,
+/// the mark that the `J` index has them.
 pub(super) struct StreamIds {
     streams: HashMap<String, Known>,
     /// Ids held over all streams, plus one a stream.
     held: usize,
+    /// Indexed streams among those held: while there is none, a commit asks nothing.
+    indexed_held: usize,
     bound: usize,
     /// Counts lookups and commits: when a stream was last used.
     clock: u64,
 }
 
 struct Known {
+    /// Every id of the stream; empty for an indexed one.
     ids: HashMap<Uuid, (u64, u64)>,
-    /// The highest revision among `ids`.
+    /// Whether the stream's ids are in the `J` index (the stream is marked `X`).
+    indexed: bool,
+    /// The highest revision of the stream.
     head: Option<u64>,
+    /// Whether its ids were read from the log, [`INDEXED_FROM`] or more: it is indexed
+    /// when dropped, not forgotten.
+    read_whole: bool,
     used: u64,
 }
 
@@ -50,24 +75,35 @@ impl StreamIds {
         StreamIds {
             streams: HashMap::new(),
             held: 0,
+            indexed_held: 0,
             bound,
             clock: 0,
         }
     }
 
     /// Where `id` is committed in `stream`: (revision, position), `None` when it is not.
-    /// Reads the stream's ids from `tree` when they are not held.
+    /// Reads the stream's ids from `tree` when they are not held, or asks the `J` index.
     pub(super) fn find(
         &mut self,
         tree: &sled::Tree,
         stream: &str,
         id: Uuid,
     ) -> Result<Option<(u64, u64)>, StoreError> {
-        Ok(self.known(tree, stream)?.ids.get(&id).copied())
+        let known = self.known(tree, stream)?;
+        if !known.indexed {
+            return Ok(known.ids.get(&id).copied());
+        }
+        match tree.get(keys::indexed_id(stream, &id))? {
+            None => Ok(None),
+            Some(v) => Ok(Some((
+                be_u64(&v, "id index value")?,
+                be_u64(v.get(8..).unwrap_or_default(), "id index value")?,
+            ))),
+        }
     }
 
-    /// The last revision committed in `stream`, `None` when it has none: its ids' highest
-    /// revision (they are all held), as the stream index's last entry says.
+    /// The last revision committed in `stream`, `None` when it has none, as the stream
+    /// index's last entry says.
     pub(super) fn head(
         &mut self,
         tree: &sled::Tree,
@@ -76,12 +112,37 @@ impl StreamIds {
         Ok(self.known(tree, stream)?.head)
     }
 
+    /// The streams among `streams` whose commits write their events' `J` keys. Every
+    /// stream a commit decided on is held already (deciding asked for its head), so this
+    /// reads nothing, and asks nothing while no indexed stream is held.
+    pub(super) fn indexed_among<'s>(
+        &mut self,
+        tree: &sled::Tree,
+        streams: impl Iterator<Item = &'s str>,
+    ) -> Result<std::collections::HashSet<&'s str>, StoreError> {
+        let mut indexed = std::collections::HashSet::new();
+        if self.indexed_held == 0 {
+            debug_assert!(
+                streams.into_iter().all(|s| self.streams.contains_key(s)),
+                "a commit's streams are held"
+            );
+            return Ok(indexed);
+        }
+        for stream in streams {
+            if self.known(tree, stream)?.indexed {
+                indexed.insert(stream);
+            }
+        }
+        Ok(indexed)
+    }
+
     /// The ids of `stream`, read from `tree` when they are not held.
     fn known(&mut self, tree: &sled::Tree, stream: &str) -> Result<&mut Known, StoreError> {
         self.clock += 1;
         if !self.streams.contains_key(stream) {
             let known = read_ids(tree, stream)?;
             self.held += known.ids.len() + 1;
+            self.indexed_held += usize::from(known.indexed);
             self.streams.insert(stream.to_string(), known);
         }
         let known = self.streams.get_mut(stream).expect("inserted above");
@@ -91,8 +152,8 @@ impl StreamIds {
 
     /// Takes in the events of a commit just applied: each joins its stream's ids when the
     /// stream is held, as every stream the commit decided on is (deciding asked for its
-    /// head); one that is not is read whole when next asked about.
-    /// [`StreamIds::keep_bound`] follows.
+    /// head); one that is not is read whole when next asked about. An indexed stream's
+    /// ids went to the `J` index with the commit. [`StreamIds::keep_bound`] follows.
     pub(super) fn committed<'a>(
         &mut self,
         events: impl Iterator<Item = (&'a str, Uuid, u64, u64)>,
@@ -104,41 +165,67 @@ impl StreamIds {
             };
             known.used = self.clock;
             known.head = known.head.max(Some(revision));
-            if known.ids.insert(id, (revision, position)).is_none() {
+            if !known.indexed && known.ids.insert(id, (revision, position)).is_none() {
                 self.held += 1;
             }
         }
     }
 
     /// Drops the streams used least recently while more than the bound is held, until
-    /// half is left. The writer calls it after every group commit.
-    pub(super) fn keep_bound(&mut self) {
-        if self.held > self.bound {
-            self.shrink();
+    /// half is left; a stream read whole from the log is indexed as it goes, all in one
+    /// sled batch. The writer calls it after every group commit. An error leaves
+    /// what the batch wrote unknown: the caller refuses appends from then on.
+    pub(super) fn keep_bound(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
+        if self.held <= self.bound {
+            return Ok(());
         }
+        let mut by_use: Vec<(u64, usize, &String)> = self
+            .streams
+            .iter()
+            .map(|(s, k)| (k.used, k.ids.len() + 1, s))
+            .collect();
+        by_use.sort_unstable_by_key(|(used, _, _)| *used);
+        let mut held = self.held;
+        let mut dropped = Vec::new();
+        let mut batch = sled::Batch::default();
+        let mut indexing = false;
+        for (_, size, stream) in by_use {
+            if held <= self.bound / 2 {
+                break;
+            }
+            let known = &self.streams[stream];
+            if known.read_whole {
+                for (id, &(revision, position)) in &known.ids {
+                    batch.insert(
+                        keys::indexed_id(stream, id),
+                        &keys::id_value(revision, position),
+                    );
+                }
+                batch.insert(keys::indexed(stream), &[]);
+                indexing = true;
+            }
+            held -= size;
+            dropped.push(stream.clone());
+        }
+        if indexing {
+            // sled applies a batch in key order, so the marks (`X`) come after every `J`
+            // key, and a crash keeps all of a batch or none of it.
+            tree.apply_batch(batch)?;
+        }
+        for stream in dropped {
+            if self.streams.remove(&stream).is_some_and(|k| k.indexed) {
+                self.indexed_held -= 1;
+            }
+        }
+        self.held = held;
+        Ok(())
     }
 
     /// Forgets everything: after a batch that may be partly applied.
     pub(super) fn clear(&mut self) {
         self.streams.clear();
         self.held = 0;
-    }
-
-    /// Drops the streams used least recently until at most half the bound is held.
-    fn shrink(&mut self) {
-        let mut by_use: Vec<(u64, usize, String)> = self
-            .streams
-            .iter()
-            .map(|(s, k)| (k.used, k.ids.len() + 1, s.clone()))
-            .collect();
-        by_use.sort_unstable_by_key(|(used, _, _)| *used);
-        for (_, size, stream) in by_use {
-            if self.held <= self.bound / 2 {
-                break;
-            }
-            self.streams.remove(&stream);
-            self.held -= size;
-        }
+        self.indexed_held = 0;
     }
 
     #[cfg(test)]
@@ -148,16 +235,41 @@ impl StreamIds {
 }
 
 /// Every id of `stream` with its revision and position, from the stream index and the
-/// records it points at (each chunk read once for the stream's records in it).
+/// records it points at (each chunk read once for the stream's records in it); for an
+/// indexed stream, only its head (it shows [`INDEXED_FROM`] entries, then its mark).
 fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
     let prefix = keys::in_stream(keys::INDEX, stream, &[]).len();
-    let mut ids = HashMap::new();
+    let entry = |item: Result<(sled::IVec, sled::IVec), sled::Error>| {
+        let (k, v) = item?;
+        Ok::<_, StoreError>((
+            be_u64(k.get(prefix..).unwrap_or_default(), "stream index key")?,
+            be_u64(&v, "stream index value")?,
+        ))
+    };
+    let mut entries = tree.range(keys::index(stream, 0)..=keys::index(stream, u64::MAX));
+    let mut index = Vec::new();
+    for item in entries.by_ref() {
+        index.push(entry(item)?);
+        if index.len() == INDEXED_FROM {
+            break;
+        }
+    }
+    if index.len() == INDEXED_FROM && tree.get(keys::indexed(stream))?.is_some() {
+        return Ok(Known {
+            ids: HashMap::new(),
+            indexed: true,
+            head: super::head_in_index(tree, stream, u64::MAX)?,
+            read_whole: false,
+            used: 0,
+        });
+    }
+    for item in entries {
+        index.push(entry(item)?);
+    }
+    let mut ids = HashMap::with_capacity(index.len());
     let mut head = None;
     let mut last_chunk: Option<(u64, sled::IVec, Vec<std::ops::Range<usize>>)> = None;
-    for item in tree.range(keys::index(stream, 0)..=keys::index(stream, u64::MAX)) {
-        let (k, v) = item?;
-        let revision = be_u64(k.get(prefix..).unwrap_or_default(), "stream index key")?;
-        let position = be_u64(&v, "stream index value")?;
+    for (revision, position) in index {
         let held = last_chunk.as_ref().is_some_and(|(start, _, ranges)| {
             *start <= position && position - start < ranges.len() as u64
         });
@@ -191,7 +303,13 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
         ids.insert(record.event_id, (revision, position));
         head = Some(revision);
     }
-    Ok(Known { ids, head, used: 0 })
+    Ok(Known {
+        read_whole: ids.len() >= INDEXED_FROM,
+        ids,
+        indexed: false,
+        head,
+        used: 0,
+    })
 }
 
 fn missing(position: u64) -> StoreError {
@@ -259,7 +377,7 @@ mod tests {
             ]
             .into_iter(),
         );
-        ids.keep_bound();
+        ids.keep_bound(&tree).unwrap();
         // scratch-0 and scratch-new were used last; the others went until half (64) was left.
         let mut held: Vec<_> = ids.streams.keys().cloned().collect();
         held.sort();

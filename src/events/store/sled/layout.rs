@@ -8,7 +8,15 @@ pub(crate) mod keys {
     /// written only to take a ledger back to layout 1 (`sled::to_layout`).
     pub const HEAD: u8 = b'H';
     pub const INDEX: u8 = b'S';
+    /// Layouts 1 and 2's id index, of every stream (`id`): dropped when such a ledger is
+    /// opened to write, and written only to take a ledger back to layout 2 or 1.
     pub const ID: u8 = b'I';
+    /// Layout 4's id index, of the streams marked [`INDEXED`] only: `J` stream 0x00 event
+    /// id -> revision, position (`indexed_id`), as `I` keys were.
+    pub const INDEXED_ID: u8 = b'J';
+    /// Layout 4's mark that a stream's ids are all in the `J` index (`X` stream -> empty),
+    /// and that every commit to the stream writes its events' `J` keys.
+    pub const INDEXED: u8 = b'X';
 
     pub fn log(position: u64) -> [u8; 9] {
         let mut k = [LOG; 9];
@@ -40,6 +48,26 @@ pub(crate) mod keys {
 
     pub fn id(stream: &str, id: &uuid::Uuid) -> Vec<u8> {
         in_stream(ID, stream, id.as_bytes())
+    }
+
+    pub fn indexed_id(stream: &str, id: &uuid::Uuid) -> Vec<u8> {
+        in_stream(INDEXED_ID, stream, id.as_bytes())
+    }
+
+    /// `X` stream.
+    pub fn indexed(stream: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(stream.len() + 1);
+        k.push(INDEXED);
+        k.extend_from_slice(stream.as_bytes());
+        k
+    }
+
+    /// An id index entry's value: revision and position, big-endian.
+    pub fn id_value(revision: u64, position: u64) -> [u8; 16] {
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&revision.to_be_bytes());
+        value[8..].copy_from_slice(&position.to_be_bytes());
+        value
     }
 }
 

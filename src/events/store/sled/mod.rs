@@ -7,7 +7,10 @@
 //!   several (the truth, `$all`; see `layout::chunk`);
 //! - `S` stream 0x00 revision -> position (the stream index; its last entry for a stream
 //!   is the stream's head). Idempotency finds an id in a stream through it and the
-//!   records it points at (`ids.rs`), so a commit writes one index key an event.
+//!   records it points at (`ids.rs`), so a commit writes one index key an event;
+//! - for the long streams the writer has dropped from memory only, `X` stream (the mark)
+//!   and `J` stream 0x00 event id -> revision, position (their id index, `ids.rs`), which
+//!   every later commit to such a stream extends.
 //!
 //! Ledgers in layout 1 also kept `H` stream -> last revision, a key per stream written
 //! again by every commit to it, and ledgers in layouts 1 and 2 an id index, `I` stream
@@ -209,7 +212,10 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
 /// - 2: no head keys; a stream's head is its last stream-index entry.
 /// - 3: no id index (`I` stream 0x00 id); an id is found in a stream through the stream
 ///   index and the records it points at.
-pub const LAYOUT: u32 = 3;
+/// - 4: an id index of the long streams the writer drops from memory (`X` stream, `J`
+///   stream 0x00 id), which every commit to such a stream extends: a build of layout 3
+///   would append to them without it.
+pub const LAYOUT: u32 = 4;
 
 /// The layout a ledger's marker names, `None` when it has none (new, or written before
 /// there was one, in layout 1). A ledger in a layout newer than [`LAYOUT`] is refused here,
@@ -261,7 +267,7 @@ fn check_layout(
         mark_layout(db, sled_dir, LAYOUT)?;
     }
     // Also after a crash in the middle of this, or of a `ledger-layout --to 1` or `--to 2`
-    // (the marker still says 3 then).
+    // (the marker still says this layout then). Layout 4's own index is not among them.
     drop_keys(db, tree, keys::HEAD, "stream head keys (layout 1)")?;
     drop_keys(db, tree, keys::ID, "id index keys (layouts 1 and 2)")?;
     Ok(LAYOUT)
@@ -338,7 +344,7 @@ fn drop_keys(db: &sled::Db, tree: &sled::Tree, kind: u8, what: &str) -> Result<u
         db.flush()?;
         tracing::info!(
             dropped,
-            "dropped the {what} of a ledger written in an older layout"
+            "dropped the {what}, which the ledger's layout does not keep"
         );
     }
     Ok(dropped)
@@ -352,15 +358,17 @@ pub struct LayoutChange {
     pub to: u32,
     /// Head keys written (going to layout 1).
     pub heads_written: u64,
-    /// Id index keys written (going from layout 3 to 2 or 1).
+    /// Id index keys written (going from layout 3 or 4 to 2 or 1).
     pub ids_written: u64,
+    /// Keys of layout 4's id index of long streams dropped (going to an older layout).
+    pub ids_dropped: u64,
 }
 
 /// Puts a stopped ledger in `layout` for a build that reads that one (the folder's lock is
-/// held meanwhile). Going back (a rollback), it writes what the older layout kept and
-/// this one does not (to 2 or 1 from 3: the id index, from the log; to 1: every stream's
-/// head key, from the stream index), then the marker, durably; to [`LAYOUT`], what an
-/// open to write does. `layout: None` changes nothing and reports the ledger's layout.
+/// held meanwhile). Going back (a rollback), it drops what only layout 4 keeps (its id
+/// index of long streams), writes what the older layout kept and this one does not (to 2
+/// or 1: the id index of every stream, from the log; to 1: every stream's head key, from
+/// the stream index), then the marker, durably; to [`LAYOUT`], what an open to write does. `layout: None` changes nothing and reports the ledger's layout.
 /// `None` when `dir` holds no sled ledger.
 pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>, StoreError> {
     let sled_dir = dir.join(LOG_DIR);
@@ -376,17 +384,24 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
         to: layout.unwrap_or(from),
         heads_written: 0,
         ids_written: 0,
+        ids_dropped: 0,
     };
     match layout {
         None => {}
         Some(LAYOUT) => {
             check_layout(&db, &sled_dir, &tree, true)?;
         }
-        Some(to @ (1 | 2)) => {
-            // What the older layout keeps first, under the marker that tells older builds
+        Some(to @ (1..=3)) => {
+            // Layout 4's id index first, the marks before the keys: a stream unmarked is
+            // read from the log, so a crash on the way leaves a ledger this build reads
+            // right (and `verify` reports the keys left).
+            drop_keys(&db, &tree, keys::INDEXED, "id index marks (layout 4)")?;
+            change.ids_dropped =
+                drop_keys(&db, &tree, keys::INDEXED_ID, "id index keys (layout 4)")?;
+            // What the older layout keeps next, under the marker that tells older builds
             // to stay away; a crash before the marker changes leaves keys the next open
             // drops again. Layouts 1 and 2 already have their id index.
-            if from == LAYOUT {
+            if to < 3 && from >= 3 {
                 room_for_id_keys(&tree, &sled_dir)?;
                 change.ids_written = write_id_keys(&tree)?;
             }
@@ -398,7 +413,7 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
         }
         Some(other) => {
             return Err(StoreError::InvalidInput(format!(
-                "layout {other} is not one this contimg can write (1, 2 or {LAYOUT})"
+                "layout {other} is not one this contimg can write (1 to {LAYOUT})"
             )));
         }
     }
@@ -448,10 +463,10 @@ fn write_id_keys(tree: &sled::Tree) -> Result<u64, StoreError> {
                 position,
                 reason: e.to_string(),
             })?;
-            let mut value = [0u8; 16];
-            value[..8].copy_from_slice(&record.revision.to_be_bytes());
-            value[8..].copy_from_slice(&position.to_be_bytes());
-            batch.insert(keys::id(record.stream_id, &record.event_id), &value);
+            batch.insert(
+                keys::id(record.stream_id, &record.event_id),
+                &keys::id_value(record.revision, position),
+            );
             written += 1;
             in_batch += 1;
             if in_batch == LAYOUT_BATCH {
@@ -545,6 +560,17 @@ impl SledStore {
         cache_bytes: u64,
         convert: bool,
     ) -> Result<SledStore, StoreError> {
+        Self::open_holding(dir, sync_seconds, cache_bytes, convert, ids::HELD)
+    }
+
+    /// [`SledStore::open`] with the writer holding at most `held` ids (`ids.rs`).
+    fn open_holding(
+        dir: impl AsRef<Path>,
+        sync_seconds: prometheus_client::metrics::histogram::Histogram,
+        cache_bytes: u64,
+        convert: bool,
+        held: usize,
+    ) -> Result<SledStore, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Folder {
             path: dir.clone(),
@@ -629,7 +655,7 @@ impl SledStore {
                 refusing: false,
             },
             tail: None,
-            ids: ids::StreamIds::new(ids::HELD),
+            ids: ids::StreamIds::new(held),
         };
         let mut syncer = Syncer {
             db,
@@ -1137,6 +1163,133 @@ mod tests {
         store.inner.snapshots.remove(gone).unwrap();
         assert_eq!(store.load_snapshot("publish").unwrap(), None);
         assert!(store.save_snapshot("pub\0lish", None, b"x").is_err());
+        store.close();
+    }
+
+    /// Appends to more long streams than the writer holds: each long stream it drops is
+    /// indexed (`ids.rs`), and from then on its commits write its events' `J` keys. A
+    /// repeat of any event, before or after its stream was indexed, is answered with its
+    /// place, also after a reopen (where only the index knows the later ones), and a
+    /// partial repeat or a wrong expected revision is refused. `verify` checks the index;
+    /// going back to layout 3 drops it, and forward again idempotency still holds.
+    #[test]
+    fn long_streams_the_writer_drops_are_indexed_and_their_repeats_still_found() {
+        use crate::events::{ExpectedRevision, ProposedEvent};
+        let dir = tempfile::tempdir().unwrap();
+        let open = |held| {
+            let timings = crate::events::store::Timings::default();
+            let sled = SledStore::open_holding(
+                dir.path(),
+                timings.sync_seconds.clone(),
+                crate::events::store::DEFAULT_CACHE_BYTES,
+                true,
+                held,
+            )
+            .unwrap();
+            super::super::Store {
+                backend: super::super::Backend::Sled(sled),
+                timings,
+            }
+        };
+        let event =
+            |i: usize| ProposedEvent::new("Noted", 1, format!("{{\"n\":{i}}}").into_bytes());
+        let store = open(256);
+        let streams: Vec<String> = (0..6).map(|s| format!("scratch-long-{s}")).collect();
+        // (stream, the events, where the last of them went)
+        let mut written: Vec<(String, Vec<ProposedEvent>, u64)> = Vec::new();
+        for round in 0..40 {
+            for stream in &streams {
+                // Two events a commit, and a short stream between: 6 long streams of 80.
+                let events = vec![event(round * 2), event(round * 2 + 1)];
+                let at = store
+                    .append_blocking(stream, ExpectedRevision::Any, events.clone())
+                    .unwrap();
+                written.push((stream.clone(), events, at.position));
+                store
+                    .append_blocking(
+                        &format!("product-{round}-{stream}"),
+                        ExpectedRevision::NoStream,
+                        vec![event(0)],
+                    )
+                    .unwrap();
+            }
+        }
+        let marked = {
+            let tree = store.as_sled().unwrap().raw_tree();
+            let marked = tree.scan_prefix([keys::INDEXED]).count() as u64;
+            assert!(marked >= 1, "a long stream was dropped and indexed");
+            assert_eq!(
+                tree.scan_prefix([keys::INDEXED_ID]).count() as u64,
+                marked * 80,
+                "every event of a marked stream, and nothing else"
+            );
+            marked
+        };
+        let repeats_hold = |store: &super::super::Store| {
+            for (stream, events, position) in &written {
+                let again = store
+                    .append_blocking(stream, ExpectedRevision::Any, events.clone())
+                    .unwrap();
+                assert_eq!(again.position, *position, "a repeat in {stream}");
+            }
+            for stream in &streams {
+                let (_, events, _) = written.iter().find(|(s, _, _)| s == stream).unwrap();
+                let partial = store.append_blocking(
+                    stream,
+                    ExpectedRevision::Any,
+                    vec![events[1].clone(), event(9)],
+                );
+                assert!(
+                    matches!(partial, Err(StoreError::WrongExpectedVersion { .. })),
+                    "{partial:?}"
+                );
+                let wrong =
+                    store.append_blocking(stream, ExpectedRevision::Exact(3), vec![event(9)]);
+                assert!(
+                    matches!(
+                        wrong,
+                        Err(StoreError::WrongExpectedVersion {
+                            current: Some(79),
+                            ..
+                        })
+                    ),
+                    "{wrong:?}"
+                );
+            }
+            assert_eq!(store.event_count(), 6 * 80 + 6 * 40);
+            let report = crate::events::verify::verify(store, |_| {}).unwrap();
+            assert!(report.ok(), "{:?}", report.problems);
+        };
+        repeats_hold(&store);
+        store.close();
+        drop(store);
+        // Reopened, holding the default: the marked streams are read through their index.
+        let store = open(ids::HELD);
+        repeats_hold(&store);
+        store.close();
+        drop(store);
+        // Back to layout 3: the index is gone, and forward again every repeat still holds.
+        let back = to_layout(dir.path(), Some(3)).unwrap().unwrap();
+        assert_eq!(
+            (back.from, back.to, back.ids_written, back.ids_dropped),
+            (LAYOUT, 3, 0, marked * 80)
+        );
+        let db = open_sled(
+            &dir.path().join(LOG_DIR),
+            crate::events::store::SCAN_CACHE_BYTES,
+        )
+        .unwrap();
+        let tree = db.open_tree("ledger").unwrap();
+        assert_eq!(
+            tree.scan_prefix([keys::INDEXED]).count()
+                + tree.scan_prefix([keys::INDEXED_ID]).count(),
+            0
+        );
+        drop(tree);
+        drop(db);
+        let store = open(256);
+        assert_eq!(store.as_sled().unwrap().layout(), LAYOUT);
+        repeats_hold(&store);
         store.close();
     }
 }

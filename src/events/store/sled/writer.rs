@@ -207,24 +207,35 @@ impl Writer {
             // Atomic, crash included: events and their index entries land together or
             // not at all. Durability is the syncer's step, next.
             let tail = self.tail.take();
-            let (batch, tail) = sled_batch(&plan, tail);
-            if let Err(e) = self.tree.apply_batch(batch) {
-                // sled applies a batch key by key in memory: part of it may be in place,
-                // the last chunk among it. What sled holds is unknown, so nothing more is
-                // written until a restart reads the durable state again.
-                tracing::error!(error = %e, "applying a batch failed; its appends and every later one are refused until a restart");
-                self.poisoned.store(true, Ordering::Release);
-                self.planner = start;
-                self.ids.clear();
-                let e = e.to_string();
-                replies.into_iter().for_each(|r| {
-                    r.fail(|| StoreError::NotDurable {
-                        step: "applying the batch".into(),
-                        source: std::io::Error::other(e.clone()),
-                    })
+            let streams = plan.heads.keys().map(String::as_str);
+            let applied = self
+                .ids
+                .indexed_among(&self.tree, streams)
+                .and_then(|indexed| {
+                    let (batch, tail) = sled_batch(&plan, tail, |s| indexed.contains(s));
+                    self.tree.apply_batch(batch)?;
+                    Ok(tail)
                 });
-                return None;
-            }
+            let tail = match applied {
+                Ok(tail) => tail,
+                Err(e) => {
+                    // sled applies a batch key by key in memory: part of it may be in place,
+                    // the last chunk among it. What sled holds is unknown, so nothing more is
+                    // written until a restart reads the durable state again.
+                    tracing::error!(error = %e, "applying a batch failed; its appends and every later one are refused until a restart");
+                    self.poisoned.store(true, Ordering::Release);
+                    self.planner = start;
+                    self.ids.clear();
+                    let e = e.to_string();
+                    replies.into_iter().for_each(|r| {
+                        r.fail(|| StoreError::NotDurable {
+                            step: "applying the batch".into(),
+                            source: std::io::Error::other(e.clone()),
+                        })
+                    });
+                    return None;
+                }
+            };
             self.tail = tail;
             self.ids.committed(
                 plan.records
@@ -233,7 +244,13 @@ impl Writer {
             );
         }
         // Also after a commit that wrote nothing: its lookups may have read streams in.
-        self.ids.keep_bound();
+        if let Err(e) = self.ids.keep_bound(&self.tree) {
+            // The round is applied and is answered once durable; the ids' batch may be in
+            // part, so nothing more is written until a restart.
+            tracing::error!(error = %e, "writing the id index of streams it drops failed; every later append is refused until a restart");
+            self.poisoned.store(true, Ordering::Release);
+            self.ids.clear();
+        }
         Some(Ticket {
             end: self.planner.next_position,
             wrote: !plan.records.is_empty(),
@@ -311,11 +328,16 @@ impl Index for SledIndex<'_> {
 }
 
 /// A decided commit as one sled batch: the records in log chunks and the stream index
-/// (whose last entry for a stream is its head), one index key an event. The records join `tail` (the
+/// (whose last entry for a stream is its head), one index key an event, and a `J` key
+/// beside it for an event of an `indexed` stream. The records join `tail` (the
 /// log's last chunk) if it is under `chunk::JOIN_BYTES`, filling it while it stays under
 /// `chunk::MAX_BYTES`, then fill new chunks the same way; a single larger record gets a
 /// chunk of its own. Returns the batch and the log's new last chunk.
-fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
+fn sled_batch(
+    plan: &Plan,
+    tail: Option<Tail>,
+    indexed: impl Fn(&str) -> bool,
+) -> (sled::Batch, Option<Tail>) {
     use std::borrow::Cow;
     let mut batch = sled::Batch::default();
     let first = plan.records.first().map(|(r, _)| r.position);
@@ -354,6 +376,12 @@ fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
             keys::index(&record.stream_id, record.revision),
             &record.position.to_be_bytes(),
         );
+        if indexed(&record.stream_id) {
+            batch.insert(
+                keys::indexed_id(&record.stream_id, &record.event_id),
+                &keys::id_value(record.revision, record.position),
+            );
+        }
     }
     if changed {
         batch.insert(&keys::log(start), chunk::encode(&records));
