@@ -13,14 +13,18 @@
 //! is left. Within one commit it may hold more: every stream the commit asks about, whole.
 //!
 //! A stream whose ids the writer had to read from the log, [`INDEXED_FROM`] or more of
-//! them, is not forgotten when it is dropped: its ids are written to the `J` index, and
-//! the stream is marked (`X`, layout 4), in one sled batch; from then on every commit to it
-//! writes its events' `J` keys beside their stream index entries, and its ids are looked
+//! them, is not forgotten when it is dropped: its ids are written to the `J` index, then
+//! the stream is marked (`X`, layout 4); from then on every commit to it writes its
+//! events' `J` keys as well as their stream index entries, and its ids are looked
 //! up there, one sled read each, not held. Reading such a stream again costs
-//! [`INDEXED_FROM`] stream index entries and the mark, not the stream. Without this,
-//! appends to more long streams than the bound holds read every stream again, whole, at
-//! every commit: 64 streams of 6,000 events took appends from 5,000 a second to under
-//! 500. A stream is read whole when it comes back after a drop, or is first asked about
+//! [`INDEXED_FROM`] stream index entries, the mark and a backward step to its head, not
+//! the stream. Without this, appends to more long streams than the bound holds read every
+//! stream again, whole, at every commit: 64 streams of 4,000 to 6,000 events took appends
+//! from 5,100 a second to 83 (`docs/benchmarks.md`). A commit writes its `J` keys in a
+//! batch before its events', and a stream's marks follow its keys: a sled batch that fails
+//! may be applied in part, in no set order, and keep that part after a restart, so the
+//! index may name an event that never landed, and never lacks one that did. A hit is
+//! trusted only once the log holds that event there. A stream is read whole when it comes back after a drop, or is first asked about
 //! after a start; one written and dropped in the same run, never asked about again (a
 //! bulk import), is forgotten, and one short (a product, a group, a mosaic) is never
 //! indexed. So a commit to the streams the writer holds still writes one index key an
@@ -39,9 +43,13 @@ pub(super) const HELD: usize = 1 << 18;
 
 /// A stream read from the log with this many ids or more is indexed (`J` keys, `X` mark)
 /// when dropped, rather than forgotten. Reading a stream, the mark is looked for once it
-/// has shown this many entries: so this may only ever be lowered, never raised, as ledgers
-/// hold marks on streams of this length.
-pub(super) const INDEXED_FROM: usize = 64;
+/// has shown this many entries, so a change to this is a new layout: a build looking
+/// later than another marked would miss marks, and append without extending the index.
+pub(crate) const INDEXED_FROM: usize = 64;
+
+/// `J` keys a sled batch holds when streams are indexed: a stream's ids are written in
+/// several batches, then the marks.
+const INDEX_BATCH: usize = 10_000;
 
 /// The ids of recently used streams: for each, every id committed (applied) in it with its
 /// revision and position, as the stream index and the log say, or, for an indexed stream,
@@ -93,13 +101,36 @@ impl StreamIds {
         if !known.indexed {
             return Ok(known.ids.get(&id).copied());
         }
-        match tree.get(keys::indexed_id(stream, &id))? {
-            None => Ok(None),
-            Some(v) => Ok(Some((
-                be_u64(&v, "id index value")?,
-                be_u64(v.get(8..).unwrap_or_default(), "id index value")?,
-            ))),
-        }
+        let Some(v) = tree.get(keys::indexed_id(stream, &id))? else {
+            return Ok(None);
+        };
+        // A `J` key is written before its event (`writer.rs`), so one whose commit failed
+        // may name a place the log does not hold, or holds another event at: a hit counts
+        // only once the record there is this event.
+        let revision = be_u64(&v, "id index value")?;
+        let position = be_u64(v.get(8..).unwrap_or_default(), "id index value")?;
+        let Some((start, bytes)) = super::chunk_at(tree, position)? else {
+            return Ok(None);
+        };
+        let ranges = chunk::entries(&bytes).map_err(|reason| StoreError::Corrupt {
+            position: start,
+            reason,
+        })?;
+        let Some(range) = usize::try_from(position - start)
+            .ok()
+            .and_then(|i| ranges.get(i))
+        else {
+            return Ok(None);
+        };
+        let record = RecordRef::decode(&bytes[range.clone()]).map_err(|e| StoreError::Corrupt {
+            position,
+            reason: e.to_string(),
+        })?;
+        let confirmed = record.event_id == id
+            && record.stream_id == stream
+            && record.revision == revision
+            && record.position == position;
+        Ok(confirmed.then_some((revision, position)))
     }
 
     /// The last revision committed in `stream`, `None` when it has none, as the stream
@@ -172,9 +203,10 @@ impl StreamIds {
     }
 
     /// Drops the streams used least recently while more than the bound is held, until
-    /// half is left; a stream read whole from the log is indexed as it goes, all in one
-    /// sled batch. The writer calls it after every group commit. An error leaves
-    /// what the batch wrote unknown: the caller refuses appends from then on.
+    /// half is left; a stream read whole from the log is indexed as it goes (its `J` keys
+    /// in batches of [`INDEX_BATCH`], then the marks). The writer calls it after every
+    /// group commit. An error leaves what was written unknown: the caller refuses appends
+    /// from then on.
     pub(super) fn keep_bound(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
         if self.held <= self.bound {
             return Ok(());
@@ -187,8 +219,10 @@ impl StreamIds {
         by_use.sort_unstable_by_key(|(used, _, _)| *used);
         let mut held = self.held;
         let mut dropped = Vec::new();
-        let mut batch = sled::Batch::default();
-        let mut indexing = false;
+        let mut marks = sled::Batch::default();
+        let mut marking = false;
+        let mut ids = sled::Batch::default();
+        let mut in_batch = 0;
         for (_, size, stream) in by_use {
             if held <= self.bound / 2 {
                 break;
@@ -196,21 +230,29 @@ impl StreamIds {
             let known = &self.streams[stream];
             if known.read_whole {
                 for (id, &(revision, position)) in &known.ids {
-                    batch.insert(
+                    ids.insert(
                         keys::indexed_id(stream, id),
                         &keys::id_value(revision, position),
                     );
+                    in_batch += 1;
+                    if in_batch == INDEX_BATCH {
+                        tree.apply_batch(std::mem::take(&mut ids))?;
+                        in_batch = 0;
+                    }
                 }
-                batch.insert(keys::indexed(stream), &[]);
-                indexing = true;
+                marks.insert(keys::indexed(stream), &[]);
+                marking = true;
             }
             held -= size;
             dropped.push(stream.clone());
         }
-        if indexing {
-            // sled applies a batch in key order, so the marks (`X`) come after every `J`
-            // key, and a crash keeps all of a batch or none of it.
-            tree.apply_batch(batch)?;
+        // The marks only once every `J` key is in: a batch that fails may be applied in
+        // part (sled applies its keys in no set order) and keep that part after a restart.
+        if in_batch > 0 {
+            tree.apply_batch(ids)?;
+        }
+        if marking {
+            tree.apply_batch(marks)?;
         }
         for stream in dropped {
             if self.streams.remove(&stream).is_some_and(|k| k.indexed) {

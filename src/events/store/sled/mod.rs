@@ -71,6 +71,7 @@ mod layout;
 mod syncer;
 mod writer;
 
+pub(crate) use ids::INDEXED_FROM;
 pub(crate) use layout::{chunk, keys};
 use syncer::Syncer;
 use writer::{Reply, Ticket, Writer};
@@ -394,7 +395,8 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
         Some(to @ (1..=3)) => {
             // Layout 4's id index first, the marks before the keys: a stream unmarked is
             // read from the log, so a crash on the way leaves a ledger this build reads
-            // right (and `verify` reports the keys left).
+            // right (a `J` key of an unmarked stream is never asked, and is written again
+            // if its stream is marked).
             drop_keys(&db, &tree, keys::INDEXED, "id index marks (layout 4)")?;
             change.ids_dropped =
                 drop_keys(&db, &tree, keys::INDEXED_ID, "id index keys (layout 4)")?;
@@ -410,6 +412,12 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
             }
             db.flush()?;
             mark_layout(&db, &sled_dir, to)?;
+            if to == 3 {
+                // From layout 1 or 2: what layout 3 does not keep, once marked, as a build
+                // of layout 3 would drop it.
+                drop_keys(&db, &tree, keys::HEAD, "stream head keys (layout 1)")?;
+                drop_keys(&db, &tree, keys::ID, "id index keys (layouts 1 and 2)")?;
+            }
         }
         Some(other) => {
             return Err(StoreError::InvalidInput(format!(
@@ -1214,30 +1222,36 @@ mod tests {
                     .unwrap();
             }
         }
-        let marked = {
-            let tree = store.as_sled().unwrap().raw_tree();
-            let marked = tree.scan_prefix([keys::INDEXED]).count() as u64;
-            assert!(marked >= 1, "a long stream was dropped and indexed");
-            assert_eq!(
-                tree.scan_prefix([keys::INDEXED_ID]).count() as u64,
-                marked * 80,
-                "every event of a marked stream, and nothing else"
-            );
-            marked
-        };
-        let repeats_hold = |store: &super::super::Store| {
-            for (stream, events, position) in &written {
+        let tree_of = |store: &super::super::Store| store.as_sled().unwrap().raw_tree();
+        let count = |tree: &sled::Tree, kind: u8| tree.scan_prefix([kind]).count() as u64;
+        let marked = count(&tree_of(&store), keys::INDEXED);
+        assert_eq!(
+            marked, 5,
+            "the long streams dropped after they were read back"
+        );
+        assert_eq!(
+            count(&tree_of(&store), keys::INDEXED_ID),
+            marked * 80,
+            "every event of a marked stream, and nothing else"
+        );
+        // Every repeat answered with its place, a partial one and a wrong expected
+        // revision refused, nothing appended, and `verify` content.
+        let check = |store: &super::super::Store,
+                     written: &[(String, Vec<ProposedEvent>, u64)],
+                     events: u64,
+                     head: u64| {
+            for (stream, batch, position) in written {
                 let again = store
-                    .append_blocking(stream, ExpectedRevision::Any, events.clone())
+                    .append_blocking(stream, ExpectedRevision::Any, batch.clone())
                     .unwrap();
                 assert_eq!(again.position, *position, "a repeat in {stream}");
             }
             for stream in &streams {
-                let (_, events, _) = written.iter().find(|(s, _, _)| s == stream).unwrap();
+                let (_, batch, _) = written.iter().find(|(s, _, _)| s == stream).unwrap();
                 let partial = store.append_blocking(
                     stream,
                     ExpectedRevision::Any,
-                    vec![events[1].clone(), event(9)],
+                    vec![batch[1].clone(), event(9)],
                 );
                 assert!(
                     matches!(partial, Err(StoreError::WrongExpectedVersion { .. })),
@@ -1248,48 +1262,139 @@ mod tests {
                 assert!(
                     matches!(
                         wrong,
-                        Err(StoreError::WrongExpectedVersion {
-                            current: Some(79),
-                            ..
-                        })
+                        Err(StoreError::WrongExpectedVersion { current: Some(h), .. }) if h == head
                     ),
                     "{wrong:?}"
                 );
             }
-            assert_eq!(store.event_count(), 6 * 80 + 6 * 40);
+            assert_eq!(store.event_count(), events);
             let report = crate::events::verify::verify(store, |_| {}).unwrap();
             assert!(report.ok(), "{:?}", report.problems);
         };
-        repeats_hold(&store);
+        let mut events = 6 * 80 + 6 * 40;
+        check(&store, &written, events, 79);
         store.close();
         drop(store);
-        // Reopened, holding the default: the marked streams are read through their index.
+        // Reopened, holding the default: the marked streams are read through their index,
+        // and commits to them extend it, as a second reopen finds.
         let store = open(ids::HELD);
-        repeats_hold(&store);
+        check(&store, &written, events, 79);
+        for stream in &streams {
+            let batch = vec![event(100), event(101)];
+            let at = store
+                .append_blocking(stream, ExpectedRevision::Exact(79), batch.clone())
+                .unwrap();
+            written.push((stream.clone(), batch, at.position));
+        }
+        events += 12;
+        assert_eq!(count(&tree_of(&store), keys::INDEXED_ID), marked * 82);
+        store.close();
+        drop(store);
+        let store = open(ids::HELD);
+        check(&store, &written, events, 81);
+        store.close();
+        drop(store);
+        // What `verify` finds: a marked stream's event without its key, and a mark on a
+        // short stream. A key that names an event the log does not hold there (a failed
+        // commit's) is allowed, and not taken for a repeat.
+        let raw = |edit: &dyn Fn(&sled::Tree)| {
+            let db = open_sled(
+                &dir.path().join(LOG_DIR),
+                crate::events::store::SCAN_CACHE_BYTES,
+            )
+            .unwrap();
+            edit(&db.open_tree("ledger").unwrap());
+            db.flush().unwrap();
+        };
+        let marked_stream = |tree: &sled::Tree| {
+            let k = tree
+                .scan_prefix([keys::INDEXED])
+                .keys()
+                .next()
+                .unwrap()
+                .unwrap();
+            String::from_utf8(k[1..].to_vec()).unwrap()
+        };
+        let lost = std::cell::Cell::new(None);
+        raw(&|tree| {
+            let stream = marked_stream(tree);
+            let (_, batch, _) = written.iter().rev().find(|(s, _, _)| *s == stream).unwrap();
+            let key = keys::indexed_id(&stream, &batch[1].event_id);
+            lost.set(Some((key.clone(), tree.remove(&key).unwrap().unwrap())));
+            tree.insert(keys::indexed("product-0-scratch-long-0"), &[])
+                .unwrap();
+        });
+        let store = open(ids::HELD);
+        let report = crate::events::verify::verify(&store, |_| {}).unwrap();
+        let said = |what: &str| report.problems.iter().any(|p| p.message.contains(what));
+        assert!(
+            said("lacks or misplaces its event"),
+            "{:?}",
+            report.problems
+        );
+        assert!(
+            said("fewer than the 64 a mark needs"),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(
+            report.problems.len(),
+            3,
+            "the short stream lacks its key too: {:?}",
+            report.problems
+        );
+        store.close();
+        drop(store);
+        let stray = event(7);
+        raw(&|tree| {
+            let (key, value) = lost.take().unwrap();
+            tree.insert(key, value).unwrap();
+            tree.remove(keys::indexed("product-0-scratch-long-0"))
+                .unwrap();
+            let stream = marked_stream(tree);
+            let (_, _, position) = written.iter().find(|(s, _, _)| *s == stream).unwrap();
+            tree.insert(
+                keys::indexed_id(&stream, &stray.event_id),
+                &keys::id_value(1, *position),
+            )
+            .unwrap();
+        });
+        let store = open(ids::HELD);
+        let stream = marked_stream(&tree_of(&store));
+        let at = store
+            .append_blocking(&stream, ExpectedRevision::Exact(81), vec![stray.clone()])
+            .unwrap();
+        assert_eq!((at.next_expected_version, at.position), (82, events));
+        written.push((stream.clone(), vec![stray], at.position));
+        for other in streams.iter().filter(|s| **s != stream) {
+            let batch = vec![event(102)];
+            let at = store
+                .append_blocking(other, ExpectedRevision::Exact(81), batch.clone())
+                .unwrap();
+            written.push((other.clone(), batch, at.position));
+        }
+        events += 6;
+        let report = crate::events::verify::verify(&store, |_| {}).unwrap();
+        assert!(report.ok(), "{:?}", report.problems);
         store.close();
         drop(store);
         // Back to layout 3: the index is gone, and forward again every repeat still holds.
         let back = to_layout(dir.path(), Some(3)).unwrap().unwrap();
         assert_eq!(
             (back.from, back.to, back.ids_written, back.ids_dropped),
-            (LAYOUT, 3, 0, marked * 80)
+            (LAYOUT, 3, 0, marked * 83),
+            "the stray key was written again, as its event's own"
         );
-        let db = open_sled(
-            &dir.path().join(LOG_DIR),
-            crate::events::store::SCAN_CACHE_BYTES,
-        )
-        .unwrap();
-        let tree = db.open_tree("ledger").unwrap();
-        assert_eq!(
-            tree.scan_prefix([keys::INDEXED]).count()
-                + tree.scan_prefix([keys::INDEXED_ID]).count(),
-            0
-        );
-        drop(tree);
-        drop(db);
+        raw(&|tree| {
+            assert_eq!(
+                count(tree, keys::INDEXED) + count(tree, keys::INDEXED_ID),
+                0
+            )
+        });
         let store = open(256);
         assert_eq!(store.as_sled().unwrap().layout(), LAYOUT);
-        repeats_hold(&store);
+        assert_eq!(store.event_count(), events);
+        check(&store, &written, events, 82);
         store.close();
     }
 }

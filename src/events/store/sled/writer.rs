@@ -189,7 +189,8 @@ impl Writer {
         round.replies.push(reply);
     }
 
-    /// Applies a decided round in one sled batch. Returns what it owes its callers once
+    /// Applies a decided round in one sled batch (after one of its `J` keys, when it
+    /// writes to a marked stream). Returns what it owes its callers once
     /// durable; `None` when it has answered them already: the round refused everything,
     /// or its batch failed to apply.
     fn apply(&mut self, round: Round) -> Option<Ticket> {
@@ -212,7 +213,14 @@ impl Writer {
                 .ids
                 .indexed_among(&self.tree, streams)
                 .and_then(|indexed| {
-                    let (batch, tail) = sled_batch(&plan, tail, |s| indexed.contains(s));
+                    // The `J` keys of marked streams' events first, in a batch of their
+                    // own: a batch that fails may be applied in part and keep that part
+                    // after a restart, so the index may name events that never landed (a
+                    // hit is checked against the log: `ids.rs`), never lack one that did.
+                    if !indexed.is_empty() {
+                        self.tree.apply_batch(id_batch(&plan, &indexed))?;
+                    }
+                    let (batch, tail) = sled_batch(&plan, tail);
                     self.tree.apply_batch(batch)?;
                     Ok(tail)
                 });
@@ -327,17 +335,26 @@ impl Index for SledIndex<'_> {
     }
 }
 
+/// The `J` keys of a decided commit's events in `indexed` streams (marked `X`: `ids.rs`).
+fn id_batch(plan: &Plan, indexed: &std::collections::HashSet<&str>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (r, _) in &plan.records {
+        if indexed.contains(r.stream_id.as_str()) {
+            batch.insert(
+                keys::indexed_id(&r.stream_id, &r.event_id),
+                &keys::id_value(r.revision, r.position),
+            );
+        }
+    }
+    batch
+}
+
 /// A decided commit as one sled batch: the records in log chunks and the stream index
-/// (whose last entry for a stream is its head), one index key an event, and a `J` key
-/// beside it for an event of an `indexed` stream. The records join `tail` (the
+/// (whose last entry for a stream is its head), one index key an event. The records join `tail` (the
 /// log's last chunk) if it is under `chunk::JOIN_BYTES`, filling it while it stays under
 /// `chunk::MAX_BYTES`, then fill new chunks the same way; a single larger record gets a
 /// chunk of its own. Returns the batch and the log's new last chunk.
-fn sled_batch(
-    plan: &Plan,
-    tail: Option<Tail>,
-    indexed: impl Fn(&str) -> bool,
-) -> (sled::Batch, Option<Tail>) {
+fn sled_batch(plan: &Plan, tail: Option<Tail>) -> (sled::Batch, Option<Tail>) {
     use std::borrow::Cow;
     let mut batch = sled::Batch::default();
     let first = plan.records.first().map(|(r, _)| r.position);
@@ -376,12 +393,6 @@ fn sled_batch(
             keys::index(&record.stream_id, record.revision),
             &record.position.to_be_bytes(),
         );
-        if indexed(&record.stream_id) {
-            batch.insert(
-                keys::indexed_id(&record.stream_id, &record.event_id),
-                &keys::id_value(record.revision, record.position),
-            );
-        }
     }
     if changed {
         batch.insert(&keys::log(start), chunk::encode(&records));
