@@ -52,9 +52,13 @@ post /api/products/fuzz-published/publish
 post /api/streams/fuzz-notes '[{"eventId":"0b8f3a3c-6f0e-4d7e-9f53-0d6b8f1f2a11","eventType":"Noted","data":{"n":1}}]'
 
 status=0
+# One worker: a run with two failed once inside hypothesis, not on an answer of the server
+# ("AST constructor recursion depth mismatch", a Runtime Error of Python 3.11's `ast` as
+# hypothesis read a lambda's source, presumably from two threads at once). The same run
+# with one worker passed, in 77 s against 100 s with two.
 (cd "$work" && "$st" --config-file "$here/schemathesis.toml" run "$base/api/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance \
-  --max-examples "$examples" --workers 2 --seed 1 --suppress-health-check all) || status=$?
+  --max-examples "$examples" --workers 1 --seed 1 --suppress-health-check all) || status=$?
 
 if ! curl -sf "$base/api/status" >/dev/null; then
   echo "the server stopped answering during the run" >&2

@@ -1345,45 +1345,87 @@ mod tests {
         );
         store.close();
         drop(store);
-        let stray = event(7);
+        // Keys that name no event of their stream there: an id of this stream at another
+        // event's place, an event of another stream, a place past the log's end.
+        let (stray, other_event, past) = (event(7), written[1].1[0].clone(), event(8));
         raw(&|tree| {
             let (key, value) = lost.take().unwrap();
             tree.insert(key, value).unwrap();
             tree.remove(keys::indexed("product-0-scratch-long-0"))
                 .unwrap();
             let stream = marked_stream(tree);
+            assert_ne!(written[1].0, stream, "another stream's event");
             let (_, _, position) = written.iter().find(|(s, _, _)| *s == stream).unwrap();
-            tree.insert(
-                keys::indexed_id(&stream, &stray.event_id),
-                &keys::id_value(1, *position),
-            )
-            .unwrap();
+            let lies = [
+                (&stray, keys::id_value(1, *position)),
+                (&other_event, keys::id_value(0, written[1].2 - 1)),
+                (&past, keys::id_value(84, events + 1000)),
+            ];
+            for (e, value) in lies {
+                tree.insert(keys::indexed_id(&stream, &e.event_id), &value)
+                    .unwrap();
+            }
         });
         let store = open(ids::HELD);
         let stream = marked_stream(&tree_of(&store));
-        let at = store
-            .append_blocking(&stream, ExpectedRevision::Exact(81), vec![stray.clone()])
-            .unwrap();
-        assert_eq!((at.next_expected_version, at.position), (82, events));
-        written.push((stream.clone(), vec![stray], at.position));
+        for (revision, e) in [(82, &stray), (83, &other_event), (84, &past)] {
+            let at = store
+                .append_blocking(
+                    &stream,
+                    ExpectedRevision::Exact(revision - 1),
+                    vec![e.clone()],
+                )
+                .unwrap();
+            assert_eq!((at.next_expected_version, at.position), (revision, events));
+            written.push((stream.clone(), vec![e.clone()], at.position));
+            events += 1;
+        }
+        // An import of one round into a marked stream and a new one: the marked stream's
+        // record gets its key, the new stream's none.
+        let keys_before = count(&tree_of(&store), keys::INDEXED_ID);
+        let imported = |stream: &str, revision: u64, position: u64| RecordedEvent {
+            event_id: uuid::Uuid::now_v7(),
+            stream_id: stream.into(),
+            revision,
+            position,
+            event_type: "Noted".into(),
+            event_version: 1,
+            data: b"{}".to_vec(),
+            metadata: b"{}".to_vec(),
+            created_micros: now_micros(),
+            checksum: 0,
+        };
+        let records = vec![
+            imported(&stream, 85, events),
+            imported("scratch-imported", 0, events + 1),
+        ];
+        store.import_blocking(records.clone()).unwrap();
+        assert_eq!(count(&tree_of(&store), keys::INDEXED_ID), keys_before + 1);
+        let repeat = ProposedEvent {
+            event_id: records[0].event_id,
+            ..event(0)
+        };
+        written.push((stream.clone(), vec![repeat], events));
+        events += 2;
         for other in streams.iter().filter(|s| **s != stream) {
-            let batch = vec![event(102)];
+            let batch: Vec<_> = (0..4).map(|i| event(102 + i)).collect();
             let at = store
                 .append_blocking(other, ExpectedRevision::Exact(81), batch.clone())
                 .unwrap();
             written.push((other.clone(), batch, at.position));
+            events += 4;
         }
-        events += 6;
         let report = crate::events::verify::verify(&store, |_| {}).unwrap();
         assert!(report.ok(), "{:?}", report.problems);
+        check(&store, &written, events, 85);
         store.close();
         drop(store);
         // Back to layout 3: the index is gone, and forward again every repeat still holds.
         let back = to_layout(dir.path(), Some(3)).unwrap().unwrap();
         assert_eq!(
             (back.from, back.to, back.ids_written, back.ids_dropped),
-            (LAYOUT, 3, 0, marked * 83),
-            "the stray key was written again, as its event's own"
+            (LAYOUT, 3, 0, marked * 86),
+            "the keys that lied were written again, as their events' own"
         );
         raw(&|tree| {
             assert_eq!(
@@ -1394,7 +1436,7 @@ mod tests {
         let store = open(256);
         assert_eq!(store.as_sled().unwrap().layout(), LAYOUT);
         assert_eq!(store.event_count(), events);
-        check(&store, &written, events, 82);
+        check(&store, &written, events, 85);
         store.close();
     }
 }

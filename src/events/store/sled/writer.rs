@@ -80,9 +80,10 @@ impl Reserve {
 pub(super) struct Ticket {
     /// The log's next position once this round is in.
     pub(super) end: u64,
-    /// Whether the round applied anything to sled. Else every answer rests on durable
+    /// Whether the round applied events to sled. Else every answer rests on durable
     /// events already: the rounds before it were settled, and the store synced what it
-    /// recovered at its open.
+    /// recovered at its open. (Streams indexed as the round ends (`ids.rs`) need no sync
+    /// of their own: no answer rests on them, and the next sync takes them.)
     pub(super) wrote: bool,
     pub(super) replies: Vec<Reply>,
 }
@@ -205,8 +206,9 @@ impl Writer {
             return None;
         }
         if !plan.records.is_empty() {
-            // Atomic, crash included: events and their index entries land together or
-            // not at all. Durability is the syncer's step, next.
+            // Atomic in a crash: events and their index entries land together or not at
+            // all. A batch that fails with an error may keep a part (below: the store then
+            // refuses appends until a restart). Durability is the syncer's step, next.
             let tail = self.tail.take();
             let streams = plan.heads.keys().map(String::as_str);
             let applied = self
