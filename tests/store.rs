@@ -818,9 +818,9 @@ fn keys_left_under_this_layouts_marker_are_dropped_at_the_next_open() {
 }
 
 /// Layouts 3 and 4 keep no id index of short streams: idempotency finds an id in its
-/// stream through the stream index and the log, also for a repeat of events committed before the ledger changed
-/// layout, read again after a reopen (the writer's own dropping of streams is tested in
-/// `sled/ids.rs`). A ledger taken back to layout 2 gets its id index from the log, entry
+/// stream through the stream index and the log, also for a repeat of events committed
+/// before the ledger changed layout, read again after a reopen (the writer's own dropping
+/// and indexing of streams is tested in `sled/ids.rs` and `sled/mod.rs`). A ledger taken back to layout 2 gets its id index from the log, entry
 /// for entry (`verify` checks it), and loses it again when this build opens it to write.
 #[test]
 fn idempotency_holds_across_layout_changes_without_an_id_index() {

@@ -283,6 +283,31 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+#[cfg(test)]
+impl RecordedEvent {
+    /// A `Noted` event with an empty payload, for tests that write records past the store.
+    pub(crate) fn noted(
+        stream: &str,
+        revision: u64,
+        position: u64,
+        id: Uuid,
+        created_micros: i64,
+    ) -> RecordedEvent {
+        RecordedEvent {
+            event_id: id,
+            stream_id: stream.into(),
+            revision,
+            position,
+            event_type: "Noted".into(),
+            event_version: 1,
+            data: b"{}".to_vec(),
+            metadata: b"{}".to_vec(),
+            created_micros,
+            checksum: 0,
+        }
+    }
+}
+
 impl RecordedEvent {
     /// Encodes the record and fills in its checksum.
     pub fn encode(&mut self) -> Vec<u8> {

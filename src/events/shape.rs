@@ -155,18 +155,7 @@ mod tests {
     use super::*;
 
     fn rec(stream: &str, revision: u64, position: u64, created: i64, id: u128) -> RecordedEvent {
-        RecordedEvent {
-            event_id: Uuid::from_u128(id),
-            stream_id: stream.into(),
-            revision,
-            position,
-            event_type: "X".into(),
-            event_version: 1,
-            data: b"{}".to_vec(),
-            metadata: b"{}".to_vec(),
-            created_micros: created,
-            checksum: 0,
-        }
+        RecordedEvent::noted(stream, revision, position, Uuid::from_u128(id), created)
     }
 
     #[test]

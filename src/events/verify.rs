@@ -144,9 +144,8 @@ fn verify_postgres(
 }
 
 /// The (stream, id) pairs met so far in a log with no id index of every stream (layouts
-/// 3 and 4): a hash of each
-/// with the position it was first met at, a repeat of a hash confirmed from the log, and
-/// the pairs whose hash another pair took first, whole.
+/// 3 and 4): a hash of each with the position it was first met at, a repeat of a hash
+/// confirmed from the log, and the pairs whose hash another pair took first, whole.
 #[derive(Default)]
 struct IdsMet {
     first: std::collections::HashMap<u64, u64>,

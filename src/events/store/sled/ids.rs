@@ -192,7 +192,7 @@ impl StreamIds {
     /// Takes in the events of a commit just applied: each joins its stream's ids when the
     /// stream is held, as every stream the commit decided on is (deciding asked for its
     /// head); one that is not is read whole when next asked about. An indexed stream's
-    /// ids went to the `J` index with the commit. [`StreamIds::keep_bound`] follows.
+    /// ids went to the `J` index, in a batch before the commit's. [`StreamIds::keep_bound`] follows.
     pub(super) fn committed<'a>(
         &mut self,
         events: impl Iterator<Item = (&'a str, Uuid, u64, u64)>,

@@ -369,8 +369,9 @@ pub struct LayoutChange {
 /// held meanwhile). Going back (a rollback), it drops what only layout 4 keeps (its id
 /// index of long streams), writes what the older layout kept and this one does not (to 2
 /// or 1: the id index of every stream, from the log; to 1: every stream's head key, from
-/// the stream index), then the marker, durably; to [`LAYOUT`], what an open to write does. `layout: None` changes nothing and reports the ledger's layout.
-/// `None` when `dir` holds no sled ledger.
+/// the stream index), then the marker, durably; to [`LAYOUT`], what an open to write
+/// does. `layout: None` changes nothing and reports the ledger's layout. `None` when `dir`
+/// holds no sled ledger.
 pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>, StoreError> {
     let sled_dir = dir.join(LOG_DIR);
     if !sled_dir.join("db").is_file() {
@@ -1383,17 +1384,14 @@ mod tests {
         // An import of one round into a marked stream and a new one: the marked stream's
         // record gets its key, the new stream's none.
         let keys_before = count(&tree_of(&store), keys::INDEXED_ID);
-        let imported = |stream: &str, revision: u64, position: u64| RecordedEvent {
-            event_id: uuid::Uuid::now_v7(),
-            stream_id: stream.into(),
-            revision,
-            position,
-            event_type: "Noted".into(),
-            event_version: 1,
-            data: b"{}".to_vec(),
-            metadata: b"{}".to_vec(),
-            created_micros: now_micros(),
-            checksum: 0,
+        let imported = |stream: &str, revision: u64, position: u64| {
+            RecordedEvent::noted(
+                stream,
+                revision,
+                position,
+                uuid::Uuid::now_v7(),
+                now_micros(),
+            )
         };
         let records = vec![
             imported(&stream, 85, events),

@@ -190,10 +190,10 @@ impl Writer {
         round.replies.push(reply);
     }
 
-    /// Applies a decided round in one sled batch (after one of its `J` keys, when it
-    /// writes to a marked stream). Returns what it owes its callers once
-    /// durable; `None` when it has answered them already: the round refused everything,
-    /// or its batch failed to apply.
+    /// Applies a decided round in one sled batch (after a batch of its `J` keys, when it
+    /// writes to a marked stream). Returns what it owes its callers once durable; `None`
+    /// when it has answered them already: the round refused everything, or its batch
+    /// failed to apply.
     fn apply(&mut self, round: Round) -> Option<Ticket> {
         let Round {
             refusal,
