@@ -225,10 +225,12 @@ impl StreamIds {
             .map(|(s, k)| (k.used, k.ids.len() + 1, s))
             .collect();
         by_use.sort_unstable_by_key(|(used, _, _)| *used);
+        let started = std::time::Instant::now();
         let mut held = self.held;
         let mut dropped = Vec::new();
         let mut marks = sled::Batch::default();
-        let mut marking = false;
+        let mut marking = 0usize;
+        let mut indexed_ids = 0usize;
         let mut ids = sled::Batch::default();
         let mut in_batch = 0;
         for (_, size, stream) in by_use {
@@ -249,7 +251,8 @@ impl StreamIds {
                     }
                 }
                 marks.insert(keys::indexed(stream), &[]);
-                marking = true;
+                marking += 1;
+                indexed_ids += known.ids.len();
             }
             held -= size;
             dropped.push(stream.clone());
@@ -259,8 +262,15 @@ impl StreamIds {
         if in_batch > 0 {
             tree.apply_batch(ids)?;
         }
-        if marking {
+        if marking > 0 {
             tree.apply_batch(marks)?;
+            // Appends wait meanwhile: a pause an operator may see in their latency.
+            tracing::info!(
+                streams = marking,
+                ids = indexed_ids,
+                ms = started.elapsed().as_millis() as u64,
+                "indexed long streams the writer dropped from memory (layout 4's id index)"
+            );
         }
         for stream in dropped {
             if self.streams.remove(&stream).is_some_and(|k| k.indexed) {
