@@ -268,32 +268,32 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
                     ),
                 ),
             }
+            // An id index entry (`I` or `J`) holds the event's revision and position,
+            // written as the store writes them.
+            let entry_holds = |key: Vec<u8>| -> Result<bool, sled::Error> {
+                Ok(tree.get(key)?.as_deref() == Some(&keys::id_value(r.revision, pos)[..]))
+            };
             if id_index {
-                match tree.get(keys::id(&r.stream_id, &r.event_id))? {
-                    Some(v)
-                        if be(&v) == Some(r.revision) && v.get(8..).and_then(be) == Some(pos) => {}
-                    _ => add(
+                if !entry_holds(keys::id(&r.stream_id, &r.event_id))? {
+                    add(
                         Some(pos),
                         format!(
                             "id index lacks or misplaces event {} of {}",
                             r.event_id, r.stream_id
                         ),
-                    ),
+                    );
                 }
             } else {
                 if let Some(seen) = marked.get_mut(&r.stream_id) {
                     *seen += 1;
-                    match tree.get(keys::indexed_id(&r.stream_id, &r.event_id))? {
-                        Some(v)
-                            if be(&v) == Some(r.revision)
-                                && v.get(8..).and_then(be) == Some(pos) => {}
-                        _ => add(
+                    if !entry_holds(keys::indexed_id(&r.stream_id, &r.event_id))? {
+                        add(
                             Some(pos),
                             format!(
                                 "the id index of {} lacks or misplaces its event {}",
                                 r.stream_id, r.event_id
                             ),
-                        ),
+                        );
                     }
                 }
                 match met.earlier(sled, &r, pos) {

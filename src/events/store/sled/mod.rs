@@ -269,9 +269,16 @@ fn check_layout(
     }
     // Also after a crash in the middle of this, or of a `ledger-layout --to 1` or `--to 2`
     // (the marker still says this layout then). Layout 4's own index is not among them.
+    drop_older_keys(db, tree)?;
+    Ok(LAYOUT)
+}
+
+/// Drops what layouts 1 and 2 kept and layout 3 on do not: the head keys and the id index
+/// of every stream.
+fn drop_older_keys(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
     drop_keys(db, tree, keys::HEAD, "stream head keys (layout 1)")?;
     drop_keys(db, tree, keys::ID, "id index keys (layouts 1 and 2)")?;
-    Ok(LAYOUT)
+    Ok(())
 }
 
 /// A stream's head as its stream-index entries give it: the last revision whose event's
@@ -416,8 +423,7 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
             if to == 3 {
                 // From layout 1 or 2: what layout 3 does not keep, once marked, as a build
                 // of layout 3 would drop it.
-                drop_keys(&db, &tree, keys::HEAD, "stream head keys (layout 1)")?;
-                drop_keys(&db, &tree, keys::ID, "id index keys (layouts 1 and 2)")?;
+                drop_older_keys(&db, &tree)?;
             }
         }
         Some(other) => {
