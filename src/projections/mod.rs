@@ -76,34 +76,34 @@ impl Projections {
     pub fn open(store: &Store, max_attempts: u32) -> Result<Projections, StoreError> {
         let started = Instant::now();
         let mut loaded = None;
-        let snapshot = store.load_snapshot(SNAPSHOT_NAME)?;
-        let read_ms = started.elapsed().as_millis() as u64;
-        let mut model = match snapshot {
-            Some((_, bytes)) if !bytes.starts_with(&PublishSnapshot::format()) => {
-                tracing::warn!(
-                    "the projection snapshot was written in another format; replaying from the start"
-                );
-                PublishModel::new(max_attempts)
-            }
-            Some((checkpoint, bytes)) => {
-                match bincode::serde::borrow_decode_from_slice::<PublishSnapshot, _>(
-                    &bytes[8..],
-                    bincode::config::standard(),
-                ) {
-                    Ok((snap, _))
-                        if snap.last_position == checkpoint
-                            && checkpoint.is_none_or(|c| c < store.event_count()) =>
-                    {
-                        loaded = Some(checkpoint);
-                        PublishModel::from_snapshot(snap, max_attempts)
-                    }
-                    Ok(_) | Err(_) => {
-                        tracing::warn!("projection snapshot unusable; replaying from the start");
-                        PublishModel::new(max_attempts)
-                    }
-                }
-            }
+        let mut model = match store.open_snapshot(SNAPSHOT_NAME)? {
             None => PublishModel::new(max_attempts),
+            Some(mut r) => match PublishSnapshot::read(&mut r) {
+                Ok(None) => {
+                    tracing::warn!(
+                        "the projection snapshot was written in another format; replaying from the start"
+                    );
+                    PublishModel::new(max_attempts)
+                }
+                Ok(Some(snap))
+                    if snap.tail.last_position == r.checkpoint
+                        && r.checkpoint.is_none_or(|c| c < store.event_count()) =>
+                {
+                    loaded = Some(r.checkpoint);
+                    PublishModel::from_snapshot(snap, max_attempts)
+                }
+                Ok(Some(_)) => {
+                    tracing::warn!(
+                        "projection snapshot unusable (its checkpoint disagrees with the log); replaying from the start"
+                    );
+                    PublishModel::new(max_attempts)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!(error = %e, "projection snapshot unusable; replaying from the start");
+                    PublishModel::new(max_attempts)
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         let snapshot_ms = started.elapsed().as_millis() as u64;
         let from = model.last_position().map_or(0, |p| p + 1);
@@ -128,7 +128,6 @@ impl Projections {
             from,
             caught_up,
             products = model.product_count(),
-            snapshot_read_ms = read_ms,
             snapshot_ms,
             ms = started.elapsed().as_millis() as u64,
             "projections ready"

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
+use std::io::Read;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ use crate::events::RecordedEvent;
 use crate::events::catalogue::{
     ProductRegistered, PublishFailed, PublishStarted, PublishSucceeded,
 };
+use crate::events::store::{SnapshotReader, damaged_snapshot};
 
 pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
@@ -54,14 +56,24 @@ fn failed_key(id: &Id, (attempts, at): (u32, i64)) -> (u32, i64, Id) {
     (u32::MAX - attempts, at, id.clone())
 }
 
-/// What is persisted in a snapshot; the indexes are rebuilt from it on load.
-#[derive(Serialize, Deserialize)]
+/// What is persisted in a snapshot; the indexes are rebuilt from it on load. Encoded
+/// with bincode's standard configuration after the 8 bytes of [`Self::format`]; read back
+/// by [`Self::read`], segment by segment as the store yields them.
+#[derive(Serialize)]
 pub struct PublishSnapshot {
     pub max_attempts: u32,
     /// Boxed as the model keeps them, so a load moves each state in without a copy.
     pub products: Segments,
-    pub failure_times: Vec<i64>,
-    pub parked: Vec<Parked>,
+    pub tail: SnapshotTail<'static>,
+}
+
+/// What a snapshot holds after its products (bincode writes a nested struct's fields in
+/// place, so this is the same encoding as the fields themselves). Borrowed when the model
+/// encodes itself, owned when a snapshot is read.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotTail<'a> {
+    pub failure_times: std::borrow::Cow<'a, [i64]>,
+    pub parked: std::borrow::Cow<'a, [Parked]>,
     pub parked_total: u64,
     pub last_position: Option<u64>,
     pub last_time: i64,
@@ -148,16 +160,19 @@ impl PublishSnapshot {
             let sample = PublishSnapshot {
                 max_attempts: 3,
                 products: Segments(vec![Box::new(product), Box::new(other)]),
-                failure_times: vec![11],
-                parked: vec![Parked {
-                    position: 12,
-                    stream_id: "product-i".into(),
-                    event_type: "x".into(),
-                    reason: "r".into(),
-                }],
-                parked_total: 13,
-                last_position: Some(14),
-                last_time: 15,
+                tail: SnapshotTail {
+                    failure_times: vec![11].into(),
+                    parked: vec![Parked {
+                        position: 12,
+                        stream_id: "product-i".into(),
+                        event_type: "x".into(),
+                        reason: "r".into(),
+                    }]
+                    .into(),
+                    parked_total: 13,
+                    last_position: Some(14),
+                    last_time: 15,
+                },
             };
             let bytes = bincode::serde::encode_to_vec(&sample, bincode::config::standard())
                 .expect("encoding into a Vec cannot fail");
@@ -176,10 +191,9 @@ impl PublishSnapshot {
 const SEGMENT_PRODUCTS: usize = 16_384;
 
 /// The products of a snapshot, encoded as a sequence of byte strings, each the encoding
-/// of up to [`SEGMENT_PRODUCTS`] states: a load finds each segment without decoding the
-/// ones before it, and decodes them side by side (most of a start from a snapshot is
-/// allocating and filling the states). Decoding needs the snapshot's bytes borrowed
-/// (`bincode::serde::borrow_decode_from_slice`).
+/// of up to [`SEGMENT_PRODUCTS`] states: a load reads each segment as the store yields it
+/// and decodes segments side by side (most of a start from a snapshot is allocating and
+/// filling the states), never holding the whole snapshot's bytes.
 pub struct Segments(pub Vec<Box<ProductState>>);
 
 impl Segments {
@@ -222,55 +236,137 @@ impl Serialize for Segments {
     }
 }
 
-impl<'de> Deserialize<'de> for Segments {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Vec<&'de [u8]>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a sequence of encoded segments of product states")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                // Bounded by what the input holds, not by what it says.
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
-                while let Some(segment) = seq.next_element::<&'de [u8]>()? {
-                    out.push(segment);
-                }
-                Ok(out)
-            }
+impl PublishSnapshot {
+    /// Reads a snapshot as [`PublishModel::encode_snapshot`] wrote it, from the store's
+    /// reader: `None` when it begins with another [`Self::format`]. Segments are decoded
+    /// by two threads while this one reads the next, in buffers used again, so a load
+    /// touches the states' memory and a few segments', not the snapshot's size besides.
+    /// Every length read is held to what the store says is left. A damaged snapshot
+    /// fails with `InvalidData`.
+    pub fn read(r: &mut SnapshotReader) -> std::io::Result<Option<PublishSnapshot>> {
+        let mut format = [0u8; 8];
+        if r.remaining() < 8 {
+            return Ok(None);
         }
-        let segments = d.deserialize_seq(Visitor)?;
-        let decode = |segments: &[&[u8]]| {
-            let mut out = Vec::new();
-            for bytes in segments {
-                let (products, _) = bincode::serde::decode_from_slice::<Vec<Box<ProductState>>, _>(
-                    bytes,
-                    bincode::config::standard(),
-                )?;
-                out.extend(products);
+        r.read_exact(&mut format)?;
+        if format != Self::format() {
+            return Ok(None);
+        }
+        let max_attempts: u32 = decode_from(r)?;
+        let products = Segments::read(r)?;
+        let mut rest = Vec::with_capacity(r.remaining().min(1 << 20) as usize);
+        r.read_to_end(&mut rest)?;
+        let (tail, _) = bincode::serde::decode_from_slice::<SnapshotTail<'static>, _>(
+            &rest,
+            bincode::config::standard(),
+        )
+        .map_err(damaged_snapshot)?;
+        Ok(Some(PublishSnapshot {
+            max_attempts,
+            products,
+            tail,
+        }))
+    }
+}
+
+/// One value of bincode's standard encoding (an integer here), read from the snapshot.
+fn decode_from<T: bincode::Decode<()>>(r: &mut SnapshotReader) -> std::io::Result<T> {
+    bincode::decode_from_std_read(r, bincode::config::standard()).map_err(|e| match e {
+        bincode::error::DecodeError::Io { inner, .. }
+            if inner.kind() != std::io::ErrorKind::UnexpectedEof =>
+        {
+            inner
+        }
+        other => damaged_snapshot(other),
+    })
+}
+
+impl Segments {
+    fn read(r: &mut SnapshotReader) -> std::io::Result<Segments> {
+        use std::sync::mpsc;
+        let count: u64 = decode_from(r)?;
+        // Each segment takes one byte at least.
+        if count > r.remaining() {
+            return Err(damaged_snapshot(format_args!("{count} segments")));
+        }
+        type Decoded = Vec<(u64, Vec<Box<ProductState>>)>;
+        let (to_decode, queue) = mpsc::sync_channel::<(u64, Vec<u8>)>(2);
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        let (give_back, returned) = mpsc::channel::<Vec<u8>>();
+        std::thread::scope(|scope| {
+            // Each decoder owns a handle on the queue: were both to stop, the queue would
+            // close and the reading below end, rather than wait for room forever.
+            let decoders: Vec<_> =
+                (0..2)
+                    .map(|_| {
+                        let (queue, give_back) = (queue.clone(), give_back.clone());
+                        scope.spawn(move || {
+                            let mut out: Decoded = Vec::new();
+                            let mut failed = None;
+                            loop {
+                                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                                let Ok((i, bytes)) = next else { break };
+                                if failed.is_none() {
+                                    match bincode::serde::decode_from_slice::<
+                                        Vec<Box<ProductState>>,
+                                        _,
+                                    >(
+                                        &bytes, bincode::config::standard()
+                                    ) {
+                                        Ok((products, _)) => out.push((i, products)),
+                                        Err(e) => failed = Some(damaged_snapshot(e)),
+                                    }
+                                }
+                                let _ = give_back.send(bytes);
+                            }
+                            failed.map_or(Ok(out), Err)
+                        })
+                    })
+                    .collect();
+            drop((queue, give_back));
+            let read = (|| {
+                for i in 0..count {
+                    let len: u64 = decode_from(r)?;
+                    if len > r.remaining() {
+                        return Err(damaged_snapshot(format_args!("a segment of {len} bytes")));
+                    }
+                    let mut bytes = returned.try_recv().unwrap_or_default();
+                    bytes.clear();
+                    bytes.reserve(len.min(64 << 20) as usize);
+                    r.by_ref().take(len).read_to_end(&mut bytes)?;
+                    if to_decode.send((i, bytes)).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })();
+            drop(to_decode);
+            let mut decoded: Decoded = Vec::new();
+            let mut failed = read.err();
+            for d in decoders {
+                match d.join() {
+                    Ok(Ok(part)) => decoded.extend(part),
+                    Ok(Err(e)) => failed = failed.or(Some(e)),
+                    Err(_) => {
+                        failed = failed.or(Some(damaged_snapshot(
+                            "the thread decoding a segment stopped",
+                        )))
+                    }
+                }
             }
-            Ok::<_, bincode::error::DecodeError>(out)
-        };
-        // The second half on a thread of its own, the first on this one: a pool's threads
-        // would each keep an allocator heap of their own (15 MB more at a million
-        // products, measured), one thread keeps one.
-        let (first, second) = segments.split_at(segments.len() / 2);
-        let (first, second) = std::thread::scope(|scope| {
-            let second = scope.spawn(|| decode(second));
-            let first = decode(first);
-            let second = second
-                .join()
-                .unwrap_or(Err(bincode::error::DecodeError::Other(
-                    "the thread decoding a snapshot segment stopped",
-                )));
-            (first, second)
-        });
-        let mut products = first.map_err(serde::de::Error::custom)?;
-        products.extend(second.map_err(serde::de::Error::custom)?);
-        Ok(Segments(products))
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if decoded.len() as u64 != count {
+                return Err(damaged_snapshot("segments missing"));
+            }
+            decoded.sort_unstable_by_key(|(i, _)| *i);
+            let mut products = Vec::with_capacity(decoded.iter().map(|(_, p)| p.len()).sum());
+            for (_, p) in decoded {
+                products.extend(p);
+            }
+            Ok(Segments(products))
+        })
     }
 }
 
@@ -707,6 +803,7 @@ impl PublishModel {
     /// (its test compares the two).
     #[cfg(test)]
     fn snapshot(&self) -> PublishSnapshot {
+        let tail = self.tail();
         PublishSnapshot {
             max_attempts: self.max_attempts,
             products: Segments(
@@ -715,8 +812,19 @@ impl PublishModel {
                     .map(|p| Box::new(p.clone()))
                     .collect(),
             ),
-            failure_times: self.failure_times.clone(),
-            parked: self.parked.clone(),
+            tail: SnapshotTail {
+                failure_times: tail.failure_times.into_owned().into(),
+                parked: tail.parked.into_owned().into(),
+                ..tail
+            },
+        }
+    }
+
+    /// What a snapshot holds after the products, borrowed from the model.
+    fn tail(&self) -> SnapshotTail<'_> {
+        SnapshotTail {
+            failure_times: (&self.failure_times[..]).into(),
+            parked: (&self.parked[..]).into(),
             parked_total: self.parked_total,
             last_position: self.last_position,
             last_time: self.last_time,
@@ -736,20 +844,12 @@ impl PublishModel {
         struct View<'a> {
             max_attempts: u32,
             products: ProductsView<'a>,
-            failure_times: &'a [i64],
-            parked: &'a [Parked],
-            parked_total: u64,
-            last_position: Option<u64>,
-            last_time: i64,
+            tail: SnapshotTail<'a>,
         }
         let view = View {
             max_attempts: self.max_attempts,
             products: ProductsView(&self.products),
-            failure_times: &self.failure_times,
-            parked: &self.parked,
-            parked_total: self.parked_total,
-            last_position: self.last_position,
-            last_time: self.last_time,
+            tail: self.tail(),
         };
         bincode::serde::encode_into_std_write(view, out, bincode::config::standard())
             .expect("encoding into a Vec cannot fail");
@@ -765,11 +865,11 @@ impl PublishModel {
             m.add(p);
         }
         m.index_all();
-        m.failure_times = s.failure_times;
-        m.parked = s.parked;
-        m.parked_total = s.parked_total;
-        m.last_position = s.last_position;
-        m.last_time = s.last_time;
+        m.failure_times = s.tail.failure_times.into_owned();
+        m.parked = s.tail.parked.into_owned();
+        m.parked_total = s.tail.parked_total;
+        m.last_position = s.tail.last_position;
+        m.last_time = s.tail.last_time;
         m
     }
 }
@@ -881,9 +981,7 @@ mod tests {
         let owned =
             bincode::serde::encode_to_vec(g.model.snapshot(), bincode::config::standard()).unwrap();
         assert_eq!(borrowed, owned);
-        let (back, _): (PublishSnapshot, usize) =
-            bincode::serde::borrow_decode_from_slice(&borrowed, bincode::config::standard())
-                .unwrap();
+        let back = read_back(&borrowed).unwrap().unwrap();
         let back = PublishModel::from_snapshot(back, 3);
         assert_eq!(ids(back.failed(None, 10)), vec!["b"]);
         assert_eq!(back.product("a"), g.model.product("a"));
@@ -909,19 +1007,49 @@ mod tests {
         }
         let mut bytes = Vec::new();
         g.model.encode_snapshot(&mut bytes);
-        let (back, _): (PublishSnapshot, usize) =
-            bincode::serde::borrow_decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        let back = read_back(&bytes).unwrap().unwrap();
         assert_eq!(back.products.0.len(), n);
         let back = PublishModel::from_snapshot(back, 3);
         assert_eq!(back, g.model);
-        // A damaged segment is an error, not a panic or a model with products missing.
+        // Damaged, cut short, or longer than its encoding: an error that says so, not a
+        // panic, a hang, or a model with products missing.
+        let damaged = |bytes: &[u8]| {
+            let e = read_back(bytes)
+                .err()
+                .expect("a damaged snapshot is refused");
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        };
+        let mut spoilt = bytes.clone();
         let cut = bytes.len() / 2;
-        bytes[cut..cut + 64].fill(0xFF);
-        let damaged = bincode::serde::borrow_decode_from_slice::<PublishSnapshot, _>(
-            &bytes,
-            bincode::config::standard(),
-        );
-        assert!(damaged.is_err());
+        spoilt[cut..cut + 64].fill(0xFF);
+        damaged(&spoilt);
+        for cut in [1, 3, bytes.len() / 3, bytes.len() - 1] {
+            damaged(&bytes[..cut]);
+        }
+        // A segment count or length far past what is stored (after `max_attempts`).
+        let mut huge = bytes[..1].to_vec();
+        huge.extend_from_slice(&[253, 0, 0, 0, 0, 0, 0, 0, 64]);
+        damaged(&huge);
+        let mut huge = bytes[..1].to_vec();
+        huge.extend_from_slice(&[1, 253, 0, 0, 0, 0, 0, 0, 0, 64]);
+        damaged(&huge);
+        // Another format is no snapshot, not an error.
+        let mut other = PublishSnapshot::format();
+        other[0] ^= 1;
+        assert!(read_back_as(other, &bytes).unwrap().is_none());
+    }
+
+    /// A snapshot's bytes (format first) read back as the store's reader yields them.
+    fn read_back(encoded: &[u8]) -> std::io::Result<Option<PublishSnapshot>> {
+        read_back_as(PublishSnapshot::format(), encoded)
+    }
+
+    fn read_back_as(format: [u8; 8], encoded: &[u8]) -> std::io::Result<Option<PublishSnapshot>> {
+        let mut bytes = format.to_vec();
+        bytes.extend_from_slice(encoded);
+        let len = bytes.len() as u64;
+        let mut r = SnapshotReader::new(Some(0), len, Box::new(std::io::Cursor::new(bytes)));
+        PublishSnapshot::read(&mut r)
     }
 
     /// Given products staged, failed once, failed three times and published, then the

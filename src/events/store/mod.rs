@@ -134,6 +134,71 @@ impl WriterMsg {
 /// A stored projection snapshot: its checkpoint and its bytes.
 pub type Snapshot = (Option<u64>, Vec<u8>);
 
+/// A stored projection snapshot being read: its checkpoint, and its bytes as they come
+/// from the store, so that a load can decode them without holding them whole (a million
+/// products' snapshot is about 200 MB). A snapshot that ends before its stated length,
+/// goes past it, or misses a part fails the read with `InvalidData`: it is damaged, not a
+/// storage failure.
+pub struct SnapshotReader {
+    /// The position of the last event folded into the snapshot.
+    pub checkpoint: Option<u64>,
+    len: u64,
+    done: u64,
+    inner: Box<dyn std::io::Read + Send>,
+}
+
+impl SnapshotReader {
+    /// `inner` yields the snapshot's bytes and then ends; `len` is what the store says it
+    /// holds.
+    pub fn new(checkpoint: Option<u64>, len: u64, inner: Box<dyn std::io::Read + Send>) -> Self {
+        SnapshotReader {
+            checkpoint,
+            len,
+            done: 0,
+            inner,
+        }
+    }
+
+    /// Bytes the store says are left to read (a damaged snapshot may hold fewer).
+    pub fn remaining(&self) -> u64 {
+        self.len - self.done
+    }
+}
+
+/// An error reading a snapshot that says it is damaged.
+pub fn damaged_snapshot(what: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("damaged snapshot: {what}"),
+    )
+}
+
+impl std::io::Read for SnapshotReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let room = usize::try_from(self.remaining()).map_or(buf.len(), |r| r.min(buf.len()));
+        if room == 0 {
+            // At the stated length the store's bytes must end too.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(damaged_snapshot("more bytes than its length")),
+            };
+        }
+        let n = self.inner.read(&mut buf[..room])?;
+        if n == 0 {
+            return Err(damaged_snapshot(format_args!(
+                "{} bytes of {}",
+                self.done, self.len
+            )));
+        }
+        self.done += n as u64;
+        Ok(n)
+    }
+}
+
 /// A handle to an open ledger, on either backend. Cheap to clone; all clones share one
 /// writer.
 #[derive(Clone, Debug)]
@@ -457,9 +522,29 @@ impl Store {
         both!(self, s => s.save_snapshot(name, checkpoint, bytes))
     }
 
-    /// The last snapshot saved under `name`, with its checkpoint.
+    /// The last snapshot saved under `name`, to be read as it is decoded. One in a
+    /// format this build does not know is none.
+    pub fn open_snapshot(&self, name: &str) -> Result<Option<SnapshotReader>, StoreError> {
+        both!(self, s => s.open_snapshot(name))
+    }
+
+    /// The last snapshot saved under `name`, whole, with its checkpoint. A damaged one
+    /// (incomplete, or of another length than stored) is none.
     pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
-        both!(self, s => s.load_snapshot(name))
+        use std::io::Read;
+        let Some(mut r) = self.open_snapshot(name)? else {
+            return Ok(None);
+        };
+        // Room for the whole at once, but no more than 1 GiB whatever the store says.
+        let mut bytes = Vec::with_capacity(r.remaining().min(1 << 30) as usize);
+        match r.read_to_end(&mut bytes) {
+            Ok(_) => Ok(Some((r.checkpoint, bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(name, error = %e, "snapshot unusable");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Bytes the log occupies on disk (sled's files, or the events table and its indexes).

@@ -47,8 +47,8 @@ use super::super::record::RecordedEvent;
 use super::gather::Gather;
 use super::plan::{Index, Plan, Planner};
 use super::{
-    AppendResult, Direction, MAX_COMMIT_EVENTS, RawBytes, RawRecord, Snapshot, WriterMsg,
-    decode_at, now_micros,
+    AppendResult, Direction, MAX_COMMIT_EVENTS, RawBytes, RawRecord, Snapshot, SnapshotReader,
+    WriterMsg, decode_at, now_micros,
 };
 
 /// The schema this build reads and writes.
@@ -526,7 +526,14 @@ impl PgStore {
         })
     }
 
-    pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
+    pub fn open_snapshot(&self, name: &str) -> Result<Option<SnapshotReader>, StoreError> {
+        Ok(self.load_row(name)?.map(|(checkpoint, bytes)| {
+            let len = bytes.len() as u64;
+            SnapshotReader::new(checkpoint, len, Box::new(std::io::Cursor::new(bytes)))
+        }))
+    }
+
+    fn load_row(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
         let name = name.to_string();
         self.query("loading a snapshot", move |c| {
             Box::pin(async move {

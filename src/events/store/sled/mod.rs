@@ -63,7 +63,7 @@ use super::super::error::{StoreError, be_u64};
 use super::super::record::{RecordRef, RecordedEvent};
 use super::{
     DEFAULT_RESERVE_BYTES, Direction, LOCK_FILE, LOG_DIR, MAX_COMMIT_EVENTS, RawBytes, RawRecord,
-    Snapshot, WriterMsg, decode_at, now_micros,
+    SnapshotReader, WriterMsg, damaged_snapshot, decode_at, now_micros,
 };
 
 mod ids;
@@ -973,9 +973,10 @@ impl SledStore {
         Ok(())
     }
 
-    /// The last snapshot saved under `name`, with its checkpoint. One that is incomplete
-    /// or in an unknown format is no snapshot (the projection replays from the start).
-    pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
+    /// The last snapshot saved under `name`, read part by part as it is decoded (sled's
+    /// cache, not a copy of the whole, holds what has been read). One in an unknown format
+    /// is none; parts missing or out of place fail the read (`SnapshotReader`).
+    pub fn open_snapshot(&self, name: &str) -> Result<Option<SnapshotReader>, StoreError> {
         if check_snapshot_name(name).is_err() {
             return Ok(None);
         }
@@ -985,38 +986,34 @@ impl SledStore {
         // Format 1: the checkpoint and the bytes in the one value.
         if v.first() == Some(&1) && v.len() >= 9 {
             let c = be_u64(&v[1..9], "snapshot checkpoint")?;
-            return Ok(Some((c.checked_sub(1), v[9..].to_vec())));
+            let bytes = v.subslice(9, v.len() - 9);
+            let len = bytes.len() as u64;
+            return Ok(Some(SnapshotReader::new(
+                c.checked_sub(1),
+                len,
+                Box::new(std::io::Cursor::new(bytes)),
+            )));
         }
         let Some(h) = SnapshotHeader::parse(&v) else {
             return Ok(None);
         };
-        let from = snapshot_part_key(name, h.generation, 0);
-        // Room for the whole at once (no doubling copies of hundreds of megabytes), but no
-        // more than the parts can hold nor 1 GiB, whatever a damaged header says.
-        let room = h
-            .len
-            .min(u64::from(h.parts) * SNAPSHOT_PART as u64)
-            .min(1 << 30);
-        let mut bytes = Vec::with_capacity(usize::try_from(room).unwrap_or(0));
-        let mut count = 0u64;
-        for item in self.inner.snapshots.range(from..) {
-            let (key, part) = item?;
-            if count == u64::from(h.parts)
-                || key.as_ref() != snapshot_part_key(name, h.generation, count as u32).as_slice()
-            {
-                break;
-            }
-            bytes.extend_from_slice(&part);
-            count += 1;
-            if bytes.len() as u64 > h.len {
-                break;
-            }
-        }
-        if count != u64::from(h.parts) || bytes.len() as u64 != h.len {
-            tracing::warn!(name, "snapshot incomplete; replaying from the start");
-            return Ok(None);
-        }
-        Ok(Some((h.checkpoint_plus_one.checked_sub(1), bytes)))
+        let parts = SnapshotParts {
+            iter: self
+                .inner
+                .snapshots
+                .range(snapshot_part_key(name, h.generation, 0)..),
+            name: name.to_string(),
+            generation: h.generation,
+            parts: h.parts,
+            next: 0,
+            part: sled::IVec::default(),
+            at: 0,
+        };
+        Ok(Some(SnapshotReader::new(
+            h.checkpoint_plus_one.checked_sub(1),
+            h.len,
+            Box::new(parts),
+        )))
     }
 
     /// Raw access for `verify`.
@@ -1027,6 +1024,43 @@ impl SledStore {
     /// Bytes sled occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// A snapshot's parts in order, as one stream of bytes: each part must be the next one of
+/// its generation, and the stream ends after the header's count.
+struct SnapshotParts {
+    iter: sled::Iter,
+    name: String,
+    generation: u64,
+    parts: u32,
+    next: u32,
+    part: sled::IVec,
+    at: usize,
+}
+
+impl std::io::Read for SnapshotParts {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.part.len() {
+            if self.next == self.parts {
+                return Ok(0);
+            }
+            let (key, part) = match self.iter.next() {
+                Some(item) => item.map_err(std::io::Error::other)?,
+                None => return Err(damaged_snapshot(format_args!("part {} missing", self.next))),
+            };
+            if key.as_ref() != snapshot_part_key(&self.name, self.generation, self.next).as_slice()
+            {
+                return Err(damaged_snapshot(format_args!("part {} missing", self.next)));
+            }
+            self.next += 1;
+            self.part = part;
+            self.at = 0;
+        }
+        let n = buf.len().min(self.part.len() - self.at);
+        buf[..n].copy_from_slice(&self.part[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -1117,6 +1151,19 @@ mod tests {
     /// A snapshot saved by an earlier version (format 1: one value) still loads, and the
     /// next save replaces it; a smaller save leaves no part of the larger behind; a
     /// snapshot whose parts are missing, or whose header is damaged, is no snapshot.
+    /// The snapshot under `name`, read whole; `None` for none or a damaged one.
+    fn whole(store: &SledStore, name: &str) -> Option<(Option<u64>, Vec<u8>)> {
+        let mut r = store.open_snapshot(name).unwrap()?;
+        let mut bytes = Vec::new();
+        match r.read_to_end(&mut bytes) {
+            Ok(_) => Some((r.checkpoint, bytes)),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+                None
+            }
+        }
+    }
+
     #[test]
     fn snapshots_of_the_earlier_format_load_and_incomplete_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
@@ -1133,7 +1180,7 @@ mod tests {
         v.extend_from_slice(b"old bytes");
         store.inner.snapshots.insert("publish", v).unwrap();
         assert_eq!(
-            store.load_snapshot("publish").unwrap(),
+            whole(&store, "publish"),
             Some((Some(41), b"old bytes".to_vec()))
         );
         let parts_of = |s: &SledStore| {
@@ -1148,10 +1195,7 @@ mod tests {
         let bytes = vec![6u8; 3 * SNAPSHOT_PART + 1];
         store.save_snapshot("publish", Some(9), &bytes).unwrap();
         assert_eq!(parts_of(&store), 4);
-        assert_eq!(
-            store.load_snapshot("publish").unwrap(),
-            Some((Some(9), bytes))
-        );
+        assert_eq!(whole(&store, "publish"), Some((Some(9), bytes)));
         // A damaged header (its length disagrees with its part count) is no snapshot.
         let mut h = store
             .inner
@@ -1162,10 +1206,10 @@ mod tests {
             .to_vec();
         h[21..29].copy_from_slice(&u64::MAX.to_be_bytes());
         store.inner.snapshots.insert("publish", h.clone()).unwrap();
-        assert_eq!(store.load_snapshot("publish").unwrap(), None);
+        assert_eq!(whole(&store, "publish"), None);
         h[21..29].copy_from_slice(&((3 * SNAPSHOT_PART + 1) as u64).to_be_bytes());
         store.inner.snapshots.insert("publish", h).unwrap();
-        assert!(store.load_snapshot("publish").unwrap().is_some());
+        assert!(whole(&store, "publish").is_some());
         // A part gone: no snapshot.
         let gone = store
             .inner
@@ -1176,7 +1220,7 @@ mod tests {
             .unwrap()
             .0;
         store.inner.snapshots.remove(gone).unwrap();
-        assert_eq!(store.load_snapshot("publish").unwrap(), None);
+        assert_eq!(whole(&store, "publish"), None);
         assert!(store.save_snapshot("pub\0lish", None, b"x").is_err());
         store.close();
     }
