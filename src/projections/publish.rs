@@ -289,69 +289,70 @@ impl Segments {
         if count > r.remaining() {
             return Err(damaged_snapshot(format_args!("{count} segments")));
         }
+        // Boxed as the model keeps them: a load moves each state in without a copy.
+        #[allow(clippy::vec_box)]
+        fn decode(bytes: &[u8]) -> std::io::Result<Vec<Box<ProductState>>> {
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+                .map(|(products, _)| products)
+                .map_err(damaged_snapshot)
+        }
         type Decoded = Vec<(u64, Vec<Box<ProductState>>)>;
-        let (to_decode, queue) = mpsc::sync_channel::<(u64, Vec<u8>)>(2);
-        let queue = Arc::new(std::sync::Mutex::new(queue));
+        // One segment waits for the helper thread at most: when it has no room, this
+        // thread decodes the segment it has just read itself. Two threads, as the states
+        // of a fold are allocated (a third would keep an allocator heap of its own).
+        let (to_helper, queue) = mpsc::sync_channel::<(u64, Vec<u8>)>(1);
         let (give_back, returned) = mpsc::channel::<Vec<u8>>();
         std::thread::scope(|scope| {
-            // Each decoder owns a handle on the queue: were both to stop, the queue would
-            // close and the reading below end, rather than wait for room forever.
-            let decoders: Vec<_> =
-                (0..2)
-                    .map(|_| {
-                        let (queue, give_back) = (queue.clone(), give_back.clone());
-                        scope.spawn(move || {
-                            let mut out: Decoded = Vec::new();
-                            let mut failed = None;
-                            loop {
-                                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                                let Ok((i, bytes)) = next else { break };
-                                if failed.is_none() {
-                                    match bincode::serde::decode_from_slice::<
-                                        Vec<Box<ProductState>>,
-                                        _,
-                                    >(
-                                        &bytes, bincode::config::standard()
-                                    ) {
-                                        Ok((products, _)) => out.push((i, products)),
-                                        Err(e) => failed = Some(damaged_snapshot(e)),
-                                    }
-                                }
-                                let _ = give_back.send(bytes);
-                            }
-                            failed.map_or(Ok(out), Err)
-                        })
-                    })
-                    .collect();
-            drop((queue, give_back));
+            // The helper owns the queue: were it to stop, the queue would close and the
+            // reading below decode everything itself.
+            let helper = scope.spawn(move || {
+                let mut out: Decoded = Vec::new();
+                let mut failed = None;
+                for (i, bytes) in queue {
+                    if failed.is_none() {
+                        match decode(&bytes) {
+                            Ok(products) => out.push((i, products)),
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    let _ = give_back.send(bytes);
+                }
+                failed.map_or(Ok(out), Err)
+            });
+            let mut decoded: Decoded = Vec::new();
+            let mut spare = Vec::new();
             let read = (|| {
                 for i in 0..count {
                     let len: u64 = decode_from(r)?;
                     if len > r.remaining() {
                         return Err(damaged_snapshot(format_args!("a segment of {len} bytes")));
                     }
-                    let mut bytes = returned.try_recv().unwrap_or_default();
+                    let mut bytes = returned
+                        .try_recv()
+                        .unwrap_or_else(|_| std::mem::take(&mut spare));
                     bytes.clear();
                     bytes.reserve(len.min(64 << 20) as usize);
                     r.by_ref().take(len).read_to_end(&mut bytes)?;
-                    if to_decode.send((i, bytes)).is_err() {
-                        break;
+                    match to_helper.try_send((i, bytes)) {
+                        Ok(()) => {}
+                        Err(mpsc::TrySendError::Full((i, bytes)))
+                        | Err(mpsc::TrySendError::Disconnected((i, bytes))) => {
+                            decoded.push((i, decode(&bytes)?));
+                            spare = bytes;
+                        }
                     }
                 }
                 Ok(())
             })();
-            drop(to_decode);
-            let mut decoded: Decoded = Vec::new();
+            drop(to_helper);
             let mut failed = read.err();
-            for d in decoders {
-                match d.join() {
-                    Ok(Ok(part)) => decoded.extend(part),
-                    Ok(Err(e)) => failed = failed.or(Some(e)),
-                    Err(_) => {
-                        failed = failed.or(Some(damaged_snapshot(
-                            "the thread decoding a segment stopped",
-                        )))
-                    }
+            match helper.join() {
+                Ok(Ok(part)) => decoded.extend(part),
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => {
+                    failed = failed.or(Some(damaged_snapshot(
+                        "the thread decoding segments stopped",
+                    )))
                 }
             }
             if let Some(e) = failed {
