@@ -239,8 +239,9 @@ impl Serialize for Segments {
 impl PublishSnapshot {
     /// Reads a snapshot as [`PublishModel::encode_snapshot`] wrote it, from the store's
     /// reader: `None` when it begins with another [`Self::format`]. Segments are decoded
-    /// by two threads while this one reads the next, in buffers used again, so a load
-    /// touches the states' memory and a few segments', not the snapshot's size besides.
+    /// by a helper thread while this one reads the next (and by this one when the helper
+    /// is busy), in buffers used again, so a load touches the states' memory and a few
+    /// segments', not the snapshot's size besides.
     /// Every length read is held to what the store says is left. A damaged snapshot
     /// fails with `InvalidData`.
     pub fn read(r: &mut SnapshotReader) -> std::io::Result<Option<PublishSnapshot>> {
@@ -989,8 +990,8 @@ mod tests {
         assert_eq!(back.product("b"), g.model.product("b"));
     }
 
-    /// A snapshot of more products than one segment holds decodes (two threads, several
-    /// segments each) into the same model, every index and counter included.
+    /// A snapshot of more products than one segment holds decodes (on two threads,
+    /// segment by segment) into the same model, every index and counter included.
     #[test]
     fn a_snapshot_of_many_segments_loads_into_the_same_model() {
         let mut g = Given::new();
