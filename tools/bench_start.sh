@@ -9,6 +9,8 @@
 #      first answers, RSS then and 15 s later (the background folds done);
 #   2. stops it (SIGTERM; the server saves its snapshot) and starts it again: seconds to
 #      ready with the snapshot, RSS then and 15 s later.
+# Each start also prints its peak (VmHWM, 15 s after ready: the first start's includes
+# the snapshot it saves after its catch-up).
 # An empty server's RSS is printed first, the baseline for bytes per product. RSS is
 # printed in MiB (VmRSS / 1024); bytes a product are worked out here from KiB, over the
 # products the server counts (staging + publishing + published in
@@ -29,6 +31,8 @@ trap cleanup EXIT
 
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# The most the process has held (VmHWM): a load's transient buffers show here, not in RSS.
+peak_mb() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 
 # Products the running server counts.
 products() {
@@ -81,6 +85,7 @@ for r in $(seq 1 "$runs"); do
   n=$(products)
   sleep 15
   settled=$(rss_mb "$pid")
+  peak=$(peak_mb "$pid")
   b=$(per_product "$(rss_kib "$pid")" "$n")
   stop
   start "$work/ledger"
@@ -88,9 +93,11 @@ for r in $(seq 1 "$runs"); do
   ready2=$(rss_mb "$pid")
   sleep 15
   settled2=$(rss_mb "$pid")
+  peak2=$(peak_mb "$pid")
   b2=$(per_product "$(rss_kib "$pid")" "$n")
   stop
   echo "run $r ($n products): without snapshot ready in ${t} s, RSS ${ready} MiB at ready," \
-    "${settled} MiB 15 s later ($b bytes a product); with the snapshot ready in ${t2} s," \
-    "RSS ${ready2} MiB at ready, ${settled2} MiB 15 s later ($b2 bytes a product)"
+    "${settled} MiB 15 s later ($b bytes a product), peak ${peak} MiB; with the snapshot" \
+    "ready in ${t2} s, RSS ${ready2} MiB at ready, ${settled2} MiB 15 s later ($b2 bytes a" \
+    "product), peak ${peak2} MiB"
 done

@@ -193,7 +193,7 @@ const SEGMENT_PRODUCTS: usize = 16_384;
 /// The products of a snapshot, encoded as a sequence of byte strings, each the encoding
 /// of up to [`SEGMENT_PRODUCTS`] states: a load reads each segment as the store yields it
 /// and decodes segments side by side (most of a start from a snapshot is allocating and
-/// filling the states), never holding the whole snapshot's bytes.
+/// filling the states), never holding the whole snapshot's bytes (on sled).
 pub struct Segments(pub Vec<Box<ProductState>>);
 
 impl Segments {
@@ -240,10 +240,10 @@ impl PublishSnapshot {
     /// Reads a snapshot as [`PublishModel::encode_snapshot`] wrote it, from the store's
     /// reader: `None` when it begins with another [`Self::format`]. Segments are decoded
     /// by a helper thread while this one reads the next (and by this one when the helper
-    /// is busy), in buffers used again, so a load touches the states' memory and a few
-    /// segments', not the snapshot's size besides.
-    /// Every length read is held to what the store says is left. A damaged snapshot
-    /// fails with `InvalidData`.
+    /// is busy), in buffers used again, so a load from sled touches the states' memory and
+    /// a few segments', not the snapshot's size besides. Segment counts and lengths are
+    /// held to what the store says is left, and each segment must be used up exactly
+    /// ([`decode_whole`]). A damaged snapshot fails with `InvalidData`.
     pub fn read(r: &mut SnapshotReader) -> std::io::Result<Option<PublishSnapshot>> {
         let mut format = [0u8; 8];
         if r.remaining() < 8 {
@@ -257,16 +257,32 @@ impl PublishSnapshot {
         let products = Segments::read(r)?;
         let mut rest = Vec::with_capacity(r.remaining().min(1 << 20) as usize);
         r.read_to_end(&mut rest)?;
-        let (tail, _) = bincode::serde::decode_from_slice::<SnapshotTail<'static>, _>(
-            &rest,
-            bincode::config::standard(),
-        )
-        .map_err(damaged_snapshot)?;
+        let tail = decode_whole::<SnapshotTail<'static>>(&rest)?;
         Ok(Some(PublishSnapshot {
             max_attempts,
             products,
             tail,
         }))
+    }
+}
+
+/// A value that must use up `bytes` exactly (a damaged count inside would otherwise
+/// decode fewer states and leave the rest unread), with strings held to 1 GiB: bincode
+/// allocates a string before it reads it, and a damaged length must not abort the
+/// process. A panic while decoding is a damaged snapshot too: the log is replayed.
+fn decode_whole<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> std::io::Result<T> {
+    let config = bincode::config::standard().with_limit::<{ 1 << 30 }>();
+    let decoded =
+        std::panic::catch_unwind(|| bincode::serde::decode_from_slice::<T, _>(bytes, config))
+            .map_err(|_| damaged_snapshot("decoding it panicked"))?;
+    match decoded {
+        Ok((value, used)) if used == bytes.len() => Ok(value),
+        Ok((_, used)) => Err(damaged_snapshot(format_args!(
+            "{} bytes left over of {}",
+            bytes.len() - used,
+            bytes.len()
+        ))),
+        Err(e) => Err(damaged_snapshot(e)),
     }
 }
 
@@ -293,9 +309,7 @@ impl Segments {
         // Boxed as the model keeps them: a load moves each state in without a copy.
         #[allow(clippy::vec_box)]
         fn decode(bytes: &[u8]) -> std::io::Result<Vec<Box<ProductState>>> {
-            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-                .map(|(products, _)| products)
-                .map_err(damaged_snapshot)
+            decode_whole(bytes)
         }
         type Decoded = Vec<(u64, Vec<Box<ProductState>>)>;
         // One segment waits for the helper thread at most: when it has no room, this
@@ -1029,16 +1043,70 @@ mod tests {
             damaged(&bytes[..cut]);
         }
         // A segment count or length far past what is stored (after `max_attempts`).
+        let refused = |bytes: &[u8], why: &str| {
+            let e = read_back(bytes)
+                .err()
+                .expect("a damaged snapshot is refused");
+            assert!(e.to_string().contains(why), "{e}");
+        };
         let mut huge = bytes[..1].to_vec();
         huge.extend_from_slice(&[253, 0, 0, 0, 0, 0, 0, 0, 64]);
-        damaged(&huge);
+        refused(&huge, "segments");
         let mut huge = bytes[..1].to_vec();
         huge.extend_from_slice(&[1, 253, 0, 0, 0, 0, 0, 0, 0, 64]);
-        damaged(&huge);
+        refused(&huge, "a segment of");
+        // The first segment (always the helper thread's) begins after `max_attempts`, the
+        // segment count and its length (252: a u32 follows), with its count of states.
+        assert_eq!(bytes[2], 252);
+        assert_eq!(bytes[7..10], [251, 0, 64], "16,384 states");
+        // Damaged inside: refused by the helper thread.
+        let mut spoilt = bytes.clone();
+        spoilt[20..84].fill(0xFF);
+        damaged(&spoilt);
+        // A count of states that is too small decodes, but leaves bytes over.
+        let mut spoilt = bytes.clone();
+        spoilt[9] = 63;
+        refused(&spoilt, "left over");
+        // A string's length far past the segment, or past 1 GiB, with the segment's
+        // own length made to agree: refused, not an allocation that aborts.
+        let mut one = Given::new();
+        one.registered("x", T0);
+        let mut small = Vec::new();
+        one.model.encode_snapshot(&mut small);
+        let at = small
+            .windows(2)
+            .position(|w| w == [1, b'x'])
+            .expect("the id \"x\", its length first");
+        // (1 TiB: were it allocated, the process would abort.)
+        let lengths: [&[u8]; 3] = [
+            &[252, 1, 0, 0, 64],
+            &[252, 255, 255, 255, 255],
+            &[253, 0, 0, 0, 0, 0, 1, 0, 0],
+        ];
+        for len in lengths {
+            let mut spoilt = small[..at].to_vec();
+            spoilt.extend_from_slice(len);
+            spoilt.extend_from_slice(&small[at + 1..]);
+            // The segment's length (one byte here, at 2) grows by the bytes added.
+            assert!(small[2] < 200);
+            spoilt[2] += len.len() as u8 - 1;
+            damaged(&spoilt);
+        }
         // Another format is no snapshot, not an error.
         let mut other = PublishSnapshot::format();
         other[0] ^= 1;
         assert!(read_back_as(other, &bytes).unwrap().is_none());
+    }
+
+    /// The format's fingerprint as snapshots on disk carry it. Change this constant only
+    /// when the snapshot's encoding changes on purpose: every snapshot saved before is
+    /// then replayed from the log once, at the next start.
+    #[test]
+    fn the_snapshot_format_is_the_one_snapshots_on_disk_carry() {
+        assert_eq!(
+            PublishSnapshot::format(),
+            [254, 216, 44, 221, 41, 197, 214, 241]
+        );
     }
 
     /// A snapshot's bytes (format first) read back as the store's reader yields them.

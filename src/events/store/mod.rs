@@ -163,6 +163,22 @@ impl SnapshotReader {
     pub fn remaining(&self) -> u64 {
         self.len - self.done
     }
+
+    /// The whole snapshot in memory with its checkpoint; `None` when it is damaged
+    /// (logged). A storage failure is an error.
+    pub fn read_all(mut self) -> std::io::Result<Option<Snapshot>> {
+        use std::io::Read;
+        // Room for the whole at once, but no more than 1 GiB whatever the store says.
+        let mut bytes = Vec::with_capacity(self.remaining().min(1 << 30) as usize);
+        match self.read_to_end(&mut bytes) {
+            Ok(_) => Ok(Some((self.checkpoint, bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(error = %e, "snapshot unusable");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// An error reading a snapshot that says it is damaged.
@@ -531,19 +547,9 @@ impl Store {
     /// The last snapshot saved under `name`, whole, with its checkpoint. A damaged one
     /// (incomplete, or of another length than stored) is none.
     pub fn load_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
-        use std::io::Read;
-        let Some(mut r) = self.open_snapshot(name)? else {
-            return Ok(None);
-        };
-        // Room for the whole at once, but no more than 1 GiB whatever the store says.
-        let mut bytes = Vec::with_capacity(r.remaining().min(1 << 30) as usize);
-        match r.read_to_end(&mut bytes) {
-            Ok(_) => Ok(Some((r.checkpoint, bytes))),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                tracing::warn!(name, error = %e, "snapshot unusable");
-                Ok(None)
-            }
-            Err(e) => Err(e.into()),
+        match self.open_snapshot(name)? {
+            Some(r) => Ok(r.read_all()?),
+            None => Ok(None),
         }
     }
 
@@ -691,4 +697,35 @@ fn check_append(stream: &str, events: &[ProposedEvent]) -> Result<(), StoreError
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SnapshotReader;
+
+    fn reader(stated: u64, bytes: &[u8]) -> SnapshotReader {
+        SnapshotReader::new(
+            Some(7),
+            stated,
+            Box::new(std::io::Cursor::new(bytes.to_vec())),
+        )
+    }
+
+    /// A snapshot reads whole when the store holds exactly its stated length; shorter or
+    /// longer, it is damaged (`InvalidData`), never cut or run on silently.
+    #[test]
+    fn a_snapshot_reader_holds_the_store_to_the_stated_length() {
+        assert_eq!(
+            reader(5, b"12345").read_all().unwrap(),
+            Some((Some(7), b"12345".to_vec()))
+        );
+        assert_eq!(reader(6, b"12345").read_all().unwrap(), None);
+        assert_eq!(reader(4, b"12345").read_all().unwrap(), None);
+        let mut short = reader(6, b"12345");
+        let e = std::io::Read::read_to_end(&mut short, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        let mut long = reader(4, b"12345");
+        let e = std::io::Read::read_to_end(&mut long, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    }
 }
