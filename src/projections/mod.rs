@@ -1,8 +1,8 @@
 //! Read models folded from the event log, and the engine that keeps them current.
 //!
 //! The engine loads the last snapshot (stored with its checkpoint by the store, read as
-//! it is decoded), catches up from the checkpoint through a catch-up subscription, and then follows the
-//! log live. `rebuild` replays from position 0 into a fresh model and swaps it in;
+//! it is decoded), catches up from the checkpoint through a catch-up subscription, and
+//! then follows the log live. `rebuild` replays from position 0 into a fresh model and swaps it in;
 //! [`fold_as_of`] folds up to any position or time for as-of questions (`fold.rs`: the
 //! whole-log fold, with reader and decoder threads ahead of it). Projections never append
 //! to the log.
