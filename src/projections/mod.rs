@@ -21,7 +21,8 @@
 //! (`SNAPSHOT_EVERY_EVENTS`), or once 300 s have passed since the last and something
 //! changed (`SNAPSHOT_EVERY`, checked as events arrive); also at shutdown (unless the saved
 //! one is current), after a rebuild, and after an open that caught up 100,000 events or
-//! more. A failed subscription is retried after 1 s. In `fold.rs`, one reader and two
+//! more. While following, only the encoding holds the model still; the bytes are written
+//! by a blocking task while folding goes on, one save at a time. A failed subscription is retried after 1 s. In `fold.rs`, one reader and two
 //! decoder threads feed the fold in batches of 2,048 events; in `publish.rs`, the model
 //! keeps the first 1,000 parked events (all are counted); in `status.rs`, a product counts
 //! as stuck after 24 h in staging or 30 min publishing (the defaults of `StuckRule`; the
@@ -59,9 +60,18 @@ struct Shared {
     model: RwLock<PublishModel>,
     /// Checkpoint of the snapshot last saved or loaded (`None`: there is none).
     saved: std::sync::Mutex<Option<Option<u64>>>,
+    /// Bytes of the last snapshot encoded (0: none yet), to size the next one's buffer.
+    encoded_len: std::sync::atomic::AtomicUsize,
     store: Store,
     max_attempts: u32,
     checkpoint_tx: watch::Sender<Option<u64>>,
+}
+
+/// A snapshot encoded from the model, not yet written.
+struct Encoded {
+    checkpoint: Option<u64>,
+    bytes: Vec<u8>,
+    encode_ms: u64,
 }
 
 /// The live publish read model. Cheap to clone.
@@ -137,6 +147,7 @@ impl Projections {
             shared: Arc::new(Shared {
                 model: RwLock::new(model),
                 saved: std::sync::Mutex::new(loaded),
+                encoded_len: std::sync::atomic::AtomicUsize::new(0),
                 store: store.clone(),
                 max_attempts,
                 checkpoint_tx,
@@ -150,13 +161,8 @@ impl Projections {
             std::thread::Builder::new()
                 .name("contimg-snapshot".into())
                 .spawn(move || {
-                    let started = Instant::now();
-                    match p.save_snapshot() {
-                        Ok(()) => tracing::info!(
-                            ms = started.elapsed().as_millis() as u64,
-                            "projection snapshot saved after the catch-up"
-                        ),
-                        Err(e) => tracing::warn!(error = %e, "saving the projection snapshot after the catch-up"),
+                    if let Err(e) = p.save_snapshot() {
+                        tracing::warn!(error = %e, "saving the projection snapshot after the catch-up");
                     }
                 })
                 ?;
@@ -203,6 +209,9 @@ impl Projections {
         let mut sub = self.shared.store.subscribe_all(self.checkpoint());
         let mut since_snapshot = 0u64;
         let mut last_snapshot = Instant::now();
+        // A snapshot being written: encoded here (the model cannot change meanwhile),
+        // then written by a blocking task while this one goes on folding.
+        let mut writing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = crate::projections::stopped(&mut shutdown) => break,
@@ -227,13 +236,23 @@ impl Projections {
                     }
                 },
             }
-            if since_snapshot >= SNAPSHOT_EVERY_EVENTS
-                || (since_snapshot > 0 && last_snapshot.elapsed() >= SNAPSHOT_EVERY)
+            if (since_snapshot >= SNAPSHOT_EVERY_EVENTS
+                || (since_snapshot > 0 && last_snapshot.elapsed() >= SNAPSHOT_EVERY))
+                && writing.as_ref().is_none_or(|w| w.is_finished())
             {
-                self.save_snapshot_logged();
+                let encoded = self.encode_snapshot();
+                let p = self.clone();
+                writing = Some(tokio::task::spawn_blocking(move || {
+                    if let Err(e) = p.write_snapshot(encoded) {
+                        tracing::warn!(error = %e, "saving the projection snapshot failed");
+                    }
+                }));
                 since_snapshot = 0;
                 last_snapshot = Instant::now();
             }
+        }
+        if let Some(w) = writing {
+            let _ = w.await;
         }
         // Leave a snapshot of the final state unless the saved one already is.
         let saved = *self.shared.saved.lock().expect("saved checkpoint");
@@ -250,15 +269,47 @@ impl Projections {
 
     /// Writes the model and its checkpoint to the store (which keeps the two together).
     pub fn save_snapshot(&self) -> Result<(), StoreError> {
+        self.write_snapshot(self.encode_snapshot())
+    }
+
+    /// The model encoded as a snapshot, under its read lock: folding waits meanwhile.
+    fn encode_snapshot(&self) -> Encoded {
+        use std::sync::atomic::Ordering::Relaxed;
+        let started = Instant::now();
         let (checkpoint, bytes) = self.read(|m| {
-            let mut bytes = PublishSnapshot::format().to_vec();
+            // Room for the whole at once, from the last snapshot's size or about 256 bytes
+            // a product: growing by doubling would copy and touch twice the bytes (at a
+            // million products the model is held still for that time). Room not written
+            // to is never touched.
+            let last = self.shared.encoded_len.load(Relaxed);
+            let room = (last + last / 8).max(m.product_count().saturating_mul(256));
+            let mut bytes = Vec::with_capacity(room.min(1 << 32));
+            bytes.extend_from_slice(&PublishSnapshot::format());
             m.encode_snapshot(&mut bytes);
             (m.last_position(), bytes)
         });
+        self.shared.encoded_len.store(bytes.len(), Relaxed);
+        Encoded {
+            checkpoint,
+            bytes,
+            encode_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Writes an encoded snapshot to the store, outside the model's lock, and logs it.
+    fn write_snapshot(&self, e: Encoded) -> Result<(), StoreError> {
+        let started = Instant::now();
         self.shared
             .store
-            .save_snapshot(SNAPSHOT_NAME, checkpoint, &bytes)?;
-        *self.shared.saved.lock().expect("saved checkpoint") = Some(checkpoint);
+            .save_snapshot(SNAPSHOT_NAME, e.checkpoint, &e.bytes)?;
+        *self.shared.saved.lock().expect("saved checkpoint") = Some(e.checkpoint);
+        tracing::info!(
+            checkpoint = e.checkpoint,
+            bytes = e.bytes.len(),
+            encode_ms = e.encode_ms,
+            write_ms = started.elapsed().as_millis() as u64,
+            "projection snapshot saved"
+        );
         Ok(())
     }
 
