@@ -62,6 +62,10 @@ struct Shared {
     saved: std::sync::Mutex<Option<Option<u64>>>,
     /// Bytes of the last snapshot encoded (0: none yet), to size the next one's buffer.
     encoded_len: std::sync::atomic::AtomicUsize,
+    /// Models swapped in by a rebuild; held while a snapshot is written, which is written
+    /// only if the count is the one its encoding saw: a snapshot of a model swapped out
+    /// is never written over the one its rebuild saves.
+    swaps: std::sync::Mutex<u64>,
     store: Store,
     max_attempts: u32,
     checkpoint_tx: watch::Sender<Option<u64>>,
@@ -69,6 +73,8 @@ struct Shared {
 
 /// A snapshot encoded from the model, not yet written.
 struct Encoded {
+    /// Rebuilds swapped in before it was encoded.
+    swaps: u64,
     checkpoint: Option<u64>,
     bytes: Vec<u8>,
     encode_ms: u64,
@@ -148,6 +154,7 @@ impl Projections {
                 model: RwLock::new(model),
                 saved: std::sync::Mutex::new(loaded),
                 encoded_len: std::sync::atomic::AtomicUsize::new(0),
+                swaps: std::sync::Mutex::new(0),
                 store: store.clone(),
                 max_attempts,
                 checkpoint_tx,
@@ -276,7 +283,7 @@ impl Projections {
     fn encode_snapshot(&self) -> Encoded {
         use std::sync::atomic::Ordering::Relaxed;
         let started = Instant::now();
-        let (checkpoint, bytes) = self.read(|m| {
+        let (swaps, checkpoint, bytes) = self.read(|m| {
             // Room for the whole at once, from the last snapshot's size or about 256 bytes
             // a product: growing by doubling would copy and touch twice the bytes (at a
             // million products the model is held still for that time). Room not written
@@ -286,10 +293,12 @@ impl Projections {
             let mut bytes = Vec::with_capacity(room.min(1 << 32));
             bytes.extend_from_slice(&PublishSnapshot::format());
             m.encode_snapshot(&mut bytes);
-            (m.last_position(), bytes)
+            let swaps = *self.shared.swaps.lock().expect("swaps");
+            (swaps, m.last_position(), bytes)
         });
         self.shared.encoded_len.store(bytes.len(), Relaxed);
         Encoded {
+            swaps,
             checkpoint,
             bytes,
             encode_ms: started.elapsed().as_millis() as u64,
@@ -298,10 +307,16 @@ impl Projections {
 
     /// Writes an encoded snapshot to the store, outside the model's lock, and logs it.
     fn write_snapshot(&self, e: Encoded) -> Result<(), StoreError> {
+        let swaps = self.shared.swaps.lock().expect("swaps");
+        if *swaps != e.swaps {
+            tracing::info!("a snapshot of a model a rebuild replaced was not written");
+            return Ok(());
+        }
         let started = Instant::now();
         self.shared
             .store
             .save_snapshot(SNAPSHOT_NAME, e.checkpoint, &e.bytes)?;
+        drop(swaps);
         *self.shared.saved.lock().expect("saved checkpoint") = Some(e.checkpoint);
         tracing::info!(
             checkpoint = e.checkpoint,
@@ -332,6 +347,9 @@ impl Projections {
         let folded = fresh.last_position().map_or(0, |p| p + 1);
         *model = fresh;
         drop(model);
+        // Counted once the new model is in: a snapshot of the old one being written
+        // finishes first (this one's save follows it), one not yet written is not.
+        *self.shared.swaps.lock().expect("swaps") += 1;
         if let Some(p) = folded.checked_sub(1) {
             self.shared.checkpoint_tx.send_if_modified(|c| {
                 let newer = c.is_none_or(|c| c < p);
@@ -528,6 +546,58 @@ mod tests {
         assert!(bytes.starts_with(&PublishSnapshot::format()));
         let again = Projections::open(&store, 3).unwrap();
         assert_eq!(again.read(|m| m.product_count()), 1);
+        store.close();
+    }
+
+    /// A snapshot encoded before a rebuild swapped the model out is not written over the
+    /// one the rebuild saved (it is written beside the folding, and may finish later).
+    #[test]
+    fn a_snapshot_of_a_model_a_rebuild_replaced_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let meta = EventMetadata::actor("test");
+        let r = ProductRegistered {
+            data_id: "p".into(),
+            data_type: "image".into(),
+            stage_path: "/s/p".into(),
+            checksum: None,
+            size_bytes: None,
+            qa_status: None,
+            validation_status: None,
+            auto_publish: false,
+            metadata: Default::default(),
+        };
+        store
+            .append_blocking(
+                "product-p",
+                ExpectedRevision::NoStream,
+                vec![r.clone().to_proposed(&meta)],
+            )
+            .unwrap();
+        let again = Projections::open(&store, 3).unwrap();
+        let before = again.encode_snapshot();
+        let q = ProductRegistered {
+            data_id: "q".into(),
+            stage_path: "/s/q".into(),
+            ..r
+        };
+        store
+            .append_blocking(
+                "product-q",
+                ExpectedRevision::NoStream,
+                vec![q.to_proposed(&meta)],
+            )
+            .unwrap();
+        assert_eq!(again.rebuild().unwrap(), 2);
+        again.write_snapshot(before).unwrap();
+        let (checkpoint, _) = store.load_snapshot(SNAPSHOT_NAME).unwrap().unwrap();
+        assert_eq!(checkpoint, Some(1), "the rebuild's snapshot stays");
+        assert_eq!(
+            Projections::open(&store, 3)
+                .unwrap()
+                .read(|m| m.product_count()),
+            2
+        );
         store.close();
     }
 }
