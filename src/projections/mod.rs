@@ -2,10 +2,10 @@
 //!
 //! The engine loads the last snapshot (stored with its checkpoint by the store, read as
 //! it is decoded), catches up from the checkpoint through a catch-up subscription, and
-//! then follows the log live. `rebuild` replays from position 0 into a fresh model and swaps it in;
-//! [`fold_as_of`] folds up to any position or time for as-of questions (`fold.rs`: the
-//! whole-log fold, with reader and decoder threads ahead of it). Projections never append
-//! to the log.
+//! then follows the log live. `rebuild` replays from position 0 into a fresh model and
+//! swaps it in; [`fold_as_of`] folds up to any position or time for as-of questions
+//! (`fold.rs`: the whole-log fold, with reader and decoder threads ahead of it).
+//! Projections never append to the log.
 //!
 //! The snapshot is saved under `publish-v1` by the store with its checkpoint: the 8-byte
 //! fingerprint `PublishSnapshot::format()` (derived from the type, so a change of its
@@ -22,11 +22,14 @@
 //! changed (`SNAPSHOT_EVERY`, checked as events arrive); also at shutdown (unless the saved
 //! one is current), after a rebuild, and after an open that caught up 100,000 events or
 //! more. While following, only the encoding holds the model still; the bytes are written
-//! by a blocking task while folding goes on, one save at a time. A failed subscription is retried after 1 s. In `fold.rs`, one reader and two
-//! decoder threads feed the fold in batches of 2,048 events; in `publish.rs`, the model
-//! keeps the first 1,000 parked events (all are counted); in `status.rs`, a product counts
-//! as stuck after 24 h in staging or 30 min publishing (the defaults of `StuckRule`; the
-//! second is `[publish] stuck_publishing_min`).
+//! by a blocking task while folding goes on, and the next such save waits until it is
+//! done. Saves take turns at the store; a snapshot of a model a rebuild has replaced is
+//! not written, nor one no newer than the stored snapshot of the same model. A failed
+//! subscription is retried after 1 s. In `fold.rs`, one reader and two decoder threads
+//! feed the fold in batches of 2,048 events; in `publish.rs`, the model keeps the first
+//! 1,000 parked events (all are counted); in `status.rs`, a product counts as stuck after
+//! 24 h in staging or 30 min publishing (the defaults of `StuckRule`; the second is
+//! `[publish] stuck_publishing_min`).
 
 pub mod activity;
 pub mod alerts;
@@ -58,23 +61,32 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 struct Shared {
     model: RwLock<PublishModel>,
-    /// Checkpoint of the snapshot last saved or loaded (`None`: there is none).
-    saved: std::sync::Mutex<Option<Option<u64>>>,
+    /// The snapshot last saved or loaded: the model's generation and its checkpoint
+    /// (`None`: there is none). Held while a snapshot is written, so saves take turns and
+    /// this always names what the store holds. Never taken under the model's lock.
+    saved: std::sync::Mutex<Option<(u64, Option<u64>)>>,
     /// Bytes of the last snapshot encoded (0: none yet), to size the next one's buffer.
     encoded_len: std::sync::atomic::AtomicUsize,
-    /// Models swapped in by a rebuild; held while a snapshot is written, which is written
-    /// only if the count is the one its encoding saw: a snapshot of a model swapped out
-    /// is never written over the one its rebuild saves.
-    swaps: std::sync::Mutex<u64>,
+    /// The model's generation: a rebuild that swaps a new model in adds one, under the
+    /// model's write lock. A snapshot is written only if its encoding's generation is
+    /// still the model's: a snapshot of a model swapped out is never written over the
+    /// one its rebuild saves.
+    generation: std::sync::atomic::AtomicU64,
     store: Store,
     max_attempts: u32,
     checkpoint_tx: watch::Sender<Option<u64>>,
 }
 
+/// A mutex's value, even after a thread panicked holding it (each value here is whole
+/// after every change).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A snapshot encoded from the model, not yet written.
 struct Encoded {
-    /// Rebuilds swapped in before it was encoded.
-    swaps: u64,
+    /// The model's generation when it was encoded.
+    generation: u64,
     checkpoint: Option<u64>,
     bytes: Vec<u8>,
     encode_ms: u64,
@@ -152,9 +164,9 @@ impl Projections {
         let projections = Projections {
             shared: Arc::new(Shared {
                 model: RwLock::new(model),
-                saved: std::sync::Mutex::new(loaded),
+                saved: std::sync::Mutex::new(loaded.map(|c| (0, c))),
                 encoded_len: std::sync::atomic::AtomicUsize::new(0),
-                swaps: std::sync::Mutex::new(0),
+                generation: std::sync::atomic::AtomicU64::new(0),
                 store: store.clone(),
                 max_attempts,
                 checkpoint_tx,
@@ -247,6 +259,10 @@ impl Projections {
                 || (since_snapshot > 0 && last_snapshot.elapsed() >= SNAPSHOT_EVERY))
                 && writing.as_ref().is_none_or(|w| w.is_finished())
             {
+                // Finished: its outcome is ready.
+                if let Some(Some(Err(e))) = writing.take().map(futures::FutureExt::now_or_never) {
+                    tracing::error!(error = %e, "the task writing a projection snapshot failed");
+                }
                 let encoded = self.encode_snapshot();
                 let p = self.clone();
                 writing = Some(tokio::task::spawn_blocking(move || {
@@ -258,12 +274,22 @@ impl Projections {
                 last_snapshot = Instant::now();
             }
         }
-        if let Some(w) = writing {
-            let _ = w.await;
+        if let Some(Err(e)) = match writing {
+            Some(w) => Some(w.await),
+            None => None,
+        } {
+            tracing::error!(error = %e, "the task writing a projection snapshot failed");
         }
-        // Leave a snapshot of the final state unless the saved one already is.
-        let saved = *self.shared.saved.lock().expect("saved checkpoint");
-        if saved != Some(self.checkpoint()) {
+        // Leave a snapshot of the final state unless the saved one already is (of this
+        // model: a rebuild whose own save failed is saved here).
+        let current = (
+            self.shared
+                .generation
+                .load(std::sync::atomic::Ordering::Acquire),
+            self.checkpoint(),
+        );
+        let saved = *lock(&self.shared.saved);
+        if saved != Some(current) {
             self.save_snapshot_logged();
         }
     }
@@ -274,7 +300,8 @@ impl Projections {
         }
     }
 
-    /// Writes the model and its checkpoint to the store (which keeps the two together).
+    /// Writes the model and its checkpoint to the store (which keeps the two together),
+    /// unless what the store holds is already as new (see [`Self::write_snapshot`]).
     pub fn save_snapshot(&self) -> Result<(), StoreError> {
         self.write_snapshot(self.encode_snapshot())
     }
@@ -283,22 +310,26 @@ impl Projections {
     fn encode_snapshot(&self) -> Encoded {
         use std::sync::atomic::Ordering::Relaxed;
         let started = Instant::now();
-        let (swaps, checkpoint, bytes) = self.read(|m| {
+        let (generation, checkpoint, bytes) = self.read(|m| {
             // Room for the whole at once, from the last snapshot's size or about 256 bytes
             // a product: growing by doubling would copy and touch twice the bytes (at a
             // million products the model is held still for that time). Room not written
             // to is never touched.
             let last = self.shared.encoded_len.load(Relaxed);
             let room = (last + last / 8).max(m.product_count().saturating_mul(256));
-            let mut bytes = Vec::with_capacity(room.min(1 << 32));
+            let mut bytes = Vec::with_capacity(room.min(u32::MAX as usize));
             bytes.extend_from_slice(&PublishSnapshot::format());
             m.encode_snapshot(&mut bytes);
-            let swaps = *self.shared.swaps.lock().expect("swaps");
-            (swaps, m.last_position(), bytes)
+            // Under the read lock: a swap, which holds the write lock, is before or after.
+            let generation = self
+                .shared
+                .generation
+                .load(std::sync::atomic::Ordering::Acquire);
+            (generation, m.last_position(), bytes)
         });
         self.shared.encoded_len.store(bytes.len(), Relaxed);
         Encoded {
-            swaps,
+            generation,
             checkpoint,
             bytes,
             encode_ms: started.elapsed().as_millis() as u64,
@@ -306,18 +337,29 @@ impl Projections {
     }
 
     /// Writes an encoded snapshot to the store, outside the model's lock, and logs it.
+    /// Saves take turns. Not written: one of a model a rebuild has replaced since, and
+    /// one no newer than the snapshot the store holds of the same model (saves of one
+    /// model may finish in another order than they began).
     fn write_snapshot(&self, e: Encoded) -> Result<(), StoreError> {
-        let swaps = self.shared.swaps.lock().expect("swaps");
-        if *swaps != e.swaps {
+        let mut saved = lock(&self.shared.saved);
+        if self
+            .shared
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire)
+            != e.generation
+        {
             tracing::info!("a snapshot of a model a rebuild replaced was not written");
+            return Ok(());
+        }
+        if saved.is_some_and(|(g, c)| g == e.generation && c >= e.checkpoint) {
             return Ok(());
         }
         let started = Instant::now();
         self.shared
             .store
             .save_snapshot(SNAPSHOT_NAME, e.checkpoint, &e.bytes)?;
-        drop(swaps);
-        *self.shared.saved.lock().expect("saved checkpoint") = Some(e.checkpoint);
+        *saved = Some((e.generation, e.checkpoint));
+        drop(saved);
         tracing::info!(
             checkpoint = e.checkpoint,
             bytes = e.bytes.len(),
@@ -346,10 +388,13 @@ impl Projections {
         })?;
         let folded = fresh.last_position().map_or(0, |p| p + 1);
         *model = fresh;
+        // Under the write lock: every encoding sees the new model with the new number. A
+        // snapshot of the old one being written finishes first (this one's save waits its
+        // turn), one not yet written never is.
+        self.shared
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         drop(model);
-        // Counted once the new model is in: a snapshot of the old one being written
-        // finishes first (this one's save follows it), one not yet written is not.
-        *self.shared.swaps.lock().expect("swaps") += 1;
         if let Some(p) = folded.checked_sub(1) {
             self.shared.checkpoint_tx.send_if_modified(|c| {
                 let newer = c.is_none_or(|c| c < p);
@@ -550,7 +595,9 @@ mod tests {
     }
 
     /// A snapshot encoded before a rebuild swapped the model out is not written over the
-    /// one the rebuild saved (it is written beside the folding, and may finish later).
+    /// one the rebuild saved (it is written beside the folding, and may finish later),
+    /// even when it claims a later checkpoint; nor is one of the same model no newer than
+    /// the one the store holds.
     #[test]
     fn a_snapshot_of_a_model_a_rebuild_replaced_is_not_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -589,15 +636,23 @@ mod tests {
             )
             .unwrap();
         assert_eq!(again.rebuild().unwrap(), 2);
-        again.write_snapshot(before).unwrap();
-        let (checkpoint, _) = store.load_snapshot(SNAPSHOT_NAME).unwrap().unwrap();
-        assert_eq!(checkpoint, Some(1), "the rebuild's snapshot stays");
-        assert_eq!(
-            Projections::open(&store, 3)
-                .unwrap()
-                .read(|m| m.product_count()),
-            2
-        );
+        let stored = || store.load_snapshot(SNAPSHOT_NAME).unwrap().unwrap();
+        let rebuilt = stored();
+        assert_eq!(rebuilt.0, Some(1));
+        // Of the replaced model, even claiming a later checkpoint: not written.
+        let claims_later = Encoded {
+            checkpoint: Some(9),
+            ..before
+        };
+        again.write_snapshot(claims_later).unwrap();
+        assert_eq!(stored(), rebuilt, "the rebuild's snapshot stays");
+        // Of this model but older than the stored one: not written either.
+        let older = Encoded {
+            checkpoint: Some(0),
+            ..again.encode_snapshot()
+        };
+        again.write_snapshot(older).unwrap();
+        assert_eq!(stored(), rebuilt);
         store.close();
     }
 }
