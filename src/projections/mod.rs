@@ -554,15 +554,12 @@ mod tests {
         store.close();
     }
 
-    #[test]
-    fn a_snapshot_of_another_format_is_replayed_not_misread() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let meta = EventMetadata::actor("test");
+    /// Registers product `id` (staged at `/s/id`) in `store`.
+    fn register(store: &Store, id: &str) {
         let r = ProductRegistered {
-            data_id: "p".into(),
+            data_id: id.into(),
             data_type: "image".into(),
-            stage_path: "/s/p".into(),
+            stage_path: format!("/s/{id}"),
             checksum: None,
             size_bytes: None,
             qa_status: None,
@@ -572,11 +569,18 @@ mod tests {
         };
         store
             .append_blocking(
-                "product-p",
+                &format!("product-{id}"),
                 ExpectedRevision::NoStream,
-                vec![r.to_proposed(&meta)],
+                vec![r.to_proposed(&EventMetadata::actor("test"))],
             )
             .unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_of_another_format_is_replayed_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        register(&store, "p");
         // A snapshot that claims the checkpoint but was written in some other format.
         let mut foreign = vec![0u8; 8];
         foreign.extend_from_slice(&[7u8; 40]);
@@ -602,39 +606,10 @@ mod tests {
     fn a_snapshot_of_a_model_a_rebuild_replaced_is_not_written() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let meta = EventMetadata::actor("test");
-        let r = ProductRegistered {
-            data_id: "p".into(),
-            data_type: "image".into(),
-            stage_path: "/s/p".into(),
-            checksum: None,
-            size_bytes: None,
-            qa_status: None,
-            validation_status: None,
-            auto_publish: false,
-            metadata: Default::default(),
-        };
-        store
-            .append_blocking(
-                "product-p",
-                ExpectedRevision::NoStream,
-                vec![r.clone().to_proposed(&meta)],
-            )
-            .unwrap();
+        register(&store, "p");
         let again = Projections::open(&store, 3).unwrap();
         let before = again.encode_snapshot();
-        let q = ProductRegistered {
-            data_id: "q".into(),
-            stage_path: "/s/q".into(),
-            ..r
-        };
-        store
-            .append_blocking(
-                "product-q",
-                ExpectedRevision::NoStream,
-                vec![q.to_proposed(&meta)],
-            )
-            .unwrap();
+        register(&store, "q");
         assert_eq!(again.rebuild().unwrap(), 2);
         let stored = || store.load_snapshot(SNAPSHOT_NAME).unwrap().unwrap();
         let rebuilt = stored();
