@@ -253,6 +253,12 @@ pub fn run(cli: Cli) -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    if matches!(
+        cli.command,
+        Command::Audit(_) | Command::Report(_) | Command::Export(_) | Command::Verify(_)
+    ) {
+        crate::memory::keep_freed_until_exit();
+    }
     // The demo prints its own summary; its info lines would drown it.
     let quiet = matches!(cli.command, Command::Demo(_));
     init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
