@@ -264,54 +264,63 @@ domain_event!(MosaicGroupRejected, "MosaicGroupRejected", 1, "mosaic");
 // ---------------------------------------------------------------------------------------
 // product-<data_id>: a staged product and its publication.
 
-/// A product was written to the stage root.
+/// A product was written to the stage root. `S` is how its text is held: owned (the
+/// default), or borrowed from the payload when a fold reads it in place
+/// ([`ProductRegistered::plain`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProductRegistered {
-    pub data_id: String,
-    pub data_type: String,
-    pub stage_path: String,
+#[serde(bound(deserialize = "S: Deserialize<'de> + Ord"))]
+pub struct ProductRegistered<S = String> {
+    pub data_id: S,
+    pub data_type: S,
+    pub stage_path: S,
     /// BLAKE3 of the staged file (or of a folder's files in name order), hex.
     #[serde(default)]
-    pub checksum: Option<String>,
+    pub checksum: Option<S>,
     #[serde(default)]
     pub size_bytes: Option<u64>,
     #[serde(default)]
-    pub qa_status: Option<String>,
+    pub qa_status: Option<S>,
     #[serde(default)]
-    pub validation_status: Option<String>,
+    pub validation_status: Option<S>,
     #[serde(default = "default_true")]
     pub auto_publish: bool,
     /// Free-form string pairs from the producer.
     #[serde(default)]
-    pub metadata: std::collections::BTreeMap<String, String>,
+    pub metadata: std::collections::BTreeMap<S, S>,
 }
-domain_event!(ProductRegistered, "ProductRegistered", 1, "product", plain: |text| {
-    let [id, ty, path, sum, size, qa, validation, auto, meta] = read_object(
-        text,
-        &[
-            "data_id",
-            "data_type",
-            "stage_path",
-            "checksum",
-            "size_bytes",
-            "qa_status",
-            "validation_status",
-            "auto_publish",
-            "metadata",
-        ],
-    )?;
-    Some(ProductRegistered {
-        data_id: flat_json::text(id)?,
-        data_type: flat_json::text(ty)?,
-        stage_path: flat_json::text(path)?,
-        checksum: flat_json::opt_text(sum)?,
-        size_bytes: flat_json::opt_uint(size)?,
-        qa_status: flat_json::opt_text(qa)?,
-        validation_status: flat_json::opt_text(validation)?,
-        auto_publish: flat_json::flag_or(auto, default_true())?,
-        metadata: flat_json::empty_map(meta)?,
-    })
-});
+domain_event!(ProductRegistered, "ProductRegistered", 1, "product", plain: ProductRegistered::plain);
+
+impl<'a, S: From<&'a str> + Ord> ProductRegistered<S> {
+    /// The plain reader ([`DomainEvent::read_plain`]), its strings held as `S`: owned, or
+    /// borrowed from `text`.
+    pub fn plain(text: &'a str) -> Option<Self> {
+        let [id, ty, path, sum, size, qa, validation, auto, meta] = read_object(
+            text,
+            &[
+                "data_id",
+                "data_type",
+                "stage_path",
+                "checksum",
+                "size_bytes",
+                "qa_status",
+                "validation_status",
+                "auto_publish",
+                "metadata",
+            ],
+        )?;
+        Some(ProductRegistered {
+            data_id: flat_json::text(id)?,
+            data_type: flat_json::text(ty)?,
+            stage_path: flat_json::text(path)?,
+            checksum: flat_json::opt_text(sum)?,
+            size_bytes: flat_json::opt_uint(size)?,
+            qa_status: flat_json::opt_text(qa)?,
+            validation_status: flat_json::opt_text(validation)?,
+            auto_publish: flat_json::flag_or(auto, default_true())?,
+            metadata: flat_json::empty_map(meta)?,
+        })
+    }
+}
 
 fn default_true() -> bool {
     true
@@ -333,49 +342,60 @@ domain_event!(ProductFinalized, "ProductFinalized", 1, "product", plain: |text| 
     })
 });
 
-/// A publisher took the product's lock (appended with `Exact(revision)`).
+/// A publisher took the product's lock (appended with `Exact(revision)`). `S` as in
+/// [`ProductRegistered`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PublishStarted {
+pub struct PublishStarted<S = String> {
     /// Automatic attempt number since the last operator retry, this one included.
     pub attempt: u32,
-    pub destination: String,
+    pub destination: S,
     /// `auto`, `manual` or `retry`.
-    pub trigger: String,
+    pub trigger: S,
 }
-domain_event!(PublishStarted, "PublishStarted", 1, "product", plain: |text| {
-    let [attempt, destination, trigger] =
-        read_object(text, &["attempt", "destination", "trigger"])?;
-    Some(PublishStarted {
-        attempt: flat_json::uint32(attempt)?,
-        destination: flat_json::text(destination)?,
-        trigger: flat_json::text(trigger)?,
-    })
-});
+domain_event!(PublishStarted, "PublishStarted", 1, "product", plain: PublishStarted::plain);
 
-/// The file is in the products root and verified.
+impl<'a, S: From<&'a str>> PublishStarted<S> {
+    /// The plain reader, its strings held as `S` (see [`ProductRegistered::plain`]).
+    pub fn plain(text: &'a str) -> Option<Self> {
+        let [attempt, destination, trigger] =
+            read_object(text, &["attempt", "destination", "trigger"])?;
+        Some(PublishStarted {
+            attempt: flat_json::uint32(attempt)?,
+            destination: flat_json::text(destination)?,
+            trigger: flat_json::text(trigger)?,
+        })
+    }
+}
+
+/// The file is in the products root and verified. `S` as in [`ProductRegistered`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PublishSucceeded {
-    pub published_path: String,
+pub struct PublishSucceeded<S = String> {
+    pub published_path: S,
     #[serde(default)]
-    pub checksum: Option<String>,
+    pub checksum: Option<S>,
     #[serde(default)]
     pub duration_ms: u64,
     /// True when recovery at start-up found the move complete.
     #[serde(default)]
     pub recovered: bool,
 }
-domain_event!(PublishSucceeded, "PublishSucceeded", 1, "product", plain: |text| {
-    let [path, sum, duration, recovered] = read_object(
-        text,
-        &["published_path", "checksum", "duration_ms", "recovered"],
-    )?;
-    Some(PublishSucceeded {
-        published_path: flat_json::text(path)?,
-        checksum: flat_json::opt_text(sum)?,
-        duration_ms: flat_json::uint_or(duration, 0)?,
-        recovered: flat_json::flag_or(recovered, false)?,
-    })
-});
+domain_event!(PublishSucceeded, "PublishSucceeded", 1, "product", plain: PublishSucceeded::plain);
+
+impl<'a, S: From<&'a str>> PublishSucceeded<S> {
+    /// The plain reader, its strings held as `S` (see [`ProductRegistered::plain`]).
+    pub fn plain(text: &'a str) -> Option<Self> {
+        let [path, sum, duration, recovered] = read_object(
+            text,
+            &["published_path", "checksum", "duration_ms", "recovered"],
+        )?;
+        Some(PublishSucceeded {
+            published_path: flat_json::text(path)?,
+            checksum: flat_json::opt_text(sum)?,
+            duration_ms: flat_json::uint_or(duration, 0)?,
+            recovered: flat_json::flag_or(recovered, false)?,
+        })
+    }
+}
 
 /// A publish attempt failed; the product is back in staging.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -933,6 +953,26 @@ mod tests {
         (bytes, plain)
     }
 
+    /// A fold's reading of a product fact in place (its text borrowed from the payload,
+    /// `ProductFact::decode_view`) gives what the owned reading gives, fact or refusal.
+    fn same_fact(event_type: &str, bytes: &[u8]) {
+        use crate::projections::product::{ProductEvent, ProductFact};
+        let mut e = crate::events::RecordedEvent::noted(
+            "product-p1",
+            3,
+            9,
+            uuid::Uuid::nil(),
+            1_700_000_000_000_000,
+        );
+        e.event_type = event_type.to_string();
+        e.data = bytes.to_vec();
+        let r = e.view();
+        let owned = ProductEvent::decode_view(&r)
+            .map(|o| o.map(|f| ProductFact::new(f, "p1", r.created_micros, r.revision)));
+        let shown = String::from_utf8_lossy(bytes);
+        assert_eq!(ProductFact::decode_view(&r), owned, "{event_type} {shown}");
+    }
+
     /// Holds `T`'s plain reader to serde_json on random payloads: where it answers, serde
     /// reads the same value; on a payload written the plain way, it answers. Returns how
     /// many it answered and how many serde_json read.
@@ -961,6 +1001,7 @@ mod tests {
                 decode_payload::<T>(&bytes).ok().as_ref(),
                 by_serde.as_ref().ok()
             );
+            same_fact(T::TYPE, &bytes);
             read += usize::from(by_serde.is_ok());
         }
         (answered, read)

@@ -221,19 +221,19 @@ fn special(w: u64) -> u64 {
 // serde_json would refuse the value (or the reader cannot tell), so the caller leaves the
 // payload to serde_json.
 
-/// A required string.
-pub fn text(v: Option<Value<'_>>) -> Option<String> {
+/// A required string, owned (`String`) or borrowed from the text (`&str`).
+pub fn text<'a, S: From<&'a str>>(v: Option<Value<'a>>) -> Option<S> {
     match v? {
-        Value::Str(s) => Some(s.to_owned()),
+        Value::Str(s) => Some(S::from(s)),
         _ => None,
     }
 }
 
-/// An `Option<String>`: missing and `null` are `None`.
-pub fn opt_text(v: Option<Value<'_>>) -> Option<Option<String>> {
+/// An `Option<String>` (or `Option<&str>`): missing and `null` are `None`.
+pub fn opt_text<'a, S: From<&'a str>>(v: Option<Value<'a>>) -> Option<Option<S>> {
     match v {
         None | Some(Value::Null) => Some(None),
-        Some(Value::Str(s)) => Some(Some(s.to_owned())),
+        Some(Value::Str(s)) => Some(Some(S::from(s))),
         Some(_) => None,
     }
 }

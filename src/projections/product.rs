@@ -34,13 +34,15 @@ impl ProductStatus {
     }
 }
 
-/// A product fact, decoded.
+/// A product fact, decoded. `S` holds the text of the three facts every product has:
+/// owned (the default), or borrowed from a payload read in place
+/// ([`ProductFact::decode_view`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum ProductEvent {
-    Registered(ProductRegistered),
+pub enum ProductEvent<S = String> {
+    Registered(ProductRegistered<S>),
     Finalized(ProductFinalized),
-    PublishStarted(PublishStarted),
-    PublishSucceeded(PublishSucceeded),
+    PublishStarted(PublishStarted<S>),
+    PublishSucceeded(PublishSucceeded<S>),
     PublishFailed(PublishFailed),
     RetryRequested(RetryRequested),
 }
@@ -48,6 +50,30 @@ pub enum ProductEvent {
 fn decode<T: DomainEvent>(r: &RecordRef<'_>) -> Result<T, String> {
     crate::events::catalogue::decode_payload(r.data)
         .map_err(|e| format!("{} v{} does not decode: {e}", r.event_type, r.event_version))
+}
+
+impl<'a> ProductEvent<&'a str> {
+    /// A product fact whose payload is plain, its text borrowed from the record; `None`
+    /// for any other record (a payload that is not plain, or not a product fact), which
+    /// [`ProductEvent::decode_view`] then reads as it reads every payload. Only where the
+    /// plain readers answer, so what it gives is what the owned decoding gives.
+    fn plain(r: &RecordRef<'a>) -> Option<Self> {
+        if r.category() != ProductRegistered::CATEGORY {
+            return None;
+        }
+        let text = std::str::from_utf8(r.data).ok()?;
+        Some(match r.event_type {
+            ProductRegistered::TYPE => ProductEvent::Registered(ProductRegistered::plain(text)?),
+            PublishStarted::TYPE => ProductEvent::PublishStarted(PublishStarted::plain(text)?),
+            PublishSucceeded::TYPE => {
+                ProductEvent::PublishSucceeded(PublishSucceeded::plain(text)?)
+            }
+            ProductFinalized::TYPE => ProductEvent::Finalized(ProductFinalized::read_plain(text)?),
+            PublishFailed::TYPE => ProductEvent::PublishFailed(PublishFailed::read_plain(text)?),
+            RetryRequested::TYPE => ProductEvent::RetryRequested(RetryRequested::read_plain(text)?),
+            _ => return None,
+        })
+    }
 }
 
 impl ProductEvent {
@@ -127,28 +153,40 @@ fn last_slash(path: &str) -> Option<usize> {
 }
 
 impl Target {
-    fn new(path: String) -> Target {
+    fn new<S: Text>(path: S) -> Target {
         Target {
-            slash: last_slash(&path),
-            path: path.into_boxed_str(),
+            slash: last_slash(path.as_ref()),
+            path: path.into(),
         }
     }
 }
 
+/// The text of a [`ProductEvent`]: owned, or borrowed from a payload. A state keeps what
+/// it needs of it as `Box<str>` (moved from a `String`, copied from a `&str`).
+pub trait Text: AsRef<str> + Into<Box<str>> + Into<String> {}
+impl<S: AsRef<str> + Into<Box<str>> + Into<String>> Text for S {}
+
 impl ProductFact {
     /// `e` in the state's form; a registration starts the product filed under `id`,
     /// created at `at` (the commit time), at `revision`.
-    pub fn new(e: ProductEvent, id: &str, at: i64, revision: u64) -> ProductFact {
+    pub fn new<S: Text>(e: ProductEvent<S>, id: &str, at: i64, revision: u64) -> ProductFact {
         match e {
             ProductEvent::Registered(r) => ProductFact::Registered(Box::new(ProductState {
                 data_id: Arc::from(id),
-                data_type: Word::new(&r.data_type),
-                stage_path: r.stage_path.into_boxed_str(),
-                checksum: r.checksum.map(Checksum::new),
+                data_type: Word::new(r.data_type.as_ref()),
+                stage_path: r.stage_path.into(),
+                checksum: r.checksum.as_ref().map(|c| Checksum::new(c.as_ref())),
                 size_bytes: r.size_bytes,
-                qa_status: r.qa_status.as_deref().map(Word::new),
-                validation_status: r.validation_status.as_deref().map(Word::new),
-                metadata: (!r.metadata.is_empty()).then(|| Box::new(r.metadata)),
+                qa_status: r.qa_status.as_ref().map(|w| Word::new(w.as_ref())),
+                validation_status: r.validation_status.as_ref().map(|w| Word::new(w.as_ref())),
+                metadata: (!r.metadata.is_empty()).then(|| {
+                    Box::new(
+                        r.metadata
+                            .into_iter()
+                            .map(|(k, v)| (k.into(), v.into()))
+                            .collect(),
+                    )
+                }),
                 auto_publish: r.auto_publish,
                 status: ProductStatus::Staging,
                 publish_attempts: 0,
@@ -187,15 +225,16 @@ impl ProductFact {
 
     /// [`ProductEvent::decode_view`], in the state's form: the stream names the product (a
     /// payload that says otherwise does not get to file it under another id).
+    /// A plain payload (almost every one) is read in place: the strings the state does
+    /// not keep (the id the stream already names, words already interned, a checksum's
+    /// digits) are never copied out.
     pub fn decode_view(r: &RecordRef<'_>) -> Result<Option<ProductFact>, String> {
-        Ok(ProductEvent::decode_view(r)?.map(|e| {
-            ProductFact::new(
-                e,
-                crate::events::record::entity_of(r.stream_id),
-                r.created_micros,
-                r.revision,
-            )
-        }))
+        let id = crate::events::record::entity_of(r.stream_id);
+        let (at, revision) = (r.created_micros, r.revision);
+        if let Some(e) = ProductEvent::plain(r) {
+            return Ok(Some(ProductFact::new(e, id, at, revision)));
+        }
+        Ok(ProductEvent::decode_view(r)?.map(|e| ProductFact::new(e, id, at, revision)))
     }
 
     /// The stored type name of this fact.
@@ -379,7 +418,7 @@ pub enum Checksum {
 
 impl Checksum {
     /// A bare 64-digit lowercase hex digest as its 32 bytes; any other text kept as it is.
-    pub fn new(s: String) -> Checksum {
+    pub fn new(s: &str) -> Checksum {
         /// Each byte's value as a lowercase hex digit, or 0xFF: one load a digit.
         const DIGIT: [u8; 256] = {
             let mut t = [0xFF; 256];
@@ -410,7 +449,7 @@ impl Checksum {
                 return Checksum::Hex(out);
             }
         }
-        Checksum::Text(s.into_boxed_str())
+        Checksum::Text(Box::from(s))
     }
 
     /// The text as recorded.
@@ -494,6 +533,11 @@ pub const QA_GATED: &[&str] = &[
 ];
 
 pub fn truncate_error(e: &str) -> String {
+    // No more bytes than the limit means no more characters: copied whole, not a
+    // character at a time.
+    if e.len() <= MAX_ERROR_CHARS {
+        return e.to_owned();
+    }
     e.chars().take(MAX_ERROR_CHARS).collect()
 }
 
@@ -773,9 +817,27 @@ mod tests {
     /// A checksum gives back exactly the text recorded: a bare lowercase digest is kept as
     /// its 32 bytes, anything else (upper case, a prefix, another length) as text.
     #[test]
+    fn an_error_is_cut_to_its_characters_not_its_bytes() {
+        let cut = |e: &str| e.chars().take(MAX_ERROR_CHARS).collect::<String>();
+        for n in [0, 1, 249, 250, 251, 499, 500, 501, 1000] {
+            for unit in ["x", "é", "日", "𝄞"] {
+                let e = unit.repeat(n);
+                assert_eq!(truncate_error(&e), cut(&e), "{n} of {unit:?}");
+                assert!(truncate_error(&e).chars().count() <= MAX_ERROR_CHARS);
+            }
+        }
+        // The whole of a short one; exactly the limit of a long one.
+        assert_eq!(truncate_error("disk full"), "disk full");
+        assert_eq!(
+            truncate_error(&"é".repeat(600)).chars().count(),
+            MAX_ERROR_CHARS
+        );
+    }
+
+    #[test]
     fn a_checksum_gives_back_the_text_recorded() {
         let digest = blake3::hash(b"x").to_hex().to_string();
-        let c = Checksum::new(digest.clone());
+        let c = Checksum::new(&digest);
         assert!(matches!(c, Checksum::Hex(_)));
         assert_eq!(c.text(), digest);
         for other in [
@@ -785,26 +847,26 @@ mod tests {
             format!("{}g", &digest[..63]),
             String::new(),
         ] {
-            let c = Checksum::new(other.clone());
+            let c = Checksum::new(&other);
             assert!(matches!(c, Checksum::Text(_)), "{other:?}");
             assert_eq!(c.text(), other);
         }
         // Every digit, and every place a non-digit can stand (the bytes either side of
         // each digit range among them); 64 bytes of two-byte characters too.
         let all = "0123456789abcdef".repeat(4);
-        assert!(matches!(Checksum::new(all.clone()), Checksum::Hex(_)));
-        assert_eq!(Checksum::new(all.clone()).text(), all);
+        assert!(matches!(Checksum::new(&all), Checksum::Hex(_)));
+        assert_eq!(Checksum::new(&all).text(), all);
         for i in 0..64 {
             for c in ['/', ':', '`', 'g', 'A', 'F', '\0'] {
                 let mut t = all.clone().into_bytes();
                 t[i] = c as u8;
                 let t = String::from_utf8(t).unwrap();
-                let k = Checksum::new(t.clone());
+                let k = Checksum::new(&t);
                 assert!(matches!(k, Checksum::Text(_)), "{t:?}");
                 assert_eq!(k.text(), t);
             }
         }
-        assert!(matches!(Checksum::new("é".repeat(32)), Checksum::Text(_)));
+        assert!(matches!(Checksum::new(&"é".repeat(32)), Checksum::Text(_)));
     }
 
     /// Products of one type share its word; a path beside the staged file's name keeps
