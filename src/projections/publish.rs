@@ -606,10 +606,9 @@ impl PublishModel {
 
     /// Files a product the model does not hold yet.
     fn add(&mut self, p: Box<ProductState>) {
-        let key: Id = p.data_id.clone();
         let (entries, flags) = Self::standing(&p, self.max_attempts);
         self.count(flags, 1);
-        self.reindex(&key, Entries::default(), entries);
+        self.reindex(&p.data_id, Entries::default(), entries);
         self.products.insert(p);
     }
 
@@ -711,10 +710,13 @@ impl PublishModel {
             let (before, before_flags) = Self::standing(p, max);
             p.apply_fact(event, r.created_micros, r.revision);
             let (after, after_flags) = Self::standing(p, max);
-            let key = p.data_id.clone();
+            // The key is needed only while the indexes are kept event by event.
+            let key = self.indexed.then(|| p.data_id.clone());
             self.count(before_flags, -1);
             self.count(after_flags, 1);
-            self.reindex(&key, before, after);
+            if let Some(key) = key {
+                self.reindex(&key, before, after);
+            }
         } else {
             match event {
                 // Filed under the stream's id (`ProductFact::decode_view`).
