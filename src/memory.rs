@@ -28,10 +28,13 @@ pub fn return_freed() {
 /// back to the system a second after they are freed. A fold frees read buffers and
 /// batches all along; given back, their room came back as fresh pages the kernel had to
 /// zero again (a ten-million-event audit took 4,300 to 7,300 page faults, 1,100 to 1,200
-/// without; `docs/benchmarks.md`). The peak is the model's either way. Call it before the
-/// work starts; under another global allocator it changes nothing.
+/// without; `docs/benchmarks.md`). The peak is the model's either way. Call it before any
+/// other thread starts; it overrides `MIMALLOC_PURGE_DELAY`. Under another global
+/// allocator it changes nothing.
 pub fn keep_freed_until_exit() {
-    // SAFETY: `mi_option_set` takes no pointer; a purge delay of -1 turns purging off.
+    // SAFETY: `mi_option_set` takes no pointer. It writes the option without
+    // synchronisation, so it is called while this is the process's only thread; mimalloc
+    // reads the option afresh each time it would purge, and -1 turns purging off.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) }
 }
 
@@ -43,8 +46,9 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 mod tests {
     #[test]
     fn purge_delay_is_the_option_of_that_name() {
-        // No other option of mimalloc 3 defaults to 1000 (`include/mimalloc.h`). Fails
-        // too if the test runs with `MIMALLOC_PURGE_DELAY` set.
+        // No other option of mimalloc 3 defaults to 1000 (`src/options.c` of the
+        // vendored C source; mimalloc 2's purge delay defaulted to 10). Fails too if the
+        // test runs with `MIMALLOC_PURGE_DELAY` set.
         // SAFETY: `mi_option_get` takes no pointer.
         assert_eq!(
             unsafe { libmimalloc_sys::mi_option_get(super::PURGE_DELAY) },

@@ -55,9 +55,10 @@ fn decode<T: DomainEvent>(r: &RecordRef<'_>) -> Result<T, String> {
 impl<'a> ProductEvent<&'a str> {
     /// A product fact whose payload is plain, its text borrowed from the record; `None`
     /// for any other record (a payload that is not plain, or not a product fact), which
-    /// [`ProductEvent::decode_view`] then reads as it reads every payload. Only where the
-    /// plain readers answer, so what it gives is what the owned decoding gives.
-    fn plain(r: &RecordRef<'a>) -> Option<Self> {
+    /// [`ProductEvent::decode_view`] then reads as it reads every payload (a payload that
+    /// is not plain is scanned twice then; contimg writes none). Only where the plain
+    /// readers answer, so what it gives is what the owned decoding gives.
+    pub(crate) fn plain(r: &RecordRef<'a>) -> Option<Self> {
         if r.category() != ProductRegistered::CATEGORY {
             return None;
         }
@@ -814,8 +815,6 @@ mod tests {
         assert_eq!(Word::new("its neighbour"), there.1);
     }
 
-    /// A checksum gives back exactly the text recorded: a bare lowercase digest is kept as
-    /// its 32 bytes, anything else (upper case, a prefix, another length) as text.
     #[test]
     fn an_error_is_cut_to_its_characters_not_its_bytes() {
         let cut = |e: &str| e.chars().take(MAX_ERROR_CHARS).collect::<String>();
@@ -834,6 +833,8 @@ mod tests {
         );
     }
 
+    /// A checksum gives back exactly the text recorded: a bare lowercase digest is kept as
+    /// its 32 bytes, anything else (upper case, a prefix, another length) as text.
     #[test]
     fn a_checksum_gives_back_the_text_recorded() {
         let digest = blake3::hash(b"x").to_hex().to_string();
