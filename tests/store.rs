@@ -1172,6 +1172,57 @@ fn verify_names_the_first_corrupt_position(l: &Ledgers) {
     );
 }
 
+/// A replay (`for_each_from`, read on a thread of its own in batches of 2,048) visits
+/// every event from its start once, in order, across batches; an error from the visitor
+/// stops it there and is what it returns.
+fn replay_visits_every_event_once_in_order_and_stops_at_an_error(l: &Ledgers) {
+    let (_, store) = l.fresh();
+    const N: u32 = 5_000;
+    for first in (0..N).step_by(500) {
+        store
+            .append_blocking(
+                &format!("scratch-{}", first % 3),
+                ExpectedRevision::Any,
+                (first..first + 500).map(ev).collect(),
+            )
+            .unwrap();
+    }
+    let replay = |from: u64| {
+        let mut seen = Vec::new();
+        let n = store
+            .for_each_from(from, |e| {
+                seen.push((e.position, e.data));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(n as usize, seen.len());
+        seen
+    };
+    let all = replay(0);
+    let expected: Vec<(u64, Vec<u8>)> = (0..N)
+        .map(|i| (u64::from(i), format!("{{\"n\":{i}}}").into_bytes()))
+        .collect();
+    assert!(
+        all == expected,
+        "a replay from 0 gives every event once, in order"
+    );
+    assert!(replay(4_321) == expected[4_321..], "from the middle");
+    assert!(replay(u64::from(N)).is_empty(), "from the end");
+    let mut visited = 0;
+    let stopped = store.for_each_from(0, |e| {
+        visited += 1;
+        if e.position == 2_500 {
+            return Err(StoreError::InvalidInput("stop here".into()));
+        }
+        Ok(())
+    });
+    assert!(
+        matches!(&stopped, Err(StoreError::InvalidInput(m)) if m == "stop here"),
+        "{stopped:?}"
+    );
+    assert_eq!(visited, 2_501);
+}
+
 fn large_commits_split_into_chunks_and_read_back_in_both_directions(l: &Ledgers) {
     let (loc, store) = l.fresh();
     // 5 events of ~40 KiB in one append: more than one log chunk.
@@ -1354,6 +1405,12 @@ macro_rules! contract {
             #[test]
             fn large_commits_split_into_chunks_and_read_back_in_both_directions() {
                 super::large_commits_split_into_chunks_and_read_back_in_both_directions(&$make);
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn replay_visits_every_event_once_in_order_and_stops_at_an_error() {
+                super::replay_visits_every_event_once_in_order_and_stops_at_an_error(&$make);
             }
 
             $(#[$attr])*

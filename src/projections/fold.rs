@@ -105,7 +105,6 @@ where
     I: Iterator<Item = Result<T, StoreError>> + Send + 'static,
 {
     use std::sync::mpsc::{channel, sync_channel};
-    const BATCH: usize = 2048;
     const DECODERS: usize = 2;
     let spawn = |name: String, work: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -152,31 +151,7 @@ where
     drop(read_back_tx);
     threads.push(spawn(
         "fold-read".into(),
-        Box::new(move || {
-            let mut items = items;
-            for turn in 0usize.. {
-                // The batches the decoders are done with are freed here, and the last
-                // one's room is used again.
-                let mut batch = Vec::new();
-                while let Ok(mut used) = read_back_rx.try_recv() {
-                    used.clear();
-                    batch = used;
-                }
-                batch.reserve(BATCH);
-                let mut failed = false;
-                for item in items.by_ref() {
-                    failed = item.is_err();
-                    batch.push(item);
-                    if batch.len() == BATCH || failed {
-                        break;
-                    }
-                }
-                let last = batch.len() < BATCH || failed;
-                if batch.is_empty() || raw_txs[turn % DECODERS].send(batch).is_err() || last {
-                    break;
-                }
-            }
-        }),
+        Box::new(move || crate::events::store::read_in_batches(items, &raw_txs, &read_back_rx)),
     )?);
     let mut result = Ok(());
     'batches: for turn in 0usize.. {

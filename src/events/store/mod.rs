@@ -483,16 +483,53 @@ impl Store {
     }
 
     /// Visits every durable event from `from` (inclusive) in order, without collecting them:
-    /// the replay path of projections, reports and `verify`.
+    /// the replay path of projections, reports and `verify`. A thread of its own reads the
+    /// log ([`read_in_batches`]) while this one decodes the records and calls `f`, so the
+    /// two halves of a replay run on two cores; where the system gives no thread, this one
+    /// does both.
     pub fn for_each_from(
         &self,
         from: u64,
         mut f: impl FnMut(RecordedEvent) -> Result<(), StoreError>,
     ) -> Result<u64, StoreError> {
+        use std::sync::mpsc::{channel, sync_channel};
         let mut n = 0;
-        for e in self.events_from(from) {
-            f(e?)?;
+        let mut visit = |raw: Result<RawRecord, StoreError>| {
+            let raw = raw?;
+            f(decode_at(raw.position, raw.bytes())?)?;
             n += 1;
+            Ok::<(), StoreError>(())
+        };
+        let raw = self.raw_from(from);
+        let (tx, rx) = sync_channel::<Vec<Result<RawRecord, StoreError>>>(4);
+        let (back_tx, back_rx) = channel();
+        // The reader is handed over only once it runs: `Some` still here means it did not.
+        let mut unread = Some(raw);
+        std::thread::scope(|scope| {
+            let reader = std::thread::Builder::new().spawn_scoped(scope, {
+                let raw = &mut unread;
+                move || {
+                    if let Some(raw) = raw.take() {
+                        read_in_batches(raw, &[tx], &back_rx);
+                    }
+                }
+            });
+            if reader.is_err() {
+                return Ok::<(), StoreError>(());
+            }
+            for mut batch in rx {
+                for raw in batch.drain(..) {
+                    visit(raw)?;
+                }
+                // Freed by the thread that read it, to be filled again.
+                let _ = back_tx.send(batch);
+            }
+            Ok(())
+        })?;
+        if let Some(raw) = unread {
+            for r in raw {
+                visit(r)?;
+            }
         }
         Ok(n)
     }
@@ -616,6 +653,41 @@ impl std::ops::Deref for RawBytes {
         match self {
             RawBytes::Sled(v) => v,
             RawBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// Records (or anything read in order) in batches, sent to `outputs` in turn, until
+/// `items` ends, an item is an error (sent as the last of its batch), or a receiver is
+/// gone. The reading half of a replay, on a thread of its own: the receivers send each
+/// batch back on `back` once used, to be freed here (memory is freed fastest by the
+/// thread that allocated it) and filled again.
+pub(crate) fn read_in_batches<T>(
+    mut items: impl Iterator<Item = Result<T, StoreError>>,
+    outputs: &[std::sync::mpsc::SyncSender<Vec<Result<T, StoreError>>>],
+    back: &std::sync::mpsc::Receiver<Vec<Result<T, StoreError>>>,
+) {
+    const BATCH: usize = 2048;
+    for turn in 0usize.. {
+        // The batches the receivers are done with are freed here, and the last one's
+        // room is used again.
+        let mut batch = Vec::new();
+        while let Ok(mut used) = back.try_recv() {
+            used.clear();
+            batch = used;
+        }
+        batch.reserve(BATCH);
+        let mut failed = false;
+        for item in items.by_ref() {
+            failed = item.is_err();
+            batch.push(item);
+            if batch.len() == BATCH || failed {
+                break;
+            }
+        }
+        let last = batch.len() < BATCH || failed;
+        if batch.is_empty() || outputs[turn % outputs.len()].send(batch).is_err() || last {
+            break;
         }
     }
 }
