@@ -1172,12 +1172,14 @@ fn verify_names_the_first_corrupt_position(l: &Ledgers) {
     );
 }
 
-/// A replay (`for_each_from`, read on a thread of its own in batches of 2,048) visits
-/// every event from its start once, in order, across batches; an error from the visitor
-/// stops it there and is what it returns.
+/// A replay (`for_each_from`, read on a thread of its own in batches of 2,048, four
+/// batches waiting at most) visits every event from its start once, in order, across
+/// batches, a last batch that is full included; an error from the visitor stops it there
+/// and is what it returns, while the reader waits on a full channel.
 fn replay_visits_every_event_once_in_order_and_stops_at_an_error(l: &Ledgers) {
     let (_, store) = l.fresh();
-    const N: u32 = 5_000;
+    // Seven batches: more than the channel holds and the reader has in hand.
+    const N: u32 = 14_000;
     for first in (0..N).step_by(500) {
         store
             .append_blocking(
@@ -1207,6 +1209,11 @@ fn replay_visits_every_event_once_in_order_and_stops_at_an_error(l: &Ledgers) {
         "a replay from 0 gives every event once, in order"
     );
     assert!(replay(4_321) == expected[4_321..], "from the middle");
+    let two_batches = N as usize - 2 * 2_048;
+    assert!(
+        replay(two_batches as u64) == expected[two_batches..],
+        "two full batches"
+    );
     assert!(replay(u64::from(N)).is_empty(), "from the end");
     let mut visited = 0;
     let stopped = store.for_each_from(0, |e| {

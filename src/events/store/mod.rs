@@ -483,10 +483,11 @@ impl Store {
     }
 
     /// Visits every durable event from `from` (inclusive) in order, without collecting them:
-    /// the replay path of projections, reports and `verify`. A thread of its own reads the
-    /// log ([`read_in_batches`]) while this one decodes the records and calls `f`, so the
-    /// two halves of a replay run on two cores; where the system gives no thread, this one
-    /// does both.
+    /// the store's replay (a rebuild's catch-up, `benches/ledger.rs`). A thread of its own
+    /// reads the log ([`read_in_batches`]) while this one decodes the records and calls
+    /// `f`, so the two halves of a replay run on two cores; where the system gives no
+    /// thread, this one does both. A reading thread that fails is an error, not a short
+    /// replay.
     pub fn for_each_from(
         &self,
         from: u64,
@@ -506,25 +507,38 @@ impl Store {
         // The reader is handed over only once it runs: `Some` still here means it did not.
         let mut unread = Some(raw);
         std::thread::scope(|scope| {
-            let reader = std::thread::Builder::new().spawn_scoped(scope, {
-                let raw = &mut unread;
-                move || {
-                    if let Some(raw) = raw.take() {
-                        read_in_batches(raw, &[tx], &back_rx);
+            let spawned = std::thread::Builder::new()
+                .name("replay-read".into())
+                .spawn_scoped(scope, {
+                    let raw = &mut unread;
+                    move || {
+                        if let Some(raw) = raw.take() {
+                            read_in_batches(raw, &[tx], &back_rx);
+                        }
                     }
+                });
+            let Ok(reader) = spawned else {
+                return Ok(());
+            };
+            // Takes `rx`, so that it is gone before the join below, whatever `f` did: a
+            // reader waiting on a full channel then wakes and ends.
+            let visited = (|| -> Result<(), StoreError> {
+                for mut batch in rx {
+                    for raw in batch.drain(..) {
+                        visit(raw)?;
+                    }
+                    // The emptied batch goes back to be filled again.
+                    let _ = back_tx.send(batch);
                 }
-            });
-            if reader.is_err() {
-                return Ok::<(), StoreError>(());
-            }
-            for mut batch in rx {
-                for raw in batch.drain(..) {
-                    visit(raw)?;
-                }
-                // Freed by the thread that read it, to be filled again.
-                let _ = back_tx.send(batch);
-            }
-            Ok(())
+                Ok(())
+            })();
+            let read = reader.join();
+            visited?;
+            read.map_err(|_| {
+                StoreError::Task(
+                    "the thread reading the log failed; the replay is incomplete".into(),
+                )
+            })
         })?;
         if let Some(raw) = unread {
             for r in raw {
@@ -660,8 +674,9 @@ impl std::ops::Deref for RawBytes {
 /// Records (or anything read in order) in batches, sent to `outputs` in turn, until
 /// `items` ends, an item is an error (sent as the last of its batch), or a receiver is
 /// gone. The reading half of a replay, on a thread of its own: the receivers send each
-/// batch back on `back` once used, to be freed here (memory is freed fastest by the
-/// thread that allocated it) and filled again.
+/// batch back on `back` once used, to be filled again (the whole-log fold sends the
+/// records back in it too, to be freed here: memory is freed fastest by the thread that
+/// allocated it).
 pub(crate) fn read_in_batches<T>(
     mut items: impl Iterator<Item = Result<T, StoreError>>,
     outputs: &[std::sync::mpsc::SyncSender<Vec<Result<T, StoreError>>>],
