@@ -27,7 +27,7 @@ pub fn return_freed() {
 /// `export`, `verify`): freed pages stay with the process until it ends, rather than go
 /// back to the system a second after they are freed. A fold frees read buffers and
 /// batches all along; given back, their room came back as fresh pages the kernel had to
-/// zero again (a ten-million-event audit took 4,300 to 7,300 page faults, 1,100 to 1,200
+/// zero again (a ten-million-event audit took 4,340 to 7,348 page faults, 1,117 to 1,157
 /// without; `docs/benchmarks.md`). The peak is the model's either way. Call it before any
 /// other thread starts; it overrides `MIMALLOC_PURGE_DELAY`. Under another global
 /// allocator it changes nothing.

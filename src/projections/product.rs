@@ -55,9 +55,10 @@ fn decode<T: DomainEvent>(r: &RecordRef<'_>) -> Result<T, String> {
 impl<'a> ProductEvent<&'a str> {
     /// A product fact whose payload is plain, its text borrowed from the record; `None`
     /// for any other record (a payload that is not plain, or not a product fact), which
-    /// [`ProductEvent::decode_view`] then reads as it reads every payload (a payload that
-    /// is not plain is scanned twice then; contimg writes none). Only where the plain
-    /// readers answer, so what it gives is what the owned decoding gives.
+    /// [`ProductEvent::decode_view`] then reads as it reads every payload (so a payload
+    /// that is not plain, such as one with an escaped character or with metadata, is
+    /// scanned twice). Only where the plain readers answer, so what it gives is what the
+    /// owned decoding gives.
     pub(crate) fn plain(r: &RecordRef<'a>) -> Option<Self> {
         if r.category() != ProductRegistered::CATEGORY {
             return None;
