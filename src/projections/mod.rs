@@ -274,10 +274,9 @@ impl Projections {
                 last_snapshot = Instant::now();
             }
         }
-        if let Some(Err(e)) = match writing {
-            Some(w) => Some(w.await),
-            None => None,
-        } {
+        if let Some(w) = writing
+            && let Err(e) = w.await
+        {
             tracing::error!(error = %e, "the task writing a projection snapshot failed");
         }
         // Leave a snapshot of the final state unless the saved one already is (of this
