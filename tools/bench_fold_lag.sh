@@ -45,6 +45,8 @@ for _ in $(seq 1 1200); do
   kill -0 "$server" 2>/dev/null || { echo "the server exited before answering:" >&2; tail -5 "$out.log" >&2; exit 1; }
   sleep 0.05
 done
+curl -fsS "http://127.0.0.1:$port/api/status" >/dev/null 2>&1 \
+  || { echo "the server did not answer within 60 s:" >&2; tail -5 "$out.log" >&2; exit 1; }
 sleep 12
 from=$(wc -l <"$out.log")
 CONTIMG_LOAD_DELAY_MS=$delay wrk -t1 -c"$conns" -d"${seconds}s" -s tools/append_load.lua \
