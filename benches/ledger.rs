@@ -12,6 +12,10 @@
 //!   event;
 //! - durable single-event appends per second with 1 appender and with 64 concurrent ones;
 //! - `$all` replay (decode and checksum every record) in events per second.
+//!
+//! The ledger and the ceilings run on mimalloc, the allocator `contimg` ships with
+//! (`src/main.rs`), so these figures are the binary's; before 2026-12-06 they ran on
+//! glibc's (`docs/benchmarks.md`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use contimg::events::{ExpectedRevision, ProposedEvent, Store};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const RUN: Duration = Duration::from_secs(4);
 
