@@ -14,8 +14,7 @@
 //! - `$all` replay (decode and checksum every record) in events per second.
 //!
 //! The ledger and the ceilings run on mimalloc, the allocator `contimg` ships with
-//! (`src/main.rs`), so these figures are the binary's; before 2026-12-06 they ran on
-//! glibc's (`docs/benchmarks.md`).
+//! (`src/main.rs`); before f02c99e they ran on glibc's (`docs/benchmarks.md`).
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -51,14 +51,15 @@ pub(super) const HELD: usize = 1 << 18;
 pub(crate) const INDEXED_FROM: usize = 64;
 
 /// `J` keys a sled batch holds when streams are indexed: a stream's ids are written in
-/// several batches, then the marks. Each insert copies its leaf, and sled frees the copies
-/// a batch replaced only once the batch is done: in batches of 10,000 the allocator took
-/// fresh pages for them, and the kernel zeroing those was most of the writer's time while
-/// it indexed (perf). Indexing 135,000 ids took 2.3 to 2.4 s so, 0.50 to 0.52 s in
-/// batches of 1,000 (`docs/benchmarks.md`). The tests' streams index a few hundred ids at
-/// once, so there a batch holds 100: they cross from batch to batch, within a stream and
-/// between streams.
-const INDEX_BATCH: usize = if cfg!(test) { 100 } else { 1_000 };
+/// several batches, then the marks. Each insert copies its leaf, and sled's `apply_batch`
+/// holds one epoch guard for the whole batch, so the copies it replaced are freed only
+/// after it. In batches of 10,000, 80% of the writer's time while it indexed went to the
+/// kernel zeroing fresh pages (perf). Indexing 135,000 ids took 2.3 to 2.4 s in batches
+/// of 10,000 and 0.50 to 0.52 s in batches of 1,000, on mimalloc, two runs each
+/// (`docs/benchmarks.md`). Under test a batch holds 100: the long-stream test in `mod.rs`
+/// indexes 140 to 198 ids at a time, so its batches end within a stream and between
+/// streams (the test holds this under 140).
+pub(super) const INDEX_BATCH: usize = if cfg!(test) { 100 } else { 1_000 };
 
 /// The ids of recently used streams: for each, every id committed (applied) in it with its
 /// revision and position, as the stream index and the log say, or, for an indexed stream,

@@ -1248,6 +1248,9 @@ mod tests {
         let event =
             |i: usize| ProposedEvent::new("Noted", 1, format!("{{\"n\":{i}}}").into_bytes());
         let store = open(256);
+        // The writer indexes 140 to 198 of these ids at a time: in batches that end within
+        // a stream and between streams while a batch holds fewer (`ids::INDEX_BATCH`).
+        const { assert!(ids::INDEX_BATCH < 140) };
         let streams: Vec<String> = (0..6).map(|s| format!("scratch-long-{s}")).collect();
         // (stream, the events, where the last of them went)
         let mut written: Vec<(String, Vec<ProposedEvent>, u64)> = Vec::new();
