@@ -68,7 +68,8 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // contimg: one task wakes one waiting thread, not all of them (PATCHED.md).
+        self.cv.notify_one();
 
         len
     }
