@@ -817,7 +817,7 @@ fn keys_left_under_this_layouts_marker_are_dropped_at_the_next_open() {
     );
 }
 
-/// Layouts 3 and 4 keep no id index of short streams: idempotency finds an id in its
+/// Layouts 3 to 5 keep no id index of short streams: idempotency finds an id in its
 /// stream through the stream index and the log, also for a repeat of events committed
 /// before the ledger changed layout, read again after a reopen (the writer's own dropping
 /// and indexing of streams is tested in `sled/ids.rs` and `sled/mod.rs`). A ledger taken back to layout 2 gets its id index from the log, entry
@@ -825,7 +825,7 @@ fn keys_left_under_this_layouts_marker_are_dropped_at_the_next_open() {
 #[test]
 fn idempotency_holds_across_layout_changes_without_an_id_index() {
     use contimg::events::store::sled::{LAYOUT, to_layout};
-    assert_eq!(LAYOUT, 4);
+    assert_eq!(LAYOUT, 5);
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let first = vec![ev(1), ev(2), ev(3)];
@@ -855,7 +855,7 @@ fn idempotency_holds_across_layout_changes_without_an_id_index() {
         tree.insert(k, &[0xFFu8; 16]).unwrap();
     });
     verify_to_read_reports(dir.path(), "id index");
-    // This build opens it to write: marked 3, the id index dropped, and every repeat is
+    // This build opens it to write: marked with this layout, the id index dropped, and every repeat is
     // still answered from the log.
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.as_sled().unwrap().layout(), LAYOUT);

@@ -68,11 +68,12 @@ pub struct LedgerLayoutArgs {
     #[command(flatten)]
     pub layout: super::Layout,
     /// Put the ledger in this layout: 1 for a contimg from before layout 2, 2 for one
-    /// from before layout 3, 3 for one from before layout 4 (drops the id index of long
-    /// streams only this layout keeps, and writes what the older one keeps and this one
-    /// does not: for 2 and 1 the id index of every stream, for 1 a head key per stream;
-    /// do it before putting such a binary back), 4 for this one (what `serve` and
-    /// `import` do). Without it, only print the layout.
+    /// from before layout 3, 3 for one from before layout 4, 4 for one from before
+    /// layout 5 (drops the id index of long streams, which layout 4 keeps without runs
+    /// and older ones not at all, and writes what the older one keeps and this one does
+    /// not: for 2 and 1 the id index of every stream, for 1 a head key per stream; do it
+    /// before putting such a binary back), 5 for this one (what `serve` and `import` do).
+    /// Without it, only print the layout.
     /// A folder with no ledger yet has nothing to change.
     #[arg(long)]
     pub to: Option<u32>,
@@ -114,7 +115,7 @@ pub fn ledger_layout(args: LedgerLayoutArgs) -> anyhow::Result<ExitCode> {
         let mut written = Vec::new();
         if change.ids_dropped > 0 {
             println!(
-                "dropped the {} id index keys of layout 4's long streams",
+                "dropped the {} id index keys and runs of long streams",
                 change.ids_dropped
             );
         }

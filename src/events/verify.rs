@@ -1,7 +1,7 @@
 //! `contimg verify`: positions gapless from 0, every checksum matching, stream revisions
 //! consecutive, ids unique in each stream, and the stream heads (PostgreSQL's table; on
 //! sled, the stream index's last entries), stream index (and, in layouts 1 and 2, the id
-//! index; in layout 4, the id index of the streams marked indexed) agreeing with the log,
+//! index; from layout 4, the id index of the streams marked indexed) agreeing with the log,
 //! entry for entry.
 
 use serde::Serialize;
@@ -190,7 +190,7 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
         }
     };
     // Positions, revisions and commit times; ids are checked below, through the id index
-    // in layouts 1 and 2, else against the ids met so far (`IdsMet`), and in layout 4,
+    // in layouts 1 and 2, else against the ids met so far (`IdsMet`), and from layout 4,
     // for the streams marked indexed, also through their id index.
     let id_index = sled.layout() < 3;
     let mut marked = std::collections::HashMap::new();
@@ -286,14 +286,26 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
             } else {
                 if let Some(seen) = marked.get_mut(&r.stream_id) {
                     *seen += 1;
-                    if !entry_holds(keys::indexed_id(&r.stream_id, &r.event_id))? {
-                        add(
+                    // Its `J` key or its run (`K`) holds the event's place.
+                    let places = super::store::sled::indexed_places(
+                        &tree,
+                        &r.stream_id,
+                        &r.event_id,
+                        Some(uuid::Uuid::max()),
+                    );
+                    match places {
+                        Ok(places) if places.contains(&(r.revision, pos)) => {}
+                        Ok(_) => add(
                             Some(pos),
                             format!(
                                 "the id index of {} lacks or misplaces its event {}",
                                 r.stream_id, r.event_id
                             ),
-                        );
+                        ),
+                        Err(e) => add(
+                            Some(pos),
+                            format!("the id index of {} does not read: {e}", r.stream_id),
+                        ),
                     }
                 }
                 match met.earlier(sled, &r, pos) {
@@ -335,11 +347,24 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
             ),
         );
     }
-    // Layout 4's id index: every event of a marked stream has its key (checked above). A
-    // key of no event is allowed, a commit's that failed (`sled/writer.rs`): the writer
+    // The id index of long streams (layouts 4 and 5): every event of a marked stream has
+    // its key or its place in a run (checked above). A key of no event is allowed, a commit's that failed (`sled/writer.rs`): the writer
     // trusts a key only once the log holds its event. A mark is on a stream of
     // `INDEXED_FROM` events or more, or the writer never sees it.
     let indexed_len = tree.scan_prefix([keys::INDEXED_ID]).count() as u64;
+    // Layout 5's runs: each whole entries in the ids' order (a run of no event is allowed,
+    // as a key is: a lookup checks the log).
+    let mut runs_len = 0u64;
+    for item in tree.scan_prefix([keys::INDEXED_RUN]) {
+        let (k, v) = item?;
+        runs_len += 1;
+        if let Err(e) = super::store::sled::run::entries(&v) {
+            add(
+                None,
+                format!("{e} (key {})", String::from_utf8_lossy(&k[1..])),
+            );
+        }
+    }
     for (stream, events) in &marked {
         if (*events as usize) < super::store::sled::INDEXED_FROM {
             add(
@@ -373,7 +398,7 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
             add(None, format!("{heads} stream heads for {streams} streams"));
         }
     }
-    let known = chunks + index_len + ids_len + heads + marked.len() as u64 + indexed_len;
+    let known = chunks + index_len + ids_len + heads + marked.len() as u64 + indexed_len + runs_len;
     let total = tree.len() as u64;
     if total != known {
         add(

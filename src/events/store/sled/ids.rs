@@ -12,26 +12,30 @@
 //! it wrote or not: past the bound, the streams used least recently are dropped until half
 //! is left. Within one commit it may hold more: every stream the commit asks about, whole.
 //!
-//! A stream whose ids the writer had to read from the log, [`INDEXED_FROM`] or more of
-//! them, is not forgotten when it is dropped: its ids are written to the `J` index, then
-//! the stream is marked (`X`, layout 4); from then on every commit to it writes its
-//! events' `J` keys as well as their stream index entries, and its ids are looked
-//! up there, not held: one sled read for an id not in the stream, and for one that is
-//! (a repeat) its record and stream index entry too. Reading such a stream again costs
-//! [`INDEXED_FROM`] stream index entries, the mark and a backward step to its head, not
-//! the stream. Without this, appends to more long streams than the bound holds read every
-//! stream again, whole, at every commit: 64 streams of 4,000 to 6,000 events took appends
-//! from 5,100 a second to 83 (`docs/benchmarks.md`). A commit writes its `J` keys in a
-//! batch before its events', and a stream's marks follow its keys: a sled batch that fails
-//! may be applied in part, in no set order, and keep that part after a restart, so the
-//! index may name an event that never landed, and never lacks one that did. A hit is
-//! trusted only once the log and the stream index hold that event there. Indexing a
-//! stream writes all its ids on the writer's thread, once: for a stream of a million
-//! events, a pause of some seconds in appends, the first time it is dropped after a start. A stream is read whole when it comes back after a drop, or is first asked about
-//! after a start; one written and dropped in the same run, never asked about again (a
-//! bulk import), is forgotten, and one short (a product, a group, a mosaic) is never
-//! indexed. So a commit to the streams the writer holds still writes one index key an
-//! event, and a long stream costs at most one whole read before it is indexed.
+//! A long stream ([`INDEXED_FROM`] ids or more) is not forgotten when it is dropped if
+//! the writer had to read its ids from the log (it came back after a drop, or was first
+//! asked about after a start) or the commit just made wrote to it (it would be read back
+//! at its next commit): its ids go to its id index, then the stream is marked (`X`,
+//! layout 4). The ids it held go in sorted runs (`K` keys, [`run::MAX_IDS`] ids each,
+//! layout 5), not a key an id: indexing 135,000 ids took 9 to 32 ms in runs, against 0.53
+//! to 0.64 s as `J` keys (`docs/benchmarks.md`). From then on every commit to it writes
+//! its events' `J` keys as well as their stream index entries, and its ids are looked up
+//! there, not held: one sled read for an id not in the stream (two when the id is below
+//! the highest id of its runs), and for one that is (a repeat) its record and stream
+//! index entry too. Reading such a stream again costs [`INDEXED_FROM`] stream index
+//! entries, the mark, its last run and a backward step to its head, not the stream.
+//! Without this, appends to more long streams than the bound holds read every stream
+//! again, whole, at every commit: 64 streams of 4,000 to 6,000 events took appends from
+//! 5,100 a second to 83 (`docs/benchmarks.md`). A commit writes its `J` keys in a batch
+//! before its events', and a stream's marks follow its runs: a sled batch that fails may
+//! be applied in part, in no set order, and keep that part after a restart, so the index
+//! may name an event that never landed, and never lacks one that did (the runs of a
+//! failed attempt are dropped when the stream is indexed again). A hit is trusted only
+//! once the log and the stream index hold that event there. A long stream written and
+//! dropped in the same run, neither read back nor in the last commit (a bulk import), is
+//! forgotten, and one short (a product, a group, a mosaic) is never indexed. So a commit
+//! to the streams the writer holds still writes one index key an event, and a long
+//! stream costs at most one whole read before it is indexed.
 
 use std::collections::HashMap;
 
@@ -39,31 +43,30 @@ use uuid::Uuid;
 
 use super::super::super::error::{StoreError, be_u64};
 use super::super::super::record::RecordRef;
-use super::layout::{chunk, keys};
+use super::layout::{chunk, keys, run};
 
 /// Ids kept, at most, before the least recently used streams are dropped.
 pub(super) const HELD: usize = 1 << 18;
 
-/// A stream read from the log with this many ids or more is indexed (`J` keys, `X` mark)
-/// when dropped, rather than forgotten. Reading a stream, the mark is looked for once it
+/// A stream read from the log, or in the last commit, with this many ids or more is
+/// indexed (`K` runs, `X` mark) when dropped, rather than forgotten. Reading a stream, the mark is looked for once it
 /// has shown this many entries, so a change to this is a new layout: a build looking
 /// later than another marked would miss marks, and append without extending the index.
 pub(crate) const INDEXED_FROM: usize = 64;
 
-/// `J` keys a sled batch holds when streams are indexed: a stream's ids are written in
-/// several batches, then the marks. Each insert copies its leaf, and sled's `apply_batch`
-/// holds one epoch guard for the whole batch, so the copies it replaced are freed only
-/// after it. In batches of 10,000, 80% of the writer's time while it indexed went to the
-/// kernel zeroing fresh pages (perf). Indexing 135,000 ids took 2.3 to 2.4 s in batches
-/// of 10,000 and 0.50 to 0.52 s in batches of 1,000, on mimalloc, two runs each
-/// (`docs/benchmarks.md`). Under test a batch holds 100: the long-stream test in `mod.rs`
-/// indexes 140 to 198 ids at a time, so its batches end within a stream and between
-/// streams (the test holds this under 140).
-pub(super) const INDEX_BATCH: usize = if cfg!(test) { 100 } else { 1_000 };
+/// Runs (`K` keys, [`run::MAX_IDS`] ids each) a sled batch holds when streams are indexed:
+/// a stream's runs are written in several batches, then the marks. Each insert copies its
+/// leaf (up to 16 runs), and sled's `apply_batch` holds one epoch guard for the whole
+/// batch, so the copies it replaced are freed only after it: in batches of 10,000 `J`
+/// keys, 80% of the writer's time while it indexed went to the kernel zeroing fresh pages
+/// (perf, `docs/benchmarks.md`). Under test a batch holds 2 runs (32 ids): the long-stream
+/// test in `mod.rs` indexes 140 to 198 ids at a time, so its batches end within a stream
+/// and between streams (the test holds them under 140 ids).
+pub(super) const INDEX_BATCH: usize = if cfg!(test) { 2 } else { 64 };
 
 /// The ids of recently used streams: for each, every id committed (applied) in it with its
 /// revision and position, as the stream index and the log say, or, for an indexed stream,
-/// the mark that the `J` index has them.
+/// the mark that its id index has them.
 pub(super) struct StreamIds {
     streams: HashMap<String, Known>,
     /// Ids held over all streams, plus one a stream.
@@ -73,13 +76,19 @@ pub(super) struct StreamIds {
     bound: usize,
     /// Counts lookups and commits: when a stream was last used.
     clock: u64,
+    /// The clock of the last commit: a stream it wrote to was used then.
+    last_commit: u64,
 }
 
 struct Known {
     /// Every id of the stream; empty for an indexed one.
     ids: HashMap<Uuid, (u64, u64)>,
-    /// Whether the stream's ids are in the `J` index (the stream is marked `X`).
+    /// Whether the stream's ids are in its id index (the stream is marked `X`).
     indexed: bool,
+    /// An indexed stream's highest id in its runs (`K` keys), `None` when it has none: an
+    /// id above it is not looked for there (ids of version 7, as `ProposedEvent::new`
+    /// makes them, rise with time).
+    runs_max: Option<Uuid>,
     /// The highest revision of the stream.
     head: Option<u64>,
     /// Whether its ids were read from the log, [`INDEXED_FROM`] or more: it is indexed
@@ -96,11 +105,12 @@ impl StreamIds {
             indexed_held: 0,
             bound,
             clock: 0,
+            last_commit: 0,
         }
     }
 
     /// Where `id` is committed in `stream`: (revision, position), `None` when it is not.
-    /// Reads the stream's ids from `tree` when they are not held, or asks the `J` index.
+    /// Reads the stream's ids from `tree` when they are not held, or asks its id index.
     pub(super) fn find(
         &mut self,
         tree: &sled::Tree,
@@ -111,41 +121,16 @@ impl StreamIds {
         if !known.indexed {
             return Ok(known.ids.get(&id).copied());
         }
-        let Some(v) = tree.get(keys::indexed_id(stream, &id))? else {
-            return Ok(None);
-        };
+        let runs_max = known.runs_max;
         // A `J` key is written before its event (`writer.rs`), so one whose commit failed
         // may name a place the log does not hold, or holds another event at: a hit counts
         // only once the record there is this event.
-        let revision = be_u64(&v, "id index value")?;
-        let position = be_u64(v.get(8..).unwrap_or_default(), "id index value")?;
-        let Some((start, bytes)) = super::chunk_at(tree, position)? else {
-            return Ok(None);
-        };
-        let ranges = chunk::entries(&bytes).map_err(|reason| StoreError::Corrupt {
-            position: start,
-            reason,
-        })?;
-        let Some(range) = usize::try_from(position - start)
-            .ok()
-            .and_then(|i| ranges.get(i))
-        else {
-            return Ok(None);
-        };
-        let record = RecordRef::decode(&bytes[range.clone()]).map_err(|e| StoreError::Corrupt {
-            position,
-            reason: e.to_string(),
-        })?;
-        let in_log = record.event_id == id
-            && record.stream_id == stream
-            && record.revision == revision
-            && record.position == position;
-        // And the stream index holds it, as reading the stream would have required.
-        let in_index = in_log
-            && tree
-                .get(keys::index(stream, revision))?
-                .is_some_and(|v| be_u64(&v, "stream index value").ok() == Some(position));
-        Ok(in_index.then_some((revision, position)))
+        for (revision, position) in indexed_places(tree, stream, &id, runs_max)? {
+            if holds(tree, stream, id, revision, position)? {
+                return Ok(Some((revision, position)));
+            }
+        }
+        Ok(None)
     }
 
     /// The last revision committed in `stream`, `None` when it has none, as the stream
@@ -205,6 +190,7 @@ impl StreamIds {
         events: impl Iterator<Item = (&'a str, Uuid, u64, u64)>,
     ) {
         self.clock += 1;
+        self.last_commit = self.clock;
         for (stream, id, revision, position) in events {
             let Some(known) = self.streams.get_mut(stream) else {
                 continue;
@@ -218,8 +204,8 @@ impl StreamIds {
     }
 
     /// Drops the streams used least recently while more than the bound is held, until
-    /// half is left; a stream read whole from the log is indexed as it goes (its `J` keys
-    /// in batches of [`INDEX_BATCH`], then the marks). The writer calls it after every
+    /// half is left; a long stream read whole from the log or in the last commit is
+    /// indexed as it goes (its runs in batches of [`INDEX_BATCH`], then the marks). The writer calls it after every
     /// group commit. An error leaves what was written unknown: the caller refuses appends
     /// from then on.
     pub(super) fn keep_bound(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
@@ -238,22 +224,33 @@ impl StreamIds {
         let mut marks = sled::Batch::default();
         let mut marking = 0usize;
         let mut indexed_ids = 0usize;
-        let mut ids = sled::Batch::default();
+        let mut runs = sled::Batch::default();
         let mut in_batch = 0;
         for (_, size, stream) in by_use {
             if held <= self.bound / 2 {
                 break;
             }
             let known = &self.streams[stream];
-            if known.read_whole {
-                for (id, &(revision, position)) in &known.ids {
-                    ids.insert(
-                        keys::indexed_id(stream, id),
-                        &keys::id_value(revision, position),
+            // Read back from the log, or written by the commit just made: in use, so
+            // indexed from the ids held rather than read back whole at its next commit.
+            let in_use = known.used == self.last_commit && known.ids.len() >= INDEXED_FROM;
+            if known.read_whole || in_use {
+                // Runs of an attempt whose batch failed, before its mark: they would
+                // overlap these, and a lookup takes the last run keyed at or below an id.
+                let prefix = keys::in_stream(keys::INDEXED_RUN, stream, &[]);
+                for stale in tree.scan_prefix(prefix).keys() {
+                    runs.remove(stale?);
+                }
+                let mut sorted: Vec<_> = known.ids.iter().collect();
+                sorted.sort_unstable_by_key(|(id, _)| **id);
+                for entries in sorted.chunks(run::MAX_IDS) {
+                    runs.insert(
+                        keys::indexed_run(stream, entries[0].0),
+                        run::encode(entries.iter().map(|(id, place)| (*id, **place))),
                     );
                     in_batch += 1;
                     if in_batch == INDEX_BATCH {
-                        tree.apply_batch(std::mem::take(&mut ids))?;
+                        tree.apply_batch(std::mem::take(&mut runs))?;
                         in_batch = 0;
                     }
                 }
@@ -267,7 +264,7 @@ impl StreamIds {
         // The marks only once every `J` key is in: a batch that fails may be applied in
         // part (sled applies its keys in no set order) and keep that part after a restart.
         if in_batch > 0 {
-            tree.apply_batch(ids)?;
+            tree.apply_batch(runs)?;
         }
         if marking > 0 {
             tree.apply_batch(marks)?;
@@ -301,6 +298,80 @@ impl StreamIds {
     }
 }
 
+/// The places a marked stream's id index gives `id`: its `J` key's, then its run's (`K`),
+/// looked for only while `id` is at most `runs_max` (the highest id in the stream's runs;
+/// `Some(Uuid::max())` looks whatever the id). Neither is trusted as it is: a `J` key may
+/// be a failed commit's ([`holds`] checks a place against the log).
+pub(crate) fn indexed_places(
+    tree: &sled::Tree,
+    stream: &str,
+    id: &Uuid,
+    runs_max: Option<Uuid>,
+) -> Result<Vec<(u64, u64)>, StoreError> {
+    let mut places = Vec::new();
+    if let Some(v) = tree.get(keys::indexed_id(stream, id))? {
+        places.push((
+            be_u64(&v, "id index value")?,
+            be_u64(v.get(8..).unwrap_or_default(), "id index value")?,
+        ));
+    }
+    if runs_max.is_some_and(|max| *id <= max) {
+        let first = keys::indexed_run(stream, &Uuid::nil());
+        if let Some(item) = tree
+            .range(first..=keys::indexed_run(stream, id))
+            .next_back()
+        {
+            let (_, bytes) = item?;
+            let place = run::find(&bytes, id).map_err(|len| StoreError::CorruptKey {
+                what: "id run",
+                len,
+                want: run::ENTRY,
+            })?;
+            places.extend(place);
+        }
+    }
+    Ok(places)
+}
+
+/// Whether the log holds event `id` of `stream` at `revision` and `position`, and the
+/// stream index agrees, as reading the stream would have required.
+fn holds(
+    tree: &sled::Tree,
+    stream: &str,
+    id: Uuid,
+    revision: u64,
+    position: u64,
+) -> Result<bool, StoreError> {
+    let Some((start, bytes)) = super::chunk_at(tree, position)? else {
+        return Ok(false);
+    };
+
+    let ranges = chunk::entries(&bytes).map_err(|reason| StoreError::Corrupt {
+        position: start,
+        reason,
+    })?;
+    let Some(range) = usize::try_from(position - start)
+        .ok()
+        .and_then(|i| ranges.get(i))
+    else {
+        return Ok(false);
+    };
+    let record = RecordRef::decode(&bytes[range.clone()]).map_err(|e| StoreError::Corrupt {
+        position,
+        reason: e.to_string(),
+    })?;
+    let in_log = record.event_id == id
+        && record.stream_id == stream
+        && record.revision == revision
+        && record.position == position;
+    // And the stream index holds it, as reading the stream would have required.
+    let in_index = in_log
+        && tree
+            .get(keys::index(stream, revision))?
+            .is_some_and(|v| be_u64(&v, "stream index value").ok() == Some(position));
+    Ok(in_index)
+}
+
 /// Every id of `stream` with its revision and position, from the stream index and the
 /// records it points at (each chunk read once for the stream's records in it); for an
 /// indexed stream, only its head (it shows [`INDEXED_FROM`] entries, then its mark).
@@ -322,9 +393,29 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
         }
     }
     if index.len() == INDEXED_FROM && tree.get(keys::indexed(stream))?.is_some() {
+        // The highest id of its runs: the last entry of its last run.
+        let last_run = tree
+            .scan_prefix(keys::in_stream(keys::INDEXED_RUN, stream, &[]))
+            .next_back()
+            .transpose()?;
+        let runs_max = match last_run {
+            Some((_, bytes)) => Some(
+                run::entries(&bytes)
+                    .map_err(|_| StoreError::CorruptKey {
+                        what: "id run",
+                        len: bytes.len(),
+                        want: run::ENTRY,
+                    })?
+                    .last()
+                    .map(|e| run::id(e))
+                    .expect("a run has entries"),
+            ),
+            None => None,
+        };
         return Ok(Known {
             ids: HashMap::new(),
             indexed: true,
+            runs_max,
             head: super::head_in_index(tree, stream, u64::MAX)?,
             read_whole: false,
             used: 0,
@@ -374,6 +465,7 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
         read_whole: ids.len() >= INDEXED_FROM,
         ids,
         indexed: false,
+        runs_max: None,
         head,
         used: 0,
     })
@@ -464,6 +556,60 @@ mod tests {
         );
         ids.clear();
         assert_eq!(ids.held(), 0);
+        store.close();
+    }
+
+    /// A stream is indexed in runs, after runs an earlier attempt left (its batch failed
+    /// before the mark) are dropped: one keyed in the middle of the stream's ids would
+    /// hide every id above it. Each id is then found in the runs, after a reopen too, and
+    /// an id of no event is not.
+    #[test]
+    fn a_stream_indexed_in_runs_replaces_the_runs_of_a_failed_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut written = Vec::new();
+        for _ in 0..100u64 {
+            for s in 0..2 {
+                let stream = format!("scratch-{s}");
+                let e = event();
+                let at = store
+                    .append_blocking(&stream, ExpectedRevision::Any, vec![e.clone()])
+                    .unwrap();
+                written.push((stream, e.event_id, at.next_expected_version, at.position));
+            }
+        }
+        let tree = store.as_sled().unwrap().raw_tree();
+        let (_, middle, _, _) = written[100];
+        let stale = run::encode([(&middle, (7, 7))].into_iter());
+        tree.insert(keys::indexed_run("scratch-0", &middle), stale)
+            .unwrap();
+        let mut ids = StreamIds::new(128);
+        // Both read whole (101 held each, with the stream), then over the bound: both are
+        // indexed, as read back from the log, and dropped.
+        assert_eq!(ids.head(&tree, "scratch-0").unwrap(), Some(99));
+        assert_eq!(ids.head(&tree, "scratch-1").unwrap(), Some(99));
+        ids.keep_bound(&tree).unwrap();
+        assert!(!ids.streams.contains_key("scratch-0"));
+        assert!(tree.get(keys::indexed("scratch-0")).unwrap().is_some());
+        let runs: Vec<_> = tree
+            .scan_prefix(keys::in_stream(keys::INDEXED_RUN, "scratch-0", &[]))
+            .values()
+            .map(|v| v.unwrap().len() / run::ENTRY)
+            .collect();
+        assert_eq!(runs, [16, 16, 16, 16, 16, 16, 4], "100 ids in runs of 16");
+        let check = |ids: &mut StreamIds| {
+            for (stream, id, revision, position) in &written {
+                assert_eq!(
+                    ids.find(&tree, stream, *id).unwrap(),
+                    Some((*revision, *position)),
+                    "{stream}@{revision}"
+                );
+            }
+            assert_eq!(ids.find(&tree, "scratch-0", Uuid::nil()).unwrap(), None);
+            assert_eq!(ids.find(&tree, "scratch-0", Uuid::max()).unwrap(), None);
+        };
+        check(&mut ids);
+        check(&mut StreamIds::new(128));
         store.close();
     }
 }

@@ -14,9 +14,13 @@ pub(crate) mod keys {
     /// Layout 4's id index, of the streams marked [`INDEXED`] only: `J` stream 0x00 event
     /// id -> revision, position (`indexed_id`), as `I` keys were.
     pub const INDEXED_ID: u8 = b'J';
-    /// Layout 4's mark that a stream's ids are all in the `J` index (`X` stream -> empty),
-    /// and that every commit to the stream writes its events' `J` keys.
+    /// Layout 4's mark that a stream's ids are all in its id index (`J` keys and, from
+    /// layout 5, `K` runs: `X` stream -> empty), and that every commit to the stream
+    /// writes its events' `J` keys.
     pub const INDEXED: u8 = b'X';
+    /// Layout 5's runs of a marked stream's id index, as the writer wrote them when it
+    /// dropped the stream: `K` stream 0x00 first event id -> [`super::run`].
+    pub const INDEXED_RUN: u8 = b'K';
 
     pub fn log(position: u64) -> [u8; 9] {
         let mut k = [LOG; 9];
@@ -54,6 +58,11 @@ pub(crate) mod keys {
         in_stream(INDEXED_ID, stream, id.as_bytes())
     }
 
+    /// `K` stream 0x00 `first`: the run whose lowest id is `first`.
+    pub fn indexed_run(stream: &str, first: &uuid::Uuid) -> Vec<u8> {
+        in_stream(INDEXED_RUN, stream, first.as_bytes())
+    }
+
     /// `X` stream.
     pub fn indexed(stream: &str) -> Vec<u8> {
         let mut k = Vec::with_capacity(stream.len() + 1);
@@ -68,6 +77,70 @@ pub(crate) mod keys {
         value[..8].copy_from_slice(&revision.to_be_bytes());
         value[8..].copy_from_slice(&position.to_be_bytes());
         value
+    }
+}
+
+/// A run of a stream's id index (layout 5): entries of [`run::ENTRY`] bytes, event id then
+/// revision and position (big-endian, as [`keys::id_value`]), in the ids' order, keyed by
+/// the first id (`K` stream 0x00 id). The runs of a stream hold ids that do not overlap,
+/// so the run that may hold an id is the last one keyed at or below it. The writer writes
+/// a stream's ids it holds as runs when it drops the stream, one sled key for up to
+/// [`run::MAX_IDS`] ids rather than one an id.
+pub(crate) mod run {
+    use super::keys::id_value;
+
+    pub const ENTRY: usize = 32;
+    /// Ids a run holds at most: 7 KiB, the size of a log chunk ([`super::chunk::MAX_BYTES`],
+    /// which says why). Under test 16, so that a stream's ids take several runs.
+    pub const MAX_IDS: usize = if cfg!(test) {
+        16
+    } else {
+        super::chunk::MAX_BYTES / ENTRY
+    };
+
+    /// A run of `entries`, which are in the ids' order.
+    pub fn encode<'a>(entries: impl Iterator<Item = (&'a uuid::Uuid, (u64, u64))>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MAX_IDS * ENTRY);
+        for (id, (revision, position)) in entries {
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(&id_value(revision, position));
+        }
+        out
+    }
+
+    /// Where the run places `id`: (revision, position), `None` when it does not hold it.
+    /// `Err(length)` when the run is not whole entries; the entries' order is taken as
+    /// written (`contimg verify` checks it: [`entries`]).
+    pub fn find(bytes: &[u8], id: &uuid::Uuid) -> Result<Option<(u64, u64)>, usize> {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(ENTRY) {
+            return Err(bytes.len());
+        }
+        let entries: Vec<&[u8]> = bytes.chunks_exact(ENTRY).collect();
+        let Ok(i) = entries.binary_search_by(|e| e[..16].cmp(id.as_bytes())) else {
+            return Ok(None);
+        };
+        let be = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+        Ok(Some((be(&entries[i][16..24]), be(&entries[i][24..32]))))
+    }
+
+    /// The entries of a run, checked to be whole and in the ids' order.
+    pub fn entries(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(ENTRY) {
+            return Err(format!(
+                "an id run of {} bytes is not whole entries of {ENTRY}",
+                bytes.len()
+            ));
+        }
+        let entries: Vec<&[u8]> = bytes.chunks_exact(ENTRY).collect();
+        if entries.windows(2).any(|w| w[0][..16] >= w[1][..16]) {
+            return Err("an id run is not in the ids' order".into());
+        }
+        Ok(entries)
+    }
+
+    /// The id of an entry.
+    pub fn id(entry: &[u8]) -> uuid::Uuid {
+        uuid::Uuid::from_bytes(entry[..16].try_into().expect("an entry"))
     }
 }
 

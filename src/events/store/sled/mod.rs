@@ -71,8 +71,8 @@ mod layout;
 mod syncer;
 mod writer;
 
-pub(crate) use ids::INDEXED_FROM;
-pub(crate) use layout::{chunk, keys};
+pub(crate) use ids::{INDEXED_FROM, indexed_places};
+pub(crate) use layout::{chunk, keys, run};
 use syncer::Syncer;
 use writer::{Reply, Ticket, Writer};
 
@@ -216,7 +216,10 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
 /// - 4: an id index of the long streams the writer drops from memory (`X` stream, `J`
 ///   stream 0x00 id), which every commit to such a stream extends: a build of layout 3
 ///   would append to them without it.
-pub const LAYOUT: u32 = 4;
+/// - 5: that index's ids as the writer held them when it dropped the stream, in runs
+///   (`K` stream 0x00 first id -> a run of ids with their places), not a key an id: a
+///   build of layout 4 would not find them.
+pub const LAYOUT: u32 = 5;
 
 /// The layout a ledger's marker names, `None` when it has none (new, or written before
 /// there was one, in layout 1). A ledger in a layout newer than [`LAYOUT`] is refused here,
@@ -366,15 +369,16 @@ pub struct LayoutChange {
     pub to: u32,
     /// Head keys written (going to layout 1).
     pub heads_written: u64,
-    /// Id index keys written (going from layout 3 or 4 to 2 or 1).
+    /// Id index keys written (going from layout 3 or later to 2 or 1).
     pub ids_written: u64,
-    /// Keys of layout 4's id index of long streams dropped (going to an older layout).
+    /// Keys of the id index of long streams dropped (`J` keys and `K` runs, going from
+    /// layout 5 to an older one, or from 4 to one older than 4).
     pub ids_dropped: u64,
 }
 
 /// Puts a stopped ledger in `layout` for a build that reads that one (the folder's lock is
-/// held meanwhile). Going back (a rollback), it drops what only layout 4 keeps (its id
-/// index of long streams), writes what the older layout kept and this one does not (to 2
+/// held meanwhile). Going back (a rollback), it drops the id index of long streams
+/// (layouts 4 and 5; going to 4, a layout 5 ledger's, since layout 4 reads no runs), writes what the older layout kept and this one does not (to 2
 /// or 1: the id index of every stream, from the log; to 1: every stream's head key, from
 /// the stream index), then the marker, durably; to [`LAYOUT`], what an open to write
 /// does. `layout: None` changes nothing and reports the ledger's layout. `None` when `dir`
@@ -400,14 +404,27 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
         Some(LAYOUT) => {
             check_layout(&db, &sled_dir, &tree, true)?;
         }
-        Some(to @ (1..=3)) => {
-            // Layout 4's id index first, the marks before the keys: a stream unmarked is
-            // read from the log, so a crash on the way leaves a ledger this build reads
-            // right (a `J` key of an unmarked stream is never asked, and is written again
-            // if its stream is marked).
-            drop_keys(&db, &tree, keys::INDEXED, "id index marks (layout 4)")?;
-            change.ids_dropped =
-                drop_keys(&db, &tree, keys::INDEXED_ID, "id index keys (layout 4)")?;
+        Some(to @ (1..=4)) => {
+            // The id index of long streams first, the marks before the keys: a stream
+            // unmarked is read from the log, so a crash on the way leaves a ledger this
+            // build reads right (a `J` key or `K` run of an unmarked stream is never asked,
+            // and is written again if its stream is marked). Layout 4 keeps such an index
+            // too, without runs: from 5 it starts again with every stream unmarked.
+            if to < 4 || from > 4 {
+                drop_keys(
+                    &db,
+                    &tree,
+                    keys::INDEXED,
+                    "id index marks (layouts 4 and 5)",
+                )?;
+                change.ids_dropped =
+                    drop_keys(
+                        &db,
+                        &tree,
+                        keys::INDEXED_ID,
+                        "id index keys (layouts 4 and 5)",
+                    )? + drop_keys(&db, &tree, keys::INDEXED_RUN, "id index runs (layout 5)")?;
+            }
             // What the older layout keeps next, under the marker that tells older builds
             // to stay away; a crash before the marker changes leaves keys the next open
             // drops again. Layouts 1 and 2 already have their id index.
@@ -420,9 +437,9 @@ pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>
             }
             db.flush()?;
             mark_layout(&db, &sled_dir, to)?;
-            if to == 3 {
-                // From layout 1 or 2: what layout 3 does not keep, once marked, as a build
-                // of layout 3 would drop it.
+            if to >= 3 {
+                // From layout 1 or 2: what layouts 3 and 4 do not keep, once marked, as a
+                // build of them would drop it.
                 drop_older_keys(&db, &tree)?;
             }
         }
@@ -1248,9 +1265,10 @@ mod tests {
         let event =
             |i: usize| ProposedEvent::new("Noted", 1, format!("{{\"n\":{i}}}").into_bytes());
         let store = open(256);
-        // The writer indexes 140 to 198 of these ids at a time: in batches that end within
-        // a stream and between streams while a batch holds fewer (`ids::INDEX_BATCH`).
-        const { assert!(ids::INDEX_BATCH < 140) };
+        // The writer indexes 140 to 198 of these ids at a time, in runs of 16: in batches
+        // that end within a stream and between streams while a batch holds fewer
+        // (`ids::INDEX_BATCH` runs).
+        const { assert!(ids::INDEX_BATCH * run::MAX_IDS < 140) };
         let streams: Vec<String> = (0..6).map(|s| format!("scratch-long-{s}")).collect();
         // (stream, the events, where the last of them went)
         let mut written: Vec<(String, Vec<ProposedEvent>, u64)> = Vec::new();
@@ -1273,16 +1291,31 @@ mod tests {
         }
         let tree_of = |store: &super::super::Store| store.as_sled().unwrap().raw_tree();
         let count = |tree: &sled::Tree, kind: u8| tree.scan_prefix([kind]).count() as u64;
+        // Ids in the index: a `J` key each, or an entry of a run.
+        let entries = |tree: &sled::Tree| {
+            let in_runs: usize = tree
+                .scan_prefix([keys::INDEXED_RUN])
+                .values()
+                .map(|v| v.unwrap().len() / run::ENTRY)
+                .sum();
+            count(tree, keys::INDEXED_ID) + in_runs as u64
+        };
         let marked = count(&tree_of(&store), keys::INDEXED);
         assert_eq!(
             marked, 5,
             "the long streams dropped after they were read back"
         );
         assert_eq!(
-            count(&tree_of(&store), keys::INDEXED_ID),
+            entries(&tree_of(&store)),
             marked * 80,
             "every event of a marked stream, and nothing else"
         );
+        // Runs written as each stream was dropped, and keys by the commits after.
+        let (keyed, runs) = (
+            count(&tree_of(&store), keys::INDEXED_ID),
+            count(&tree_of(&store), keys::INDEXED_RUN),
+        );
+        assert!(keyed > 0 && runs > 0, "{keyed} keys, {runs} runs");
         // Every repeat answered with its place, a partial one and a wrong expected
         // revision refused, nothing appended, and `verify` content.
         let check = |store: &super::super::Store,
@@ -1336,7 +1369,14 @@ mod tests {
             written.push((stream.clone(), batch, at.position));
         }
         events += 12;
-        assert_eq!(count(&tree_of(&store), keys::INDEXED_ID), marked * 82);
+        assert_eq!(
+            (
+                count(&tree_of(&store), keys::INDEXED_ID),
+                entries(&tree_of(&store))
+            ),
+            (keyed + marked * 2, marked * 82),
+            "the commits since, a key an event"
+        );
         store.close();
         drop(store);
         let store = open(ids::HELD);
@@ -1466,16 +1506,20 @@ mod tests {
         check(&store, &written, events, 85);
         store.close();
         drop(store);
-        // Back to layout 3: the index is gone, and forward again every repeat still holds.
-        let back = to_layout(dir.path(), Some(3)).unwrap().unwrap();
+        // Back to layout 4, which reads no runs: the index is gone, and forward again every
+        // repeat still holds.
+        let back = to_layout(dir.path(), Some(4)).unwrap().unwrap();
         assert_eq!(
             (back.from, back.to, back.ids_written, back.ids_dropped),
-            (LAYOUT, 3, 0, marked * 86),
-            "the keys that lied were written again, as their events' own"
+            (LAYOUT, 4, 0, keyed + marked * 6 + runs),
+            "the keys and runs, and each marked stream's 6 keys since (the keys that lied \
+             were written again, as their events' own)"
         );
         raw(&|tree| {
             assert_eq!(
-                count(tree, keys::INDEXED) + count(tree, keys::INDEXED_ID),
+                count(tree, keys::INDEXED)
+                    + count(tree, keys::INDEXED_ID)
+                    + count(tree, keys::INDEXED_RUN),
                 0
             )
         });
