@@ -273,7 +273,7 @@ impl StreamIds {
                 streams = marking,
                 ids = indexed_ids,
                 ms = started.elapsed().as_millis() as u64,
-                "indexed long streams the writer dropped from memory (layout 4's id index)"
+                "indexed long streams the writer dropped from memory (their id index, in runs)"
             );
         }
         for stream in dropped {
