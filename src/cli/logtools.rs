@@ -69,11 +69,11 @@ pub struct LedgerLayoutArgs {
     pub layout: super::Layout,
     /// Put the ledger in this layout: 1 for a contimg from before layout 2, 2 for one
     /// from before layout 3, 3 for one from before layout 4, 4 for one from before
-    /// layout 5 (drops the id index of long streams, which layout 4 keeps without runs
-    /// and older ones not at all, and writes what the older one keeps and this one does
-    /// not: for 2 and 1 the id index of every stream, for 1 a head key per stream; do it
-    /// before putting such a binary back), 5 for this one (what `serve` and `import` do).
-    /// Without it, only print the layout.
+    /// layout 5, 5 for this one (what `serve` and `import` do). Going back, it drops the
+    /// id index of long streams (layout 4 keeps one without runs, so from 4 to 4 it stays;
+    /// older layouts keep none), and writes what the older layout keeps and this one does
+    /// not: for 2 and 1 the id index of every stream, for 1 a head key per stream. Do it
+    /// before putting such a binary back. Without it, only print the layout.
     /// A folder with no ledger yet has nothing to change.
     #[arg(long)]
     pub to: Option<u32>,

@@ -193,6 +193,8 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
     // in layouts 1 and 2, else against the ids met so far (`IdsMet`), and from layout 4,
     // for the streams marked indexed, also through their id index.
     let id_index = sled.layout() < 3;
+    // Layout 5's runs hold ids of the marked streams too; a build of layout 4 reads none.
+    let runs_max = (sled.layout() >= 5).then(uuid::Uuid::max);
     let mut marked = std::collections::HashMap::new();
     for item in tree.scan_prefix([keys::INDEXED]) {
         let (k, _) = item?;
@@ -291,7 +293,7 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
                         &tree,
                         &r.stream_id,
                         &r.event_id,
-                        Some(uuid::Uuid::max()),
+                        runs_max,
                     );
                     match places {
                         Ok(places) if places.contains(&(r.revision, pos)) => {}
@@ -302,10 +304,7 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
                                 r.stream_id, r.event_id
                             ),
                         ),
-                        Err(e) => add(
-                            Some(pos),
-                            format!("the id index of {} does not read: {e}", r.stream_id),
-                        ),
+                        Err(e) => add(Some(pos), e.to_string()),
                     }
                 }
                 match met.earlier(sled, &r, pos) {
@@ -359,11 +358,27 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
         let (k, v) = item?;
         runs_len += 1;
         if let Err(e) = super::store::sled::run::entries(&v) {
+            // `K` stream 0x00 first id.
+            let stream = k.get(1..k.len().saturating_sub(17)).unwrap_or_default();
+            let first = k.get(k.len().saturating_sub(16)..).unwrap_or_default();
+            let first: String = first.iter().map(|b| format!("{b:02x}")).collect();
             add(
                 None,
-                format!("{e} (key {})", String::from_utf8_lossy(&k[1..])),
+                format!(
+                    "the id index of {}: its run from id {first} is corrupt: {e}",
+                    String::from_utf8_lossy(stream)
+                ),
             );
         }
+    }
+    if runs_max.is_none() && runs_len > 0 {
+        add(
+            None,
+            format!(
+                "{runs_len} `K` id runs in a ledger of layout {}, which reads none",
+                sled.layout()
+            ),
+        );
     }
     for (stream, events) in &marked {
         if (*events as usize) < super::store::sled::INDEXED_FROM {

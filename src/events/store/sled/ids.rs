@@ -13,9 +13,9 @@
 //! is left. Within one commit it may hold more: every stream the commit asks about, whole.
 //!
 //! A long stream ([`INDEXED_FROM`] ids or more) is not forgotten when it is dropped if
-//! the writer had to read its ids from the log (it came back after a drop, or was first
-//! asked about after a start) or the commit just made wrote to it (it would be read back
-//! at its next commit): its ids go to its id index, then the stream is marked (`X`,
+//! the writer had to read some of its ids from the log (it came back after a drop, or was
+//! first asked about after a start) or the last commit wrote to it (it would be read back
+//! at its next one): its ids go to its id index, then the stream is marked (`X`,
 //! layout 4). The ids it held go in sorted runs (`K` keys, [`run::MAX_IDS`] ids each,
 //! layout 5), not a key an id: indexing 135,000 ids took 9 to 32 ms in runs, against 0.53
 //! to 0.64 s as `J` keys (`docs/benchmarks.md`). From then on every commit to it writes
@@ -91,9 +91,10 @@ struct Known {
     runs_max: Option<Uuid>,
     /// The highest revision of the stream.
     head: Option<u64>,
-    /// Whether its ids were read from the log, [`INDEXED_FROM`] or more: it is indexed
-    /// when dropped, not forgotten.
-    read_whole: bool,
+    /// Whether some of its ids were read from the log (it came back after a drop, or was
+    /// first asked about after a start, and had events): long, it is indexed when
+    /// dropped, not forgotten.
+    read_back: bool,
     used: u64,
 }
 
@@ -231,10 +232,10 @@ impl StreamIds {
                 break;
             }
             let known = &self.streams[stream];
-            // Read back from the log, or written by the commit just made: in use, so
+            // Long, and read back from the log, or written by the last commit: in use, so
             // indexed from the ids held rather than read back whole at its next commit.
-            let in_use = known.used == self.last_commit && known.ids.len() >= INDEXED_FROM;
-            if known.read_whole || in_use {
+            let in_use = known.read_back || known.used == self.last_commit;
+            if known.ids.len() >= INDEXED_FROM && in_use {
                 // Runs of an attempt whose batch failed, before its mark: they would
                 // overlap these, and a lookup takes the last run keyed at or below an id.
                 let prefix = keys::in_stream(keys::INDEXED_RUN, stream, &[]);
@@ -261,7 +262,7 @@ impl StreamIds {
             held -= size;
             dropped.push(stream.clone());
         }
-        // The marks only once every `J` key is in: a batch that fails may be applied in
+        // The marks only once every run is in: a batch that fails may be applied in
         // part (sled applies its keys in no set order) and keep that part after a restart.
         if in_batch > 0 {
             tree.apply_batch(runs)?;
@@ -322,15 +323,18 @@ pub(crate) fn indexed_places(
             .next_back()
         {
             let (_, bytes) = item?;
-            let place = run::find(&bytes, id).map_err(|len| StoreError::CorruptKey {
-                what: "id run",
-                len,
-                want: run::ENTRY,
-            })?;
+            let place = run::find(&bytes, id).map_err(|reason| corrupt_run(stream, reason))?;
             places.extend(place);
         }
     }
     Ok(places)
+}
+
+fn corrupt_run(stream: &str, reason: String) -> StoreError {
+    StoreError::CorruptIndex {
+        stream: stream.to_string(),
+        reason: format!("a run of its ids: {reason}"),
+    }
 }
 
 /// Whether the log holds event `id` of `stream` at `revision` and `position`, and the
@@ -399,17 +403,10 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
             .next_back()
             .transpose()?;
         let runs_max = match last_run {
-            Some((_, bytes)) => Some(
-                run::entries(&bytes)
-                    .map_err(|_| StoreError::CorruptKey {
-                        what: "id run",
-                        len: bytes.len(),
-                        want: run::ENTRY,
-                    })?
-                    .last()
-                    .map(|e| run::id(e))
-                    .expect("a run has entries"),
-            ),
+            Some((_, bytes)) => run::entries(&bytes)
+                .map_err(|reason| corrupt_run(stream, reason))?
+                .last()
+                .map(|e| run::id(e)),
             None => None,
         };
         return Ok(Known {
@@ -417,7 +414,7 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
             indexed: true,
             runs_max,
             head: super::head_in_index(tree, stream, u64::MAX)?,
-            read_whole: false,
+            read_back: false,
             used: 0,
         });
     }
@@ -462,7 +459,7 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
         head = Some(revision);
     }
     Ok(Known {
-        read_whole: ids.len() >= INDEXED_FROM,
+        read_back: !ids.is_empty(),
         ids,
         indexed: false,
         runs_max: None,
@@ -561,8 +558,10 @@ mod tests {
 
     /// A stream is indexed in runs, after runs an earlier attempt left (its batch failed
     /// before the mark) are dropped: one keyed in the middle of the stream's ids would
-    /// hide every id above it. Each id is then found in the runs, after a reopen too, and
-    /// an id of no event is not.
+    /// hide every id above it, and one under the first run's own key is written over.
+    /// Each id is then found in the runs, after a reopen too, and an id of no event is
+    /// not; `verify` agrees. A run that is not whole entries is an error that names its
+    /// stream, and one out of order is what `verify` reports.
     #[test]
     fn a_stream_indexed_in_runs_replaces_the_runs_of_a_failed_attempt() {
         let dir = tempfile::tempdir().unwrap();
@@ -579,37 +578,138 @@ mod tests {
             }
         }
         let tree = store.as_sled().unwrap().raw_tree();
-        let (_, middle, _, _) = written[100];
-        let stale = run::encode([(&middle, (7, 7))].into_iter());
-        tree.insert(keys::indexed_run("scratch-0", &middle), stale)
-            .unwrap();
+        let (first, middle) = (written[0].1, written[100].1);
+        for stale in [first, middle] {
+            let run = run::encode([(&stale, (7, 7))].into_iter());
+            tree.insert(keys::indexed_run("scratch-0", &stale), run)
+                .unwrap();
+        }
         let mut ids = StreamIds::new(128);
         // Both read whole (101 held each, with the stream), then over the bound: both are
         // indexed, as read back from the log, and dropped.
         assert_eq!(ids.head(&tree, "scratch-0").unwrap(), Some(99));
         assert_eq!(ids.head(&tree, "scratch-1").unwrap(), Some(99));
         ids.keep_bound(&tree).unwrap();
-        assert!(!ids.streams.contains_key("scratch-0"));
-        assert!(tree.get(keys::indexed("scratch-0")).unwrap().is_some());
-        let runs: Vec<_> = tree
-            .scan_prefix(keys::in_stream(keys::INDEXED_RUN, "scratch-0", &[]))
-            .values()
-            .map(|v| v.unwrap().len() / run::ENTRY)
-            .collect();
-        assert_eq!(runs, [16, 16, 16, 16, 16, 16, 4], "100 ids in runs of 16");
-        let check = |ids: &mut StreamIds| {
+        assert!(ids.streams.is_empty());
+        let runs = |tree: &sled::Tree, stream: &str| -> Vec<sled::IVec> {
+            tree.scan_prefix(keys::in_stream(keys::INDEXED_RUN, stream, &[]))
+                .values()
+                .map(|v| v.unwrap())
+                .collect()
+        };
+        for stream in ["scratch-0", "scratch-1"] {
+            assert!(tree.get(keys::indexed(stream)).unwrap().is_some());
+            let sizes: Vec<_> = runs(&tree, stream)
+                .iter()
+                .map(|v| v.len() / run::ENTRY)
+                .collect();
+            assert_eq!(sizes, [16, 16, 16, 16, 16, 16, 4], "100 ids in runs of 16");
+        }
+        let check = |ids: &mut StreamIds, tree: &sled::Tree| {
             for (stream, id, revision, position) in &written {
                 assert_eq!(
-                    ids.find(&tree, stream, *id).unwrap(),
+                    ids.find(tree, stream, *id).unwrap(),
                     Some((*revision, *position)),
                     "{stream}@{revision}"
                 );
             }
-            assert_eq!(ids.find(&tree, "scratch-0", Uuid::nil()).unwrap(), None);
-            assert_eq!(ids.find(&tree, "scratch-0", Uuid::max()).unwrap(), None);
+            assert_eq!(ids.find(tree, "scratch-0", Uuid::nil()).unwrap(), None);
+            assert_eq!(ids.find(tree, "scratch-0", Uuid::max()).unwrap(), None);
         };
-        check(&mut ids);
-        check(&mut StreamIds::new(128));
+        check(&mut ids, &tree);
         store.close();
+        drop((store, tree));
+        let store = Store::open(dir.path()).unwrap();
+        let tree = store.as_sled().unwrap().raw_tree();
+        check(&mut StreamIds::new(128), &tree);
+        let report = crate::events::verify::verify(&store, |_| {}).unwrap();
+        assert!(report.ok(), "{:?}", report.problems);
+        // scratch-1's last run cut short, and two ids of a run of scratch-0 swapped.
+        let last = tree
+            .scan_prefix(keys::in_stream(keys::INDEXED_RUN, "scratch-1", &[]))
+            .next_back()
+            .unwrap()
+            .unwrap();
+        tree.insert(&last.0, &last.1[..40]).unwrap();
+        let second = runs(&tree, "scratch-0")[1].to_vec();
+        let key = keys::indexed_run("scratch-0", &run::id(&second));
+        let mut swapped = second.clone();
+        let (a, b) = swapped.split_at_mut(run::ENTRY);
+        a.swap_with_slice(&mut b[..run::ENTRY]);
+        tree.insert(key, swapped).unwrap();
+        match StreamIds::new(128).find(&tree, "scratch-1", written[1].1) {
+            Err(StoreError::CorruptIndex { stream, reason }) => {
+                assert_eq!(stream, "scratch-1");
+                assert!(reason.contains("a run of 40 bytes"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let report = crate::events::verify::verify(&store, |_| {}).unwrap();
+        let said = |what: &str| report.problems.iter().any(|p| p.message.contains(what));
+        assert!(said("its ids are not in order"), "{:?}", report.problems);
+        assert!(said("scratch-1: its run from id"), "{:?}", report.problems);
+        assert!(
+            said("the id index of stream scratch-1 is corrupt"),
+            "{:?}",
+            report.problems
+        );
+        store.close();
+    }
+
+    /// A long stream that the last commit wrote to is indexed from the ids held when it is
+    /// dropped, though none was read from the log (it would be read back whole at its next
+    /// commit); one neither read back nor in the last commit is forgotten.
+    #[test]
+    fn a_long_stream_in_the_last_commit_is_indexed_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tree = store.as_sled().unwrap().raw_tree();
+        let streams = ["scratch-old", "scratch-0", "scratch-1", "scratch-2"];
+        let mut ids = StreamIds::new(128);
+        // Held before they have events, as deciding a first commit holds a new stream.
+        for stream in streams {
+            assert_eq!(ids.head(&tree, stream).unwrap(), None);
+        }
+        let mut commits: Vec<Vec<(String, Uuid, u64, u64)>> = vec![Vec::new(), Vec::new()];
+        for (s, stream) in streams.iter().enumerate() {
+            for _ in 0..70 {
+                let e = event();
+                let at = store
+                    .append_blocking(stream, ExpectedRevision::Any, vec![e.clone()])
+                    .unwrap();
+                let event = (
+                    stream.to_string(),
+                    e.event_id,
+                    at.next_expected_version,
+                    at.position,
+                );
+                commits[usize::from(s > 0)].push(event);
+            }
+        }
+        // scratch-old in one commit, the other three in the next (the last).
+        for commit in &commits {
+            ids.committed(commit.iter().map(|(s, id, r, p)| (s.as_str(), *id, *r, *p)));
+        }
+        ids.keep_bound(&tree).unwrap();
+        assert!(ids.streams.is_empty(), "284 held: every stream dropped");
+        let marked: Vec<_> = streams
+            .iter()
+            .filter(|s| tree.get(keys::indexed(s)).unwrap().is_some())
+            .collect();
+        assert_eq!(marked, [&"scratch-0", &"scratch-1", &"scratch-2"]);
+        assert!(runs_of(&tree, "scratch-old") == 0 && runs_of(&tree, "scratch-0") == 5);
+        for (stream, id, revision, position) in commits.iter().flatten() {
+            assert_eq!(
+                ids.find(&tree, stream, *id).unwrap(),
+                Some((*revision, *position)),
+                "{stream}@{revision}"
+            );
+        }
+        store.close();
+    }
+
+    fn runs_of(tree: &sled::Tree, stream: &str) -> usize {
+        tree.scan_prefix(keys::in_stream(keys::INDEXED_RUN, stream, &[]))
+            .count()
     }
 }

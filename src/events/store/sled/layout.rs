@@ -109,13 +109,10 @@ pub(crate) mod run {
     }
 
     /// Where the run places `id`: (revision, position), `None` when it does not hold it.
-    /// `Err(length)` when the run is not whole entries; the entries' order is taken as
-    /// written (`contimg verify` checks it: [`entries`]).
-    pub fn find(bytes: &[u8], id: &uuid::Uuid) -> Result<Option<(u64, u64)>, usize> {
-        if bytes.is_empty() || !bytes.len().is_multiple_of(ENTRY) {
-            return Err(bytes.len());
-        }
-        let entries: Vec<&[u8]> = bytes.chunks_exact(ENTRY).collect();
+    /// An error when the run is not whole entries; their order is taken as written
+    /// (`contimg verify` checks it: [`entries`]).
+    pub fn find(bytes: &[u8], id: &uuid::Uuid) -> Result<Option<(u64, u64)>, String> {
+        let entries: Vec<&[u8]> = whole(bytes)?.collect();
         let Ok(i) = entries.binary_search_by(|e| e[..16].cmp(id.as_bytes())) else {
             return Ok(None);
         };
@@ -125,17 +122,22 @@ pub(crate) mod run {
 
     /// The entries of a run, checked to be whole and in the ids' order.
     pub fn entries(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+        let entries: Vec<&[u8]> = whole(bytes)?.collect();
+        if entries.windows(2).any(|w| w[0][..16] >= w[1][..16]) {
+            return Err("its ids are not in order".into());
+        }
+        Ok(entries)
+    }
+
+    /// A run's entries, once its length is checked to be whole entries, one or more.
+    fn whole(bytes: &[u8]) -> Result<std::slice::ChunksExact<'_, u8>, String> {
         if bytes.is_empty() || !bytes.len().is_multiple_of(ENTRY) {
             return Err(format!(
-                "an id run of {} bytes is not whole entries of {ENTRY}",
+                "a run of {} bytes is not whole entries of {ENTRY}",
                 bytes.len()
             ));
         }
-        let entries: Vec<&[u8]> = bytes.chunks_exact(ENTRY).collect();
-        if entries.windows(2).any(|w| w[0][..16] >= w[1][..16]) {
-            return Err("an id run is not in the ids' order".into());
-        }
-        Ok(entries)
+        Ok(bytes.chunks_exact(ENTRY))
     }
 
     /// The id of an entry.

@@ -1,16 +1,18 @@
 //! The event store on sled, the embedded backend: one writer thread with group commit,
 //! reads of streams and of `$all`.
 //!
-//! One sled tree, `ledger`, holds two kinds of key, told apart by a first byte (numbers
+//! One sled tree, `ledger`, holds two kinds of key (and three more for long streams), told apart by a first byte (numbers
 //! big-endian so that sled's byte order is numeric order):
 //! - `L` position -> a chunk: the encoded records from that position on, of one commit or
 //!   several (the truth, `$all`; see `layout::chunk`);
 //! - `S` stream 0x00 revision -> position (the stream index; its last entry for a stream
 //!   is the stream's head). Idempotency finds an id in a stream through it and the
 //!   records it points at (`ids.rs`), so a commit writes one index key an event;
-//! - for the long streams the writer has dropped from memory only, `X` stream (the mark)
-//!   and `J` stream 0x00 event id -> revision, position (their id index, `ids.rs`), which
-//!   every later commit to such a stream extends.
+//! - for the long streams the writer has dropped from memory only, `X` stream (the mark),
+//!   `K` stream 0x00 first event id -> a run of ids with their revisions and positions
+//!   (the ids it held when it dropped the stream: `layout::run`), and `J` stream 0x00
+//!   event id -> revision, position (their id index, `ids.rs`), which every later commit
+//!   to such a stream extends.
 //!
 //! Ledgers in layout 1 also kept `H` stream -> last revision, a key per stream written
 //! again by every commit to it, and ledgers in layouts 1 and 2 an id index, `I` stream
@@ -271,7 +273,8 @@ fn check_layout(
         mark_layout(db, sled_dir, LAYOUT)?;
     }
     // Also after a crash in the middle of this, or of a `ledger-layout --to 1` or `--to 2`
-    // (the marker still says this layout then). Layout 4's own index is not among them.
+    // (the marker still says this layout then). The id index of long streams (layouts 4
+    // and 5) is not among them.
     drop_older_keys(db, tree)?;
     Ok(LAYOUT)
 }
@@ -1242,7 +1245,7 @@ mod tests {
     /// repeat of any event, before or after its stream was indexed, is answered with its
     /// place, also after a reopen (where only the index knows the later ones), and a
     /// partial repeat or a wrong expected revision is refused. `verify` checks the index;
-    /// going back to layout 3 drops it, and forward again idempotency still holds.
+    /// going back to layout 4 drops it, and forward again idempotency still holds.
     #[test]
     fn long_streams_the_writer_drops_are_indexed_and_their_repeats_still_found() {
         use crate::events::{ExpectedRevision, ProposedEvent};
@@ -1527,6 +1530,74 @@ mod tests {
         assert_eq!(store.as_sled().unwrap().layout(), LAYOUT);
         assert_eq!(store.event_count(), events);
         check(&store, &written, events, 85);
+        store.close();
+    }
+
+    /// A ledger as a layout 4 build leaves it (a marked stream's ids as a `J` key each,
+    /// no runs): `--to 4` keeps that index, `--to 3` drops it; left by layout 4 again,
+    /// this build opens it (marking it layout 5) and answers every repeat through the
+    /// `J` keys.
+    #[test]
+    fn a_layout_4_id_index_is_kept_at_4_dropped_below_and_read_at_5() {
+        use crate::events::{ExpectedRevision, ProposedEvent, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut written = Vec::new();
+        for i in 0..80 {
+            let e = ProposedEvent::new("Noted", 1, format!("{{\"n\":{i}}}").into_bytes());
+            let at = store
+                .append_blocking("scratch-long", ExpectedRevision::Any, vec![e.clone()])
+                .unwrap();
+            written.push((e, at.position));
+        }
+        store.close();
+        drop(store);
+        let sled_dir = dir.path().join(LOG_DIR);
+        let raw = |edit: &dyn Fn(&sled::Db, &sled::Tree)| {
+            let db = open_sled(&sled_dir, crate::events::store::SCAN_CACHE_BYTES).unwrap();
+            edit(&db, &db.open_tree("ledger").unwrap());
+            db.flush().unwrap();
+        };
+        let as_layout_4 = || {
+            raw(&|db, tree| {
+                for (revision, (e, position)) in written.iter().enumerate() {
+                    tree.insert(
+                        keys::indexed_id("scratch-long", &e.event_id),
+                        &keys::id_value(revision as u64, *position),
+                    )
+                    .unwrap();
+                }
+                tree.insert(keys::indexed("scratch-long"), &[]).unwrap();
+                mark_layout(db, &sled_dir, 4).unwrap();
+            })
+        };
+        let index_keys = || {
+            let n = std::cell::Cell::new(0);
+            raw(&|_, tree| {
+                let kinds = [keys::INDEXED, keys::INDEXED_ID, keys::INDEXED_RUN];
+                n.set(kinds.map(|k| tree.scan_prefix([k]).count()).iter().sum());
+            });
+            n.get()
+        };
+        as_layout_4();
+        let kept = to_layout(dir.path(), Some(4)).unwrap().unwrap();
+        assert_eq!((kept.from, kept.to, kept.ids_dropped), (4, 4, 0));
+        assert_eq!(index_keys(), 81, "the mark and a key an id, kept");
+        let dropped = to_layout(dir.path(), Some(3)).unwrap().unwrap();
+        assert_eq!((dropped.from, dropped.to, dropped.ids_dropped), (4, 3, 80));
+        assert_eq!(index_keys(), 0);
+        as_layout_4();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.as_sled().unwrap().layout(), LAYOUT);
+        for (e, position) in &written {
+            let again = store
+                .append_blocking("scratch-long", ExpectedRevision::Any, vec![e.clone()])
+                .unwrap();
+            assert_eq!(again.position, *position, "a repeat, found by its `J` key");
+        }
+        assert_eq!(store.event_count(), 80);
+        let report = crate::events::verify::verify(&store, |_| {}).unwrap();
+        assert!(report.ok(), "{:?}", report.problems);
         store.close();
     }
 }
