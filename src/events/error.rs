@@ -102,9 +102,10 @@ pub enum StoreError {
         len: usize,
         want: usize,
     },
-    /// A stream's id index (its runs, layout 5) is not what the writer writes. HTTP 500.
+    /// A long stream's id index (a `J` key or a run) is not what the writer writes. HTTP
+    /// 500.
     #[error(
-        "the id index of stream {stream} is corrupt: {reason} (contimg verify lists what is amiss; with the server stopped, contimg ledger-layout --to 4 drops that index, and the server builds it again)"
+        "the id index of stream {stream} is corrupt: {reason} (contimg verify lists what is amiss; with the server stopped, contimg ledger-layout --to 3, given the server's --config or --data-dir, drops that index, and the server builds it again)"
     )]
     CorruptIndex { stream: String, reason: String },
     /// The ledger folder could not be created or opened. HTTP 500.

@@ -180,6 +180,19 @@ impl IdsMet {
     }
 }
 
+/// A run's key as a report names it: its stream and first id (`K` stream 0x00 id).
+fn run_key(k: &[u8]) -> String {
+    let split = k.len().checked_sub(17).filter(|&at| at >= 1 && k[at] == 0);
+    match split {
+        Some(at) => format!(
+            "the id index of {}: its run from id {}",
+            String::from_utf8_lossy(&k[1..at]),
+            uuid::Uuid::from_slice(&k[at + 1..]).expect("16 bytes")
+        ),
+        None => format!("a `K` key of {} bytes, not stream 0x00 id", k.len()),
+    }
+}
+
 fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyReport, sled::Error> {
     let sled = store.as_sled().expect("a sled store");
     let tree = sled.raw_tree();
@@ -200,6 +213,28 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
         let (k, _) = item?;
         marked.insert(String::from_utf8_lossy(&k[1..]).into_owned(), 0u64);
     }
+    // Layout 5's runs, before the log (whose problems may fill the report): each whole
+    // entries in the ids' order. A run of no event is allowed, as a key is: a lookup
+    // checks the log.
+    let mut runs_len = 0u64;
+    for item in tree.scan_prefix([keys::INDEXED_RUN]) {
+        let (k, v) = item?;
+        runs_len += 1;
+        if let Err(e) = super::store::sled::run::entries(&v) {
+            add(None, format!("{}: {e}", run_key(&k)));
+        }
+    }
+    if runs_max.is_none() && runs_len > 0 {
+        add(
+            None,
+            format!(
+                "{runs_len} `K` id runs in a ledger of layout {}, which reads none",
+                sled.layout()
+            ),
+        );
+    }
+    // Marked streams whose index does not read: said once a stream.
+    let mut unreadable = std::collections::HashSet::new();
     let mut met = IdsMet::default();
     let mut shape = LogShape::from_start(false);
     let mut expected_pos = 0u64;
@@ -304,7 +339,21 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
                                 r.stream_id, r.event_id
                             ),
                         ),
-                        Err(e) => add(Some(pos), e.to_string()),
+                        Err(e) => {
+                            if unreadable.insert(r.stream_id.clone()) {
+                                let reason = match e {
+                                    StoreError::CorruptIndex { reason, .. } => reason,
+                                    other => other.to_string(),
+                                };
+                                add(
+                                    Some(pos),
+                                    format!(
+                                        "the id index of {} does not read: {reason}",
+                                        r.stream_id
+                                    ),
+                                );
+                            }
+                        }
                     }
                 }
                 match met.earlier(sled, &r, pos) {
@@ -351,35 +400,6 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
     // trusts a key only once the log holds its event. A mark is on a stream of
     // `INDEXED_FROM` events or more, or the writer never sees it.
     let indexed_len = tree.scan_prefix([keys::INDEXED_ID]).count() as u64;
-    // Layout 5's runs: each whole entries in the ids' order (a run of no event is allowed,
-    // as a key is: a lookup checks the log).
-    let mut runs_len = 0u64;
-    for item in tree.scan_prefix([keys::INDEXED_RUN]) {
-        let (k, v) = item?;
-        runs_len += 1;
-        if let Err(e) = super::store::sled::run::entries(&v) {
-            // `K` stream 0x00 first id.
-            let stream = k.get(1..k.len().saturating_sub(17)).unwrap_or_default();
-            let first = k.get(k.len().saturating_sub(16)..).unwrap_or_default();
-            let first: String = first.iter().map(|b| format!("{b:02x}")).collect();
-            add(
-                None,
-                format!(
-                    "the id index of {}: its run from id {first} is corrupt: {e}",
-                    String::from_utf8_lossy(stream)
-                ),
-            );
-        }
-    }
-    if runs_max.is_none() && runs_len > 0 {
-        add(
-            None,
-            format!(
-                "{runs_len} `K` id runs in a ledger of layout {}, which reads none",
-                sled.layout()
-            ),
-        );
-    }
     for (stream, events) in &marked {
         if (*events as usize) < super::store::sled::INDEXED_FROM {
             add(

@@ -60,7 +60,7 @@ pub(crate) const INDEXED_FROM: usize = 64;
 /// batch, so the copies it replaced are freed only after it: in batches of 10,000 `J`
 /// keys, 80% of the writer's time while it indexed went to the kernel zeroing fresh pages
 /// (perf, `docs/benchmarks.md`). Under test a batch holds 2 runs (32 ids): the long-stream
-/// test in `mod.rs` indexes 140 to 198 ids at a time, so its batches end within a stream
+/// test in `mod.rs` indexes 140 to 192 ids at a time, so its batches end within a stream
 /// and between streams (the test holds them under 140 ids).
 pub(super) const INDEX_BATCH: usize = if cfg!(test) { 2 } else { 64 };
 
@@ -205,7 +205,7 @@ impl StreamIds {
     }
 
     /// Drops the streams used least recently while more than the bound is held, until
-    /// half is left; a long stream read whole from the log or in the last commit is
+    /// half is left; a long stream some of whose ids were read from the log, or in the last commit, is
     /// indexed as it goes (its runs in batches of [`INDEX_BATCH`], then the marks). The writer calls it after every
     /// group commit. An error leaves what was written unknown: the caller refuses appends
     /// from then on.
@@ -311,10 +311,11 @@ pub(crate) fn indexed_places(
 ) -> Result<Vec<(u64, u64)>, StoreError> {
     let mut places = Vec::new();
     if let Some(v) = tree.get(keys::indexed_id(stream, id))? {
-        places.push((
-            be_u64(&v, "id index value")?,
-            be_u64(v.get(8..).unwrap_or_default(), "id index value")?,
-        ));
+        let place = <[u8; 16]>::try_from(v.as_ref()).map_err(|_| {
+            corrupt_index(stream, format!("a `J` value of {} bytes, not 16", v.len()))
+        })?;
+        let be = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+        places.push((be(&place[..8]), be(&place[8..])));
     }
     if runs_max.is_some_and(|max| *id <= max) {
         let first = keys::indexed_run(stream, &Uuid::nil());
@@ -323,17 +324,17 @@ pub(crate) fn indexed_places(
             .next_back()
         {
             let (_, bytes) = item?;
-            let place = run::find(&bytes, id).map_err(|reason| corrupt_run(stream, reason))?;
+            let place = run::find(&bytes, id).map_err(|reason| corrupt_index(stream, reason))?;
             places.extend(place);
         }
     }
     Ok(places)
 }
 
-fn corrupt_run(stream: &str, reason: String) -> StoreError {
+fn corrupt_index(stream: &str, reason: String) -> StoreError {
     StoreError::CorruptIndex {
         stream: stream.to_string(),
-        reason: format!("a run of its ids: {reason}"),
+        reason,
     }
 }
 
@@ -404,7 +405,7 @@ fn read_ids(tree: &sled::Tree, stream: &str) -> Result<Known, StoreError> {
             .transpose()?;
         let runs_max = match last_run {
             Some((_, bytes)) => run::entries(&bytes)
-                .map_err(|reason| corrupt_run(stream, reason))?
+                .map_err(|reason| corrupt_index(stream, reason))?
                 .last()
                 .map(|e| run::id(e)),
             None => None,
@@ -624,33 +625,53 @@ mod tests {
         check(&mut StreamIds::new(128), &tree);
         let report = crate::events::verify::verify(&store, |_| {}).unwrap();
         assert!(report.ok(), "{:?}", report.problems);
-        // scratch-1's last run cut short, and two ids of a run of scratch-0 swapped.
-        let last = tree
-            .scan_prefix(keys::in_stream(keys::INDEXED_RUN, "scratch-1", &[]))
-            .next_back()
-            .unwrap()
-            .unwrap();
-        tree.insert(&last.0, &last.1[..40]).unwrap();
+        // A middle run of scratch-1 cut short: an id in it does not read (the lookup's
+        // error); then its last run too: nothing of the stream reads (its reading's).
+        let cut = |tree: &sled::Tree, i: usize| {
+            let run = runs(tree, "scratch-1")[i].clone();
+            let first = run::id(&run);
+            tree.insert(keys::indexed_run("scratch-1", &first), &run[..40])
+                .unwrap();
+            first
+        };
+        let corrupt = |found: Result<Option<(u64, u64)>, StoreError>| match found {
+            Err(StoreError::CorruptIndex { stream, reason }) => {
+                assert_eq!(stream, "scratch-1");
+                assert!(reason.contains("a run of 40 bytes"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        };
+        let in_middle = cut(&tree, 3);
+        let mut ids = StreamIds::new(128);
+        corrupt(ids.find(&tree, "scratch-1", in_middle));
+        assert_eq!(ids.head(&tree, "scratch-1").unwrap(), Some(99));
+        cut(&tree, 6);
+        corrupt(StreamIds::new(128).find(&tree, "scratch-1", written[1].1));
+        // Two ids of a run of scratch-0 swapped.
         let second = runs(&tree, "scratch-0")[1].to_vec();
         let key = keys::indexed_run("scratch-0", &run::id(&second));
         let mut swapped = second.clone();
         let (a, b) = swapped.split_at_mut(run::ENTRY);
         a.swap_with_slice(&mut b[..run::ENTRY]);
         tree.insert(key, swapped).unwrap();
-        match StreamIds::new(128).find(&tree, "scratch-1", written[1].1) {
-            Err(StoreError::CorruptIndex { stream, reason }) => {
-                assert_eq!(stream, "scratch-1");
-                assert!(reason.contains("a run of 40 bytes"), "{reason}");
-            }
-            other => panic!("{other:?}"),
-        }
         let report = crate::events::verify::verify(&store, |_| {}).unwrap();
         let said = |what: &str| report.problems.iter().any(|p| p.message.contains(what));
-        assert!(said("its ids are not in order"), "{:?}", report.problems);
-        assert!(said("scratch-1: its run from id"), "{:?}", report.problems);
         assert!(
-            said("the id index of stream scratch-1 is corrupt"),
+            said("a run's ids are not in order"),
             "{:?}",
+            report.problems
+        );
+        let of_scratch_1 = |what: &str| {
+            let said = report.problems.iter().filter(|p| p.message.contains(what));
+            said.count()
+        };
+        assert_eq!(
+            (
+                of_scratch_1("scratch-1: its run from id"),
+                of_scratch_1("the id index of scratch-1 does not read: a run of 40 bytes")
+            ),
+            (2, 1),
+            "each run cut short, and the stream's index once: {:?}",
             report.problems
         );
         store.close();
@@ -664,41 +685,58 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let tree = store.as_sled().unwrap().raw_tree();
-        let streams = ["scratch-old", "scratch-0", "scratch-1", "scratch-2"];
-        let mut ids = StreamIds::new(128);
-        // Held before they have events, as deciding a first commit holds a new stream.
-        for stream in streams {
-            assert_eq!(ids.head(&tree, stream).unwrap(), None);
+        // (stream, events before it is asked about, events in the first commit, in the
+        // last commit).
+        let streams = [
+            ("scratch-old", 0, 70, 0),
+            ("scratch-back", 10, 60, 0),
+            ("scratch-0", 0, 0, 70),
+            ("scratch-1", 0, 0, 70),
+            ("scratch-2", 0, 0, 70),
+            ("scratch-short", 0, 0, 10),
+        ];
+        let append = |stream: &str| {
+            let e = event();
+            let at = store
+                .append_blocking(stream, ExpectedRevision::Any, vec![e.clone()])
+                .unwrap();
+            let revision = at.next_expected_version;
+            (stream.to_string(), e.event_id, revision, at.position)
+        };
+        let mut before = Vec::new();
+        for (stream, n, _, _) in streams {
+            before.extend((0..n).map(|_| append(stream)));
+        }
+        // Bound 20: every stream is dropped, down to 10 held.
+        let mut ids = StreamIds::new(20);
+        // Asked about before the commits, as deciding them asks: scratch-back is read
+        // with 10 ids, the others are new.
+        for (stream, n, _, _) in streams {
+            let head = ids.head(&tree, stream).unwrap();
+            assert_eq!(head, u64::try_from(n).unwrap().checked_sub(1));
         }
         let mut commits: Vec<Vec<(String, Uuid, u64, u64)>> = vec![Vec::new(), Vec::new()];
-        for (s, stream) in streams.iter().enumerate() {
-            for _ in 0..70 {
-                let e = event();
-                let at = store
-                    .append_blocking(stream, ExpectedRevision::Any, vec![e.clone()])
-                    .unwrap();
-                let event = (
-                    stream.to_string(),
-                    e.event_id,
-                    at.next_expected_version,
-                    at.position,
-                );
-                commits[usize::from(s > 0)].push(event);
-            }
+        for (stream, _, first, last) in streams {
+            commits[0].extend((0..first).map(|_| append(stream)));
+            commits[1].extend((0..last).map(|_| append(stream)));
         }
-        // scratch-old in one commit, the other three in the next (the last).
         for commit in &commits {
             ids.committed(commit.iter().map(|(s, id, r, p)| (s.as_str(), *id, *r, *p)));
         }
         ids.keep_bound(&tree).unwrap();
-        assert!(ids.streams.is_empty(), "284 held: every stream dropped");
+        assert!(ids.streams.is_empty(), "every stream dropped");
         let marked: Vec<_> = streams
             .iter()
+            .map(|(stream, ..)| *stream)
             .filter(|s| tree.get(keys::indexed(s)).unwrap().is_some())
             .collect();
-        assert_eq!(marked, [&"scratch-0", &"scratch-1", &"scratch-2"]);
-        assert!(runs_of(&tree, "scratch-old") == 0 && runs_of(&tree, "scratch-0") == 5);
-        for (stream, id, revision, position) in commits.iter().flatten() {
+        assert_eq!(
+            marked,
+            ["scratch-back", "scratch-0", "scratch-1", "scratch-2"]
+        );
+        let runs: Vec<_> = streams.iter().map(|(s, ..)| runs_of(&tree, s)).collect();
+        assert_eq!(runs, [0, 5, 5, 5, 5, 0], "70 ids in runs of 16");
+        for (stream, id, revision, position) in before.iter().chain(commits.iter().flatten()) {
             assert_eq!(
                 ids.find(&tree, stream, *id).unwrap(),
                 Some((*revision, *position)),

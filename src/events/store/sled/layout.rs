@@ -124,7 +124,7 @@ pub(crate) mod run {
     pub fn entries(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
         let entries: Vec<&[u8]> = whole(bytes)?.collect();
         if entries.windows(2).any(|w| w[0][..16] >= w[1][..16]) {
-            return Err("its ids are not in order".into());
+            return Err("a run's ids are not in order".into());
         }
         Ok(entries)
     }
