@@ -396,9 +396,10 @@ fn verify_sled(store: &Store, mut progress: impl FnMut(u64)) -> Result<VerifyRep
         );
     }
     // The id index of long streams (layouts 4 and 5): every event of a marked stream has
-    // its key or its place in a run (checked above). A key of no event is allowed, a commit's that failed (`sled/writer.rs`): the writer
-    // trusts a key only once the log holds its event. A mark is on a stream of
-    // `INDEXED_FROM` events or more, or the writer never sees it.
+    // its key or its place in a run (checked above). A key of no event is allowed, a
+    // commit's that failed (`sled/writer.rs`): the writer trusts a key only once the log
+    // holds its event. A mark is on a stream of `INDEXED_FROM` events or more, or the
+    // writer never sees it.
     let indexed_len = tree.scan_prefix([keys::INDEXED_ID]).count() as u64;
     for (stream, events) in &marked {
         if (*events as usize) < super::store::sled::INDEXED_FROM {

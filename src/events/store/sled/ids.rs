@@ -48,10 +48,11 @@ use super::layout::{chunk, keys, run};
 /// Ids kept, at most, before the least recently used streams are dropped.
 pub(super) const HELD: usize = 1 << 18;
 
-/// A stream read from the log, or in the last commit, with this many ids or more is
-/// indexed (`K` runs, `X` mark) when dropped, rather than forgotten. Reading a stream, the mark is looked for once it
-/// has shown this many entries, so a change to this is a new layout: a build looking
-/// later than another marked would miss marks, and append without extending the index.
+/// A stream of this many ids or more, some read from the log or some in the last commit,
+/// is indexed (`K` runs, `X` mark) when dropped, rather than forgotten. Reading a stream,
+/// the mark is looked for once it has shown this many entries, so a change to this is a
+/// new layout: a build looking later than another marked would miss marks, and append
+/// without extending the index.
 pub(crate) const INDEXED_FROM: usize = 64;
 
 /// Runs (`K` keys, [`run::MAX_IDS`] ids each) a sled batch holds when streams are indexed:
@@ -205,10 +206,10 @@ impl StreamIds {
     }
 
     /// Drops the streams used least recently while more than the bound is held, until
-    /// half is left; a long stream some of whose ids were read from the log, or in the last commit, is
-    /// indexed as it goes (its runs in batches of [`INDEX_BATCH`], then the marks). The writer calls it after every
-    /// group commit. An error leaves what was written unknown: the caller refuses appends
-    /// from then on.
+    /// half is left; a long stream some of whose ids were read from the log, or that the
+    /// last commit wrote to, is indexed as it goes (its runs in batches of
+    /// [`INDEX_BATCH`], then the marks). The writer calls it after every group commit. An
+    /// error leaves what was written unknown: the caller refuses appends from then on.
     pub(super) fn keep_bound(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
         if self.held <= self.bound {
             return Ok(());
@@ -350,7 +351,6 @@ fn holds(
     let Some((start, bytes)) = super::chunk_at(tree, position)? else {
         return Ok(false);
     };
-
     let ranges = chunk::entries(&bytes).map_err(|reason| StoreError::Corrupt {
         position: start,
         reason,
