@@ -182,12 +182,10 @@ impl IdsMet {
 
 /// A run's key as a report names it: its stream and first id (`K` stream 0x00 id).
 fn run_key(k: &[u8]) -> String {
-    let split = k.len().checked_sub(17).filter(|&at| at >= 1 && k[at] == 0);
-    match split {
-        Some(at) => format!(
-            "the id index of {}: its run from id {}",
-            String::from_utf8_lossy(&k[1..at]),
-            uuid::Uuid::from_slice(&k[at + 1..]).expect("16 bytes")
+    match keys::indexed_run_parts(k) {
+        Some((stream, first)) => format!(
+            "the id index of {}: its run from id {first}",
+            String::from_utf8_lossy(stream)
         ),
         None => format!("a `K` key of {} bytes, not stream 0x00 id", k.len()),
     }

@@ -186,7 +186,8 @@ impl StreamIds {
     /// Takes in the events of a commit just applied: each joins its stream's ids when the
     /// stream is held, as every stream the commit decided on is (deciding asked for its
     /// head); one that is not is read whole when next asked about. An indexed stream's
-    /// ids went to the `J` index, in a batch before the commit's. [`StreamIds::keep_bound`] follows.
+    /// events' `J` keys went in a batch before the commit's. [`StreamIds::keep_bound`]
+    /// follows.
     pub(super) fn committed<'a>(
         &mut self,
         events: impl Iterator<Item = (&'a str, Uuid, u64, u64)>,
@@ -312,11 +313,10 @@ pub(crate) fn indexed_places(
 ) -> Result<Vec<(u64, u64)>, StoreError> {
     let mut places = Vec::new();
     if let Some(v) = tree.get(keys::indexed_id(stream, id))? {
-        let place = <[u8; 16]>::try_from(v.as_ref()).map_err(|_| {
+        let value = v.as_ref().try_into().map_err(|_| {
             corrupt_index(stream, format!("a `J` value of {} bytes, not 16", v.len()))
         })?;
-        let be = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
-        places.push((be(&place[..8]), be(&place[8..])));
+        places.push(keys::id_place(value));
     }
     if runs_max.is_some_and(|max| *id <= max) {
         let first = keys::indexed_run(stream, &Uuid::nil());
@@ -485,6 +485,16 @@ mod tests {
         ProposedEvent::new("Noted", 1, b"{}".to_vec())
     }
 
+    /// Appends one event to `stream`: the stream, its id, revision and position.
+    fn append(store: &Store, stream: &str) -> (String, Uuid, u64, u64) {
+        let e = event();
+        let at = store
+            .append_blocking(stream, ExpectedRevision::Any, vec![e.clone()])
+            .unwrap();
+        let revision = at.next_expected_version;
+        (stream.to_string(), e.event_id, revision, at.position)
+    }
+
     /// Ids are read from the stream index and the log (streams spread over several chunks,
     /// among other streams' records), found with their revision and position, and not
     /// found in another stream; commits join held streams, not others; past the bound, the
@@ -496,12 +506,9 @@ mod tests {
         let mut written = Vec::new();
         for round in 0..60u64 {
             for s in 0..3u64 {
-                let stream = format!("scratch-{s}");
-                let e = event();
-                let at = store
-                    .append_blocking(&stream, ExpectedRevision::Any, vec![e.clone()])
-                    .unwrap();
-                written.push((stream, e.event_id, round, at.position));
+                let appended = append(&store, &format!("scratch-{s}"));
+                assert_eq!(appended.2, round);
+                written.push(appended);
             }
         }
         let tree = store.as_sled().unwrap().raw_tree();
@@ -570,12 +577,7 @@ mod tests {
         let mut written = Vec::new();
         for _ in 0..100u64 {
             for s in 0..2 {
-                let stream = format!("scratch-{s}");
-                let e = event();
-                let at = store
-                    .append_blocking(&stream, ExpectedRevision::Any, vec![e.clone()])
-                    .unwrap();
-                written.push((stream, e.event_id, at.next_expected_version, at.position));
+                written.push(append(&store, &format!("scratch-{s}")));
             }
         }
         let tree = store.as_sled().unwrap().raw_tree();
@@ -679,7 +681,8 @@ mod tests {
 
     /// A long stream that the last commit wrote to is indexed from the ids held when it is
     /// dropped, though none was read from the log (it would be read back whole at its next
-    /// commit); one neither read back nor in the last commit is forgotten.
+    /// commit), and so is one some of whose ids were read from the log; one neither read
+    /// back nor in the last commit is forgotten, and a short one is never indexed.
     #[test]
     fn a_long_stream_in_the_last_commit_is_indexed_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -695,17 +698,9 @@ mod tests {
             ("scratch-2", 0, 0, 70),
             ("scratch-short", 0, 0, 10),
         ];
-        let append = |stream: &str| {
-            let e = event();
-            let at = store
-                .append_blocking(stream, ExpectedRevision::Any, vec![e.clone()])
-                .unwrap();
-            let revision = at.next_expected_version;
-            (stream.to_string(), e.event_id, revision, at.position)
-        };
         let mut before = Vec::new();
         for (stream, n, _, _) in streams {
-            before.extend((0..n).map(|_| append(stream)));
+            before.extend((0..n).map(|_| append(&store, stream)));
         }
         // Bound 20: every stream is dropped, down to 10 held.
         let mut ids = StreamIds::new(20);
@@ -717,8 +712,8 @@ mod tests {
         }
         let mut commits: Vec<Vec<(String, Uuid, u64, u64)>> = vec![Vec::new(), Vec::new()];
         for (stream, _, first, last) in streams {
-            commits[0].extend((0..first).map(|_| append(stream)));
-            commits[1].extend((0..last).map(|_| append(stream)));
+            commits[0].extend((0..first).map(|_| append(&store, stream)));
+            commits[1].extend((0..last).map(|_| append(&store, stream)));
         }
         for commit in &commits {
             ids.committed(commit.iter().map(|(s, id, r, p)| (s.as_str(), *id, *r, *p)));

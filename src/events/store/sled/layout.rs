@@ -63,6 +63,17 @@ pub(crate) mod keys {
         in_stream(INDEXED_RUN, stream, first.as_bytes())
     }
 
+    /// The stream and first id an [`indexed_run`] key names; `None` for a key not of that
+    /// shape.
+    pub fn indexed_run_parts(key: &[u8]) -> Option<(&[u8], uuid::Uuid)> {
+        let at = key
+            .len()
+            .checked_sub(17)
+            .filter(|&at| at >= 1 && key[at] == 0)?;
+        let first = uuid::Uuid::from_slice(&key[at + 1..]).ok()?;
+        Some((&key[1..at], first))
+    }
+
     /// `X` stream.
     pub fn indexed(stream: &str) -> Vec<u8> {
         let mut k = Vec::with_capacity(stream.len() + 1);
@@ -78,6 +89,13 @@ pub(crate) mod keys {
         value[8..].copy_from_slice(&position.to_be_bytes());
         value
     }
+
+    /// What [`id_value`] wrote: (revision, position).
+    pub fn id_place(value: &[u8; 16]) -> (u64, u64) {
+        let (revision, position) = value.split_at(8);
+        let be = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+        (be(revision), be(position))
+    }
 }
 
 /// A run of a stream's id index (layout 5): entries of [`run::ENTRY`] bytes, event id then
@@ -87,7 +105,7 @@ pub(crate) mod keys {
 /// a stream's ids it holds as runs when it drops the stream, one sled key for up to
 /// [`run::MAX_IDS`] ids rather than one an id.
 pub(crate) mod run {
-    use super::keys::id_value;
+    use super::keys::{id_place, id_value};
 
     pub const ENTRY: usize = 32;
     /// Ids a run holds at most: 7 KiB, the size of a log chunk ([`super::chunk::MAX_BYTES`],
@@ -116,8 +134,9 @@ pub(crate) mod run {
         let Ok(i) = entries.binary_search_by(|e| e[..16].cmp(id.as_bytes())) else {
             return Ok(None);
         };
-        let be = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
-        Ok(Some((be(&entries[i][16..24]), be(&entries[i][24..32]))))
+        Ok(Some(id_place(
+            entries[i][16..].try_into().expect("an entry"),
+        )))
     }
 
     /// The entries of a run, checked to be whole and in the ids' order.

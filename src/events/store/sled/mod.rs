@@ -1,8 +1,9 @@
 //! The event store on sled, the embedded backend: one writer thread with group commit,
 //! reads of streams and of `$all`.
 //!
-//! One sled tree, `ledger`, holds two kinds of key (and three more for long streams), told apart by a first byte (numbers
-//! big-endian so that sled's byte order is numeric order):
+//! One sled tree, `ledger`, holds two kinds of key (and three more for long streams),
+//! told apart by a first byte (numbers big-endian so that sled's byte order is numeric
+//! order):
 //! - `L` position -> a chunk: the encoded records from that position on, of one commit or
 //!   several (the truth, `$all`; see `layout::chunk`);
 //! - `S` stream 0x00 revision -> position (the stream index; its last entry for a stream
@@ -381,9 +382,10 @@ pub struct LayoutChange {
 
 /// Puts a stopped ledger in `layout` for a build that reads that one (the folder's lock is
 /// held meanwhile). Going back (a rollback), it drops the id index of long streams
-/// (layouts 4 and 5; going to 4, a layout 5 ledger's, since layout 4 reads no runs), writes what the older layout kept and this one does not (to 2
-/// or 1: the id index of every stream, from the log; to 1: every stream's head key, from
-/// the stream index), then the marker, durably; to [`LAYOUT`], what an open to write
+/// (layouts 4 and 5; going to 4, a layout 5 ledger's, since layout 4 reads no runs),
+/// writes what the older layout kept and this one does not (to 2 or 1: the id index of
+/// every stream, from the log; to 1: every stream's head key, from the stream index),
+/// then the marker, durably; to [`LAYOUT`], what an open to write
 /// does. `layout: None` changes nothing and reports the ledger's layout. `None` when `dir`
 /// holds no sled ledger.
 pub fn to_layout(dir: &Path, layout: Option<u32>) -> Result<Option<LayoutChange>, StoreError> {
